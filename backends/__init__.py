@@ -1,0 +1,41 @@
+"""Array backends: what differs between NumPy and CuPy, and nothing else.
+
+A backend is a small object with
+  name            "numpy" | "cupy"
+  xp              the array module (numpy or cupy)
+  asarray(a, dtype=None)   host or device data -> this backend's array
+  to_host(a)      -> numpy.ndarray
+  scatter_add(out, idx, vals)   out[idx] += vals, accumulating repeated indices
+
+The PyTorch reference model (backends.torch_backend) is not an array backend: it is the
+gradient oracle, a separate nn.Module that loads and exports the same params dict.
+"""
+from __future__ import annotations
+
+import importlib
+
+# name -> module that defines `BACKEND`; imported lazily so numpy users never touch cupy
+_ARRAY_BACKENDS = {
+    "numpy": "backends.numpy_backend",
+    "cupy": "backends.cupy_backend",
+}
+KNOWN_BACKENDS = tuple(_ARRAY_BACKENDS)
+
+
+def get_backend(name: str):
+    """The array backend called `name` ("numpy" or "cupy")."""
+    if not isinstance(name, str) or name not in _ARRAY_BACKENDS:
+        hint = ""
+        if name == "torch":
+            hint = (" ('torch' is the PyTorch reference model: use "
+                    "backends.torch_backend.TorchGPT, or --backend torch in the training script)")
+        raise ValueError(
+            f"unknown backend {name!r}; known array backends: {', '.join(KNOWN_BACKENDS)}{hint}")
+    return importlib.import_module(_ARRAY_BACKENDS[name]).get()
+
+
+def backend_of(array):
+    """The backend that owns `array` (numpy unless it is a cupy array)."""
+    if type(array).__module__.startswith("cupy"):
+        return get_backend("cupy")
+    return get_backend("numpy")

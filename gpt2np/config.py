@@ -1,0 +1,60 @@
+"""GPTConfig: the hyperparameters that fix a GPT-2's shapes, with the four OpenAI presets."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+# The four released GPT-2 sizes (block 1024, vocab 50257 for all of them).
+PRESETS = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    block_size: int = 1024  # longest sequence the position table holds
+    vocab_size: int = 50257  # 50,000 BPE merges + 256 bytes + <|endoftext|>
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            # bool is an int subclass; True as a layer count is surely a mistake
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"GPTConfig.{name} must be an int, got {value!r}")
+            if value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be positive, got {value}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
+        """GPTConfig.from_preset("gpt2-medium", vocab_size=50304)."""
+        key = name.split("/")[-1]  # accept "openai-community/gpt2"
+        if key not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[key], **overrides})
+
+    def replace(self, **changes) -> "GPTConfig":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd"}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown GPTConfig fields: {sorted(unknown)}")
+        return cls(**d)

@@ -1,0 +1,113 @@
+"""AdamW with decay groups, global-norm gradient clipping, cosine LR with linear warmup.
+
+All three match their PyTorch counterparts (torch.optim.AdamW, clip_grad_norm_, and
+build-nanogpt's get_lr) step for step; tests check it in float64.
+"""
+from __future__ import annotations
+
+import math
+
+from backends import backend_of
+
+
+class AdamW:
+    """AdamW over a name -> array dict, updated in place.
+
+    Weight decay applies only to tensors with ndim >= 2 (matmul weights and embeddings), not
+    to biases and LayerNorm gains, as build-nanogpt's configure_optimizers does.
+    """
+
+    def __init__(self, params: dict, lr: float = 6e-4, betas=(0.9, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.1):
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        self.params = params
+        self.lr = lr
+        self.beta1, self.beta2 = betas
+        self.eps = eps
+        self.weight_decay = weight_decay
+        self.t = 0  # steps taken
+        xp = lambda a: backend_of(a).xp  # noqa: E731
+        self.m = {k: xp(p).zeros_like(p) for k, p in params.items()}  # first moment
+        self.v = {k: xp(p).zeros_like(p) for k, p in params.items()}  # second moment
+
+    def decays(self, name: str) -> bool:
+        return self.params[name].ndim >= 2
+
+    def step(self, grads: dict, lr: float | None = None):
+        lr = self.lr if lr is None else lr
+        missing = set(self.params) - set(grads)
+        if missing:
+            raise KeyError(f"grads lack {sorted(missing)[:5]}")
+        self.t += 1
+        b1, b2 = self.beta1, self.beta2
+        bias1 = 1.0 - b1 ** self.t
+        bias2 = 1.0 - b2 ** self.t
+        step_size = lr / bias1
+        sqrt_bias2 = math.sqrt(bias2)
+        for name, p in self.params.items():
+            g = grads[name]
+            m, v = self.m[name], self.v[name]
+            xp = backend_of(p).xp
+            if self.weight_decay and self.decays(name):
+                p *= 1.0 - lr * self.weight_decay  # decoupled decay, before the Adam step
+            m *= b1
+            m += (1.0 - b1) * g
+            v *= b2
+            v += (1.0 - b2) * (g * g)
+            # p -= lr/bias1 * m / (sqrt(v)/sqrt(bias2) + eps), in torch's order of operations
+            denom = xp.sqrt(v)
+            denom /= sqrt_bias2
+            denom += self.eps
+            p -= step_size * (m / denom)
+
+    def state_dict(self) -> dict:
+        return {"t": self.t, "m": self.m, "v": self.v, "lr": self.lr,
+                "betas": (self.beta1, self.beta2), "eps": self.eps,
+                "weight_decay": self.weight_decay}
+
+    def load_state_dict(self, state: dict):
+        for key in ("m", "v"):
+            if set(state[key]) != set(self.params):
+                raise ValueError(f"optimizer state {key!r} does not match the params' names")
+            for name, value in state[key].items():
+                if tuple(value.shape) != tuple(self.params[name].shape):
+                    raise ValueError(f"optimizer state {key}[{name!r}] has shape "
+                                     f"{tuple(value.shape)}, param has {tuple(self.params[name].shape)}")
+                be = backend_of(self.params[name])
+                getattr(self, key)[name] = be.asarray(value, dtype=self.params[name].dtype).copy()
+        self.t = int(state["t"])
+
+
+def global_grad_norm(grads: dict) -> float:
+    """sqrt(sum of squares) over every gradient, accumulated in float64 on the host."""
+    total = 0.0
+    for g in grads.values():
+        xp = backend_of(g).xp
+        g2 = g.reshape(-1)
+        total += float(xp.dot(g2, g2))
+    return math.sqrt(total)
+
+
+def clip_grad_norm(grads: dict, max_norm: float) -> float:
+    """Scale all grads in place so their global L2 norm is at most max_norm; return the norm
+    before clipping (as torch.nn.utils.clip_grad_norm_)."""
+    norm = global_grad_norm(grads)
+    coef = max_norm / (norm + 1e-6)  # torch's epsilon
+    if coef < 1.0:
+        for g in grads.values():
+            g *= coef
+    return norm
+
+
+def cosine_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """Linear warmup for warmup_steps, then cosine decay to min_lr at max_steps, then min_lr."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= max_steps or max_steps <= warmup_steps:
+        return min_lr
+    ratio = (step - warmup_steps) / (max_steps - warmup_steps)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
+    return min_lr + coeff * (max_lr - min_lr)

@@ -1,0 +1,203 @@
+"""Each hand-written layer against PyTorch autograd (float64, ~1e-10) and central finite
+differences (float64, tiny shapes, independent of torch), over hypothesis-drawn shapes,
+values and seeds.
+
+The scalar checked is L = sum(out * dout) for a random upstream gradient dout, so every
+output entry's gradient path is exercised, not just a sum.
+"""
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from backends import torch_backend as R
+from gpt2np import layers as L
+from gradcheck import assert_close, finite_diff, torch_grads
+
+TORCH_RTOL = 1e-10  # float64, same math in another order: agreement to near machine precision
+FD_RTOL = 1e-6  # central differences, h = 1e-5: truncation ~h^2, round-off ~eps/h
+
+
+def _rng(seed):
+    return np.random.default_rng(seed)
+
+
+def check_layer(forward, backward, ref, inputs, wrt, fd_wrt=None, seed=0, n_probe=40,
+                torch_rtol=TORCH_RTOL, fd_rtol=FD_RTOL):
+    """forward(**inputs) -> (out, cache); backward(dout, cache) -> dict of grads for `wrt`."""
+    out, cache = forward(**inputs)
+    rng = _rng(seed + 1)
+    dout = rng.standard_normal(np.shape(out))
+    ours = backward(dout, cache)
+    # oracle 1: torch autograd on the same float64 inputs
+    ref_out, ref_grads = torch_grads(ref, inputs, dout)
+    assert_close(out, ref_out, torch_rtol, "forward")
+    for k in wrt:
+        assert_close(ours[k], ref_grads[k], torch_rtol, f"d{k} vs torch")
+    # oracle 2: finite differences, no torch involved
+    for k in (fd_wrt if fd_wrt is not None else wrt):
+        def f(x, k=k):
+            return forward(**{**inputs, k: x})[0]
+
+        est, probed = finite_diff(f, inputs[k], dout, n_probe=n_probe, rng=rng)
+        assert_close(ours[k].reshape(-1)[probed], est.reshape(-1)[probed], fd_rtol, f"d{k} vs finite diff")
+
+
+shapes = st.fixed_dictionaries(dict(
+    B=st.integers(1, 3), T=st.integers(1, 6), C=st.integers(1, 8), seed=st.integers(0, 2**31 - 1)))
+
+
+@given(shapes, st.integers(2, 20), st.integers(0, 4))
+def test_embedding(s, V, extra_positions):
+    rng = _rng(s["seed"])
+    B, T, C = s["B"], s["T"], s["C"]
+    idx = rng.integers(0, V, size=(B, T))  # repeated ids are likely: the scatter-add must sum them
+    inputs = dict(idx=idx, wte=rng.standard_normal((V, C)), wpe=rng.standard_normal((T + extra_positions, C)))
+
+    def backward(dx, cache):
+        dwte, dwpe = L.embedding_backward(dx, cache)
+        return dict(wte=dwte, wpe=dwpe)
+
+    check_layer(L.embedding_forward, backward, R.ref_embedding, inputs, ["wte", "wpe"], seed=s["seed"])
+
+
+@given(shapes, st.floats(0.01, 100.0))
+def test_layernorm(s, scale):
+    rng = _rng(s["seed"])
+    # C >= 3: with C = 2 the normalised output is +-1 whatever x is, so the true dx is ~0
+    # (it only flows through eps) and a relative comparison would measure round-off alone
+    B, T, C = s["B"], s["T"], s["C"] + 2
+    inputs = dict(x=scale * rng.standard_normal((B, T, C)) + rng.standard_normal(),
+                  weight=rng.standard_normal(C), bias=rng.standard_normal(C))
+
+    def backward(dout, cache):
+        dx, dw, db = L.layernorm_backward(dout, cache)
+        return dict(x=dx, weight=dw, bias=db)
+
+    # the variance is a sum of cancelling terms: a 1e-5 step on x is relatively coarser when
+    # the inputs are tiny, so finite differences get a slightly looser bound
+    check_layer(L.layernorm_forward, backward, R.ref_layernorm, inputs, ["x", "weight", "bias"],
+                seed=s["seed"], fd_rtol=1e-5)
+
+
+@given(shapes, st.integers(1, 9))
+def test_linear(s, OC):
+    rng = _rng(s["seed"])
+    B, T, C = s["B"], s["T"], s["C"]
+    inputs = dict(x=rng.standard_normal((B, T, C)), weight=rng.standard_normal((C, OC)),
+                  bias=rng.standard_normal(OC))
+
+    def backward(dout, cache):
+        dx, dw, db = L.linear_backward(dout, cache)
+        return dict(x=dx, weight=dw, bias=db)
+
+    check_layer(L.linear_forward, backward, R.ref_linear, inputs, ["x", "weight", "bias"], seed=s["seed"])
+
+
+@given(st.integers(1, 3), st.integers(1, 7), st.integers(1, 3), st.integers(1, 4),
+       st.floats(0.1, 3.0), st.integers(0, 2**31 - 1))
+def test_attention(B, T, n_head, hs, scale, seed):
+    rng = _rng(seed)
+    C = n_head * hs
+    inputs = dict(qkv=scale * rng.standard_normal((B, T, 3 * C)), n_head=n_head)
+
+    def backward(dy, cache):
+        return dict(qkv=L.attention_backward(dy, cache))
+
+    check_layer(L.attention_forward, backward, R.ref_attention, inputs, ["qkv"], seed=seed)
+
+
+@given(shapes, st.floats(0.1, 30.0))
+def test_gelu(s, scale):
+    rng = _rng(s["seed"])
+    inputs = dict(x=scale * rng.standard_normal((s["B"], s["T"], s["C"])))
+
+    def backward(dout, cache):
+        return dict(x=L.gelu_backward(dout, cache))
+
+    check_layer(L.gelu_forward, backward, R.ref_gelu, inputs, ["x"], seed=s["seed"])
+
+
+def test_gelu_backward_is_finite_for_huge_inputs():
+    # 1/cosh^2 would overflow here; 1 - tanh^2 must not
+    x = np.array([-1e4, -50.0, 0.0, 50.0, 1e4], dtype=np.float32)
+    out, cache = L.gelu_forward(x)
+    dx = L.gelu_backward(np.ones_like(x), cache)
+    assert np.all(np.isfinite(out)) and np.all(np.isfinite(dx))
+    np.testing.assert_allclose(dx, [0.0, 0.0, 0.5, 1.0, 1.0], atol=1e-6)
+    assert out.dtype == dx.dtype == np.float32
+
+
+@given(shapes, st.integers(2, 30), st.floats(0.1, 20.0), st.booleans())
+def test_cross_entropy(s, V, scale, with_ignored):
+    rng = _rng(s["seed"])
+    B, T = s["B"], s["T"]
+    targets = rng.integers(0, V, size=(B, T))
+    if with_ignored:
+        targets[rng.random((B, T)) < 0.3] = -1
+        targets.reshape(-1)[0] = 0  # keep at least one counted token
+    inputs = dict(logits=scale * rng.standard_normal((B, T, V)), targets=targets)
+
+    def backward(dloss, cache):
+        return dict(logits=L.cross_entropy_backward(float(dloss), cache))
+
+    check_layer(L.cross_entropy_forward, backward, R.ref_cross_entropy, inputs, ["logits"], seed=s["seed"])
+
+
+def test_cross_entropy_ignored_rows_get_zero_gradient():
+    rng = _rng(3)
+    logits = rng.standard_normal((2, 3, 5))
+    targets = np.array([[1, -1, 2], [-1, -1, 4]])
+    loss, cache = L.cross_entropy_forward(logits, targets)
+    dlogits = L.cross_entropy_backward(1.0, cache)
+    assert np.all(dlogits[targets == -1] == 0)
+    assert np.all(dlogits[targets != -1].sum(-1) < 1e-12)  # softmax - onehot sums to 0 per row
+
+
+@given(shapes, st.integers(2, 12))
+def test_lm_head(s, V):
+    rng = _rng(s["seed"])
+    inputs = dict(x=rng.standard_normal((s["B"], s["T"], s["C"])), wte=rng.standard_normal((V, s["C"])))
+
+    def backward(dlogits, cache):
+        dx, dwte = L.lm_head_backward(dlogits, cache)
+        return dict(x=dx, wte=dwte)
+
+    check_layer(L.lm_head_forward, backward, lambda x, wte: x @ wte.T, inputs, ["x", "wte"], seed=s["seed"])
+
+
+@given(st.integers(1, 2), st.integers(1, 5), st.integers(1, 3), st.integers(3, 4), st.integers(0, 2**31 - 1))
+def test_block(B, T, n_head, hs, seed):
+    """The whole pre-norm block (LN, attention, residual, LN, MLP, residual); C >= 3 as in
+    test_layernorm."""
+    import torch
+
+    from gpt2np.config import GPTConfig
+
+    rng = _rng(seed)
+    C = n_head * hs
+    cfg = GPTConfig(block_size=8, vocab_size=4, n_layer=1, n_head=n_head, n_embd=C)
+    block = R.Block(cfg).double()
+    p = {k: rng.standard_normal(tuple(v.shape)) * (0.5 if k.endswith("weight") else 0.1)
+         for k, v in block.named_parameters()}
+    with torch.no_grad():
+        for k, v in block.named_parameters():
+            v.copy_(torch.from_numpy(p[k]))
+    x = rng.standard_normal((B, T, C))
+    out, cache = L.block_forward(x, p, n_head)
+    dout = rng.standard_normal(out.shape)
+    dx, g = L.block_backward(dout, cache)
+
+    xt = torch.from_numpy(x).requires_grad_(True)
+    ref = block(xt)
+    (ref * torch.from_numpy(dout)).sum().backward()
+    assert_close(out, ref.detach().numpy(), TORCH_RTOL, "block forward")
+    assert_close(dx, xt.grad.numpy(), TORCH_RTOL, "block dx")
+    assert set(g) == set(p)
+    for k, v in block.named_parameters():
+        assert_close(g[k], v.grad.numpy(), TORCH_RTOL, f"block d{k}")
+
+    def f(xx):
+        return L.block_forward(xx, p, n_head)[0]
+
+    est, probed = finite_diff(f, x, dout, n_probe=20, rng=rng)
+    assert_close(dx.reshape(-1)[probed], est.reshape(-1)[probed], FD_RTOL, "block dx vs finite diff")
