@@ -37,3 +37,18 @@ def test_helper_fails_on_nan_shape_and_missing_keys():
     with pytest.raises(AssertionError, match="keys"):
         assert_grads_close({"a": np.zeros(1)}, {"b": np.zeros(1)}, 1.0)
     assert rel_error(np.array([1.0, 2.0]), np.array([1.0, 2.0])) == 0.0
+
+
+def test_gradcheck_report_runs_and_shows_float64_agreement():
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "gradcheck_report.py")
+    out = subprocess.run([sys.executable, script, "--seeds", "1"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines()[2:]]
+    assert len(rows) == 8
+    for row in rows:
+        f64, f32 = float(row[-2]), float(row[-1])
+        assert f64 < 1e-10 and f32 < 1e-4, row
