@@ -1,0 +1,360 @@
+"""Hugging Face GPT-2 weights in and out: safetensors + config.json, no torch at run time.
+
+    model = from_pretrained("gpt2")                # hub id, through huggingface_hub's cache
+    model = from_pretrained("path/to/folder")      # model.safetensors (+ shards) + config.json
+    save_pretrained(model, "out/")                 # transformers.GPT2LMHeadModel loads it
+
+`model.params` is already named like `GPT2LMHeadModel.state_dict()`, so loading is a rename
+(two key layouts exist, see `_canonical_key`) plus a check of every name and shape against
+the config, and export is a copy.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .config import GPTConfig
+from .model import GPT, param_shapes
+
+# Short names of the four OpenAI releases; on the hub they live under openai-community/.
+HUB_NAMES = {
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+}
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"  # sharded checkpoints
+PICKLE_NAME = "pytorch_model.bin"
+CONFIG_NAME = "config.json"
+
+# Non-parameter buffers that older GPT-2 checkpoints carry: the causal mask ("attn.bias",
+# (1,1,n_pos,n_pos)) and the masking constant ("attn.masked_bias"). We build the mask ourselves.
+_BUFFER = re.compile(r"^transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+# ------------------------------------------------------------------------------ public API
+
+
+def from_pretrained(name_or_path, *, backend: str = "numpy", dtype: str = "float32",
+                    revision: str | None = None, cache_dir=None, local_files_only: bool = False,
+                    allow_pickle: bool = False) -> GPT:
+    """A GPT holding Hugging Face GPT-2 weights.
+
+    name_or_path: a local folder with `model.safetensors` (or a sharded
+    `model.safetensors.index.json`) and `config.json`; or a hub id: "gpt2", "gpt2-medium",
+    "gpt2-large", "gpt2-xl", "openai-community/gpt2", or any "owner/name" GPT-2 repo.
+    Hub files go through huggingface_hub's cache (HF_HOME / HF_HUB_CACHE, or `cache_dir`);
+    with HF_HUB_OFFLINE=1 or `local_files_only=True` only the cache is read.
+    allow_pickle: also accept `pytorch_model.bin` when no safetensors exist (read with
+    torch.load(weights_only=True); needs torch). Off by default: pickles can run code.
+    """
+    folder = resolve(name_or_path, revision=revision, cache_dir=cache_dir,
+                     local_files_only=local_files_only, allow_pickle=allow_pickle)
+    config = load_config(folder / CONFIG_NAME)
+    params = load_params(folder, config, allow_pickle=allow_pickle)
+    return GPT(config, backend=backend, dtype=dtype, params=params)
+
+
+def save_pretrained(model: GPT, folder) -> Path:
+    """Write `model.safetensors` + `config.json` that transformers' GPT2LMHeadModel loads.
+
+    Keys are the prefixed names transformers' own save_pretrained writes, without the tied
+    lm_head.weight and without buffers. Tensors keep the model's dtype.
+    """
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: np.ascontiguousarray(v) for k, v in model.state_dict().items()}
+    # write then rename, so an interrupted save never leaves a truncated model.safetensors
+    tmp = folder / (WEIGHTS_NAME + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})  # "pt": transformers expects it
+    os.replace(tmp, folder / WEIGHTS_NAME)
+    (folder / CONFIG_NAME).write_text(json.dumps(hf_config(model.config, model.dtype), indent=2) + "\n")
+    return folder
+
+
+def hf_config(config: GPTConfig, dtype: str = "float32") -> dict:
+    """config.json in transformers' GPT2Config names, for exactly the model we compute."""
+    # GPT-2's <|endoftext|> (50256) is bos/eos; a smaller vocab has no such token
+    eot = 50256 if config.vocab_size > 50256 else None
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,  # 4 * n_embd
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "add_cross_attention": False,
+        "tie_word_embeddings": True,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
+        "dtype": dtype,
+    }
+
+
+# ------------------------------------------------------------------------------ where the files are
+
+
+def resolve(name_or_path, *, revision=None, cache_dir=None, local_files_only=False,
+            allow_pickle=False) -> Path:
+    """The local folder holding config.json and the weights: the folder itself, or the
+    huggingface_hub cache snapshot for a hub id (downloaded unless offline)."""
+    path = Path(os.path.expanduser(str(name_or_path)))
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise OSError(f"{str(name_or_path)!r} is a file; from_pretrained wants the folder that "
+                      f"holds {WEIGHTS_NAME} and {CONFIG_NAME}")
+    name = str(name_or_path)
+    repo_id = HUB_NAMES.get(name, name)
+    if not _REPO_ID.match(repo_id):
+        raise OSError(f"no such folder: {name!r}; and it is not a hub id: pass a folder, one of "
+                      f"{', '.join(HUB_NAMES)}, or 'owner/name'")
+    return _hub_snapshot(repo_id, revision=revision, cache_dir=cache_dir,
+                         local_files_only=local_files_only, allow_pickle=allow_pickle)
+
+
+def _hub_snapshot(repo_id, *, revision, cache_dir, local_files_only, allow_pickle) -> Path:
+    """Fetch config.json and the weights into the hub cache; return the snapshot folder.
+
+    hf_hub_download is the one path for online and offline: it reads the cache layout
+    (models--owner--name/snapshots/<rev>/, refs/<branch>) and, when offline, only that.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    # huggingface_hub reads HF_HUB_OFFLINE once at import; also honour it if set since
+    offline = local_files_only or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+
+    def get(filename):
+        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
+                                    local_files_only=offline))
+
+    try:
+        config_path = get(CONFIG_NAME)
+    except Exception as e:  # not cached while offline, no network, unknown repo, ...
+        hint = (" (offline: HF_HUB_OFFLINE or local_files_only is set, and it is not in the "
+                "Hugging Face cache)" if offline else "")
+        raise OSError(f"cannot get {CONFIG_NAME} of {repo_id!r} from the Hugging Face hub{hint}: "
+                      f"{type(e).__name__}: {e}") from e
+    folder = config_path.parent
+    candidates = [WEIGHTS_NAME, WEIGHTS_INDEX_NAME] + ([PICKLE_NAME] if allow_pickle else [])
+    for filename in candidates:
+        try:
+            path = get(filename)
+        except EntryNotFoundError:  # not in the repo (or, offline, not in the cache)
+            continue
+        if filename == WEIGHTS_INDEX_NAME:
+            for shard in sorted(set(json.loads(path.read_text())["weight_map"].values())):
+                get(shard)
+        assert path.parent == folder, (path, folder)  # one snapshot folder holds all files
+        return folder
+    raise OSError(f"{repo_id!r} has none of {', '.join(candidates)} "
+                  f"{'in the Hugging Face cache' if offline else 'on the hub'}"
+                  + ("" if allow_pickle else f" ({PICKLE_NAME} is read only with allow_pickle=True)"))
+
+
+# ------------------------------------------------------------------------------ config.json
+
+
+def load_config(path) -> GPTConfig:
+    """GPTConfig from a config.json in transformers' names (or GPTConfig's own).
+
+    Refuses settings that would make transformers compute something other than our model,
+    rather than load them and silently produce different logits.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise OSError(f"missing {path}: the folder needs a {CONFIG_NAME} describing the model")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return config_from_dict(d, where=str(path))
+
+
+def config_from_dict(d: dict, where: str = "config") -> GPTConfig:
+    if "block_size" in d:  # GPTConfig's own names (as GPTConfig.to_dict writes)
+        return GPTConfig.from_dict({k: d[k] for k in ("block_size", "vocab_size", "n_layer",
+                                                     "n_head", "n_embd") if k in d})
+    model_type = d.get("model_type", "gpt2")
+    if model_type != "gpt2":
+        raise ValueError(f"{where}: model_type {model_type!r} is not GPT-2 ('gpt2')")
+    # (field, default as in transformers' GPT2Config, accepted values, why)
+    unsupported = [
+        ("activation_function", "gelu_new", {"gelu_new", "gelu_pytorch_tanh"},
+         "only GELU's tanh approximation is implemented"),
+        ("scale_attn_weights", True, {True}, "attention is always scaled by 1/sqrt(head size)"),
+        ("scale_attn_by_inverse_layer_idx", False, {False}, "not implemented"),
+        ("add_cross_attention", False, {False}, "GPT-2 as a decoder only"),
+        ("tie_word_embeddings", True, {True}, "the lm_head is always wte"),
+    ]
+    for key, default, ok, why in unsupported:
+        if d.get(key, default) not in ok:
+            raise ValueError(f"{where}: {key}={d[key]!r} is not supported ({why})")
+    eps = d.get("layer_norm_epsilon", 1e-5)
+    if not isinstance(eps, (int, float)) or not math.isclose(eps, 1e-5, rel_tol=1e-6):
+        raise ValueError(f"{where}: layer_norm_epsilon={eps!r} is not supported (LayerNorm uses 1e-5)")
+    # reorder_and_upcast_attn only changes the precision of half-float attention: same math.
+    fields = {}
+    for ours, theirs in (("block_size", ("n_positions", "n_ctx")), ("vocab_size", ("vocab_size",)),
+                         ("n_layer", ("n_layer",)), ("n_head", ("n_head",)), ("n_embd", ("n_embd",))):
+        found = [t for t in theirs if d.get(t) is not None]
+        if not found:
+            raise ValueError(f"{where}: missing {' or '.join(theirs)}")
+        fields[ours] = d[found[0]]
+    n_inner = d.get("n_inner")
+    if n_inner is not None and n_inner != 4 * fields["n_embd"]:
+        raise ValueError(f"{where}: n_inner={n_inner} is not supported (the MLP is 4 * n_embd)")
+    try:
+        return GPTConfig(**fields)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
+
+
+# ------------------------------------------------------------------------------ weights
+
+
+def _canonical_key(key: str) -> str:
+    """The hub's openai-community files name keys "h.0.attn.c_attn.weight"; transformers'
+    save_pretrained writes "transformer.h.0.attn.c_attn.weight". Map both to the latter."""
+    if key.startswith("transformer.") or key.startswith("lm_head."):
+        return key
+    return "transformer." + key
+
+
+def weight_files(folder, allow_pickle: bool = False) -> list[Path]:
+    """The weight files in `folder`: model.safetensors, else the shards its index names,
+    else (only if allowed) pytorch_model.bin."""
+    folder = Path(folder)
+    if (folder / WEIGHTS_NAME).is_file():
+        return [folder / WEIGHTS_NAME]
+    index = folder / WEIGHTS_INDEX_NAME
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
+            raise ValueError(f"{index} is not a safetensors index (no weight_map): {e}") from e
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise OSError(f"{index} names shards missing from {folder}: {missing}")
+        return [folder / s for s in shards]
+    if (folder / PICKLE_NAME).is_file():
+        if allow_pickle:
+            return [folder / PICKLE_NAME]
+        raise OSError(f"{folder} holds only {PICKLE_NAME}, a pickle, which can run code when "
+                      f"loaded; convert it to {WEIGHTS_NAME}, or pass allow_pickle=True if you "
+                      f"trust it")
+    raise OSError(f"no {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME}) in {folder}")
+
+
+def load_params(folder, config: GPTConfig, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+    """The params dict (host numpy, the file's dtype) for `config` from the folder's weights.
+
+    Every expected key must be present once with the expected shape; buffers are dropped;
+    a stored lm_head.weight must equal wte (tied) and is dropped. Anything else is an error.
+    """
+    expected = param_shapes(config)
+    params, sources = {}, {}
+    lm_head = None
+    for file in weight_files(folder, allow_pickle):
+        for key, shape, read in _tensors(file):
+            name = _canonical_key(key)
+            if _BUFFER.match(name):
+                continue
+            if name in sources:
+                raise ValueError(f"{name!r} is stored twice: in {sources[name]} and {file}"
+                                 f" (as {key!r})")
+            sources[name] = file
+            if name == "lm_head.weight":
+                lm_head = (file, read())  # read now: the file closes after this loop
+                continue
+            if name not in expected:
+                raise ValueError(f"unexpected key {key!r} in {file}: not a parameter of a GPT-2 "
+                                 f"with {config}")
+            if tuple(shape) != expected[name]:
+                raise ValueError(f"{key!r} in {file} has shape {tuple(shape)}; "
+                                 f"{CONFIG_NAME} ({config}) needs {expected[name]}")
+            params[name] = read()
+    missing = [k for k in expected if k not in params]
+    if missing:
+        raise ValueError(f"missing keys in the weights of {folder}: {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}")
+    if lm_head is not None:
+        file, w = lm_head
+        if w.shape != params["transformer.wte.weight"].shape or \
+                not np.array_equal(w, params["transformer.wte.weight"]):
+            raise ValueError(f"lm_head.weight in {file} differs from transformer.wte.weight; "
+                             f"only the tied GPT-2 lm_head is supported")
+    for name, value in params.items():
+        if value.dtype.kind != "f":
+            raise ValueError(f"{name!r} in {sources[name]} has dtype {value.dtype}, not a float")
+    return {k: params[k] for k in expected}  # the checkpoint's order
+
+
+def _tensors(file: Path):
+    """Yield (key, shape, read) for each tensor; shapes come from the header, data on read()."""
+    if file.name.endswith(".bin"):
+        yield from _pickle_tensors(file)
+        return
+    from safetensors import safe_open
+
+    try:
+        f = safe_open(str(file), framework="np")
+    except Exception as e:  # truncated, corrupt header, not safetensors at all
+        raise OSError(f"cannot read {file} as safetensors: {e}") from e
+    with f:
+        for key in f.keys():
+            sl = f.get_slice(key)
+            shape = tuple(sl.get_shape())
+            if sl.get_dtype() == "BF16":  # numpy has no bfloat16: widen the bits ourselves
+                read = (lambda key=key, shape=shape: _read_bf16(file, key, shape))
+            else:
+                read = (lambda key=key: _get(f, file, key))
+            yield key, shape, read
+
+
+def _get(f, file, key):
+    try:
+        return f.get_tensor(key)
+    except Exception as e:
+        raise OSError(f"cannot read {key!r} from {file}: {e}") from e
+
+
+def _read_bf16(file: Path, key: str, shape) -> np.ndarray:
+    # safetensors layout: u64 little-endian header size, JSON header, then the raw bytes
+    with open(file, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        start, end = json.loads(fh.read(n))[key]["data_offsets"]
+        fh.seek(8 + n + start)
+        raw = np.frombuffer(fh.read(end - start), dtype="<u2")
+    # bfloat16 is the top half of a float32
+    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)
+
+
+def _pickle_tensors(file: Path):
+    # Opt-in only (allow_pickle=True). weights_only=True refuses arbitrary objects.
+    import torch
+
+    state = torch.load(str(file), map_location="cpu", weights_only=True)
+    for key, t in state.items():
+        yield key, tuple(t.shape), (lambda t=t: t.detach().float().numpy()
+                                    if t.dtype == torch.bfloat16 else t.detach().numpy())
