@@ -1,0 +1,187 @@
+"""Sharded token datasets: `python -m gpt2np.prepare` and the per-rank ShardLoader.
+
+A small generated corpus goes through prepare (with 2 tokenizer processes) and comes back:
+the shards hold exactly [<|endoftext|>] + tokens of every document in order, shard 0 is
+val, the tokens decode back to the text, and the loader's per-rank slices are the blocks
+build-nanogpt's DataLoaderLite reads.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from gpt2np.prepare import load_shard, main, prepare, write_shard
+from gpt2np.shards import ShardLoader, list_shards
+from gpt2np.tokenizer import get_encoding
+
+EOT = 50256
+WORDS = ["the", "king", "queen", "ROMEO:", "thou", "art", "naïve", "café", "42", "—", "\n",
+         "\n\n", "don't", "we'll", "   ", "!", "?", "to be", "or", "not", "日本", "🙂"]
+
+
+def make_corpus(root, seed=0):
+    """Three .txt files (one document each), one .txt of several documents separated by
+    '<|endoftext|>', and a .jsonl of documents; returns (paths, docs in order)."""
+    rng = np.random.default_rng(seed)
+
+    def doc():
+        return " ".join(rng.choice(WORDS, size=int(rng.integers(5, 60))))
+
+    os.makedirs(root, exist_ok=True)
+    paths, docs = [], []
+    for i in range(3):
+        d = doc()
+        p = os.path.join(root, f"plain{i}.txt")
+        with open(p, "w", encoding="utf-8") as f:
+            f.write(d)
+        paths.append(p)
+        docs.append(d)
+    return paths, docs
+
+
+def encode_docs(docs):
+    enc = get_encoding()
+    return np.concatenate([[EOT] + enc.encode_ordinary(d) for d in docs]).astype(np.uint16)
+
+
+def read_all(out_dir):
+    meta = json.load(open(os.path.join(out_dir, "meta.json")))
+    return meta, [np.asarray(load_shard(os.path.join(out_dir, s["file"]))) for s in meta["shards"]]
+
+
+@pytest.mark.parametrize("fmt", ["npy", "bin"])
+def test_prepare_round_trip(tmp_path, fmt):
+    paths, docs = make_corpus(str(tmp_path / "corpus"))
+    # more documents: a file with '<|endoftext|>' boundaries and a .jsonl
+    rng = np.random.default_rng(1)
+    sep_docs = [" ".join(rng.choice(WORDS, size=40)) for _ in range(6)]
+    sep_path = tmp_path / "corpus" / "joined.txt"
+    sep_path.write_text("<|endoftext|>" + "<|endoftext|>".join(sep_docs), encoding="utf-8")
+    json_docs = [" ".join(rng.choice(WORDS, size=50)) + " <|endoftext|> as text" for _ in range(8)]
+    json_path = tmp_path / "corpus" / "docs.jsonl"
+    json_path.write_text("".join(json.dumps({"text": d, "id": i}) + "\n"
+                                 for i, d in enumerate(json_docs)), encoding="utf-8")
+    # the plain files are one document each; '<|endoftext|>' splits only joined.txt
+    out = str(tmp_path / f"shards_{fmt}")
+    meta = prepare([*paths, str(sep_path), str(json_path)], out, shard_size=200,
+                   val_shard_size=150, workers=2, fmt=fmt, prefix="tiny",
+                   doc_sep="<|endoftext|>", progress=True, chunk_chars=64)
+    all_docs = docs + sep_docs + json_docs
+    expected = encode_docs(all_docs)
+
+    meta, shards = read_all(out)
+    assert meta["documents"] == len(all_docs) and meta["tokens"] == len(expected)
+    names = [s["file"] for s in meta["shards"]]
+    assert names[0] == f"tiny_val_000000.{fmt}" and meta["shards"][0]["split"] == "val"
+    assert all(n == f"tiny_train_{i:06d}.{fmt}" for i, n in enumerate(names) if i > 0)
+    assert len(shards) >= 4
+    # shard 0 = val holds val_shard_size tokens, the others shard_size but the last
+    assert [len(s) for s in shards[:-1]] == [150] + [200] * (len(shards) - 2)
+    assert 0 < len(shards[-1]) <= 200
+    assert all(s.dtype == np.uint16 for s in shards)
+    stream = np.concatenate(shards)
+    np.testing.assert_array_equal(stream, expected)  # every document, in order, uncut
+    # tokens decode back to the text: documents are what lies between the EOT tokens
+    text = get_encoding().decode(stream.tolist())
+    assert text.split("<|endoftext|>")[1:4] == docs
+    assert "".join(text.split("<|endoftext|>")) == "".join(d.replace("<|endoftext|>", "")
+                                                         for d in all_docs)
+    assert (stream == EOT).sum() == len(all_docs)  # the literal "<|endoftext|>" is plain text
+
+
+def test_prepare_cli_single_worker_matches_parallel(tmp_path, capsys):
+    paths, docs = make_corpus(str(tmp_path / "c"), seed=3)
+    out1, out2 = str(tmp_path / "a"), str(tmp_path / "b")
+    main(["--input", *paths, "--out-dir", out1, "--shard-size", "16", "--workers", "1",
+          "--no-progress"])
+    assert "3 documents" in capsys.readouterr().out
+    prepare(paths, out2, shard_size=16, workers=2, progress=False)
+    m1, s1 = read_all(out1)
+    m2, s2 = read_all(out2)
+    assert m1 == m2
+    for a, b in zip(s1, s2):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(np.concatenate(s1), encode_docs(docs))
+    with pytest.raises(FileNotFoundError):
+        prepare([str(tmp_path / "nope.txt")], out1)
+
+
+def _write(dir_, lengths, seed=0):
+    """Shards with distinct, position-revealing tokens: shard i holds i*1000 + arange."""
+    os.makedirs(dir_, exist_ok=True)
+    data = []
+    for i, n in enumerate(lengths):
+        toks = (i * 1000 + np.arange(n)).astype(np.uint16)
+        split = "val" if i == 0 else "train"
+        write_shard(os.path.join(dir_, f"s_{split}_{i:06d}.npy"), toks)
+        data.append(toks.astype(np.int64))
+    return data
+
+
+def test_loader_per_rank_offsets_and_streaming(tmp_path):
+    B, T, W = 2, 4, 2
+    step = B * T * W  # 16 tokens per step for all ranks
+    data = _write(str(tmp_path), [40, 50, 37])  # val; train shards of 50 and 37 tokens
+    loaders = [ShardLoader(str(tmp_path), B, T, r, W, "train") for r in range(W)]
+    assert [os.path.basename(p) for p in list_shards(str(tmp_path), "train")] == \
+        ["s_train_000001.npy", "s_train_000002.npy"]
+    # shard 1 (50 tokens) has room for 3 steps (3*16+1 <= 50), shard 2 (37) for 2 steps
+    expected_blocks = [(1, 0), (1, 16), (1, 32), (2, 0), (2, 16), (1, 0)]  # then wraps
+    for shard, base in expected_blocks:
+        combined = data[shard][base:base + step + 1]
+        for r, ld in enumerate(loaders):
+            x, y = ld.next_batch()
+            assert x.shape == (B, T) and y.shape == (B, T) and x.dtype == np.int64
+            lo = r * B * T  # rank r reads the block at offset B*T*r of this step's block
+            np.testing.assert_array_equal(x.reshape(-1), combined[lo:lo + B * T])
+            np.testing.assert_array_equal(y.reshape(-1), combined[lo + 1:lo + B * T + 1])
+    # the two ranks' rows together are the single-process batch of 2*B rows
+    one = ShardLoader(str(tmp_path), B * W, T, 0, 1, "train")
+    for r, ld in enumerate(loaders):
+        ld.reset()
+    for _ in range(7):
+        x1, y1 = one.next_batch()
+        parts = [ld.next_batch() for ld in loaders]
+        np.testing.assert_array_equal(x1, np.concatenate([p[0] for p in parts]))
+        np.testing.assert_array_equal(y1, np.concatenate([p[1] for p in parts]))
+
+
+def test_loader_val_split_reset_and_resume(tmp_path):
+    B, T, W = 2, 4, 2
+    data = _write(str(tmp_path), [40, 50, 37])
+    val = ShardLoader(str(tmp_path), B, T, 1, W, "val")
+    first = val.next_batch()
+    np.testing.assert_array_equal(first[0].reshape(-1), data[0][8:16])  # rank 1's slice
+    val.next_batch()
+    val.reset()
+    np.testing.assert_array_equal(val.next_batch()[0], first[0])
+    # resume: the state is rank-independent, so rank 0's checkpoint serves every rank
+    a = [ShardLoader(str(tmp_path), B, T, r, W) for r in range(W)]
+    for _ in range(4):  # into the second shard
+        for ld in a:
+            ld.next_batch()
+    assert a[0].state() == a[1].state() == {"shard": 1, "position": 16}
+    b = [ShardLoader(str(tmp_path), B, T, r, W) for r in range(W)]
+    for ld in b:
+        ld.load_state_dict(a[0].state_dict())
+    for _ in range(5):
+        for la, lb in zip(a, b):
+            xa, ya = la.next_batch()
+            xb, yb = lb.next_batch()
+            np.testing.assert_array_equal(xa, xb)
+            np.testing.assert_array_equal(ya, yb)
+    with pytest.raises(ValueError):
+        b[0].set_state({"shard": 7, "position": 0})
+
+
+def test_loader_refuses_shards_too_small_and_missing_dirs(tmp_path):
+    _write(str(tmp_path), [40, 50, 16])
+    with pytest.raises(ValueError, match="fewer than one step"):
+        ShardLoader(str(tmp_path), 2, 4, 0, 2, "train")  # 17 tokens needed, shard 2 has 16
+    with pytest.raises(FileNotFoundError):
+        ShardLoader(str(tmp_path / "nope"), 2, 4)
+    with pytest.raises(ValueError):
+        ShardLoader(str(tmp_path), 2, 4, rank=2, world_size=2)
