@@ -205,6 +205,27 @@ def init(array_backend: str = "numpy", torch_device: str | None = None,
     return DistContext(rank, world_size, local_rank, backend, device, True)
 
 
+def wrap_ddp(module, ctx: DistContext):
+    """The torch backend's data parallelism: torch's own DistributedDataParallel (bucketed,
+    overlapped all-reduce). Returns the module unchanged when not distributed."""
+    if not ctx.distributed:
+        return module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    device_ids = [ctx.local_rank] if ctx.device.startswith("cuda") else None
+    return DDP(module, device_ids=device_ids)
+
+
+def no_sync_unless(module, sync: bool):
+    """DDP's no_sync() on the micro-steps that must not all-reduce (all but the last of a
+    gradient-accumulation step); a null context for a plain module or when sync is True."""
+    import contextlib
+
+    if sync or not hasattr(module, "no_sync"):
+        return contextlib.nullcontext()
+    return module.no_sync()
+
+
 def _to_host_float(value):
     """A float or sequence of floats from python / numpy / cupy / torch scalars."""
     if hasattr(value, "detach"):  # torch tensor

@@ -60,6 +60,22 @@ def make_shards(data_dir, seed=0):
                 rng.integers(0, CFG.vocab_size, 2 * B * T * WORLD * ACCUM + 9).astype(np.uint16))
 
 
+COLLECTIVES = {"all_reduce": 0, "ddp_buckets": 0}  # calls made by this process
+
+
+def count_collectives():
+    """Count torch.distributed.all_reduce calls (the workers patch it before training)."""
+    import torch.distributed as dist
+
+    real = dist.all_reduce
+
+    def counting(*args, **kwargs):
+        COLLECTIVES["all_reduce"] += 1
+        return real(*args, **kwargs)
+
+    dist.all_reduce = counting
+
+
 def train(ctx: DistContext, data_dir, batch, accum, steps):
     """The data-parallel loop: accumulate locally, all-reduce once on the last micro-step.
 
@@ -74,12 +90,17 @@ def train(ctx: DistContext, data_dir, batch, accum, steps):
     for step in range(steps):
         bucket.zero()
         loss_accum = 0.0
+        before = COLLECTIVES["all_reduce"]
         for _ in range(accum):
             x, y = train_loader.next_batch()
             _, loss = model.forward(x, y)
             loss_accum += float(loss) / accum
             bucket.add(model.backward(), scale=1.0 / accum)
+        assert COLLECTIVES["all_reduce"] == before  # micro-steps accumulate locally
+        calls = COLLECTIVES["all_reduce"]
         bucket.all_reduce_mean(ctx)
+        # ONE collective for the whole gradient, and none during the micro-steps
+        assert COLLECTIVES["all_reduce"] - calls == (1 if ctx.distributed else 0)
         clip_grad_norm(bucket.grads, 1.0)
         opt.step(bucket.grads, lr=cosine_lr(step, 1e-2, 1e-3, 2, steps))
         losses.append(ctx.all_reduce_mean(loss_accum))
@@ -90,15 +111,65 @@ def train(ctx: DistContext, data_dir, batch, accum, steps):
     return np.array(losses), np.array(val_losses), snapshots
 
 
+def train_torch(ctx: DistContext, data_dir, batch, accum, steps):
+    """The same loop on the torch backend: DistributedDataParallel, no_sync on all but the
+    last micro-step, torch's AdamW and clip_grad_norm_."""
+    import torch
+
+    from backends.torch_backend import TorchGPT
+
+    model = TorchGPT.from_params(CFG, GPT(CFG, dtype="float64", seed=1).state_dict(),
+                                 dtype=torch.float64)
+    ddp = distributed.wrap_ddp(model, ctx)
+    assert (type(ddp).__name__ == "DistributedDataParallel") == ctx.distributed
+    if ctx.distributed:  # count DDP's bucket all-reduces to see when it synchronises
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        def hook(state, bucket):
+            COLLECTIVES["ddp_buckets"] += 1
+            return default_hooks.allreduce_hook(state, bucket)
+
+        ddp.register_comm_hook(None, hook)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=1e-2,
+                            betas=(0.9, 0.95), eps=1e-8)
+    loader = ShardLoader(data_dir, batch, T, ctx.rank, ctx.world_size, "train")
+    losses, snapshots = [], []
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss_accum = 0.0
+        for micro in range(accum):
+            x, y = (torch.from_numpy(a) for a in loader.next_batch())
+            before = COLLECTIVES["ddp_buckets"]
+            with distributed.no_sync_unless(ddp, micro == accum - 1):
+                _, loss = ddp(x, y)
+                (loss / accum).backward()
+            synced = COLLECTIVES["ddp_buckets"] > before
+            assert synced == (ctx.distributed and micro == accum - 1), (micro, synced)
+            loss_accum += loss.item() / accum
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, 1e-2, 1e-3, 2, steps)
+        opt.step()
+        losses.append(ctx.all_reduce_mean(loss_accum))
+        snapshots.append(model.export_params())
+    return np.array(losses), np.zeros(steps), snapshots
+
+
 def worker_main(argv):
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--data", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--backend", default="numpy")
     args = ap.parse_args(argv)
-    with distributed.init("numpy") as ctx:
+    count_collectives()
+    with distributed.init(args.backend) as ctx:
         assert ctx.distributed and ctx.backend == "gloo" and ctx.world_size == WORLD
-        losses, val_losses, snaps = train(ctx, args.data, B, ACCUM, STEPS)
+        fn = train_torch if args.backend == "torch" else train
+        losses, val_losses, snaps = fn(ctx, args.data, B, ACCUM, STEPS)
         flat = {f"{s}/{k}": v for s, snap in enumerate(snaps) for k, v in snap.items()}
         np.savez(os.path.join(args.out, f"rank{ctx.rank}.npz"), losses=losses,
                  val_losses=val_losses, **flat)
@@ -160,6 +231,26 @@ def test_two_gloo_ranks_equal_one_process_on_the_combined_batch(tmp_path):
     assert rel(snaps[-1]["transformer.h.0.mlp.c_fc.weight"],
                GPT(CFG, dtype="float64", seed=1).state_dict()["transformer.h.0.mlp.c_fc.weight"]) > 1e-3
     assert np.ptp(losses) > 0
+
+
+def test_torch_backend_ddp_two_ranks_equal_one_process(tmp_path):
+    data = str(tmp_path / "data")
+    make_shards(data)
+    run_ranks([os.path.abspath(__file__), "--worker", "--backend", "torch", "--data", data,
+               "--out", str(tmp_path)], WORLD, cwd=ROOT)
+    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(WORLD)]
+    losses, _, snaps = train_torch(DistContext(), data, B * WORLD, ACCUM, STEPS)
+    worst = 0.0
+    for r, z in enumerate(ranks):
+        assert rel(z["losses"], losses) < 1e-12, (r, z["losses"], losses)
+        for s in range(STEPS):
+            for k, v in snaps[s].items():
+                d = rel(z[f"{s}/{k}"], v)
+                worst = max(worst, d)
+                assert d < 1e-12, f"rank {r} step {s} {k}: rel diff {d:.2e}"
+    print(f"max relative param difference, DDP 2 ranks vs 1 process: {worst:.2e}")
+    for key in ranks[0].files:
+        np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)
 
 
 def test_single_process_without_torchrun(monkeypatch):
