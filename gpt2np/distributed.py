@@ -115,7 +115,7 @@ class DistContext:
             if self.backend == "nccl":
                 import torch
 
-                dist.barrier(device_ids=[torch.device(self.device).index or 0])
+                dist.barrier(device_ids=[torch.device(self.device).index])
             else:
                 dist.barrier()
 
@@ -180,22 +180,29 @@ def init(array_backend: str = "numpy", torch_device: str | None = None,
     world_size = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
     backend = backend or collective_backend_for(array_backend, torch_device)
-    if backend == "nccl":
+    wants_gpu = array_backend == "cupy" or (array_backend == "torch"
+                                            and (torch_device or "").startswith("cuda"))
+    if backend == "nccl" and not wants_gpu:
+        raise ValueError("NCCL all-reduces GPU tensors only: use gloo for NumPy and torch-CPU ranks")
+    device = "cpu"
+    if wants_gpu:
         if not torch.cuda.is_available():
-            raise RuntimeError("NCCL needs CUDA: torch sees no GPU (use --backend numpy for "
-                               "CPU training with gloo)")
+            raise RuntimeError("GPU ranks need CUDA, but torch sees no GPU (use --backend "
+                               "numpy for CPU training with gloo)")
         n = torch.cuda.device_count()
-        if local_rank >= n:
-            raise RuntimeError(f"LOCAL_RANK {local_rank} but this node has {n} GPU(s): start "
-                               f"at most {n} processes per node (--nproc_per_node)")
-        torch.cuda.set_device(local_rank)
+        if local_rank >= n and backend == "nccl":
+            raise RuntimeError(
+                f"LOCAL_RANK {local_rank} but this node has {n} GPU(s): NCCL needs one GPU per "
+                f"process (it refuses two ranks on one device), so start at most {n} processes "
+                f"per node (--nproc_per_node); to try several processes on one GPU, use gloo "
+                f"(--dist-backend gloo), which stages the all-reduce through host memory")
+        gpu = local_rank % n  # several ranks per GPU only with gloo
+        torch.cuda.set_device(gpu)
         if array_backend == "cupy":
             import cupy
 
-            cupy.cuda.Device(local_rank).use()
-        device = f"cuda:{local_rank}"
-    else:
-        device = "cpu"
+            cupy.cuda.Device(gpu).use()
+        device = f"cuda:{gpu}"
     kwargs = {}
     if timeout_s is not None:
         kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
@@ -212,7 +219,9 @@ def wrap_ddp(module, ctx: DistContext):
         return module
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    device_ids = [ctx.local_rank] if ctx.device.startswith("cuda") else None
+    import torch
+
+    device_ids = [torch.device(ctx.device).index] if ctx.device.startswith("cuda") else None
     return DDP(module, device_ids=device_ids)
 
 
