@@ -1,0 +1,122 @@
+"""Training checkpoints: one safetensors file, written atomically, checked on load.
+
+The file holds
+  the params under their Hugging Face names (so `safetensors.numpy.load_file` of it, keys
+    starting with "transformer.", is a plain GPT-2 state dict),
+  AdamW's moments as "optimizer.m.<name>" and "optimizer.v.<name>",
+  a JSON `state` in the safetensors metadata: step, optimizer step count, the run's
+    settings, data position and RNG (whatever the training loop puts there),
+  a SHA-256 over every tensor's bytes, so silent corruption is caught, not trained on.
+
+It is written to a temporary file in the same folder, fsynced, then renamed over the old
+one: a crash at any moment leaves either the old or the new checkpoint, never half of one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+FORMAT = "gpt2np-checkpoint-1"
+_M, _V = "optimizer.m.", "optimizer.v."
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, corrupt, or not matching the run."""
+
+
+@dataclass
+class Checkpoint:
+    params: dict[str, np.ndarray]
+    m: dict[str, np.ndarray]  # AdamW first moments, same keys as params
+    v: dict[str, np.ndarray]  # second moments
+    t: int  # optimizer steps taken (for the bias correction)
+    state: dict  # JSON-able: step, settings, data position, RNG ...
+
+
+def _digest(tensors: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        a = tensors[k]
+        h.update(f"{k}:{a.dtype.str}:{a.shape};".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint):
+    """Write `ckpt` to `path` atomically (temp file + fsync + rename)."""
+    path = Path(path)
+    if set(ckpt.m) != set(ckpt.params) or set(ckpt.v) != set(ckpt.params):
+        raise ValueError("optimizer moments must have the same keys as the params")
+    tensors = {k: np.ascontiguousarray(v) for k, v in ckpt.params.items()}
+    tensors.update({_M + k: np.ascontiguousarray(v) for k, v in ckpt.m.items()})
+    tensors.update({_V + k: np.ascontiguousarray(v) for k, v in ckpt.v.items()})
+    metadata = {"format": FORMAT, "t": str(int(ckpt.t)), "state": json.dumps(ckpt.state),
+                "sha256": _digest(tensors)}
+    data = st_save(tensors, metadata=metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary file
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def _metadata(data: bytes) -> dict:
+    # safetensors layout: u64 little-endian header length, then a JSON header
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + n]).get("__metadata__") or {}
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read and verify a checkpoint; any problem is a CheckpointError saying what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    data = path.read_bytes()
+    try:
+        meta = _metadata(data)
+        tensors = st_load(data)
+    except Exception as e:  # truncated file, garbage header, bad offsets ...
+        raise CheckpointError(f"checkpoint {path} is corrupt (unreadable safetensors: {e})") from e
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a gpt2np training checkpoint "
+                              f"(format {meta.get('format')!r}, expected {FORMAT!r})")
+    if _digest(tensors) != meta.get("sha256"):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its tensors do not match the "
+                              "SHA-256 recorded when it was written")
+    try:
+        state = json.loads(meta["state"])
+        t = int(meta["t"])
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt: bad metadata ({e})") from e
+    params = {k: v for k, v in tensors.items() if not k.startswith("optimizer.")}
+    m = {k[len(_M):]: v for k, v in tensors.items() if k.startswith(_M)}
+    v = {k[len(_V):]: v for k, v in tensors.items() if k.startswith(_V)}
+    if set(m) != set(params) or set(v) != set(params):
+        raise CheckpointError(f"checkpoint {path} is corrupt: optimizer moments do not "
+                              "cover the params")
+    return Checkpoint(params=params, m=m, v=v, t=t, state=state)

@@ -1,0 +1,169 @@
+"""Tiny Shakespeare: find or download it, tokenize once (cached), split, and serve batches.
+
+Where the text comes from, first hit wins:
+  1. an explicit path (the training script's --data),
+  2. $GPT2NP_DATA,
+  3. the cache: $GPT2NP_CACHE or ~/.cache/gpt2np, file tinyshakespeare.txt,
+  4. a download from the char-rnn repository into that cache, checked by SHA-256.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+DATA_BYTES = 1_115_394
+DATA_FILENAME = "tinyshakespeare.txt"
+
+
+class DataNotFoundError(FileNotFoundError):
+    """No tiny Shakespeare anywhere we looked; the message lists the ways to provide it."""
+
+
+def cache_dir(path: str | os.PathLike | None = None) -> Path:
+    """Where downloads and token caches live: `path`, else $GPT2NP_CACHE, else ~/.cache/gpt2np."""
+    if path is None:
+        path = os.environ.get("GPT2NP_CACHE") or Path.home() / ".cache" / "gpt2np"
+    return Path(path).expanduser()
+
+
+def _atomic_write_bytes(path: Path, data: bytes):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def download(dest: Path, url: str = DATA_URL, timeout: float = 60.0) -> Path:
+    """Fetch tiny Shakespeare to `dest`, refusing anything whose SHA-256 is not the known one."""
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        data = r.read()
+    digest = hashlib.sha256(data).hexdigest()
+    if len(data) != DATA_BYTES or digest != DATA_SHA256:
+        raise ValueError(f"downloaded {url} is {len(data)} bytes with SHA-256 {digest}; "
+                         f"expected {DATA_BYTES} bytes, {DATA_SHA256}")
+    _atomic_write_bytes(dest, data)
+    return dest
+
+
+def find_data(path: str | os.PathLike | None = None, *, cache: str | os.PathLike | None = None,
+              allow_download: bool = True) -> Path:
+    """The path of the tiny Shakespeare text (see the module docstring for the search order)."""
+    if path is not None:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise DataNotFoundError(f"--data {p}: no such file")
+        return p
+    env = os.environ.get("GPT2NP_DATA")
+    if env:
+        p = Path(env).expanduser()
+        if not p.is_file():
+            raise DataNotFoundError(f"$GPT2NP_DATA={env}: no such file")
+        return p
+    cached = cache_dir(cache) / DATA_FILENAME
+    if cached.is_file():
+        return cached
+    problem = "downloading is disabled"
+    if allow_download:
+        try:
+            return download(cached)
+        except Exception as e:  # offline, proxy, bad hash, unwritable cache ...
+            problem = f"downloading {DATA_URL} failed: {e}"
+    raise DataNotFoundError(
+        f"tiny Shakespeare not found, and {problem}. Provide it in one of these ways:\n"
+        f"  --data PATH                  a local copy of the text\n"
+        f"  GPT2NP_DATA=PATH             the same through the environment\n"
+        f"  {cached}   put (or let us download) the file in the cache "
+        f"($GPT2NP_CACHE overrides the folder)\n"
+        f"  the file is {DATA_URL} ({DATA_BYTES:,} bytes, sha256 {DATA_SHA256})")
+
+
+def load_tokens(path: str | os.PathLike, *, cache: str | os.PathLike | None = None) -> np.ndarray:
+    """GPT-2 token ids (uint16) of the whole file, tokenized once and cached by content hash."""
+    raw = Path(path).read_bytes()
+    key = hashlib.sha256(raw).hexdigest()[:16]
+    cached = cache_dir(cache) / f"tokens-gpt2-{key}.npy"
+    if cached.is_file():
+        try:
+            return np.load(cached)
+        except (ValueError, OSError):
+            pass  # a damaged cache file: tokenize again and overwrite it
+    from .tokenizer import encode
+
+    ids = np.asarray(encode(raw.decode("utf-8")), dtype=np.uint16)  # GPT-2's ids fit in 16 bits
+    try:
+        buf = io.BytesIO()
+        np.save(buf, ids)
+        _atomic_write_bytes(cached, buf.getvalue())
+    except OSError:
+        pass  # an unwritable cache only costs tokenizing again next time
+    return ids
+
+
+def split(tokens: np.ndarray, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """The first 90% for training, the last 10% for validation (as nanoGPT's prepare.py)."""
+    n = int(len(tokens) * (1.0 - val_fraction))
+    return tokens[:n], tokens[n:]
+
+
+class BatchLoader:
+    """(x, y) batches of shape (B, T) from one token array; y is x shifted by one.
+
+    sequential (default): build-nanogpt's DataLoaderLite. Rank r of `world_size` starts at
+      B*T*r and strides B*T*world_size, so ranks read disjoint chunks; back to the start
+      when the next chunk would run past the end.
+    random: each row starts at an offset drawn uniformly from the whole array (nanoGPT's
+      get_batch), from a generator seeded by (seed, rank).
+
+    state_dict()/load_state_dict() carry the position and the generator, so a resumed run
+    reads exactly the batches the uninterrupted one would have.
+    """
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, *, rank: int = 0,
+                 world_size: int = 1, random: bool = False, seed: int = 0):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} must lie in [0, world_size={world_size})")
+        need = batch_size * block_size * world_size + 1
+        if len(tokens) < need:
+            raise ValueError(f"{len(tokens):,} tokens are too few for batches of "
+                             f"{batch_size}x{block_size} on {world_size} rank(s): need {need:,}")
+        self.tokens = tokens
+        self.B, self.T = batch_size, block_size
+        self.rank, self.world_size = rank, world_size
+        self.random = random
+        self.rng = np.random.default_rng([seed, rank])
+        self.reset()
+
+    def reset(self):
+        self.position = self.B * self.T * self.rank
+
+    def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
+        B, T = self.B, self.T
+        if self.random:
+            starts = self.rng.integers(0, len(self.tokens) - T, size=B)
+            rows = np.stack([self.tokens[s:s + T + 1] for s in starts]).astype(np.int64)
+            return rows[:, :-1], rows[:, 1:]
+        buf = self.tokens[self.position:self.position + B * T + 1].astype(np.int64)
+        self.position += B * T * self.world_size
+        if self.position + B * T * self.world_size + 1 > len(self.tokens):
+            self.reset()
+        return buf[:-1].reshape(B, T), buf[1:].reshape(B, T)
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict):
+        self.position = int(state["position"])
+        self.rng.bit_generator.state = state["rng"]
