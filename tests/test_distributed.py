@@ -118,6 +118,19 @@ def train_torch(ctx: DistContext, data_dir, batch, accum, steps):
 
     from backends.torch_backend import TorchGPT
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only contend on a shared machine
+    try:
+        return _train_torch(ctx, data_dir, batch, accum, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_torch(ctx, data_dir, batch, accum, steps):
+    import torch
+
+    from backends.torch_backend import TorchGPT
+
     model = TorchGPT.from_params(CFG, GPT(CFG, dtype="float64", seed=1).state_dict(),
                                  dtype=torch.float64)
     ddp = distributed.wrap_ddp(model, ctx)
@@ -163,16 +176,17 @@ def worker_main(argv):
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--data", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--backend", default="numpy")
     args = ap.parse_args(argv)
     count_collectives()
-    with distributed.init(args.backend) as ctx:
+    # one process group for both engines: each rank process costs seconds to start
+    with distributed.init("numpy") as ctx:
         assert ctx.distributed and ctx.backend == "gloo" and ctx.world_size == WORLD
-        fn = train_torch if args.backend == "torch" else train
-        losses, val_losses, snaps = fn(ctx, args.data, B, ACCUM, STEPS)
-        flat = {f"{s}/{k}": v for s, snap in enumerate(snaps) for k, v in snap.items()}
-        np.savez(os.path.join(args.out, f"rank{ctx.rank}.npz"), losses=losses,
-                 val_losses=val_losses, **flat)
+        assert distributed.collective_backend_for("torch", "cpu") == ctx.backend
+        for name, fn in (("numpy", train), ("torch", train_torch)):
+            losses, val_losses, snaps = fn(ctx, args.data, B, ACCUM, STEPS)
+            flat = {f"{s}/{k}": v for s, snap in enumerate(snaps) for k, v in snap.items()}
+            np.savez(os.path.join(args.out, f"{name}_rank{ctx.rank}.npz"), losses=losses,
+                     val_losses=val_losses, **flat)
         ctx.barrier()
 
 
@@ -204,16 +218,18 @@ def rel(a, b):
 # --------------------------------------------------------------------------- the tests
 
 
-def test_two_gloo_ranks_equal_one_process_on_the_combined_batch(tmp_path):
-    data = str(tmp_path / "data")
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    """Both engines trained by 2 gloo ranks (one launch); returns (data dir, results dir)."""
+    tmp = tmp_path_factory.mktemp("dist")
+    data = str(tmp / "data")
     make_shards(data)
-    run_ranks([os.path.abspath(__file__), "--worker", "--data", data, "--out", str(tmp_path)],
+    run_ranks([os.path.abspath(__file__), "--worker", "--data", data, "--out", str(tmp)],
               WORLD, cwd=ROOT)
-    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(WORLD)]
+    return data, tmp
 
-    # one process, the combined batch: B*WORLD rows per micro-step, same accumulation
-    losses, val_losses, snaps = train(DistContext(), data, B * WORLD, ACCUM, STEPS)
 
+def _compare(ranks, losses, val_losses, snaps, what):
     worst = 0.0
     for r, z in enumerate(ranks):
         assert rel(z["losses"], losses) < 1e-12, (r, z["losses"], losses)
@@ -222,35 +238,30 @@ def test_two_gloo_ranks_equal_one_process_on_the_combined_batch(tmp_path):
             for k, v in snaps[s].items():
                 d = rel(z[f"{s}/{k}"], v)
                 worst = max(worst, d)
-                assert d < 1e-12, f"rank {r} step {s} {k}: rel diff {d:.2e}"
-    print(f"max relative param difference, 2 ranks vs 1 process: {worst:.2e}")
+                assert d < 1e-12, f"{what} rank {r} step {s} {k}: rel diff {d:.2e}"
+    print(f"\nmax relative param difference, {what} 2 ranks vs 1 process: {worst:.2e}")
     # the ranks agree on every param after every step, bit for bit
     for key in ranks[0].files:
         np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)
+
+
+def test_two_gloo_ranks_equal_one_process_on_the_combined_batch(two_rank_run):
+    data, tmp = two_rank_run
+    ranks = [np.load(tmp / f"numpy_rank{r}.npz") for r in range(WORLD)]
+    # one process, the combined batch: B*WORLD rows per micro-step, same accumulation
+    losses, val_losses, snaps = train(DistContext(), data, B * WORLD, ACCUM, STEPS)
+    _compare(ranks, losses, val_losses, snaps, "numpy")
     # and the steps did something: the params moved and the loss is not constant
     assert rel(snaps[-1]["transformer.h.0.mlp.c_fc.weight"],
                GPT(CFG, dtype="float64", seed=1).state_dict()["transformer.h.0.mlp.c_fc.weight"]) > 1e-3
     assert np.ptp(losses) > 0
 
 
-def test_torch_backend_ddp_two_ranks_equal_one_process(tmp_path):
-    data = str(tmp_path / "data")
-    make_shards(data)
-    run_ranks([os.path.abspath(__file__), "--worker", "--backend", "torch", "--data", data,
-               "--out", str(tmp_path)], WORLD, cwd=ROOT)
-    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(WORLD)]
-    losses, _, snaps = train_torch(DistContext(), data, B * WORLD, ACCUM, STEPS)
-    worst = 0.0
-    for r, z in enumerate(ranks):
-        assert rel(z["losses"], losses) < 1e-12, (r, z["losses"], losses)
-        for s in range(STEPS):
-            for k, v in snaps[s].items():
-                d = rel(z[f"{s}/{k}"], v)
-                worst = max(worst, d)
-                assert d < 1e-12, f"rank {r} step {s} {k}: rel diff {d:.2e}"
-    print(f"max relative param difference, DDP 2 ranks vs 1 process: {worst:.2e}")
-    for key in ranks[0].files:
-        np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)
+def test_torch_backend_ddp_two_ranks_equal_one_process(two_rank_run):
+    data, tmp = two_rank_run
+    ranks = [np.load(tmp / f"torch_rank{r}.npz") for r in range(WORLD)]
+    losses, val_losses, snaps = train_torch(DistContext(), data, B * WORLD, ACCUM, STEPS)
+    _compare(ranks, losses, val_losses, snaps, "torch DDP")
 
 
 def test_single_process_without_torchrun(monkeypatch):
