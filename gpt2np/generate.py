@@ -103,12 +103,11 @@ def forward_cached(model, idx, cache: KVCache, *, all_logits: bool = False, _blo
         h, _ = L.linear_forward(h, bp["mlp.c_proj.weight"], bp["mlp.c_proj.bias"])
         x = x + h
     cache.length = t0 + T
-    x = x.reshape(B, T, C)
-    if not all_logits:
-        x = x[:, -1:]  # the lm_head is the biggest matmul: only where we sample
+    if not all_logits:  # the lm_head is the biggest matmul: only where we sample
+        x, T = x.reshape(B, T, C)[:, -1], 1
     x, _ = L.layernorm_forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
-    logits, _ = L.lm_head_forward(x, p["transformer.wte.weight"])
-    return logits
+    logits, _ = L.lm_head_forward(x, p["transformer.wte.weight"])  # 2-D: (B*T,C) @ (C,V)
+    return logits.reshape(B, T, -1)
 
 
 # ------------------------------------------------------------------------------ sampling
