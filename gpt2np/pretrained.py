@@ -142,28 +142,30 @@ def _hub_snapshot(repo_id, *, revision, cache_dir, local_files_only, allow_pickl
     # huggingface_hub reads HF_HUB_OFFLINE once at import; also honour it if set since
     offline = local_files_only or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
 
-    def get(filename):
+    def get(filename, revision):
         return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
                                     local_files_only=offline))
 
     try:
-        config_path = get(CONFIG_NAME)
+        config_path = get(CONFIG_NAME, revision)
     except Exception as e:  # not cached while offline, no network, unknown repo, ...
         hint = (" (offline: HF_HUB_OFFLINE or local_files_only is set, and it is not in the "
                 "Hugging Face cache)" if offline else "")
         raise OSError(f"cannot get {CONFIG_NAME} of {repo_id!r} from the Hugging Face hub{hint}: "
                       f"{type(e).__name__}: {e}") from e
     folder = config_path.parent
+    # the snapshot folder is named by the commit: fetch the weights from that same commit,
+    # so that a push between two downloads cannot pair one commit's config with another's weights
+    commit = folder.name
     candidates = [WEIGHTS_NAME, WEIGHTS_INDEX_NAME] + ([PICKLE_NAME] if allow_pickle else [])
     for filename in candidates:
         try:
-            path = get(filename)
+            path = get(filename, commit)
         except EntryNotFoundError:  # not in the repo (or, offline, not in the cache)
             continue
         if filename == WEIGHTS_INDEX_NAME:
             for shard in sorted(set(json.loads(path.read_text())["weight_map"].values())):
-                get(shard)
-        assert path.parent == folder, (path, folder)  # one snapshot folder holds all files
+                get(shard, commit)
         return folder
     raise OSError(f"{repo_id!r} has none of {', '.join(candidates)} "
                   f"{'in the Hugging Face cache' if offline else 'on the hub'}"
