@@ -129,6 +129,16 @@ class DistContext:
         dist.broadcast_object_list(box, src=src)
         return box[0]
 
+    def all_gather_object(self, obj) -> list:
+        """Every rank's picklable object, in rank order (e.g. per-rank data-loader states)."""
+        if not self.distributed:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def broadcast_params_(self, params: dict, src: int = 0):
         """Overwrite params (name -> numpy/cupy array) in place with rank src's, in one
         collective. Used at start-up and after resuming so every rank surely starts equal."""
