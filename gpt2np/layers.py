@@ -7,6 +7,17 @@ Conventions (as llm.c's train_gpt2.c):
   is taken from the inputs, so the same code runs on the CPU (numpy) and the GPU (cupy).
   Nothing here upcasts: Python float scalars keep float32 arrays float32 (NEP 50), while a
   numpy float64 scalar (np.sqrt(2/np.pi)) would silently promote whole tensors.
+
+Speed. On a CPU NumPy runs elementwise work on one core, so after the GEMMs it is the number
+of passes over memory that costs. Hence:
+  - every contraction is one BLAS call on a 2-D (B*T, C) reshape, or a stack of per-head
+    matrices for attention; never numpy's slow loop for 3-D @ 2-D broadcasting;
+  - elementwise work runs in place (`*=`, `out=`) on arrays this code made, never on the
+    caller's inputs (callers, the tests among them, may reuse those);
+  - the big (B*T, V) and (V, C) arrays can be handed in with `out=` / `dwte=`, so that a
+    training loop reuses them from step to step instead of page-faulting 200 MB each time;
+  - nothing is recomputed or materialised that a cheaper identity gives (see attention's
+    backward and the cross-entropy).
 """
 from __future__ import annotations
 
@@ -28,18 +39,22 @@ def get_xp(x):
 def embedding_forward(idx, wte, wpe):
     # idx (B,T) int, wte (V,C), wpe (block_size,C) -> x (B,T,C)
     T = idx.shape[1]
-    x = wte[idx] + wpe[:T]
+    x = wte[idx]  # the gather makes a new array: ours to add into
+    x += wpe[:T]
     return x, (idx, wte.shape, wpe.shape)
 
 
-def embedding_backward(dx, cache):
+def embedding_backward(dx, cache, dwte=None):
     # dx (B,T,C) -> dwte (V,C), dwpe (block_size,C)
+    # dwte: optionally a (V,C) array to accumulate into, e.g. already holding the tied
+    # lm_head's share: that saves a (V,C) zeros and a (V,C) add.
     idx, wte_shape, wpe_shape = cache
     xp = get_xp(dx)
     B, T, C = dx.shape
     dwpe = xp.zeros(wpe_shape, dtype=dx.dtype)
-    dwpe[:T] = dx.sum(axis=0)  # every sequence in the batch uses positions 0..T-1
-    dwte = xp.zeros(wte_shape, dtype=dx.dtype)
+    dx.sum(axis=0, out=dwpe[:T])  # every sequence in the batch uses positions 0..T-1
+    if dwte is None:
+        dwte = xp.zeros(wte_shape, dtype=dx.dtype)
     # a token id may appear many times: its rows must accumulate, not overwrite
     backend_of(dx).scatter_add(dwte, idx.reshape(-1), dx.reshape(B * T, C))
     return dwte, dwpe
@@ -53,24 +68,29 @@ def layernorm_forward(x, weight, bias, eps=1e-5):
     # x (B,T,C), weight (C,), bias (C,) -> out (B,T,C)
     xp = get_xp(x)
     mean = x.mean(axis=-1, keepdims=True)  # (B,T,1)
-    xc = x - mean
-    var = (xc * xc).mean(axis=-1, keepdims=True)  # biased variance, as torch
+    norm = x - mean  # (B,T,C) centred; normalised in place below
+    var = (norm * norm).mean(axis=-1, keepdims=True)  # biased variance, as torch
     rstd = 1.0 / xp.sqrt(var + eps)  # (B,T,1)
-    norm = xc * rstd  # (B,T,C) zero mean, unit variance
-    out = norm * weight + bias
+    norm *= rstd  # zero mean, unit variance
+    out = norm * weight
+    out += bias
     return out, (norm, rstd, weight)
 
 
 def layernorm_backward(dout, cache):
     # dout (B,T,C) -> dx (B,T,C), dweight (C,), dbias (C,)
     norm, rstd, weight = cache
-    lead = tuple(range(dout.ndim - 1))
-    dbias = dout.sum(axis=lead)
-    dweight = (dout * norm).sum(axis=lead)
+    C = norm.shape[-1]
+    dout2 = dout.reshape(-1, C)
+    dbias = dout2.sum(axis=0)
+    dweight = (dout2 * norm.reshape(-1, C)).sum(axis=0)
     dnorm = dout * weight
     # d/dx of (x - mean) * rstd: the mean and the variance each depend on every x
-    dx = dnorm - dnorm.mean(axis=-1, keepdims=True)
-    dx -= norm * (dnorm * norm).mean(axis=-1, keepdims=True)
+    #   dx = rstd * (dnorm - mean(dnorm) - norm * mean(dnorm * norm))
+    proj = (dnorm * norm).mean(axis=-1, keepdims=True)  # (B,T,1)
+    dx = dnorm
+    dx -= dnorm.mean(axis=-1, keepdims=True)
+    dx -= norm * proj
     dx *= rstd
     return dx, dweight, dbias
 
@@ -81,18 +101,19 @@ def layernorm_backward(dout, cache):
 
 def linear_forward(x, weight, bias):
     # x (B,T,C), weight (C,OC), bias (OC,) -> out (B,T,OC)
-    out = x @ weight
+    C, OC = weight.shape
+    out = x.reshape(-1, C) @ weight  # one (B*T,C) @ (C,OC) GEMM
     out += bias
-    return out, (x, weight)
+    return out.reshape(*x.shape[:-1], OC), (x, weight)
 
 
 def linear_backward(dout, cache):
     # dout (B,T,OC) -> dx (B,T,C), dweight (C,OC), dbias (OC,)
     x, weight = cache
     C, OC = weight.shape
-    dout2 = dout.reshape(-1, OC)  # one (B*T)-row GEMM, not B small ones
-    dx = dout @ weight.T
-    dweight = x.reshape(-1, C).T @ dout2
+    dout2 = dout.reshape(-1, OC)  # (B*T,OC): every contraction is one 2-D GEMM
+    dx = (dout2 @ weight.T).reshape(x.shape)
+    dweight = x.reshape(-1, C).T @ dout2  # BLAS reads the transposed view, no copy
     dbias = dout2.sum(axis=0)
     return dx, dweight, dbias
 
@@ -107,38 +128,46 @@ def attention_forward(qkv, n_head):
     B, T, C3 = qkv.shape
     C = C3 // 3
     hs = C // n_head
-    # (B,T,3,NH,hs) -> (3,B,NH,T,hs): q, k, v each (B,NH,T,hs)
+    # (B,T,3,NH,hs) -> (3,B,NH,T,hs): q, k, v each (B,NH,T,hs), views with row stride 3C,
+    # which BLAS takes as they are (a leading dimension), so the heads are never copied out
     q, k, v = qkv.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)
     scale = 1.0 / math.sqrt(hs)
-    att = (q @ k.transpose(0, 1, 3, 2)) * scale  # (B,NH,T,T)
-    # causal mask: position t attends to 0..t only
-    future = xp.triu(xp.ones((T, T), dtype=bool), k=1)
-    att[..., future] = -xp.inf
-    att -= att.max(axis=-1, keepdims=True)  # stable softmax; the diagonal is never masked
+    qs = q * scale  # scale the (T,hs) queries rather than the (T,T) scores: T/hs times less work
+    att = qs @ k.transpose(0, 1, 3, 2)  # (B,NH,T,T), a stack of B*NH GEMMs
+    # causal mask: position t attends to 0..t only; adding -inf is one pass, no fancy index
+    att += xp.triu(xp.full((T, T), -xp.inf, dtype=att.dtype), k=1)
+    # softmax in place; stable: the row max is subtracted, and the diagonal is never masked
+    att -= att.max(axis=-1, keepdims=True)
     xp.exp(att, out=att)
-    att /= att.sum(axis=-1, keepdims=True)
+    att *= 1.0 / att.sum(axis=-1, keepdims=True)  # (B,NH,T,1) reciprocals, then one multiply
     y = att @ v  # (B,NH,T,hs)
-    y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # merge heads
-    return y, (q, k, v, att, scale)
+    y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # merge heads (a (B,T,C) copy)
+    return y, (qs, k, v, att, y, scale)
 
 
 def attention_backward(dy, cache):
     # dy (B,T,C) -> dqkv (B,T,3C)
-    q, k, v, att, scale = cache
+    qs, k, v, att, y, scale = cache
     xp = get_xp(dy)
-    B, NH, T, hs = q.shape
-    dy = dy.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)  # split heads (B,NH,T,hs)
-    dv = att.transpose(0, 1, 3, 2) @ dy  # (B,NH,T,hs)
+    B, NH, T, hs = qs.shape
+    C = NH * hs
+    dy = dy.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)  # split heads (B,NH,T,hs), a view
+    # dq, dk, dv are written straight into their slots of dqkv (strided views, as in forward)
+    dqkv = xp.empty((B, T, 3 * C), dtype=dy.dtype)
+    dq, dk, dv = dqkv.reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4)
+    xp.matmul(att.transpose(0, 1, 3, 2), dy, out=dv)  # (B,NH,T,hs)
     datt = dy @ v.transpose(0, 1, 3, 2)  # (B,NH,T,T)
-    # softmax backward without the Jacobian: dpre = att * (datt - sum(att * datt))
-    # masked entries have att == 0, so their gradient is 0 as it must be
-    datt -= (att * datt).sum(axis=-1, keepdims=True)
-    datt *= att
-    datt *= scale
-    dq = datt @ k
-    dk = datt.transpose(0, 1, 3, 2) @ q
-    dqkv = xp.stack([dq, dk, dv])  # (3,B,NH,T,hs)
-    return dqkv.transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * NH * hs)
+    # softmax backward without the Jacobian: dpre = att * (datt - sum_j att * datt).
+    # sum_j att[i,j] * datt[i,j] = sum_j att[i,j] (dy[i] . v[j]) = dy[i] . y[i]:
+    # a (T,hs) product instead of a (T,T) one (as FlashAttention's D = rowsum(dO * O)).
+    yh = y.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)  # (B,NH,T,hs)
+    datt -= (dy * yh).sum(axis=-1, keepdims=True)
+    datt *= att  # masked entries have att == 0, so their gradient is 0 as it must be
+    # scores = qs @ k^T with qs = q * scale: the scale lands on dq, a (T,hs) array
+    xp.matmul(datt, k, out=dq)
+    dq *= scale
+    xp.matmul(datt.transpose(0, 1, 3, 2), qs, out=dk)
+    return dqkv
 
 
 # --------------------------------------------------------------------------------------
@@ -148,19 +177,39 @@ _GELU_K = math.sqrt(2.0 / math.pi)  # a Python float: keeps float32 float32
 
 
 def gelu_forward(x):
-    # x (...) -> out (...)
+    # x (...) -> out (...);  out = 0.5 * x * (1 + tanh(K * (x + 0.044715 * x^3)))
     xp = get_xp(x)
-    t = xp.tanh(_GELU_K * (x + 0.044715 * (x * x * x)))  # x*x*x, not x**3 (far slower)
-    out = 0.5 * x * (1.0 + t)
+    t = x * x  # x*x*x, not x**3 (far slower); then the chain in place
+    t *= x
+    t *= 0.044715
+    t += x
+    t *= _GELU_K
+    xp.tanh(t, out=t)
+    out = t + 1.0
+    out *= x
+    out *= 0.5
     return out, (x, t)
 
 
 def gelu_backward(dout, cache):
+    # dout (...) -> dx (...)
     x, t = cache
+    xp = get_xp(x)
     # d tanh(u)/du = 1 - tanh(u)^2, not 1/cosh(u)^2, which overflows for large |u|
-    du = _GELU_K * (1.0 + 3 * 0.044715 * (x * x))
-    dx = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
-    return dout * dx
+    #   dx = 0.5 * (1 + t) + x * (1 - t^2) * 0.5 * K * (1 + 3 * 0.044715 * x^2)
+    du = x * x
+    du *= 3 * 0.044715
+    du += 1.0
+    du *= 0.5 * _GELU_K
+    dx = t * t
+    xp.subtract(1.0, dx, out=dx)  # 1 - t^2
+    dx *= x
+    dx *= du
+    xp.add(t, 1.0, out=du)  # du's buffer is free again: 0.5 * (1 + t) goes there
+    du *= 0.5
+    dx += du
+    dx *= dout
+    return dx
 
 
 # --------------------------------------------------------------------------------------
@@ -219,11 +268,12 @@ def block_forward(x, p, n_head):
     # x (B,T,C), p: this block's params named as in the checkpoint without "transformer.h.i."
     h, ln1_cache = layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"])
     h, attn_cache = attn_forward(h, _sub(p, "attn."), n_head)
-    x = x + h  # residual
+    h += x  # residual, into the branch's fresh output (the caller's x stays untouched)
+    x = h
     h, ln2_cache = layernorm_forward(x, p["ln_2.weight"], p["ln_2.bias"])
     h, mlp_cache = mlp_forward(h, _sub(p, "mlp."))
-    x = x + h  # residual
-    return x, (ln1_cache, attn_cache, ln2_cache, mlp_cache)
+    h += x  # residual
+    return h, (ln1_cache, attn_cache, ln2_cache, mlp_cache)
 
 
 def block_backward(dx, cache):
@@ -233,10 +283,12 @@ def block_backward(dx, cache):
     # the residual passes dx straight through; each branch adds its own contribution
     dh, mlp_g = mlp_backward(dx, mlp_cache)
     dh, g["ln_2.weight"], g["ln_2.bias"] = layernorm_backward(dh, ln2_cache)
-    dx = dx + dh
+    dh += dx
+    dx = dh
     dh, attn_g = attn_backward(dx, attn_cache)
     dh, g["ln_1.weight"], g["ln_1.bias"] = layernorm_backward(dh, ln1_cache)
-    dx = dx + dh
+    dh += dx
+    dx = dh
     g.update({"mlp." + k: v for k, v in mlp_g.items()})
     g.update({"attn." + k: v for k, v in attn_g.items()})
     return dx, g
@@ -246,55 +298,77 @@ def block_backward(dx, cache):
 # lm_head, tied to wte: logits = x @ wte.T
 
 
-def lm_head_forward(x, wte):
-    # x (B,T,C), wte (V,C) -> logits (B,T,V)
-    return x @ wte.T, (x, wte)
-
-
-def lm_head_backward(dlogits, cache):
-    # dlogits (B,T,V) -> dx (B,T,C), dwte (V,C) (the lm_head share of the tied gradient)
-    x, wte = cache
+def lm_head_forward(x, wte, out=None):
+    # x (B,T,C), wte (V,C) -> logits (B,T,V); out: optional (B,T,V) buffer to write into
+    xp = get_xp(x)
     V, C = wte.shape
-    dx = dlogits @ wte
-    dwte = dlogits.reshape(-1, V).T @ x.reshape(-1, C)
+    out2 = None if out is None else out.reshape(-1, V)
+    logits = xp.matmul(x.reshape(-1, C), wte.T, out=out2)  # one (B*T,C) @ (C,V) GEMM
+    return logits.reshape(*x.shape[:-1], V), (x, wte)
+
+
+def lm_head_backward(dlogits, cache, dwte=None):
+    # dlogits (B,T,V) -> dx (B,T,C), dwte (V,C) (the lm_head share of the tied gradient);
+    # dwte: optional (V,C) buffer to write into
+    x, wte = cache
+    xp = get_xp(x)
+    V, C = wte.shape
+    dlogits2 = dlogits.reshape(-1, V)
+    dx = (dlogits2 @ wte).reshape(x.shape)
+    dwte = xp.matmul(dlogits2.T, x.reshape(-1, C), out=dwte)
     return dx, dwte
 
 
 # --------------------------------------------------------------------------------------
 # cross-entropy: mean over the tokens whose target is not ignore_index (-1, as nanoGPT)
 
+# Rows of logits per pass on the CPU: ~1 MB, so that the max, exp, sum and scale of a block
+# of rows run in cache instead of streaming (B*T,V) through memory four times.
+_CE_BLOCK_BYTES = 1 << 20
 
-def cross_entropy_forward(logits, targets, ignore_index=-1):
-    # logits (B,T,V), targets (B,T) int -> loss (scalar array), cache
+
+def cross_entropy_forward(logits, targets, ignore_index=-1, out=None):
+    # logits (B,T,V), targets (B,T) int -> loss (scalar array), cache.
+    # out: optional (B,T,V) buffer for the softmax that the backward turns into dlogits.
     xp = get_xp(logits)
     V = logits.shape[-1]
     logits2 = logits.reshape(-1, V)
+    N = logits2.shape[0]
     t = targets.reshape(-1)
     valid = t != ignore_index
     n_valid = int(valid.sum())
     tsafe = xp.where(valid, t, 0)
-    # softmax kept for the backward; log-sum-exp shifted by the row max for stability
-    maxes = logits2.max(axis=-1, keepdims=True)
-    probs = logits2 - maxes
-    xp.exp(probs, out=probs)
-    sums = probs.sum(axis=-1, keepdims=True)
-    probs /= sums
-    rows = xp.arange(t.shape[0])
-    # -log p[target] = log(sum) + max - logit[target]
-    nll = (xp.log(sums[:, 0]) + maxes[:, 0] - logits2[rows, tsafe]) * valid
+    # each row's weight in the mean: 1/n_valid, or 0 for an ignored row
+    weight = valid.astype(logits.dtype) * (1.0 / n_valid if n_valid else 0.0)
+    probs = xp.empty((N, V), dtype=logits.dtype) if out is None else out.reshape(N, V)
+    lse = xp.empty((N, 1), dtype=logits.dtype)  # log-sum-exp of each row
+    # The cached softmax is pre-multiplied by the row's weight: the backward's
+    # (softmax - onehot) / n_valid then costs no extra pass over (B*T,V).
+    step = N if xp is not np else max(1, _CE_BLOCK_BYTES // (V * logits.itemsize))
+    for r in range(0, N, step):
+        rows, p = logits2[r:r + step], probs[r:r + step]
+        m = rows.max(axis=-1, keepdims=True)  # shift by the row max: exp cannot overflow
+        xp.subtract(rows, m, out=p)
+        xp.exp(p, out=p)
+        s = p.sum(axis=-1, keepdims=True)
+        p *= weight[r:r + step, None] / s
+        lse[r:r + step] = xp.log(s) + m
+    # -log p[target] = logsumexp - logit[target]: a gather of N entries, not of (N,V)
+    nll = (lse[:, 0] - logits2[xp.arange(N), tsafe]) * valid
     # like torch: the mean over no tokens is nan
     loss = nll.sum() / n_valid if n_valid else nll.sum() * float("nan")
-    return loss, (probs, tsafe, valid, n_valid, logits.shape)
+    return loss, (probs, tsafe, weight, logits.shape)
 
 
 def cross_entropy_backward(dloss, cache):
-    # dloss scalar -> dlogits (B,T,V) = (softmax - onehot) / N, zero on ignored rows.
-    # Reuses the cached softmax buffer in place: a (B,T,V) buffer is the biggest we have.
-    probs, tsafe, valid, n_valid, shape = cache
+    # dloss scalar -> dlogits (B,T,V) = dloss * (softmax - onehot) / n_valid, zero on ignored
+    # rows. Works in place on the cached (already weighted) softmax, the biggest buffer we
+    # have: call it once per forward.
+    probs, tsafe, weight, shape = cache
     xp = get_xp(probs)
-    rows = xp.arange(tsafe.shape[0])
     dlogits = probs
-    dlogits[rows, tsafe] -= 1.0
-    scale = (float(dloss) / n_valid) if n_valid else 0.0
-    dlogits *= (valid * scale).astype(probs.dtype)[:, None]
+    dlogits[xp.arange(tsafe.shape[0]), tsafe] -= weight  # the onehot, weighted as the rows
+    dloss = float(dloss)
+    if dloss != 1.0:  # the model's backward passes 1.0: no pass over (B*T,V) then
+        dlogits *= dloss
     return dlogits.reshape(shape)

@@ -85,6 +85,10 @@ class GPT:
         self.params = {}
         self.load_params(host)
         self._cache = None
+        # The biggest arrays of a training step, (B,T,V) logits and softmax and the (V,C) wte
+        # gradient, kept and reused from step to step: a fresh 200 MB array costs page
+        # faults on every touch, a reused one does not. Only training (targets given) uses them.
+        self._buffers = {}
 
     # ---------------------------------------------------------------- params in and out
 
@@ -144,7 +148,10 @@ class GPT:
     def forward(self, idx, targets=None):
         """idx (B,T) int -> logits (B,T,V), loss (scalar array, or None without targets).
 
-        With targets the activations the backward needs are kept until backward() runs.
+        With targets the activations the backward needs are kept until backward() runs, and
+        the logits live in a buffer that the next forward with targets overwrites (copy them
+        to keep them longer). Without targets (inference) nothing is kept and the logits are
+        a new array.
         """
         idx = self._check_ids(idx, "idx")
         B, T = idx.shape
@@ -164,19 +171,26 @@ class GPT:
             x, c = L.block_forward(x, self._block_params(i), cfg.n_head)
             block_caches.append(c)
         x, lnf_cache = L.layernorm_forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
-        logits, head_cache = L.lm_head_forward(x, p["transformer.wte.weight"])
-
-        loss = None
-        self._cache = None
-        if targets is not None:
-            loss, ce_cache = L.cross_entropy_forward(logits, targets)
-            self._cache = (emb_cache, block_caches, lnf_cache, head_cache, ce_cache)
+        V = cfg.vocab_size
+        if targets is None:
+            logits, _ = L.lm_head_forward(x, p["transformer.wte.weight"])
+            self._cache = None
+            return logits, None
+        logits, head_cache = L.lm_head_forward(x, p["transformer.wte.weight"],
+                                               out=self._buffer("logits", (B, T, V)))
+        loss, ce_cache = L.cross_entropy_forward(logits, targets,
+                                                 out=self._buffer("probs", (B, T, V)))
+        self._cache = (emb_cache, block_caches, lnf_cache, head_cache, ce_cache)
         return logits, loss
 
     __call__ = forward
 
     def backward(self):
-        """Gradients of the last forward's loss: a dict with the same keys as params."""
+        """Gradients of the last forward's loss: a dict with the same keys as params.
+
+        The returned arrays are valid until the next forward/backward: some of them (the
+        (V,C) wte gradient) are buffers that the next step reuses. Copy what you keep.
+        """
         if self._cache is None:
             raise RuntimeError("backward() needs a forward(idx, targets) with targets first "
                                "(and runs once per forward)")
@@ -185,7 +199,8 @@ class GPT:
         cfg = self.config
         grads = {}
         dlogits = L.cross_entropy_backward(1.0, ce_cache)
-        dx, dwte_head = L.lm_head_backward(dlogits, head_cache)
+        dwte = self._buffer("dwte", self.params["transformer.wte.weight"].shape)
+        dx, dwte = L.lm_head_backward(dlogits, head_cache, dwte=dwte)
         del dlogits, ce_cache, head_cache
         dx, grads["transformer.ln_f.weight"], grads["transformer.ln_f.bias"] = \
             L.layernorm_backward(dx, lnf_cache)
@@ -193,11 +208,20 @@ class GPT:
             dx, g = L.block_backward(dx, block_caches.pop())
             prefix = f"transformer.h.{i}."
             grads.update({prefix + k: v for k, v in g.items()})
-        dwte_emb, grads["transformer.wpe.weight"] = L.embedding_backward(dx, emb_cache)
-        # wte is used twice (embedding and lm_head): its gradient is the sum of both uses
-        dwte_emb += dwte_head
-        grads["transformer.wte.weight"] = dwte_emb
+        # wte is used twice (embedding and lm_head): its gradient is the sum of both uses,
+        # so the embedding's rows are scattered straight into the lm_head's share
+        grads["transformer.wte.weight"], grads["transformer.wpe.weight"] = \
+            L.embedding_backward(dx, emb_cache, dwte=dwte)
         return {k: grads[k] for k in self.params}  # the params' order
+
+    def _buffer(self, name, shape):
+        """A reusable array of this shape (made on first use or when the shape changes)."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape != tuple(shape):
+            self._buffers.pop(name, None)  # free the old one before making the new
+            buf = self.xp.empty(shape, dtype=self.dtype)
+            self._buffers[name] = buf
+        return buf
 
     def _block_params(self, i):
         prefix = f"transformer.h.{i}."

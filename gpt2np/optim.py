@@ -32,6 +32,7 @@ class AdamW:
         xp = lambda a: backend_of(a).xp  # noqa: E731
         self.m = {k: xp(p).zeros_like(p) for k, p in params.items()}  # first moment
         self.v = {k: xp(p).zeros_like(p) for k, p in params.items()}  # second moment
+        self._scratch = {}  # (backend, dtype) -> flat work array for step()
 
     def decays(self, name: str) -> bool:
         return self.params[name].ndim >= 2
@@ -51,17 +52,34 @@ class AdamW:
             g = grads[name]
             m, v = self.m[name], self.v[name]
             xp = backend_of(p).xp
+            # every product goes through one scratch array: no temporaries of the param's size
+            tmp = self._scratch_like(p)
             if self.weight_decay and self.decays(name):
                 p *= 1.0 - lr * self.weight_decay  # decoupled decay, before the Adam step
             m *= b1
-            m += (1.0 - b1) * g
+            xp.multiply(g, 1.0 - b1, out=tmp)
+            m += tmp  # m = b1 * m + (1 - b1) * g
             v *= b2
-            v += (1.0 - b2) * (g * g)
+            xp.multiply(g, g, out=tmp)
+            tmp *= 1.0 - b2
+            v += tmp  # v = b2 * v + (1 - b2) * g^2
             # p -= lr/bias1 * m / (sqrt(v)/sqrt(bias2) + eps), in torch's order of operations
-            denom = xp.sqrt(v)
-            denom /= sqrt_bias2
-            denom += self.eps
-            p -= step_size * (m / denom)
+            xp.sqrt(v, out=tmp)
+            tmp /= sqrt_bias2
+            tmp += self.eps
+            xp.divide(m, tmp, out=tmp)
+            tmp *= step_size
+            p -= tmp
+
+    def _scratch_like(self, p):
+        """A view of one flat scratch array (as big as the biggest param), shaped like p."""
+        key = (backend_of(p).name, p.dtype.str)
+        buf = self._scratch.get(key)
+        if buf is None:
+            xp = backend_of(p).xp
+            size = max(q.size for q in self.params.values())
+            buf = self._scratch[key] = xp.empty(size, dtype=p.dtype)
+        return buf[:p.size].reshape(p.shape)
 
     def state_dict(self) -> dict:
         return {"t": self.t, "m": self.m, "v": self.v, "lr": self.lr,
