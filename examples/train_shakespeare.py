@@ -1,0 +1,19 @@
+#!/usr/bin/env python
+"""Train GPT-2 on tiny Shakespeare with gpt2np's hand-written backward.
+
+    python examples/train_shakespeare.py                  # defaults: ~10 min on a 2-core CPU
+    python examples/train_shakespeare.py --backend torch  # the same run with PyTorch autograd
+    python examples/train_shakespeare.py --help
+
+See gpt2np/train.py for the loop and the README for what the defaults reach.
+"""
+import os
+import sys
+
+# run from a checkout without installing: put the repository root on the path
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from gpt2np.train import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

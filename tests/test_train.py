@@ -1,0 +1,297 @@
+"""End-to-end training runs on tiny Shakespeare with a tiny model: learning, numpy == torch,
+bit-identical resume, interruption, divergence, bad checkpoints, missing data."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from gpt2np import train as T
+from gpt2np.checkpoint import CheckpointError, load_checkpoint
+from gpt2np.train import TrainConfig, TrainError, main, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shakespeare_path():
+    env = os.environ.get("GPT2NP_DATA")
+    if env:
+        return Path(env)
+    return ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="module")
+def token_cache(tmp_path_factory):
+    if not shakespeare_path().is_file():
+        pytest.skip(f"tiny Shakespeare not at {shakespeare_path()} (set GPT2NP_DATA)")
+    return tmp_path_factory.mktemp("token-cache")  # tokenized once for the module
+
+
+def tiny(out, cache, **kw):
+    """A 1-layer, 16-dim model on 4x16 batches: a step takes a few milliseconds."""
+    base = dict(data=str(shakespeare_path()), cache_dir=str(cache), out_dir=str(out),
+                n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_steps=8,
+                lr=1e-2, warmup_steps=2, eval_interval=4, eval_batches=1, num_samples=0,
+                progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _cli(cfg):
+    """The same run as command-line flags."""
+    args = []
+    for k, v in vars(cfg).items():
+        flag = "--" + k.replace("_", "-")
+        if v is None or k in ("rank", "world_size") or v is False:
+            continue
+        if k == "progress":
+            args.append("--no-progress")
+        elif v is True:
+            args.append(flag)
+        else:
+            args += [flag, str(v)]
+    return args
+
+
+def _log(out):
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def _no_speed(records):
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
+
+def test_learns_and_writes_outputs(tmp_path, token_cache):
+    out = tmp_path / "run"
+    res = train(tiny(out, token_cache, max_steps=30, eval_interval=10, eval_batches=2, num_samples=2,
+                     sample_tokens=5))
+    assert res.status == "done" and res.step == 30
+    log = _log(out)
+    assert [r["step"] for r in log] == list(range(30))
+    assert set(log[0]) == {"step", "train_loss", "lr", "grad_norm", "tokens_per_s"}
+    assert [r["step"] for r in log if "val_loss" in r] == [9, 19, 29]
+    assert log[0]["train_loss"] == pytest.approx(np.log(50257), abs=0.1)  # uniform at init
+    assert log[-1]["val_loss"] < 8.8 and res.val_loss == log[-1]["val_loss"]  # it learns
+    lrs = [r["lr"] for r in log]  # linear warmup to lr, then cosine down towards lr/10
+    assert lrs[:2] == pytest.approx([5e-3, 1e-2]) and 1e-3 < lrs[-1] < 1.05e-3
+    assert all(a >= b - 1e-12 for a, b in zip(lrs[1:], lrs[2:]))
+    assert (out / "loss.png").stat().st_size > 1000
+    assert len(res.samples) == 2 and (out / "samples.txt").exists()
+    ckpt = load_checkpoint(out / "ckpt.safetensors")
+    assert ckpt.state["step"] == 30 and ckpt.t == 30
+    params = load_file(out / "ckpt.safetensors")  # a plain safetensors file of HF-named params
+    assert params["transformer.wte.weight"].shape == (50257, 16)
+
+
+def test_numpy_and_torch_agree_in_float64(tmp_path, token_cache):
+    pytest.importorskip("torch")
+    # two micro-steps per optimizer step: gradient accumulation on both sides
+    kw = dict(dtype="float64", max_steps=4, eval_interval=2, total_batch_size=2 * 4 * 16)
+    rn = train(tiny(tmp_path / "np", token_cache, backend="numpy", **kw))
+    rt = train(tiny(tmp_path / "torch", token_cache, backend="torch", **kw))
+    for a, b in zip(rn.records, rt.records, strict=True):
+        for key in ("train_loss", "grad_norm", "lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-10, abs=0), (a["step"], key)
+        assert ("val_loss" in a) == ("val_loss" in b)
+        if "val_loss" in a:
+            assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-10, abs=0)
+    assert rn.records[-1]["train_loss"] < rn.records[0]["train_loss"]
+    pn = load_checkpoint(tmp_path / "np" / "ckpt.safetensors")
+    pt = load_checkpoint(tmp_path / "torch" / "ckpt.safetensors")
+    assert pn.t == pt.t == 4
+    for k in pn.params:
+        np.testing.assert_allclose(pn.params[k], pt.params[k], rtol=0, atol=1e-10)
+        np.testing.assert_allclose(pn.v[k], pt.v[k], rtol=1e-8, atol=1e-20)
+
+
+@pytest.mark.parametrize("backend,kw", [
+    # gradient accumulation, and random batches: the data RNG must resume too
+    ("numpy", dict(total_batch_size=2 * 4 * 16, random_batches=True)),
+    ("torch", dict()),
+])
+def test_resume_is_bit_identical(tmp_path, token_cache, backend, kw):
+    if backend == "torch":
+        pytest.importorskip("torch")
+    whole = train(tiny(tmp_path / "whole", token_cache, backend=backend, **kw))
+    part = tiny(tmp_path / "part", token_cache, backend=backend, stop_after=3, **kw)
+    first = train(part)
+    assert first.status == "stopped" and first.step == 3  # between evals and saves
+    assert load_checkpoint(tmp_path / "part" / "ckpt.safetensors").state["step"] == 3
+    # resume with no settings at all: they come from the checkpoint
+    rest = train(TrainConfig(data=part.data, cache_dir=part.cache_dir, out_dir=part.out_dir,
+                             resume=True, num_samples=0, progress=False))
+    assert rest.status == "done" and rest.step == 8
+    assert _no_speed(_log(tmp_path / "part")) == _no_speed(_log(tmp_path / "whole"))
+    a = load_file(tmp_path / "whole" / "ckpt.safetensors")
+    b = load_file(tmp_path / "part" / "ckpt.safetensors")
+    assert set(a) == set(b)
+    for k in a:  # params and both AdamW moments, bit for bit
+        assert a[k].tobytes() == b[k].tobytes(), k
+
+
+def test_sigint_saves_and_stops_after_the_step(tmp_path, token_cache, monkeypatch):
+    real = T.ArrayEngine.clip_and_step
+    calls = []
+
+    def step_then_interrupt(self, *a):
+        calls.append(1)
+        norm = real(self, *a)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of step 3
+        return norm
+
+    monkeypatch.setattr(T.ArrayEngine, "clip_and_step", step_then_interrupt)
+    res = train(tiny(tmp_path, token_cache))
+    assert res.status == "stopped" and res.step == 3
+    assert load_checkpoint(tmp_path / "ckpt.safetensors").state["step"] == 3
+    assert [r["step"] for r in _log(tmp_path)] == [0, 1, 2]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_sigterm_on_the_command_line(tmp_path, token_cache):
+    cfg = tiny(tmp_path, token_cache, max_steps=100_000, eval_interval=100_000)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "examples" / "train_shakespeare.py"),
+                             *_cli(cfg)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "log.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "the run never logged 3 steps"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "SIGTERM" in output and "--resume" in output
+    steps = [r["step"] for r in _log(tmp_path)]
+    assert steps == list(range(len(steps)))
+    assert load_checkpoint(tmp_path / "ckpt.safetensors").state["step"] == len(steps)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, token_cache,
+                                                                   monkeypatch, capsys):
+    real = T.ArrayEngine.forward_backward
+    calls = []
+
+    def nan_at_step_6(self, x, y, scale):
+        calls.append(1)
+        loss = real(self, x, y, scale)
+        return float("nan") if len(calls) == 7 else loss
+
+    monkeypatch.setattr(T.ArrayEngine, "forward_backward", nan_at_step_6)
+    res = train(tiny(tmp_path, token_cache, save_interval=4))
+    assert res.status == "diverged" and res.step == 6
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "step 6" in err and "step 4" in err
+    assert load_checkpoint(tmp_path / "ckpt.safetensors").state["step"] == 4
+    assert [r["step"] for r in _log(tmp_path)] == [0, 1, 2, 3, 4, 5]
+    monkeypatch.setattr(T.ArrayEngine, "forward_backward", real)
+    # a resume from the good checkpoint drops the diverged run's later log lines
+    res = train(tiny(tmp_path, token_cache, resume=True))
+    assert res.status == "done" and [r["step"] for r in _log(tmp_path)] == list(range(8))
+    monkeypatch.setattr(T.ArrayEngine, "forward_backward", lambda self, x, y, s: float("inf"))
+    assert main(_cli(tiny(tmp_path / "cli", token_cache))) == 1  # the CLI exits non-zero
+    assert "no checkpoint was written yet" in capsys.readouterr().err
+
+
+@pytest.fixture
+def finished_run(tmp_path, token_cache):
+    train(tiny(tmp_path, token_cache, max_steps=3))
+    return tmp_path
+
+
+def test_truncated_checkpoint_is_a_clear_error(finished_run, token_cache, capsys):
+    path = finished_run / "ckpt.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        train(tiny(finished_run, token_cache, resume=True))
+    assert main(_cli(tiny(finished_run, token_cache, resume=True))) == 2
+    assert "corrupt" in capsys.readouterr().err
+
+
+def test_flipped_byte_in_checkpoint_is_caught(finished_run, token_cache):
+    path = finished_run / "ckpt.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-100] ^= 0x40  # inside the last tensor's data: the file still parses
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        train(tiny(finished_run, token_cache, resume=True))
+
+
+def test_checkpoint_of_another_model_is_refused(finished_run, token_cache):
+    with pytest.raises(TrainError, match="n_embd: checkpoint 16, now 32"):
+        train(tiny(finished_run, token_cache, resume=True, n_embd=32))
+    with pytest.raises(TrainError, match="--resume"):  # no silent overwrite either
+        train(tiny(finished_run, token_cache))
+    with pytest.raises(CheckpointError, match="not a gpt2np training checkpoint"):
+        from safetensors.numpy import save_file
+
+        save_file({"w": np.zeros(2)}, finished_run / "ckpt.safetensors")
+        train(tiny(finished_run, token_cache, resume=True))
+
+
+def test_resume_without_checkpoint(tmp_path, token_cache):
+    with pytest.raises(TrainError, match="no checkpoint"):
+        train(tiny(tmp_path, token_cache, resume=True))
+
+
+def test_missing_data_file_is_a_clear_error(tmp_path, capsys):
+    rc = main(["--data", str(tmp_path / "missing.txt"), "--out-dir", str(tmp_path / "o"),
+               "--cache-dir", str(tmp_path)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "missing.txt" in err and "--data" in err
+
+
+def test_cupy_backend_without_cupy_is_a_clear_error(tmp_path, token_cache):
+    try:
+        import cupy  # noqa: F401
+
+        cupy.cuda.runtime.getDeviceCount()
+        pytest.skip("CuPy works here")
+    except Exception:
+        pass
+    with pytest.raises(TrainError, match="cupy"):
+        train(tiny(tmp_path, token_cache, backend="cupy"))
+
+
+def test_every_issue_flag_parses():
+    args = T.build_parser().parse_args(
+        "--backend torch --data d --out-dir o --max-steps 7 --batch-size 2 --block-size 8 "
+        "--n-layer 3 --n-head 2 --n-embd 8 --dtype float64 --lr 0.5 --min-lr 0.1 "
+        "--warmup-steps 1 --weight-decay 0.2 --grad-clip 0.5 --total-batch-size 32 "
+        "--eval-interval 3 --eval-batches 2 --seed 4 --resume --stop-after 2 --init-from gpt2"
+        .split())
+    assert (args.backend, args.max_steps, args.total_batch_size, args.min_lr, args.init_from,
+            args.stop_after, args.resume, args.dtype) == ("torch", 7, 32, 0.1, "gpt2", 2, True,
+                                                          "float64")
+    run = T.resolve(TrainConfig(lr=3e-3), None)
+    assert run["min_lr"] == pytest.approx(3e-4) and run["weight_decay"] == 0.1
+    assert run["grad_clip"] == 1.0 and run["total_batch_size"] == run["batch_size"] * run["block_size"]
+    with pytest.raises(TrainError, match="multiple"):
+        T.resolve(TrainConfig(batch_size=4, block_size=16, total_batch_size=100), None)
+
+
+def test_init_from_pretrained(tmp_path, token_cache):
+    try:
+        from gpt2np import pretrained  # noqa: F401
+    except ModuleNotFoundError:
+        with pytest.raises(TrainError, match="gpt2np.pretrained"):
+            train(tiny(tmp_path, token_cache, init_from="gpt2"))
+        return
+    from gpt2np import GPT, GPTConfig
+
+    src = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16), seed=7)
+    src.save_pretrained(tmp_path / "pre")
+    res = train(tiny(tmp_path / "run", token_cache, init_from=str(tmp_path / "pre"), max_steps=1,
+                     n_layer=None, n_head=None, n_embd=None))
+    x, y = T.BatchLoader(T.split(T.load_tokens(shakespeare_path(), cache=token_cache))[0], 4, 16).next_batch()
+    _, loss = src.forward(x, y)
+    assert res.records[0]["train_loss"] == pytest.approx(float(loss), rel=1e-6)  # started from it
