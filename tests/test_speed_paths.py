@@ -1,0 +1,220 @@
+"""The speed paths stay correct: buffers reused across training steps, in-place work that
+never touches the caller's arrays, float32 kept float32, blocked cross-entropy. No timings
+here (benchmarks are examples/bench.py)."""
+import numpy as np
+import pytest
+
+from gpt2np import GPT, AdamW, GPTConfig
+from gpt2np import layers as L
+
+CFG = GPTConfig(block_size=16, vocab_size=97, n_layer=2, n_head=2, n_embd=8)
+
+
+def _batch(rng, B, T, V=CFG.vocab_size):
+    return rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T))
+
+
+def _fresh_grads(model, idx, targets):
+    """Gradients from a new model holding a copy of `model`'s params (no reused buffers)."""
+    other = GPT(model.config, dtype=model.dtype, params=model.state_dict())
+    _, loss = other.forward(idx, targets)
+    return float(loss), {k: v.copy() for k, v in other.backward().items()}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_reused_buffers_give_the_same_grads_as_a_fresh_model(dtype):
+    rng = np.random.default_rng(0)
+    model = GPT(CFG, dtype=dtype, seed=1)
+    opt = AdamW(model.params, lr=1e-2)
+    # steps of changing shapes: the buffers are remade when (B, T) changes, reused otherwise
+    for B, T in [(2, 5), (2, 5), (3, 16), (1, 1), (3, 16)]:
+        idx, targets = _batch(rng, B, T)
+        ref_loss, ref = _fresh_grads(model, idx, targets)
+        logits, loss = model.forward(idx, targets)
+        logits_before = logits.copy()
+        grads = model.backward()
+        assert float(loss) == ref_loss
+        for k in ref:
+            np.testing.assert_array_equal(grads[k], ref[k], err_msg=k)
+        np.testing.assert_array_equal(logits, logits_before)  # backward leaves logits alone
+        opt.step(grads)
+
+
+def test_inference_keeps_nothing_and_returns_its_own_logits():
+    rng = np.random.default_rng(1)
+    model = GPT(CFG, seed=2)
+    idx, targets = _batch(rng, 2, 6)
+    logits_inf, loss = model.forward(idx)
+    assert loss is None and model._cache is None
+    kept = logits_inf.copy()
+    model.forward(idx[:, ::-1].copy(), targets)  # a training step must not write into it
+    model.backward()
+    np.testing.assert_array_equal(logits_inf, kept)
+    with pytest.raises(RuntimeError):
+        model.forward(idx)
+        model.backward()
+
+
+def test_training_logits_match_inference_logits():
+    rng = np.random.default_rng(2)
+    model = GPT(CFG, seed=3)
+    idx, targets = _batch(rng, 2, 7)
+    a, _ = model.forward(idx)
+    b, _ = model.forward(idx, targets)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_float32_stays_float32_everywhere():
+    """A float64 scalar anywhere (np.sqrt(2/np.pi), np.float64(1e-5)) would promote."""
+    rng = np.random.default_rng(3)
+    model = GPT(CFG, seed=4)
+    idx, targets = _batch(rng, 2, 9)
+    logits, loss = model.forward(idx, targets)
+    assert logits.dtype == np.float32 and loss.dtype == np.float32
+
+    def arrays(obj):
+        if isinstance(obj, np.ndarray):
+            yield obj
+        elif isinstance(obj, (tuple, list)):
+            for o in obj:
+                yield from arrays(o)
+        elif isinstance(obj, dict):
+            for o in obj.values():
+                yield from arrays(o)
+
+    floats = [a for a in arrays(model._cache) if a.dtype.kind == "f"]
+    assert floats and all(a.dtype == np.float32 for a in floats)
+    grads = model.backward()
+    assert all(g.dtype == np.float32 for g in grads.values())
+    opt = AdamW(model.params)
+    opt.step(grads)
+    assert all(p.dtype == np.float32 for p in model.params.values())
+    assert all(m.dtype == np.float32 for m in opt.m.values())
+
+
+def _copy(obj):
+    return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in obj.items()}
+
+
+def test_layers_do_not_modify_their_inputs():
+    """In-place work happens on arrays a layer made itself, never on what it was handed."""
+    rng = np.random.default_rng(4)
+    B, T, C, NH = 2, 5, 6, 2
+    x = rng.standard_normal((B, T, C))
+    p = {"ln_1.weight": rng.standard_normal(C), "ln_1.bias": rng.standard_normal(C),
+         "ln_2.weight": rng.standard_normal(C), "ln_2.bias": rng.standard_normal(C),
+         "attn.c_attn.weight": rng.standard_normal((C, 3 * C)) * 0.3,
+         "attn.c_attn.bias": rng.standard_normal(3 * C),
+         "attn.c_proj.weight": rng.standard_normal((C, C)) * 0.3, "attn.c_proj.bias": rng.standard_normal(C),
+         "mlp.c_fc.weight": rng.standard_normal((C, 4 * C)) * 0.3, "mlp.c_fc.bias": rng.standard_normal(4 * C),
+         "mlp.c_proj.weight": rng.standard_normal((4 * C, C)) * 0.3, "mlp.c_proj.bias": rng.standard_normal(C)}
+    ins = {"x": x.copy(), **_copy(p)}
+    out, cache = L.block_forward(x, p, NH)
+    dout = rng.standard_normal(out.shape)
+    d0 = dout.copy()
+    dx1, g1 = L.block_backward(dout, cache)
+    np.testing.assert_array_equal(x, ins["x"])
+    np.testing.assert_array_equal(dout, d0)
+    for k in p:
+        np.testing.assert_array_equal(p[k], ins[k])
+    # the cache is intact after a backward: a second backward gives the same answer
+    dx2, g2 = L.block_backward(dout, cache)
+    np.testing.assert_array_equal(dx1, dx2)
+    for k in g1:
+        np.testing.assert_array_equal(g1[k], g2[k])
+    # elementwise layers alone
+    h = rng.standard_normal((B, T, 4 * C))
+    h0 = h.copy()
+    out, cache = L.gelu_forward(h)
+    dh = rng.standard_normal(h.shape)
+    dh0 = dh.copy()
+    L.gelu_backward(dh, cache)
+    np.testing.assert_array_equal(h, h0)
+    np.testing.assert_array_equal(dh, dh0)
+    qkv = rng.standard_normal((B, T, 3 * C))
+    qkv0 = qkv.copy()
+    y, cache = L.attention_forward(qkv, NH)
+    dy = rng.standard_normal(y.shape)
+    dy0 = dy.copy()
+    L.attention_backward(dy, cache)
+    np.testing.assert_array_equal(qkv, qkv0)
+    np.testing.assert_array_equal(dy, dy0)
+
+
+@pytest.mark.parametrize("block_bytes", [8, 64, 1 << 20])
+@pytest.mark.parametrize("with_ignored", [False, True])
+def test_blocked_cross_entropy_matches_a_direct_float64_one(monkeypatch, block_bytes, with_ignored):
+    """Row blocks of any size (one row, a few rows with a ragged last block, all rows)."""
+    monkeypatch.setattr(L, "_CE_BLOCK_BYTES", block_bytes)
+    rng = np.random.default_rng(5)
+    B, T, V = 3, 7, 11
+    logits = rng.standard_normal((B, T, V)) * 5
+    targets = rng.integers(0, V, (B, T))
+    if with_ignored:
+        targets[0, :3] = -1
+    out = np.full((B, T, V), np.nan)  # a reused buffer holds garbage: all of it is written
+    loss, cache = L.cross_entropy_forward(logits, targets, out=out)
+    dlogits = L.cross_entropy_backward(2.0, cache)
+    assert dlogits.base is out or dlogits is out or np.shares_memory(dlogits, out)
+    lg = logits.reshape(-1, V)
+    t = targets.reshape(-1)
+    valid = t != -1
+    lse = np.log(np.exp(lg - lg.max(1, keepdims=True)).sum(1)) + lg.max(1)
+    ref_loss = (lse - lg[np.arange(len(t)), np.where(valid, t, 0)])[valid].mean()
+    sm = np.exp(lg - lse[:, None])
+    sm[np.arange(len(t))[valid], t[valid]] -= 1
+    ref_d = 2.0 * sm * valid[:, None] / valid.sum()
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-13)
+    np.testing.assert_allclose(dlogits.reshape(-1, V), ref_d, rtol=1e-12, atol=1e-15)
+
+
+def test_cross_entropy_all_ignored_is_nan_with_zero_grad():
+    logits = np.random.default_rng(6).standard_normal((1, 3, 5))
+    loss, cache = L.cross_entropy_forward(logits, np.full((1, 3), -1))
+    assert np.isnan(loss)
+    assert np.all(L.cross_entropy_backward(1.0, cache) == 0)
+
+
+def test_embedding_backward_accumulates_into_a_given_dwte():
+    rng = np.random.default_rng(7)
+    idx = np.array([[1, 2, 1], [0, 1, 3]])
+    wte, wpe = rng.standard_normal((5, 4)), rng.standard_normal((6, 4))
+    _, cache = L.embedding_forward(idx, wte, wpe)
+    dx = rng.standard_normal((2, 3, 4))
+    base = rng.standard_normal((5, 4))
+    acc = base.copy()
+    dwte, _ = L.embedding_backward(dx, cache, dwte=acc)
+    alone, _ = L.embedding_backward(dx, cache)
+    assert dwte is acc
+    np.testing.assert_allclose(dwte, base + alone, rtol=1e-14)
+
+
+def test_lm_head_writes_into_given_buffers():
+    rng = np.random.default_rng(8)
+    x, wte = rng.standard_normal((2, 3, 4)), rng.standard_normal((9, 4))
+    buf = np.empty((2, 3, 9))
+    logits, cache = L.lm_head_forward(x, wte, out=buf)
+    assert np.shares_memory(logits, buf)
+    np.testing.assert_allclose(logits, x @ wte.T, rtol=1e-14)
+    dl = rng.standard_normal((2, 3, 9))
+    dbuf = np.empty((9, 4))
+    dx, dwte = L.lm_head_backward(dl, cache, dwte=dbuf)
+    assert dwte is dbuf
+    np.testing.assert_allclose(dwte, dl.reshape(-1, 9).T @ x.reshape(-1, 4), rtol=1e-13)
+    np.testing.assert_allclose(dx, dl @ wte, rtol=1e-13)
+
+
+def test_adamw_scratch_is_shared_but_params_are_independent():
+    """One flat scratch array serves every param: no param may see another's numbers."""
+    rng = np.random.default_rng(9)
+    params = {"big": rng.standard_normal((6, 5)), "small": rng.standard_normal(3)}
+    twins = {k: {k: v.copy()} for k, v in params.items()}  # each param alone in an optimizer
+    opt = AdamW(params, lr=1e-2)
+    solo = {k: AdamW(twins[k], lr=1e-2) for k in params}
+    for _ in range(3):
+        grads = {k: rng.standard_normal(v.shape) for k, v in params.items()}
+        opt.step(grads)
+        for k in params:
+            solo[k].step({k: grads[k]})
+    for k in params:
+        np.testing.assert_array_equal(params[k], twins[k][k])
