@@ -2,7 +2,8 @@
 token, and transformers' generate, on the CPU, same weights, prompt and length, one run.
 
     python examples/bench_generate.py                      # GPT-2 small shape, 256 new tokens
-    python examples/bench_generate.py --n-layer 4 --n-embd 256 --n-head 4 --new-tokens 64
+    python examples/bench_generate.py --skip-recompute        # the recompute baseline is slow
+    python examples/bench_generate.py --n-layer 4 --n-head 4 --n-embd 256   # a smaller GPT-2
 
 The model is a random GPT-2 built by transformers (GPT-2 small's shape by default), saved to
 a temporary folder and loaded into gpt2np with from_pretrained, so both sides hold the very
@@ -83,16 +84,19 @@ def main(argv=None):
     generate(model, idx, 4, temperature=0)
     hf_generate(4)
 
-    rows = []
-    kv, t_kv = timed(lambda: generate(model, idx, n, temperature=0))
-    rows.append(("gpt2np, KV cache", t_kv, kv))
+    methods = [("gpt2np, KV cache", lambda: generate(model, idx, n, temperature=0))]
     if not args.skip_recompute:
-        full, t_full = timed(lambda: generate(model, idx, n, temperature=0, use_cache=False))
-        rows.append(("gpt2np, full recompute", t_full, full))
-    ref, t_hf = timed(lambda: hf_generate(n))
-    rows.append(("transformers generate (CPU)", t_hf, ref))
+        methods.append(("gpt2np, full recompute",
+                        lambda: generate(model, idx, n, temperature=0, use_cache=False)))
+    methods.append(("transformers generate (CPU)", lambda: hf_generate(n)))
+    rows = []
+    for name, fn in methods:
+        out, t = timed(fn)
+        rows.append((name, t, out))
+        print(f"  {name}: {B * n} tokens in {t:.1f} s", file=sys.stderr, flush=True)
+    t_kv, ref = rows[0][1], rows[-1][2]
 
-    print()
+    print(f"\nload average after the run {os.getloadavg()[0]:.1f}")
     print(f"| {'method':<28} | {'tokens/s':>9} | {'KV cache is x faster':>20} | same tokens as HF |")
     print(f"|{'-' * 30}|{'-' * 11}:|{'-' * 21}:|{'-' * 19}|")
     for name, t, out in rows:

@@ -118,7 +118,8 @@ def sample_next(logits, temperature: float, top_k: int | None, rng: np.random.Ge
     logits = np.asarray(logits, dtype=np.float64)
     if temperature == 0:
         return logits.argmax(axis=-1)  # first maximum on ties, as torch.argmax
-    logits = logits / temperature
+    # shift by the max before dividing: a tiny temperature then gives 0 and -inf, never inf - inf
+    logits = (logits - logits.max(axis=-1, keepdims=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         # keep the k largest (and any tied with the k-th), as nanoGPT: the rest get -inf
         kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]
@@ -142,7 +143,8 @@ def _check_args(model, idx, max_new_tokens, temperature, top_k):
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
             or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
                               or top_k < 1):
