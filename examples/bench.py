@@ -41,6 +41,8 @@ CPU_CONFIGS = {
     "c": (dict(n_layer=12, n_head=12, n_embd=768), 1024, 1),  # GPT-2 124M
 }
 
+THREADS = None  # --threads, for the torch runners made later
+
 # dense peak TFLOP/s by (device substring, precision), for MFU when --peak-tflops is not given
 GPU_PEAKS = {("H100", "bf16"): 989.0, ("H100", "tf32"): 494.0, ("H100", "fp32"): 67.0,
              ("H200", "bf16"): 989.0, ("H200", "tf32"): 494.0, ("H200", "fp32"): 67.0,
@@ -102,6 +104,8 @@ class TorchRunner:
 
         self.torch = torch
         self.device = device
+        if THREADS:
+            torch.set_num_threads(THREADS)
         if precision == "tf32":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -199,6 +203,8 @@ def child_memory(kind, cfg, args):
            "--memory-steps", str(args.memory_steps), "--seed", str(args.seed)]
     if args.torch_explicit_attn:
         cmd.append("--torch-explicit-attn")
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         print(out.stderr[-2000:], file=sys.stderr)
@@ -247,6 +253,16 @@ def gpu_peak_tflops(precision):
         if dev in name and prec == precision:
             return peak
     return None
+
+
+def set_threads(n):
+    """The same thread count for numpy's BLAS and for torch (intra-op)."""
+    from threadpoolctl import threadpool_limits
+
+    global _THREAD_LIMIT
+    _THREAD_LIMIT = threadpool_limits(limits=n, user_api="blas")  # held for the whole run
+    if "torch" in sys.modules:  # imported only where torch runs
+        sys.modules["torch"].set_num_threads(n)
 
 
 def fmt_bytes(n):
@@ -310,6 +326,8 @@ def main(argv=None):
                     help="torch.compile the torch model (default on a GPU, off on the CPU)")
     ap.add_argument("--torch-explicit-attn", action="store_true",
                     help="torch with the explicit masked softmax instead of SDPA")
+    ap.add_argument("--threads", type=int, help="CPU threads for both sides: torch.set_num_threads "
+                    "and the BLAS under numpy (threadpoolctl); default: the libraries' own")
     ap.add_argument("--no-memory", action="store_true", help="skip the CPU memory children")
     ap.add_argument("--memory-steps", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -320,6 +338,10 @@ def main(argv=None):
     def config_of(sizes):
         return GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size, **sizes)
 
+    if args.threads:
+        global THREADS
+        THREADS = args.threads
+        set_threads(args.threads)
     if args.memory_probe:  # child mode
         cfg = config_of(dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd))
         print(json.dumps(memory_probe(args.memory_probe, cfg, args)))
@@ -357,8 +379,11 @@ def main(argv=None):
     if "torch" in kinds:
         import torch
 
+        if args.threads:
+            torch.set_num_threads(args.threads)
         print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"# peak for MFU: {peak:.3f} TFLOP/s" if peak else "# peak for MFU: unknown")
+    print(f"# load average before: {os.getloadavg()[0]:.1f} (other jobs share these cores)")
     print(f"# {args.steps} timed steps per backend after {args.warmup} warmup, taken in turns; medians")
     all_rows = []
     for name, cfg, T, B in jobs:

@@ -21,6 +21,7 @@ of passes over memory that costs. Hence:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -121,6 +122,18 @@ def linear_backward(dout, cache):
 # --------------------------------------------------------------------------------------
 # causal self-attention core: from the fused qkv projection to the merged heads
 
+# Per-head GEMMs up to this size (T*T*hs multiply-adds) run on one BLAS thread when the
+# backend offers it: a stack of B*NH small GEMMs is B*NH BLAS calls, and threading each one
+# costs more than it saves (GPT-2 124M's T=1024, hs=64 stays threaded).
+_SERIAL_HEAD_GEMM = 1 << 24
+
+
+def _head_gemms(qkv, T, hs):
+    be = backend_of(qkv)
+    if T * T * hs <= _SERIAL_HEAD_GEMM and hasattr(be, "serial_blas"):
+        return be.serial_blas()
+    return contextlib.nullcontext()
+
 
 def attention_forward(qkv, n_head):
     # qkv (B,T,3C) -> y (B,T,C)
@@ -133,14 +146,15 @@ def attention_forward(qkv, n_head):
     q, k, v = qkv.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)
     scale = 1.0 / math.sqrt(hs)
     qs = q * scale  # scale the (T,hs) queries rather than the (T,T) scores: T/hs times less work
-    att = qs @ k.transpose(0, 1, 3, 2)  # (B,NH,T,T), a stack of B*NH GEMMs
-    # causal mask: position t attends to 0..t only; adding -inf is one pass, no fancy index
-    att += xp.triu(xp.full((T, T), -xp.inf, dtype=att.dtype), k=1)
-    # softmax in place; stable: the row max is subtracted, and the diagonal is never masked
-    att -= att.max(axis=-1, keepdims=True)
-    xp.exp(att, out=att)
-    att *= 1.0 / att.sum(axis=-1, keepdims=True)  # (B,NH,T,1) reciprocals, then one multiply
-    y = att @ v  # (B,NH,T,hs)
+    with _head_gemms(qkv, T, hs):
+        att = qs @ k.transpose(0, 1, 3, 2)  # (B,NH,T,T), a stack of B*NH GEMMs
+        # causal mask: position t attends to 0..t only; adding -inf is one pass, no fancy index
+        att += xp.triu(xp.full((T, T), -xp.inf, dtype=att.dtype), k=1)
+        # softmax in place; stable: the row max is subtracted, and the diagonal is never masked
+        att -= att.max(axis=-1, keepdims=True)
+        xp.exp(att, out=att)
+        att *= 1.0 / att.sum(axis=-1, keepdims=True)  # (B,NH,T,1) reciprocals, one multiply
+        y = att @ v  # (B,NH,T,hs)
     y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # merge heads (a (B,T,C) copy)
     return y, (qs, k, v, att, y, scale)
 
@@ -155,18 +169,19 @@ def attention_backward(dy, cache):
     # dq, dk, dv are written straight into their slots of dqkv (strided views, as in forward)
     dqkv = xp.empty((B, T, 3 * C), dtype=dy.dtype)
     dq, dk, dv = dqkv.reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4)
-    xp.matmul(att.transpose(0, 1, 3, 2), dy, out=dv)  # (B,NH,T,hs)
-    datt = dy @ v.transpose(0, 1, 3, 2)  # (B,NH,T,T)
-    # softmax backward without the Jacobian: dpre = att * (datt - sum_j att * datt).
-    # sum_j att[i,j] * datt[i,j] = sum_j att[i,j] (dy[i] . v[j]) = dy[i] . y[i]:
-    # a (T,hs) product instead of a (T,T) one (as FlashAttention's D = rowsum(dO * O)).
-    yh = y.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)  # (B,NH,T,hs)
-    datt -= (dy * yh).sum(axis=-1, keepdims=True)
-    datt *= att  # masked entries have att == 0, so their gradient is 0 as it must be
-    # scores = qs @ k^T with qs = q * scale: the scale lands on dq, a (T,hs) array
-    xp.matmul(datt, k, out=dq)
-    dq *= scale
-    xp.matmul(datt.transpose(0, 1, 3, 2), qs, out=dk)
+    with _head_gemms(dqkv, T, hs):
+        xp.matmul(att.transpose(0, 1, 3, 2), dy, out=dv)  # (B,NH,T,hs)
+        datt = dy @ v.transpose(0, 1, 3, 2)  # (B,NH,T,T)
+        # softmax backward without the Jacobian: dpre = att * (datt - sum_j att * datt).
+        # sum_j att[i,j] * datt[i,j] = sum_j att[i,j] (dy[i] . v[j]) = dy[i] . y[i]:
+        # a (T,hs) product instead of a (T,T) one (as FlashAttention's D = rowsum(dO * O)).
+        yh = y.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)  # (B,NH,T,hs)
+        datt -= (dy * yh).sum(axis=-1, keepdims=True)
+        datt *= att  # masked entries have att == 0, so their gradient is 0 as it must be
+        # scores = qs @ k^T with qs = q * scale: the scale lands on dq, a (T,hs) array
+        xp.matmul(datt, k, out=dq)
+        dq *= scale
+        xp.matmul(datt.transpose(0, 1, 3, 2), qs, out=dk)
     return dqkv
 
 

@@ -218,3 +218,27 @@ def test_adamw_scratch_is_shared_but_params_are_independent():
             solo[k].step({k: grads[k]})
     for k in params:
         np.testing.assert_array_equal(params[k], twins[k][k])
+
+
+def test_adamw_blocks_and_non_contiguous_params(monkeypatch):
+    """The CPU update walks flat blocks (ragged last block here); a non-contiguous param,
+    where a flat view would be a copy, is updated whole and still in place."""
+    from gpt2np import optim
+
+    monkeypatch.setattr(optim, "_ADAM_BLOCK", 7)
+    rng = np.random.default_rng(10)
+    base = rng.standard_normal((6, 8))
+    params = {"w": rng.standard_normal((5, 9)), "t": base.T, "b": rng.standard_normal(4)}
+    assert not params["t"].flags.c_contiguous
+    ref = {k: v.copy() for k, v in params.items()}
+    opt, ref_opt = AdamW(params, lr=1e-2), AdamW(ref, lr=1e-2)
+    monkeypatch.setattr(optim, "_ADAM_BLOCK", 1 << 30)  # the reference: one block each
+    for _ in range(3):
+        grads = {k: rng.standard_normal(v.shape) for k, v in params.items()}
+        monkeypatch.setattr(optim, "_ADAM_BLOCK", 7)
+        opt.step(grads)
+        monkeypatch.setattr(optim, "_ADAM_BLOCK", 1 << 30)
+        ref_opt.step(grads)
+    for k in params:
+        np.testing.assert_array_equal(params[k], ref[k])
+    assert params["t"].base is base  # still the caller's array
