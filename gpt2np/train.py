@@ -44,7 +44,7 @@ BETAS, EPS = (0.9, 0.95), 1e-8
 DEFAULTS = dict(
     backend="numpy", dtype="float32",
     n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=16, total_batch_size=None,
-    max_steps=600, lr=1e-3, min_lr=None, warmup_steps=30, weight_decay=0.1, grad_clip=1.0,
+    max_steps=600, lr=2e-3, min_lr=None, warmup_steps=30, weight_decay=0.1, grad_clip=1.0,
     eval_interval=100, eval_batches=None, random_batches=False, seed=0, init_from=None,
 )
 # Changing these on resume would change what the checkpointed state means: refuse.
@@ -439,6 +439,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             if master:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
+                if "val_loss" in rec:
+                    _plot(records, out / "loss.png")  # watchable while it trains
             pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
                              tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
             pbar.update(1)
