@@ -122,17 +122,32 @@ def linear_backward(dout, cache):
 # --------------------------------------------------------------------------------------
 # causal self-attention core: from the fused qkv projection to the merged heads
 
-# Per-head GEMMs up to this size (T*T*hs multiply-adds) run on one BLAS thread when the
-# backend offers it: a stack of B*NH small GEMMs is B*NH BLAS calls, and threading each one
-# costs more than it saves (GPT-2 124M's T=1024, hs=64 stays threaded).
+# Queries per block. A block of queries needs only the keys up to its last position, so
+# blocks skip the masked upper triangle (at T=1024 they compute 62% of the full T x T), and
+# their (B,NH,256,<=T) scores are small temporaries instead of a (B,NH,T,T) cache.
+_ATT_BLOCK = 256
+# Per-head GEMMs up to this size (rows*cols*hs multiply-adds) run on one BLAS thread when the
+# backend offers it: a stack of B*NH small GEMMs is B*NH BLAS calls, and waking and joining
+# threads for each costs more than it saves (measured on 2 shared cores: 30-1000x).
 _SERIAL_HEAD_GEMM = 1 << 24
 
 
-def _head_gemms(qkv, T, hs):
-    be = backend_of(qkv)
-    if T * T * hs <= _SERIAL_HEAD_GEMM and hasattr(be, "serial_blas"):
+def _head_gemms(x, rows, cols, hs):
+    be = backend_of(x)
+    if rows * cols * hs <= _SERIAL_HEAD_GEMM and hasattr(be, "serial_blas"):
         return be.serial_blas()
     return contextlib.nullcontext()
+
+
+def _causal_scores(qs, k, r0, r1):
+    # scores of queries r0..r1-1 against keys 0..r1-1: (B,NH,r1-r0,r1), the future masked.
+    # Only the last (r1-r0) columns, the diagonal block, hold future keys: adding -inf there
+    # is one small pass, no fancy index.
+    xp = get_xp(qs)
+    att = qs[:, :, r0:r1] @ k[:, :, :r1].transpose(0, 1, 3, 2)
+    n = r1 - r0
+    att[..., r0:] += xp.triu(xp.full((n, n), -xp.inf, dtype=att.dtype), k=1)
+    return att
 
 
 def attention_forward(qkv, n_head):
@@ -146,22 +161,29 @@ def attention_forward(qkv, n_head):
     q, k, v = qkv.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)
     scale = 1.0 / math.sqrt(hs)
     qs = q * scale  # scale the (T,hs) queries rather than the (T,T) scores: T/hs times less work
-    with _head_gemms(qkv, T, hs):
-        att = qs @ k.transpose(0, 1, 3, 2)  # (B,NH,T,T), a stack of B*NH GEMMs
-        # causal mask: position t attends to 0..t only; adding -inf is one pass, no fancy index
-        att += xp.triu(xp.full((T, T), -xp.inf, dtype=att.dtype), k=1)
-        # softmax in place; stable: the row max is subtracted, and the diagonal is never masked
-        att -= att.max(axis=-1, keepdims=True)
-        xp.exp(att, out=att)
-        att *= 1.0 / att.sum(axis=-1, keepdims=True)  # (B,NH,T,1) reciprocals, one multiply
-        y = att @ v  # (B,NH,T,hs)
-    y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # merge heads (a (B,T,C) copy)
-    return y, (qs, k, v, att, y, scale)
+    y = xp.empty((B, n_head, T, hs), dtype=qkv.dtype)
+    lse = xp.empty((B, n_head, T, 1), dtype=qkv.dtype)  # log-sum-exp of each score row
+    with _head_gemms(qkv, min(T, _ATT_BLOCK), T, hs):
+        for r0 in range(0, T, _ATT_BLOCK):  # blocks of queries (not heads: those are batched)
+            r1 = min(T, r0 + _ATT_BLOCK)
+            att = _causal_scores(qs, k, r0, r1)  # (B,NH,n,r1)
+            # softmax in place; stable: the row max is subtracted (the diagonal is never masked)
+            m = att.max(axis=-1, keepdims=True)
+            att -= m
+            xp.exp(att, out=att)
+            s = att.sum(axis=-1, keepdims=True)
+            att *= 1.0 / s  # (B,NH,n,1) reciprocals, then one multiply
+            lse[:, :, r0:r1] = xp.log(s) + m
+            xp.matmul(att, v[:, :, :r1], out=y[:, :, r0:r1])  # (B,NH,n,hs)
+    # The softmax is not kept: the backward recomputes it from qs, k and lse (one more GEMM
+    # per block) instead of holding B*NH*T*T floats per layer (600 MB for GPT-2 at T=1024).
+    out = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # merge heads (a (B,T,C) copy)
+    return out, (qs, k, v, y, lse, scale)
 
 
 def attention_backward(dy, cache):
     # dy (B,T,C) -> dqkv (B,T,3C)
-    qs, k, v, att, y, scale = cache
+    qs, k, v, y, lse, scale = cache
     xp = get_xp(dy)
     B, NH, T, hs = qs.shape
     C = NH * hs
@@ -169,19 +191,27 @@ def attention_backward(dy, cache):
     # dq, dk, dv are written straight into their slots of dqkv (strided views, as in forward)
     dqkv = xp.empty((B, T, 3 * C), dtype=dy.dtype)
     dq, dk, dv = dqkv.reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4)
-    with _head_gemms(dqkv, T, hs):
-        xp.matmul(att.transpose(0, 1, 3, 2), dy, out=dv)  # (B,NH,T,hs)
-        datt = dy @ v.transpose(0, 1, 3, 2)  # (B,NH,T,T)
-        # softmax backward without the Jacobian: dpre = att * (datt - sum_j att * datt).
-        # sum_j att[i,j] * datt[i,j] = sum_j att[i,j] (dy[i] . v[j]) = dy[i] . y[i]:
-        # a (T,hs) product instead of a (T,T) one (as FlashAttention's D = rowsum(dO * O)).
-        yh = y.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)  # (B,NH,T,hs)
-        datt -= (dy * yh).sum(axis=-1, keepdims=True)
-        datt *= att  # masked entries have att == 0, so their gradient is 0 as it must be
-        # scores = qs @ k^T with qs = q * scale: the scale lands on dq, a (T,hs) array
-        xp.matmul(datt, k, out=dq)
-        dq *= scale
-        xp.matmul(datt.transpose(0, 1, 3, 2), qs, out=dk)
+    dk[...] = 0  # keys and values gather contributions from every later query block
+    dv[...] = 0
+    # softmax backward without the Jacobian: dS = P * (dP - sum_j P * dP). The row sums
+    # sum_j P[i,j] dP[i,j] = sum_j P[i,j] (dy[i] . v[j]) = dy[i] . y[i]: a (T,hs) product
+    # instead of a (T,T) one (FlashAttention's D = rowsum(dO * O)).
+    D = (dy * y).sum(axis=-1, keepdims=True)  # (B,NH,T,1)
+    with _head_gemms(dqkv, min(T, _ATT_BLOCK), T, hs):
+        for r0 in range(0, T, _ATT_BLOCK):
+            r1 = min(T, r0 + _ATT_BLOCK)
+            dyb = dy[:, :, r0:r1]  # (B,NH,n,hs)
+            att = _causal_scores(qs, k, r0, r1)  # recompute the softmax: P = exp(S - lse)
+            att -= lse[:, :, r0:r1]
+            xp.exp(att, out=att)  # masked entries: exp(-inf) = 0, so their gradient is 0
+            dv[:, :, :r1] += att.transpose(0, 1, 3, 2) @ dyb
+            datt = dyb @ v[:, :, :r1].transpose(0, 1, 3, 2)  # dP (B,NH,n,r1)
+            datt -= D[:, :, r0:r1]
+            datt *= att  # dS
+            # scores = qs @ k^T with qs = q * scale: the scale lands on dq, a (T,hs) array
+            xp.matmul(datt, k[:, :, :r1], out=dq[:, :, r0:r1])
+            dk[:, :, :r1] += datt.transpose(0, 1, 3, 2) @ qs[:, :, r0:r1]
+    dq *= scale
     return dqkv
 
 

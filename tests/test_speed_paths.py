@@ -242,3 +242,27 @@ def test_adamw_blocks_and_non_contiguous_params(monkeypatch):
     for k in params:
         np.testing.assert_array_equal(params[k], ref[k])
     assert params["t"].base is base  # still the caller's array
+
+
+@pytest.mark.parametrize("block", [1, 3, 4, 64])
+def test_attention_in_query_blocks_matches_torch(monkeypatch, block):
+    """Query blocks of any size (ragged last one included) give torch's attention and its
+    gradient, with the softmax recomputed in the backward."""
+    import torch
+
+    from backends.torch_backend import ref_attention
+
+    monkeypatch.setattr(L, "_ATT_BLOCK", block)
+    rng = np.random.default_rng(11)
+    B, T, NH, hs = 2, 10, 3, 4
+    qkv = rng.standard_normal((B, T, 3 * NH * hs)) * 2
+    y, cache = L.attention_forward(qkv, NH)
+    dy = rng.standard_normal(y.shape)
+    dqkv = L.attention_backward(dy, cache)
+    tq = torch.from_numpy(qkv).requires_grad_(True)
+    ty = ref_attention(tq, NH)
+    (ty * torch.from_numpy(dy)).sum().backward()
+    from gradcheck import assert_close
+
+    assert_close(y, ty.detach().numpy(), 1e-12, "y")
+    assert_close(dqkv, tq.grad.numpy(), 1e-12, "dqkv")
