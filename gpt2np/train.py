@@ -363,6 +363,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # model and optimizer: checkpoint, else pretrained (--init-from), else GPT-2's init
     model_cfg, params, pretrained_model = _initial_model(run, ckpt)
+    if pretrained_model is not None:  # record the shape the weights brought, not the flags'
+        run.update(n_layer=model_cfg.n_layer, n_head=model_cfg.n_head, n_embd=model_cfg.n_embd)
     if T > model_cfg.block_size:
         raise TrainError(f"--block-size {T} exceeds the model's block size {model_cfg.block_size}")
     engine = _make_engine(run, model_cfg, params, pretrained_model)
