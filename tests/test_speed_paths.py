@@ -266,3 +266,16 @@ def test_attention_in_query_blocks_matches_torch(monkeypatch, block):
 
     assert_close(y, ty.detach().numpy(), 1e-12, "y")
     assert_close(dqkv, tq.grad.numpy(), 1e-12, "dqkv")
+
+
+def test_serial_blas_limits_and_restores_the_blas_threads():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from backends.numpy_backend import NumpyBackend
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas_threads()
+    with NumpyBackend.serial_blas():
+        assert all(n == 1 for n in blas_threads())
+    assert blas_threads() == before
