@@ -97,13 +97,35 @@ def layernorm_backward(dout, cache):
 
 
 # --------------------------------------------------------------------------------------
+# small GEMMs on one BLAS thread
+
+# A BLAS call of up to this many multiply-adds (a few ms on one core) runs on one thread
+# where the backend offers it (numpy: threadpoolctl). Waking and joining OpenBLAS's threads
+# costs more than such a GEMM saves, and on busy cores far more: measured on the shared
+# 2-core box, (128,1024) @ (1024,512) took 64 ms on two threads and 10 ms on one, and a
+# stack of 32 per-head (128,32) @ (32,128) GEMMs 30-1000 ms against 0.8 ms. Bigger GEMMs
+# (GPT-2's c_fc, every lm_head) keep all threads.
+_SERIAL_GEMM = 1 << 26
+
+
+def _small_gemms(x, m, n, k):
+    # the context for BLAS calls of (m,k) @ (k,n); a no-op for big ones or on the GPU
+    be = backend_of(x)
+    if m * n * k <= _SERIAL_GEMM and hasattr(be, "serial_blas"):
+        return be.serial_blas()
+    return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------
 # linear in GPT-2's Conv1D layout: weight is (in, out), so out = x @ weight + bias
 
 
 def linear_forward(x, weight, bias):
     # x (B,T,C), weight (C,OC), bias (OC,) -> out (B,T,OC)
     C, OC = weight.shape
-    out = x.reshape(-1, C) @ weight  # one (B*T,C) @ (C,OC) GEMM
+    x2 = x.reshape(-1, C)
+    with _small_gemms(x, x2.shape[0], OC, C):
+        out = x2 @ weight  # one (B*T,C) @ (C,OC) GEMM
     out += bias
     return out.reshape(*x.shape[:-1], OC), (x, weight)
 
@@ -113,8 +135,9 @@ def linear_backward(dout, cache):
     x, weight = cache
     C, OC = weight.shape
     dout2 = dout.reshape(-1, OC)  # (B*T,OC): every contraction is one 2-D GEMM
-    dx = (dout2 @ weight.T).reshape(x.shape)
-    dweight = x.reshape(-1, C).T @ dout2  # BLAS reads the transposed view, no copy
+    with _small_gemms(dout, dout2.shape[0], OC, C):
+        dx = (dout2 @ weight.T).reshape(x.shape)
+        dweight = x.reshape(-1, C).T @ dout2  # BLAS reads the transposed view, no copy
     dbias = dout2.sum(axis=0)
     return dx, dweight, dbias
 
@@ -126,19 +149,6 @@ def linear_backward(dout, cache):
 # blocks skip the masked upper triangle (at T=1024 they compute 62% of the full T x T), and
 # their (B,NH,256,<=T) scores are small temporaries instead of a (B,NH,T,T) cache.
 _ATT_BLOCK = 256
-# Per-head GEMMs up to this size (rows*cols*hs multiply-adds) run on one BLAS thread when the
-# backend offers it: a stack of B*NH small GEMMs is B*NH BLAS calls, and waking and joining
-# threads for each costs more than it saves (measured on 2 shared cores: 30-1000x).
-_SERIAL_HEAD_GEMM = 1 << 24
-
-
-def _head_gemms(x, rows, cols, hs):
-    be = backend_of(x)
-    if rows * cols * hs <= _SERIAL_HEAD_GEMM and hasattr(be, "serial_blas"):
-        return be.serial_blas()
-    return contextlib.nullcontext()
-
-
 def _causal_scores(qs, k, r0, r1):
     # scores of queries r0..r1-1 against keys 0..r1-1: (B,NH,r1-r0,r1), the future masked.
     # Only the last (r1-r0) columns, the diagonal block, hold future keys: adding -inf there
@@ -163,7 +173,7 @@ def attention_forward(qkv, n_head):
     qs = q * scale  # scale the (T,hs) queries rather than the (T,T) scores: T/hs times less work
     y = xp.empty((B, n_head, T, hs), dtype=qkv.dtype)
     lse = xp.empty((B, n_head, T, 1), dtype=qkv.dtype)  # log-sum-exp of each score row
-    with _head_gemms(qkv, min(T, _ATT_BLOCK), T, hs):
+    with _small_gemms(qkv, min(T, _ATT_BLOCK), T, hs):  # per head: (n,hs) @ (hs,r1)
         for r0 in range(0, T, _ATT_BLOCK):  # blocks of queries (not heads: those are batched)
             r1 = min(T, r0 + _ATT_BLOCK)
             att = _causal_scores(qs, k, r0, r1)  # (B,NH,n,r1)
@@ -197,7 +207,7 @@ def attention_backward(dy, cache):
     # sum_j P[i,j] dP[i,j] = sum_j P[i,j] (dy[i] . v[j]) = dy[i] . y[i]: a (T,hs) product
     # instead of a (T,T) one (FlashAttention's D = rowsum(dO * O)).
     D = (dy * y).sum(axis=-1, keepdims=True)  # (B,NH,T,1)
-    with _head_gemms(dqkv, min(T, _ATT_BLOCK), T, hs):
+    with _small_gemms(dqkv, min(T, _ATT_BLOCK), T, hs):
         for r0 in range(0, T, _ATT_BLOCK):
             r1 = min(T, r0 + _ATT_BLOCK)
             dyb = dy[:, :, r0:r1]  # (B,NH,n,hs)
