@@ -608,14 +608,13 @@ def build_parser() -> argparse.ArgumentParser:
     d = DEFAULTS
     p = argparse.ArgumentParser(
         description="Train GPT-2 on tiny Shakespeare with gpt2np (or its PyTorch reference).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="Run settings left unset take the defaults shown, or the checkpoint's values "
                "with --resume.")
     a = p.add_argument
     a("--backend", choices=["numpy", "cupy", "torch"], help=f"engine (default {d['backend']})")
     a("--data", help="tiny Shakespeare text (else $GPT2NP_DATA, the cache, a download)")
     a("--cache-dir", help="downloads and token caches (else $GPT2NP_CACHE or ~/.cache/gpt2np)")
-    a("--out-dir", default="out/shakespeare", help="log, plot, checkpoint and samples")
+    a("--out-dir", default="out/shakespeare", help="log, plot, checkpoint and samples (default out/shakespeare)")
     a("--max-steps", type=int, help=f"optimizer steps (default {d['max_steps']})")
     a("--batch-size", type=int, help=f"sequences per micro-batch (default {d['batch_size']})")
     a("--block-size", type=int, help=f"tokens per sequence (default {d['block_size']})")
@@ -641,8 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--overwrite", action="store_true", help="start afresh even if OUT has a checkpoint")
     a("--stop-after", type=int, help="stop (with a checkpoint) after N steps of this run")
     a("--save-interval", type=int, help="steps between checkpoints (default: every eval)")
-    a("--num-samples", type=int, default=3, help="samples printed at the end")
-    a("--sample-tokens", type=int, default=80, help="tokens per sample")
+    a("--num-samples", type=int, default=3, help="samples printed at the end (default 3)")
+    a("--sample-tokens", type=int, default=80, help="tokens per sample (default 80)")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 
