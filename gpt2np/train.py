@@ -31,7 +31,7 @@ import numpy as np
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .config import GPTConfig
 from .data import BatchLoader, DataNotFoundError, find_data, load_tokens, split
-from .model import init_params
+from .model import init_params, param_shapes
 from .optim import AdamW, clip_grad_norm, cosine_lr
 
 CKPT_NAME = "ckpt.safetensors"
@@ -398,7 +398,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         return sum(engine.loss(*val_loader.next_batch()) for _ in range(eval_batches)) / eval_batches
 
     if master:
-        n_params = sum(int(np.prod(a.shape)) for a in engine.state()[0].values())
+        n_params = sum(int(np.prod(shape)) for shape in param_shapes(model_cfg).values())
         _log(f"{run['backend']} {run['dtype']}: {model_cfg.n_layer} layers, {model_cfg.n_head} heads, "
              f"{model_cfg.n_embd} dims, {n_params / 1e6:.2f}M params | {len(train_tokens):,} train / "
              f"{len(val_tokens):,} val tokens | batch {B}x{T}, {grad_accum} micro-step(s), "
