@@ -39,11 +39,12 @@ class NumpyBackend:
     def serial_blas():
         """A context in which the BLAS runs on one thread.
 
-        For stacks of small GEMMs (attention's per-head (T,hs) @ (hs,T)): numpy calls the
-        BLAS once per matrix, and OpenBLAS wakes and joins its threads on every call. Here
-        (2 shared cores) that hand-off cost more than the GEMMs: a (8,4,128,32) stack took
-        30 ms on two threads against 0.8 ms on one with the cores busy, and 1.5-2x more
-        idle. Without threadpoolctl this does nothing.
+        For small GEMMs, and stacks of them (attention's per-head (T,hs) @ (hs,T): numpy
+        calls the BLAS once per matrix): OpenBLAS wakes and joins its threads on every
+        call. On the shared 2-core box that hand-off cost more than the GEMMs, and with the
+        cores busy far more: a (8,4,128,32) stack took 30-1000 ms on two threads against
+        0.8 ms on one. gpt2np.layers decides which GEMMs are small. Without threadpoolctl
+        this does nothing.
         """
         global _controller
         if ThreadpoolController is None:
