@@ -108,13 +108,32 @@ def test_attention(B, T, n_head, hs, scale, seed):
 
 @given(shapes, st.floats(0.1, 30.0))
 def test_gelu(s, scale):
+    """GELU's tanh form 0.5 * x * (1 + tanh(u)) cancels where tanh(u) ~ -1 (x < -4): one ulp of
+    (1 + tanh u) is an absolute error of ~|x| * 1e-16 in torch and here alike, so errors are
+    measured against the size of the terms before cancellation, not of the tiny result."""
+    from gpt2np.layers import _GELU_K
+
     rng = _rng(s["seed"])
-    inputs = dict(x=scale * rng.standard_normal((s["B"], s["T"], s["C"])))
-
-    def backward(dout, cache):
-        return dict(x=L.gelu_backward(dout, cache))
-
-    check_layer(L.gelu_forward, backward, R.ref_gelu, inputs, ["x"], seed=s["seed"])
+    x = scale * rng.standard_normal((s["B"], s["T"], s["C"]))
+    dout = rng.standard_normal(x.shape)
+    out, cache = L.gelu_forward(x)
+    dx = L.gelu_backward(dout, cache)
+    ref_out, ref_grads = torch_grads(R.ref_gelu, dict(x=x), dout)
+    # terms before cancellation: forward 0.5 * |x| * (1 + |tanh|) <= |x|;
+    # backward |dout| * (0.5 * (1 + |t|) + 0.5 * |x| * (1 + t^2) * du) <= |dout| * (1 + |x| * du)
+    fwd_scale = max(np.abs(ref_out).max(), np.abs(x).max())
+    bwd_scale = max(np.abs(ref_grads["x"]).max(),
+                    np.abs(dout * (1 + np.abs(x) * _GELU_K * (1 + 3 * 0.044715 * x * x))).max())
+    assert np.abs(out - ref_out).max() <= TORCH_RTOL * fwd_scale, "forward vs torch"
+    assert np.abs(dx - ref_grads["x"]).max() <= TORCH_RTOL * bwd_scale, "dx vs torch"
+    est, probed = finite_diff(lambda xx: L.gelu_forward(xx)[0], x, dout, n_probe=40, rng=rng)
+    assert np.abs(dx.reshape(-1)[probed] - est.reshape(-1)[probed]).max() <= FD_RTOL * bwd_scale, \
+        "dx vs finite diff"
+    # where nothing cancels (x > -2), the plain relative comparison must hold as for any layer
+    keep = x > -2
+    if keep.any():
+        assert_close(out[keep], ref_out[keep], TORCH_RTOL, "forward (x > -2)")
+        assert_close(dx[keep], ref_grads["x"][keep], TORCH_RTOL, "dx (x > -2)")
 
 
 def test_gelu_backward_is_finite_for_huge_inputs():
