@@ -12,6 +12,8 @@ The rank processes are this file run as a script (`python tests/test_distributed
 from __future__ import annotations
 
 import argparse
+import glob
+import json
 import os
 import socket
 import subprocess
@@ -313,6 +315,149 @@ def test_grad_bucket_is_one_flat_buffer_shared_zero_copy_with_torch():
     np.testing.assert_array_equal(bucket.flat, before)
     with pytest.raises(KeyError):
         bucket.add({k: g1[k] for k in list(g1)[1:]})
+
+
+# --------------------------------------------------------------------------- the training script
+
+
+SHAKESPEARE = os.environ.get("GPT2NP_DATA") or os.path.join(os.path.dirname(ROOT), "shared",
+                                                            "data", "tinyshakespeare.txt")
+SCRIPT = os.path.join(ROOT, "examples", "train_shakespeare.py")
+# a tiny float64 run: per rank 2 x 4 tokens per micro-step, 2 micro-steps per step
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "4",
+        "--dtype", "float64", "--max-steps", "3", "--lr", "1e-2", "--warmup-steps", "2",
+        "--eval-interval", "2", "--eval-batches", "2", "--total-batch-size", "32",
+        "--num-samples", "1", "--sample-tokens", "4", "--no-progress"]
+
+
+def train_has_data_parallel():
+    """Whether gpt2np.train is wired to gpt2np.distributed (torchrun, --data-shards)."""
+    from dataclasses import fields
+
+    from gpt2np.train import TrainConfig
+
+    return "data_shards" in {f.name for f in fields(TrainConfig)}
+
+
+def script_env():
+    # one BLAS / OpenMP thread per process: tiny matrices, shared cores
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONPATH=ROOT,
+               MPLBACKEND="Agg", HF_HUB_OFFLINE="1")
+    for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(v, None)
+    return env
+
+
+def torchrun(args, tmp, tag, nproc=2, timeout=240):
+    """examples/train_shakespeare.py under torchrun (loopback only); returns each rank's
+    stdout, captured by torchrun per rank (--redirects)."""
+    logs = os.path.join(tmp, f"torchrun-{tag}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+           "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "--log-dir", logs, "--redirects", "3",
+           SCRIPT, *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    outs = {}
+    for r in range(nproc):
+        found = glob.glob(os.path.join(logs, "*", "attempt_0", str(r), "stdout.log"))
+        outs[r] = open(found[0]).read() if found else ""
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:], outs)
+    return outs
+
+
+@pytest.fixture(scope="module")
+def script_runs(tmp_path_factory):
+    """The script on 2 ranks, one process on the combined batch, and 2 ranks stopped after
+    2 steps then resumed (launched with no run flags: the checkpoint's); all float64."""
+    if not os.path.isfile(SHAKESPEARE):
+        pytest.skip(f"tiny Shakespeare not at {SHAKESPEARE} (set GPT2NP_DATA)")
+    if not train_has_data_parallel():
+        pytest.skip("gpt2np.train is not wired to gpt2np.distributed yet")
+    tmp = tmp_path_factory.mktemp("script")
+    common = TINY + ["--data", SHAKESPEARE, "--cache-dir", str(tmp / "cache")]
+    # one process (plain python, no torchrun) on the combined batch, first: it tokenizes
+    # tiny Shakespeare into the cache the ranks then share
+    one = subprocess.run([sys.executable, SCRIPT, *common, "--batch-size", "4", "--out-dir",
+                          str(tmp / "one")], cwd=ROOT, env=script_env(), capture_output=True,
+                         text=True, timeout=240)
+    assert one.returncode == 0, (one.stdout[-3000:], one.stderr[-3000:])
+    outs = torchrun(common + ["--batch-size", "2", "--out-dir", str(tmp / "two")], tmp, "two")
+    torchrun(common + ["--batch-size", "2", "--out-dir", str(tmp / "resumed"),
+                       "--stop-after", "2"], tmp, "stop")
+    torchrun(["--resume", "--out-dir", str(tmp / "resumed"), "--data", SHAKESPEARE,
+              "--cache-dir", str(tmp / "cache"), "--no-progress", "--num-samples", "0"],
+             tmp, "resume")
+    torch_outs = torchrun(common + ["--batch-size", "2", "--backend", "torch",
+                                    "--out-dir", str(tmp / "torch")], tmp, "torch")
+    return tmp, outs, torch_outs
+
+
+def _log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_script_two_ranks_equal_one_process(script_runs):
+    tmp = script_runs[0]
+    from gpt2np.checkpoint import load_checkpoint
+
+    one, two = _log(tmp / "one"), _log(tmp / "two")
+    assert [r["step"] for r in two] == [0, 1, 2]
+    assert [r["step"] for r in two if "val_loss" in r] == [1, 2]
+    for key in ("train_loss", "val_loss", "grad_norm"):
+        a = [r[key] for r in two if key in r]
+        b = [r[key] for r in one if key in r]
+        assert rel(a, b) < 1e-12, (key, a, b)
+    c1, c2 = load_checkpoint(tmp / "one" / "ckpt.safetensors"), load_checkpoint(tmp / "two" / "ckpt.safetensors")
+    worst = max(rel(c2.params[k], c1.params[k]) for k in c1.params)
+    print(f"\nscript: max relative param difference, 2 ranks vs 1 process: {worst:.2e}")
+    assert worst < 1e-12
+    assert max(rel(c2.m[k], c1.m[k]) for k in c1.m) < 1e-11
+    assert c2.state["world_size"] == 2 and len(c2.state["data_ranks"]) == 2
+
+
+def test_script_only_rank0_writes(script_runs):
+    tmp, outs, _ = script_runs
+    assert sorted(os.listdir(tmp / "two")) == ["ckpt.safetensors", "log.jsonl", "loss.png",
+                                               "samples.txt"]
+    assert len(_log(tmp / "two")) == 3  # one line per step, not one per rank
+    assert "step     2 | train loss" in outs[0] and "2 ranks (gloo)" in outs[0]
+    assert "sample 1" in outs[0]
+    assert outs[1].strip() == "", outs[1]  # rank 1 prints nothing
+
+
+def test_script_resume_under_torchrun_is_bit_identical(script_runs):
+    tmp = script_runs[0]
+    from gpt2np.checkpoint import load_checkpoint
+
+    a = load_checkpoint(tmp / "two" / "ckpt.safetensors")
+    b = load_checkpoint(tmp / "resumed" / "ckpt.safetensors")
+    assert b.state["step"] == 3 and b.t == a.t
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k], err_msg=k)
+        np.testing.assert_array_equal(a.m[k], b.m[k], err_msg=k)
+    assert _log(tmp / "resumed") == [dict(r, tokens_per_s=s["tokens_per_s"])
+                                     for r, s in zip(_log(tmp / "two"), _log(tmp / "resumed"))]
+
+
+def test_script_torch_backend_ddp_matches_numpy(script_runs):
+    """--backend torch under torchrun: DistributedDataParallel, the same steps as gpt2np's
+    hand-written backward on 2 ranks (float64, to the numpy == torch tolerance)."""
+    tmp, _, outs = script_runs
+    from gpt2np.checkpoint import load_checkpoint
+
+    assert "torch float64" in outs[0] and "2 ranks (gloo)" in outs[0]
+    assert outs[1].strip() == ""
+    ln, lt = _log(tmp / "two"), _log(tmp / "torch")
+    for a, b in zip(ln, lt, strict=True):
+        for key in ("train_loss", "grad_norm", "val_loss"):
+            if key in a or key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-10, abs=0), (a["step"], key)
+    cn, ct = load_checkpoint(tmp / "two" / "ckpt.safetensors"), load_checkpoint(tmp / "torch" / "ckpt.safetensors")
+    assert ct.t == cn.t == 3
+    for k in cn.params:
+        np.testing.assert_allclose(ct.params[k], cn.params[k], rtol=0, atol=1e-10, err_msg=k)
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:
