@@ -5,6 +5,12 @@
     python examples/train_shakespeare.py --backend torch  # the same run with PyTorch autograd
     python examples/train_shakespeare.py --help
 
+Data parallel (gloo on CPUs, NCCL on GPUs; see the README):
+
+    torchrun --standalone --nproc_per_node=2 examples/train_shakespeare.py --backend numpy
+    torchrun --standalone --nproc_per_node=8 examples/train_shakespeare.py --backend cupy
+    torchrun --standalone --nproc_per_node=8 examples/train_shakespeare.py --backend torch --device cuda
+
 See gpt2np/train.py for the loop and the README for what the defaults reach.
 """
 import os

@@ -11,6 +11,16 @@ ckpt.safetensors (see gpt2np.checkpoint) and samples.txt. --resume continues fro
 ckpt.safetensors and ends bit-identical to a run that was never interrupted: the
 checkpoint holds the params, AdamW's moments and step count, the data position and RNG,
 and the run's settings (which a resumed run inherits unless a flag overrides them).
+
+Data parallel: launched by torchrun (`torchrun --nproc_per_node=N
+examples/train_shakespeare.py ...`), every rank reads its own slice of the data (rank r at
+offset B*T*r, striding B*T*N), accumulates its micro-steps' gradients locally and averages
+them over the ranks once, on the last micro-step (gpt2np.distributed: one flat-bucket
+all-reduce over torch.distributed, gloo on CPUs and NCCL on GPUs; DistributedDataParallel
+for the torch engine). --total-batch-size counts the tokens of all ranks. The logged
+losses are the ranks' means; rank 0 alone prints, logs, plots, samples and checkpoints.
+--data-shards DIR trains on token shards written by `python -m gpt2np.prepare` instead of
+tiny Shakespeare.
 """
 from __future__ import annotations
 
@@ -23,16 +33,18 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 
+from . import distributed
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .config import GPTConfig
 from .data import BatchLoader, DataNotFoundError, find_data, load_tokens, split
 from .model import init_params, param_shapes
 from .optim import AdamW, clip_grad_norm, cosine_lr
+from .shards import ShardLoader
 
 CKPT_NAME = "ckpt.safetensors"
 LOG_NAME = "log.jsonl"
@@ -81,6 +93,9 @@ class TrainConfig:
     init_from: str | None = None
     # this invocation only
     data: str | None = None
+    data_shards: str | None = None  # a gpt2np.prepare shard folder instead of tiny Shakespeare
+    device: str = "cpu"  # the torch engine's device: "cpu" or "cuda" (numpy/cupy imply theirs)
+    dist_backend: str | None = None  # torch.distributed backend override: "gloo" or "nccl"
     cache_dir: str | None = None
     out_dir: str = "out/shakespeare"
     resume: bool = False
@@ -90,7 +105,8 @@ class TrainConfig:
     num_samples: int = 3
     sample_tokens: int = 80
     progress: bool = True
-    # data parallel (set by a launcher, not flags): only rank 0 logs and checkpoints
+    # data parallel: taken from torchrun's environment (RANK, WORLD_SIZE), not from flags;
+    # only rank 0 logs and checkpoints
     rank: int = 0
     world_size: int = 1
 
@@ -110,15 +126,24 @@ class TrainResult:
 
 class ArrayEngine:
     """gpt2np.GPT on numpy or cupy with gpt2np.AdamW; grads accumulate in our own buffers
-    (the model may reuse its gradient arrays from one backward to the next)."""
+    (the model may reuse its gradient arrays from one backward to the next): views into one
+    flat bucket, which data parallelism all-reduces with a single collective."""
 
     def __init__(self, model, lr, weight_decay):
         self.model = model
         self.backend = model.backend
         self.xp = model.xp
         self.opt = AdamW(model.params, lr=lr, betas=BETAS, eps=EPS, weight_decay=weight_decay)
-        self.grads = {k: self.xp.zeros_like(p) for k, p in model.params.items()}
+        self.bucket = distributed.GradBucket(model.params)
+        self.grads = self.bucket.grads  # name -> view into bucket.flat
         self._fresh = True
+        self.ctx = distributed.DistContext()
+
+    def distribute(self, ctx):
+        """Join the ranks: start from rank 0's params (they are equal already, from the seed or
+        the checkpoint; this makes sure)."""
+        self.ctx = ctx
+        ctx.broadcast_params_(self.model.params)
 
     @classmethod
     def create(cls, backend, model_cfg, params, dtype, lr, weight_decay):
@@ -139,6 +164,11 @@ class ArrayEngine:
                 self.grads[k] += g * scale
         self._fresh = False
         return float(loss)
+
+    def sync_grads(self):
+        """After the last micro-step: average the accumulated gradient over the ranks, with
+        one collective over the flat bucket (nothing to do in a single process)."""
+        self.bucket.all_reduce_mean(self.ctx)
 
     def clip_and_step(self, max_norm, lr):
         norm = clip_grad_norm(self.grads, max_norm) if max_norm > 0 else _norm(self.grads)
@@ -176,14 +206,17 @@ def _norm(grads):
 class TorchEngine:
     """The PyTorch reference model with torch.optim.AdamW (same decay groups), for comparison."""
 
-    def __init__(self, model_cfg, params, dtype, lr, weight_decay):
+    def __init__(self, model_cfg, params, dtype, lr, weight_decay, device="cpu"):
         import torch
 
         from backends.torch_backend import TorchGPT
 
         self.torch = torch
+        self.device = torch.device(device)
         self.dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
-        self.model = TorchGPT.from_params(model_cfg, params, dtype=self.dtype)
+        self.model = TorchGPT.from_params(model_cfg, params, dtype=self.dtype, device=self.device)
+        self.ddp = self.model  # DistributedDataParallel around it once distribute() runs
+        self.last_micro = True  # DDP all-reduces in the backward of the last micro-step only
         self.named = dict(self.model.named_parameters())
         decay = [p for p in self.named.values() if p.dim() >= 2]  # as gpt2np.AdamW.decays
         no_decay = [p for p in self.named.values() if p.dim() < 2]
@@ -192,13 +225,25 @@ class TorchEngine:
                                       {"params": no_decay, "weight_decay": 0.0}],
                                      lr=lr, betas=BETAS, eps=EPS, foreach=False)
 
+    def distribute(self, ctx):
+        """torch's own data parallelism: DDP (it broadcasts rank 0's params on creation)."""
+        self.ddp = distributed.wrap_ddp(self.model, ctx)
+
+    def _t(self, a):
+        return self.torch.from_numpy(a).to(self.device)
+
     def zero_grad(self):
         self.opt.zero_grad(set_to_none=True)
 
     def forward_backward(self, x, y, scale):
-        _, loss = self.model(self.torch.from_numpy(x), self.torch.from_numpy(y))
-        (loss * scale).backward()  # .grad accumulates over micro-steps
+        # DDP all-reduces during the backward; no_sync on all but the last micro-step
+        with distributed.no_sync_unless(self.ddp, self.last_micro):
+            _, loss = self.ddp(self._t(x), self._t(y))
+            (loss * scale).backward()  # .grad accumulates over micro-steps
         return loss.item()
+
+    def sync_grads(self):
+        pass  # DDP averaged the gradients during the last micro-step's backward
 
     def clip_and_step(self, max_norm, lr):
         params = list(self.named.values())
@@ -214,19 +259,19 @@ class TorchEngine:
 
     def loss(self, x, y):
         with self.torch.no_grad():
-            return self.model(self.torch.from_numpy(x), self.torch.from_numpy(y))[1].item()
+            return self.model(self._t(x), self._t(y))[1].item()
 
     def last_logits(self, idx):
         with self.torch.no_grad():
-            logits, _ = self.model(self.torch.from_numpy(idx))
-        return logits[:, -1, :].double().numpy()
+            logits, _ = self.model(self._t(idx))
+        return logits[:, -1, :].double().cpu().numpy()
 
     def state(self):
         m, v, t = {}, {}, 0
         for k, p in self.named.items():
             s = self.opt.state.get(p, {})
             if s:
-                m[k], v[k] = s["exp_avg"].numpy().copy(), s["exp_avg_sq"].numpy().copy()
+                m[k], v[k] = s["exp_avg"].cpu().numpy().copy(), s["exp_avg_sq"].cpu().numpy().copy()
                 t = int(s["step"].item())
             else:
                 m[k] = v[k] = np.zeros(tuple(p.shape), dtype=str(p.dtype).split(".")[-1])
@@ -238,8 +283,8 @@ class TorchEngine:
         for k, p in self.named.items():
             self.opt.state[p] = {
                 "step": self.torch.tensor(float(t), dtype=self.torch.float32),
-                "exp_avg": self.torch.from_numpy(np.array(m[k])).to(self.dtype),
-                "exp_avg_sq": self.torch.from_numpy(np.array(v[k])).to(self.dtype)}
+                "exp_avg": self._t(np.array(m[k])).to(self.dtype),
+                "exp_avg_sq": self._t(np.array(v[k])).to(self.dtype)}
 
 
 def _set_torch_threads():
@@ -326,6 +371,21 @@ def _log(msg, master=True):
 
 
 def train(cfg: TrainConfig) -> TrainResult:
+    """Run (or resume) a training run; under torchrun, this rank's part of a data-parallel run."""
+    if distributed.launched_by_torchrun():
+        cfg = replace(cfg, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    elif cfg.world_size != 1 or cfg.rank != 0:
+        raise TrainError(f"rank {cfg.rank} of world_size {cfg.world_size} without torchrun: "
+                         "data-parallel runs are started by torchrun, which sets RANK and WORLD_SIZE")
+    held = {}  # the process group, once joined, left in any case
+    try:
+        return _train(cfg, held)
+    finally:
+        if "ctx" in held:
+            held["ctx"].destroy()
+
+
+def _train(cfg: TrainConfig, held: dict) -> TrainResult:
     t_start = time.perf_counter()
     master = cfg.rank == 0  # the one process that prints, logs and checkpoints
     out = Path(cfg.out_dir)
@@ -339,28 +399,60 @@ def train(cfg: TrainConfig) -> TrainResult:
         if "run" not in ckpt.state or "step" not in ckpt.state:
             raise CheckpointError(f"checkpoint {ckpt_path} lacks the training state "
                                   "(was it written by gpt2np.train?)")
-    elif ckpt_path.exists() and not cfg.overwrite and master:
+    elif ckpt_path.exists() and not cfg.overwrite:  # every rank refuses, not only rank 0
         raise TrainError(f"{ckpt_path} already exists: pass --resume to continue that run, "
                          "--overwrite to start again, or choose another --out-dir")
     run = resolve(cfg, ckpt.state["run"] if ckpt else None)
+    if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
+        raise TrainError(f"--device must be cpu or cuda, got {cfg.device!r}")
+    if cfg.device != "cpu" and run["backend"] != "torch":
+        raise TrainError("--device is for --backend torch (numpy runs on the CPU, cupy on the GPU)")
 
-    # data: one tokenization, cached; 90/10 split
-    text = find_data(cfg.data, cache=cfg.cache_dir)
-    tokens = load_tokens(text, cache=cfg.cache_dir)
-    data_id = hashlib.sha256(tokens.tobytes()).hexdigest()[:16]
-    if ckpt and ckpt.state.get("data_id") != data_id:
-        raise TrainError(f"the checkpoint was trained on other data (tokens {ckpt.state.get('data_id')}"
-                         f", now {data_id} from {text}); resume with the same --data")
-    train_tokens, val_tokens = split(tokens)
+    # data parallel: join the process group (a no-op single process without torchrun)
+    try:
+        ctx = held["ctx"] = distributed.init(run["backend"], torch_device=cfg.device,
+                                             backend=cfg.dist_backend)
+    except (RuntimeError, ValueError) as e:
+        raise TrainError(f"cannot start data-parallel training: {e}") from e
+    if ctx.device.startswith("cuda") and run["backend"] == "torch":
+        cfg = replace(cfg, device=ctx.device)  # this rank's GPU (LOCAL_RANK)
+
     B, T, W = run["batch_size"], run["block_size"], cfg.world_size
     grad_accum = run["total_batch_size"] // (B * T * W)
-    try:
-        train_loader = BatchLoader(train_tokens, B, T, rank=cfg.rank, world_size=W,
-                                   random=run["random_batches"], seed=run["seed"])
-        val_loader = BatchLoader(val_tokens, B, T, rank=cfg.rank, world_size=W)
-    except ValueError as e:
-        raise TrainError(f"the data are too small for these batches: {e}") from e
-    eval_batches = run["eval_batches"] or max(1, min(16, (len(val_tokens) - 1) // (B * T * W)))
+    if cfg.data_shards:
+        # token shards (python -m gpt2np.prepare): shard 0 is val, the rest train
+        if run["random_batches"]:
+            raise TrainError("--random-batches is for tiny Shakespeare; shards are read in order")
+        try:
+            train_loader = ShardLoader(cfg.data_shards, B, T, cfg.rank, W, "train")
+            val_loader = ShardLoader(cfg.data_shards, B, T, cfg.rank, W, "val")
+        except FileNotFoundError as e:
+            raise TrainError(f"--data-shards: {e}") from e
+        except ValueError as e:
+            raise TrainError(f"the shards are too small for these batches: {e}") from e
+        n_train, n_val = sum(train_loader.lengths), sum(val_loader.lengths)
+        source = cfg.data_shards
+        data_id = hashlib.sha256(json.dumps(
+            [(os.path.basename(p), n) for loader in (val_loader, train_loader)
+             for p, n in zip(loader.shards, loader.lengths)]).encode()).hexdigest()[:16]
+    else:
+        # tiny Shakespeare: one tokenization, cached; 90/10 split
+        source = find_data(cfg.data, cache=cfg.cache_dir)
+        tokens = load_tokens(source, cache=cfg.cache_dir)
+        data_id = hashlib.sha256(tokens.tobytes()).hexdigest()[:16]
+        train_tokens, val_tokens = split(tokens)
+        n_train, n_val = len(train_tokens), len(val_tokens)
+        try:
+            train_loader = BatchLoader(train_tokens, B, T, rank=cfg.rank, world_size=W,
+                                       random=run["random_batches"], seed=run["seed"])
+            val_loader = BatchLoader(val_tokens, B, T, rank=cfg.rank, world_size=W)
+        except ValueError as e:
+            raise TrainError(f"the data are too small for these batches: {e}") from e
+    if ckpt and ckpt.state.get("data_id") != data_id:
+        raise TrainError(f"the checkpoint was trained on other data (tokens {ckpt.state.get('data_id')}"
+                         f", now {data_id} from {source}); resume with the same "
+                         f"{'--data-shards' if cfg.data_shards else '--data'}")
+    eval_batches = run["eval_batches"] or max(1, min(16, (n_val - 1) // (B * T * W)))
 
     # model and optimizer: checkpoint, else pretrained (--init-from), else GPT-2's init
     model_cfg, params, pretrained_model = _initial_model(run, ckpt)
@@ -368,13 +460,14 @@ def train(cfg: TrainConfig) -> TrainResult:
         run.update(n_layer=model_cfg.n_layer, n_head=model_cfg.n_head, n_embd=model_cfg.n_embd)
     if T > model_cfg.block_size:
         raise TrainError(f"--block-size {T} exceeds the model's block size {model_cfg.block_size}")
-    engine = _make_engine(run, model_cfg, params, pretrained_model)
+    engine = _make_engine(run, model_cfg, params, pretrained_model, cfg.device)
     del params, pretrained_model
     step = 0
     if ckpt:
         engine.load_state(ckpt.m, ckpt.v, ckpt.t)
-        train_loader.load_state_dict(ckpt.state["data"])
         step = int(ckpt.state["step"])
+        train_loader.load_state_dict(_data_state(ckpt.state, train_loader, cfg.rank, W, run, step))
+    engine.distribute(ctx)
     last_saved = step if ckpt else None
 
     records = _read_log(log_path, before=step) if ckpt else []
@@ -384,26 +477,32 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     def save(at_step):
         nonlocal last_saved
-        if not master or last_saved == at_step:
+        if last_saved == at_step:
+            return
+        # every rank's data position (a collective: all ranks come here), rank 0 writes
+        data_ranks = ctx.all_gather_object(train_loader.state_dict())
+        last_saved = at_step
+        if not master:
             return
         p, m, v, t = engine.state()
         state = {"step": at_step, "run": run, "model_config": model_cfg.to_dict(),
-                 "data": train_loader.state_dict(), "data_id": data_id,
-                 "backend": run["backend"]}
+                 "data": data_ranks[0], "data_ranks": data_ranks, "world_size": W,
+                 "data_id": data_id, "backend": run["backend"]}
         save_checkpoint(ckpt_path, Checkpoint(params=p, m=m, v=v, t=t, state=state))
-        last_saved = at_step
 
     def evaluate():
         val_loader.reset()  # the same val batches every time
-        # data parallel: each rank evaluates its share; all-reduce (average) the mean here
-        return sum(engine.loss(*val_loader.next_batch()) for _ in range(eval_batches)) / eval_batches
+        # data parallel: each rank evaluates its share; the logged loss is the ranks' mean
+        local = sum(engine.loss(*val_loader.next_batch()) for _ in range(eval_batches)) / eval_batches
+        return ctx.all_reduce_mean(local)
 
     if master:
         n_params = sum(int(np.prod(shape)) for shape in param_shapes(model_cfg).values())
         _log(f"{run['backend']} {run['dtype']}: {model_cfg.n_layer} layers, {model_cfg.n_head} heads, "
-             f"{model_cfg.n_embd} dims, {n_params / 1e6:.2f}M params | {len(train_tokens):,} train / "
-             f"{len(val_tokens):,} val tokens | batch {B}x{T}, {grad_accum} micro-step(s), "
-             f"{run['total_batch_size']:,} tokens/step | steps {step} -> {run['max_steps']}")
+             f"{model_cfg.n_embd} dims, {n_params / 1e6:.2f}M params | {n_train:,} train / "
+             f"{n_val:,} val tokens | batch {B}x{T}, {grad_accum} micro-step(s)"
+             + (f" x {W} ranks ({ctx.backend})" if W > 1 else "")
+             + f", {run['total_batch_size']:,} tokens/step | steps {step} -> {run['max_steps']}")
 
     from tqdm import tqdm
 
@@ -415,15 +514,24 @@ def train(cfg: TrainConfig) -> TrainResult:
             t0 = time.perf_counter()
             engine.zero_grad()
             loss = 0.0
-            for _ in range(grad_accum):
+            for micro in range(grad_accum):
                 x, y = train_loader.next_batch()
+                engine.last_micro = micro == grad_accum - 1  # (DDP syncs in its backward)
                 micro_loss = engine.forward_backward(x, y, 1.0 / grad_accum)
-                if not math.isfinite(micro_loss):
+                if not math.isfinite(micro_loss) and W == 1:
                     return _diverged(cfg, run, step, micro_loss, last_saved, ckpt_path, records,
                                      out, t_start, pbar)
                 loss += micro_loss / grad_accum
-            # data parallel: all-reduce (average) the accumulated grads and `loss` here, so the
-            # clip and the AdamW step below see the global gradient
+            engine.sync_grads()  # average the accumulated gradient over the ranks, once
+            stopping = bool(stop.signal)
+            if W > 1:
+                # the logged loss is the ranks' mean; a signal on any rank stops them all at
+                # the same step; a non-finite loss on any rank stops all (NaN survives the sum)
+                loss, votes = ctx.all_reduce_mean([loss, float(stopping)])
+                stopping = votes > 0
+                if not math.isfinite(loss):
+                    return _diverged(cfg, run, step, loss, last_saved, ckpt_path, records,
+                                     out, t_start, pbar)
             lr = cosine_lr(step, run["lr"], run["min_lr"], run["warmup_steps"], run["max_steps"])
             norm = engine.clip_and_step(run["grad_clip"], lr)
             if not math.isfinite(norm):
@@ -448,7 +556,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                              tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
             pbar.update(1)
 
-            if stop.signal or (cfg.stop_after is not None and steps_this_run >= cfg.stop_after):
+            if W == 1:
+                stopping = bool(stop.signal)  # a signal during this step stops after it
+            if stopping or (cfg.stop_after is not None and steps_this_run >= cfg.stop_after):
                 if step < run["max_steps"]:
                     status = "stopped"
                     break
@@ -461,7 +571,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         _plot(records, out / "loss.png")
     val = next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None)
     if status == "stopped":
-        why = f"signal {stop.signal}" if stop.signal else f"--stop-after {cfg.stop_after}"
+        why = (f"--stop-after {cfg.stop_after}" if not stopping
+               else f"signal {stop.signal}" if stop.signal else "a signal on another rank")
         _log(f"stopped ({why}) after step {step}; checkpoint {ckpt_path}. "
              f"Continue with --resume --out-dir {out}", master)
         return TrainResult("stopped", step, val, records, time.perf_counter() - t_start, [])
@@ -522,12 +633,30 @@ def _from_pretrained(name, run):
     return from_pretrained(name, backend=backend, dtype=run["dtype"])
 
 
-def _make_engine(run, model_cfg, params, pretrained_model):
+def _data_state(state, loader, rank, world_size, run, step):
+    """This rank's data-loader state from a checkpoint: its own when the world size is the
+    one saved, else rank 0's moved to this rank's offset (so a run can resume on another
+    number of processes)."""
+    ranks = state.get("data_ranks")
+    if ranks and len(ranks) == world_size:
+        return ranks[rank]
+    data = dict(state["data"])
+    if isinstance(loader, ShardLoader) or rank == 0:
+        return data  # ShardLoader states do not depend on the rank
+    if run["random_batches"]:  # a fresh stream per rank, not rank 0's again
+        data["rng"] = np.random.default_rng([run["seed"], rank, step]).bit_generator.state
+    else:
+        data["position"] = int(data["position"]) + loader.B * loader.T * rank
+    return data
+
+
+def _make_engine(run, model_cfg, params, pretrained_model, device="cpu"):
     if run["backend"] == "torch":
         _set_torch_threads()
         if pretrained_model is not None:
             params = pretrained_model.state_dict()
-        return TorchEngine(model_cfg, params, run["dtype"], run["lr"], run["weight_decay"])
+        return TorchEngine(model_cfg, params, run["dtype"], run["lr"], run["weight_decay"],
+                           device=device)
     if pretrained_model is not None:
         return ArrayEngine(pretrained_model, run["lr"], run["weight_decay"])
     try:
@@ -614,6 +743,12 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--backend", choices=["numpy", "cupy", "torch"], help=f"engine (default {d['backend']})")
     a("--data", help="tiny Shakespeare text (else $GPT2NP_DATA, the cache, a download)")
+    a("--data-shards", metavar="DIR",
+      help="train on token shards from `python -m gpt2np.prepare` (shard 0 = val) instead")
+    a("--device", default="cpu", help="the torch engine's device: cpu or cuda")
+    a("--dist-backend", choices=["gloo", "nccl"],
+      help="torch.distributed backend under torchrun (default: gloo for numpy and torch-CPU, "
+           "nccl for cupy and torch-CUDA)")
     a("--cache-dir", help="downloads and token caches (else $GPT2NP_CACHE or ~/.cache/gpt2np)")
     a("--out-dir", default="out/shakespeare", help="log, plot, checkpoint and samples (default out/shakespeare)")
     a("--max-steps", type=int, help=f"optimizer steps (default {d['max_steps']})")
@@ -629,8 +764,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--weight-decay", type=float, help=f"AdamW decay of matrices (default {d['weight_decay']})")
     a("--grad-clip", type=float, help=f"max global grad norm, 0 = off (default {d['grad_clip']})")
     a("--total-batch-size", type=int,
-      help="tokens per optimizer step, a multiple of batch*block: gradient accumulation "
-           "(default one micro-batch)")
+      help="tokens per optimizer step over all ranks, a multiple of batch*block*ranks: "
+           "gradient accumulation (default one micro-batch per rank)")
     a("--eval-interval", type=int, help=f"steps between val evals (default {d['eval_interval']})")
     a("--eval-batches", type=int, help="val batches per eval (default: the val split, at most 16)")
     a("--random-batches", action="store_true", default=None,
