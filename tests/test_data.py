@@ -1,9 +1,7 @@
 """Finding, downloading, caching and batching tiny Shakespeare."""
 import hashlib
 import io
-import os
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,13 +10,7 @@ from hypothesis import strategies as st
 
 from gpt2np import data
 from gpt2np.data import BatchLoader, DataNotFoundError, find_data, load_tokens, split
-
-
-def shakespeare_path():
-    env = os.environ.get("GPT2NP_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+from testdata import shakespeare_path
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ from gpt2np import distributed  # noqa: E402
 from gpt2np.distributed import DistContext, GradBucket  # noqa: E402
 from gpt2np.prepare import write_shard  # noqa: E402
 from gpt2np.shards import ShardLoader  # noqa: E402
+from testdata import shakespeare_path
 
 CFG = GPTConfig(block_size=8, vocab_size=64, n_layer=2, n_head=2, n_embd=16)
 B, T, WORLD, ACCUM, STEPS = 2, 8, 2, 2, 4
@@ -117,8 +118,6 @@ def train_torch(ctx: DistContext, data_dir, batch, accum, steps):
     """The same loop on the torch backend: DistributedDataParallel, no_sync on all but the
     last micro-step, torch's AdamW and clip_grad_norm_."""
     import torch
-
-    from backends.torch_backend import TorchGPT
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: threads only contend on a shared machine
@@ -320,8 +319,7 @@ def test_grad_bucket_is_one_flat_buffer_shared_zero_copy_with_torch():
 # --------------------------------------------------------------------------- the training script
 
 
-SHAKESPEARE = os.environ.get("GPT2NP_DATA") or os.path.join(os.path.dirname(ROOT), "shared",
-                                                            "data", "tinyshakespeare.txt")
+SHAKESPEARE = str(shakespeare_path())
 SCRIPT = os.path.join(ROOT, "examples", "train_shakespeare.py")
 # a tiny float64 run: per rank 2 x 4 tokens per micro-step, 2 micro-steps per step
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "4",

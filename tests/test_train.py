@@ -15,15 +15,9 @@ from safetensors.numpy import load_file
 from gpt2np import train as T
 from gpt2np.checkpoint import CheckpointError, load_checkpoint
 from gpt2np.train import TrainConfig, TrainError, main, train
+from testdata import shakespeare_path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def shakespeare_path():
-    env = os.environ.get("GPT2NP_DATA")
-    if env:
-        return Path(env)
-    return ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +112,7 @@ def test_numpy_and_torch_agree_in_float64(tmp_path, token_cache):
 def test_resume_is_bit_identical(tmp_path, token_cache, backend, kw):
     if backend == "torch":
         pytest.importorskip("torch")
-    whole = train(tiny(tmp_path / "whole", token_cache, backend=backend, **kw))
+    train(tiny(tmp_path / "whole", token_cache, backend=backend, **kw))
     part = tiny(tmp_path / "part", token_cache, backend=backend, stop_after=3, **kw)
     first = train(part)
     assert first.status == "stopped" and first.step == 3  # between evals and saves
@@ -280,12 +274,6 @@ def test_every_issue_flag_parses():
 
 
 def test_init_from_pretrained(tmp_path, token_cache):
-    try:
-        from gpt2np import pretrained  # noqa: F401
-    except ModuleNotFoundError:
-        with pytest.raises(TrainError, match="gpt2np.pretrained"):
-            train(tiny(tmp_path, token_cache, init_from="gpt2"))
-        return
     from gpt2np import GPT, GPTConfig
 
     src = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16), seed=7)
