@@ -42,11 +42,7 @@ class KVCache:
 
 def _layer_params(model):
     """Per block, its params without the "transformer.h.i." prefix (as layers.py names them)."""
-    out = []
-    for i in range(model.config.n_layer):
-        prefix = f"transformer.h.{i}."
-        out.append({k[len(prefix):]: v for k, v in model.params.items() if k.startswith(prefix)})
-    return out
+    return [L.sub_params(model.params, f"transformer.h.{i}.") for i in range(model.config.n_layer)]
 
 
 def _cached_attention(qkv, cache: KVCache, layer: int, t0: int, n_head: int):

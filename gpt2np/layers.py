@@ -314,7 +314,9 @@ def attn_backward(dout, cache):
 #   x = x + attn(ln_1(x));  x = x + mlp(ln_2(x))
 
 
-def _sub(p, prefix):
+def sub_params(p, prefix):
+    """The entries of `p` under `prefix`, with the prefix stripped ("attn.c_attn.weight" ->
+    "c_attn.weight" for prefix "attn.")."""
     n = len(prefix)
     return {k[n:]: v for k, v in p.items() if k.startswith(prefix)}
 
@@ -322,11 +324,11 @@ def _sub(p, prefix):
 def block_forward(x, p, n_head):
     # x (B,T,C), p: this block's params named as in the checkpoint without "transformer.h.i."
     h, ln1_cache = layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"])
-    h, attn_cache = attn_forward(h, _sub(p, "attn."), n_head)
+    h, attn_cache = attn_forward(h, sub_params(p, "attn."), n_head)
     h += x  # residual, into the branch's fresh output (the caller's x stays untouched)
     x = h
     h, ln2_cache = layernorm_forward(x, p["ln_2.weight"], p["ln_2.bias"])
-    h, mlp_cache = mlp_forward(h, _sub(p, "mlp."))
+    h, mlp_cache = mlp_forward(h, sub_params(p, "mlp."))
     h += x  # residual
     return h, (ln1_cache, attn_cache, ln2_cache, mlp_cache)
 

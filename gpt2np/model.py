@@ -224,9 +224,8 @@ class GPT:
         return buf
 
     def _block_params(self, i):
-        prefix = f"transformer.h.{i}."
-        n = len(prefix)
-        return {k[n:]: v for k, v in self.params.items() if k.startswith(prefix)}
+        """Block i's params named as layers.block_forward takes them (no "transformer.h.i.")."""
+        return L.sub_params(self.params, f"transformer.h.{i}.")
 
     # ---------------------------------------------------------------- conveniences
 
