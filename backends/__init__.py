@@ -34,6 +34,19 @@ def get_backend(name: str):
     return importlib.import_module(_ARRAY_BACKENDS[name]).get()
 
 
+class KernelCache:
+    """What a fused kernel's forward keeps for its backward.
+
+    A backend with fused kernels (CuPy) returns one of these as a layer's cache; the layer's
+    backward in gpt2np.layers sees the type and hands the work to `backward(dout, cache)`.
+    """
+    __slots__ = ("backward", "saved")
+
+    def __init__(self, backward, *saved):
+        self.backward = backward
+        self.saved = saved
+
+
 def backend_of(array):
     """The backend that owns `array` (numpy unless it is a cupy array)."""
     if type(array).__module__.startswith("cupy"):
