@@ -57,14 +57,14 @@ def _cached_attention(qkv, cache: KVCache, layer: int, t0: int, n_head: int):
     cache.v[layer][:, :, t0:end] = v
     K = cache.k[layer][:, :, :end]  # (B,NH,end,hs): every position up to the newest
     V = cache.v[layer][:, :, :end]
-    att = (q @ K.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(hs))  # (B,NH,T,end)
+    att = L.matmul(q, K.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(hs))  # (B,NH,T,end)
     if T > 1:  # new position t0+i sees keys 0..t0+i; a single new position sees them all
         future = xp.arange(end)[None, :] > (t0 + xp.arange(T))[:, None]  # (T,end)
         att[..., future] = -xp.inf
     att -= att.max(axis=-1, keepdims=True)
     xp.exp(att, out=att)
     att /= att.sum(axis=-1, keepdims=True)
-    y = att @ V  # (B,NH,T,hs)
+    y = L.matmul(att, V)  # (B,NH,T,hs)
     return y.transpose(0, 2, 1, 3).reshape(B, T, C)
 
 
@@ -160,6 +160,11 @@ def generate(model, idx, max_new_tokens: int, *, temperature: float = 1.0, top_k
     benchmark's baseline); both give the same tokens.
     """
     ids = _check_args(model, idx, max_new_tokens, temperature, top_k)
+    with L.matmul_precision(getattr(model, "precision", "fp32")):
+        return _generate(model, ids, max_new_tokens, temperature, top_k, seed, use_cache)
+
+
+def _generate(model, ids, max_new_tokens, temperature, top_k, seed, use_cache):
     rng = np.random.default_rng(seed)
     if max_new_tokens == 0:
         return ids

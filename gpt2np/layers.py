@@ -18,19 +18,69 @@ of passes over memory that costs. Hence:
     training loop reuses them from step to step instead of page-faulting 200 MB each time;
   - nothing is recomputed or materialised that a cheaper identity gives (see attention's
     backward and the cross-entropy).
+
+Precision. Every matrix product goes through `matmul`, which runs in the precision set by
+`matmul_precision("fp32" | "tf32" | "bf16")` (a context, like torch.autocast): the operands
+are rounded to TF32 or bfloat16, the products accumulate in float32 and the result is
+float32. Everything else (LayerNorm, softmax and loss statistics, GELU, the residual stream,
+the weights) stays float32. On the GPU that is cuBLAS on the tensor cores; on the CPU the
+same rounding is emulated (round the operands, then a float32 GEMM), so the effect of bf16
+on every gradient can be studied and tested without a GPU.
+
+Fused kernels. A backend may offer fused kernels for some layers (CuPy: backends/cuda/*.cu).
+A layer's forward hands float32 work to them where they exist and returns their cache, a
+`backends.KernelCache`; the layer's backward recognises it and hands the backward over too.
+The code below is the reference they are tested against.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 
 import numpy as np
 
-from backends import backend_of
+from backends import KernelCache, backend_of
 
 
 def get_xp(x):
     return backend_of(x).xp
+
+
+def _kernels(x):
+    """The fused kernels of x's backend for x's dtype, or None (use the code here)."""
+    be = backend_of(x)
+    return be.kernels() if hasattr(be, "kernels") and x.dtype == np.float32 else None
+
+
+# --------------------------------------------------------------------------------------
+# matmul in the current precision
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+_PRECISION = contextvars.ContextVar("gpt2np_matmul_precision", default="fp32")
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str):
+    """Run the matmuls inside in `precision`: "fp32" (exact float32), "tf32" (operands
+    rounded to 10 mantissa bits) or "bf16" (7 mantissa bits); float32 accumulation and
+    results in every case. A forward and its backward must run under the same setting."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    token = _PRECISION.set(precision)
+    try:
+        yield
+    finally:
+        _PRECISION.reset(token)
+
+
+def get_matmul_precision() -> str:
+    return _PRECISION.get()
+
+
+def matmul(a, b, out=None):
+    # a (...,M,K) @ b (...,K,N) -> (...,M,N), by the backend in the current precision
+    return backend_of(a).matmul(a, b, out=out, precision=_PRECISION.get())
 
 
 # --------------------------------------------------------------------------------------
@@ -49,6 +99,9 @@ def embedding_backward(dx, cache, dwte=None):
     # dx (B,T,C) -> dwte (V,C), dwpe (block_size,C)
     # dwte: optionally a (V,C) array to accumulate into, e.g. already holding the tied
     # lm_head's share: that saves a (V,C) zeros and a (V,C) add.
+    k = _kernels(dx)
+    if k is not None:  # deterministic, where a scatter-add with atomics is not
+        return k.embedding_backward(dx, cache, dwte=dwte)
     idx, wte_shape, wpe_shape = cache
     xp = get_xp(dx)
     B, T, C = dx.shape
@@ -67,6 +120,9 @@ def embedding_backward(dx, cache, dwte=None):
 
 def layernorm_forward(x, weight, bias, eps=1e-5):
     # x (B,T,C), weight (C,), bias (C,) -> out (B,T,C)
+    k = _kernels(x)
+    if k is not None:
+        return k.layernorm_forward(x, weight, bias, eps)
     xp = get_xp(x)
     mean = x.mean(axis=-1, keepdims=True)  # (B,T,1)
     norm = x - mean  # (B,T,C) centred; normalised in place below
@@ -80,6 +136,8 @@ def layernorm_forward(x, weight, bias, eps=1e-5):
 
 def layernorm_backward(dout, cache):
     # dout (B,T,C) -> dx (B,T,C), dweight (C,), dbias (C,)
+    if isinstance(cache, KernelCache):
+        return cache.backward(dout, cache)
     norm, rstd, weight = cache
     C = norm.shape[-1]
     dout2 = dout.reshape(-1, C)
@@ -125,7 +183,7 @@ def linear_forward(x, weight, bias):
     C, OC = weight.shape
     x2 = x.reshape(-1, C)
     with _small_gemms(x, x2.shape[0], OC, C):
-        out = x2 @ weight  # one (B*T,C) @ (C,OC) GEMM
+        out = matmul(x2, weight)  # one (B*T,C) @ (C,OC) GEMM
     out += bias
     return out.reshape(*x.shape[:-1], OC), (x, weight)
 
@@ -136,8 +194,8 @@ def linear_backward(dout, cache):
     C, OC = weight.shape
     dout2 = dout.reshape(-1, OC)  # (B*T,OC): every contraction is one 2-D GEMM
     with _small_gemms(dout, dout2.shape[0], OC, C):
-        dx = (dout2 @ weight.T).reshape(x.shape)
-        dweight = x.reshape(-1, C).T @ dout2  # BLAS reads the transposed view, no copy
+        dx = matmul(dout2, weight.T).reshape(x.shape)
+        dweight = matmul(x.reshape(-1, C).T, dout2)  # BLAS reads the transposed view, no copy
     dbias = dout2.sum(axis=0)
     return dx, dweight, dbias
 
@@ -154,7 +212,7 @@ def _causal_scores(qs, k, r0, r1):
     # Only the last (r1-r0) columns, the diagonal block, hold future keys: adding -inf there
     # is one small pass, no fancy index.
     xp = get_xp(qs)
-    att = qs[:, :, r0:r1] @ k[:, :, :r1].transpose(0, 1, 3, 2)
+    att = matmul(qs[:, :, r0:r1], k[:, :, :r1].transpose(0, 1, 3, 2))
     n = r1 - r0
     att[..., r0:] += xp.triu(xp.full((n, n), -xp.inf, dtype=att.dtype), k=1)
     return att
@@ -184,7 +242,7 @@ def attention_forward(qkv, n_head):
             s = att.sum(axis=-1, keepdims=True)
             att *= 1.0 / s  # (B,NH,n,1) reciprocals, then one multiply
             lse[:, :, r0:r1] = xp.log(s) + m
-            xp.matmul(att, v[:, :, :r1], out=y[:, :, r0:r1])  # (B,NH,n,hs)
+            matmul(att, v[:, :, :r1], out=y[:, :, r0:r1])  # (B,NH,n,hs)
     # The softmax is not kept: the backward recomputes it from qs, k and lse (one more GEMM
     # per block) instead of holding B*NH*T*T floats per layer (600 MB for GPT-2 at T=1024).
     out = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # merge heads (a (B,T,C) copy)
@@ -214,13 +272,13 @@ def attention_backward(dy, cache):
             att = _causal_scores(qs, k, r0, r1)  # recompute the softmax: P = exp(S - lse)
             att -= lse[:, :, r0:r1]
             xp.exp(att, out=att)  # masked entries: exp(-inf) = 0, so their gradient is 0
-            dv[:, :, :r1] += att.transpose(0, 1, 3, 2) @ dyb
-            datt = dyb @ v[:, :, :r1].transpose(0, 1, 3, 2)  # dP (B,NH,n,r1)
+            dv[:, :, :r1] += matmul(att.transpose(0, 1, 3, 2), dyb)
+            datt = matmul(dyb, v[:, :, :r1].transpose(0, 1, 3, 2))  # dP (B,NH,n,r1)
             datt -= D[:, :, r0:r1]
             datt *= att  # dS
             # scores = qs @ k^T with qs = q * scale: the scale lands on dq, a (T,hs) array
-            xp.matmul(datt, k[:, :, :r1], out=dq[:, :, r0:r1])
-            dk[:, :, :r1] += datt.transpose(0, 1, 3, 2) @ qs[:, :, r0:r1]
+            matmul(datt, k[:, :, :r1], out=dq[:, :, r0:r1])
+            dk[:, :, :r1] += matmul(datt.transpose(0, 1, 3, 2), qs[:, :, r0:r1])
     dq *= scale
     return dqkv
 
@@ -233,6 +291,9 @@ _GELU_K = math.sqrt(2.0 / math.pi)  # a Python float: keeps float32 float32
 
 def gelu_forward(x):
     # x (...) -> out (...);  out = 0.5 * x * (1 + tanh(K * (x + 0.044715 * x^3)))
+    k = _kernels(x)
+    if k is not None:
+        return k.gelu_forward(x)
     xp = get_xp(x)
     t = x * x  # x*x*x, not x**3 (far slower); then the chain in place
     t *= x
@@ -248,6 +309,8 @@ def gelu_forward(x):
 
 def gelu_backward(dout, cache):
     # dout (...) -> dx (...)
+    if isinstance(cache, KernelCache):
+        return cache.backward(dout, cache)
     x, t = cache
     xp = get_xp(x)
     # d tanh(u)/du = 1 - tanh(u)^2, not 1/cosh(u)^2, which overflows for large |u|
@@ -357,10 +420,9 @@ def block_backward(dx, cache):
 
 def lm_head_forward(x, wte, out=None):
     # x (B,T,C), wte (V,C) -> logits (B,T,V); out: optional (B,T,V) buffer to write into
-    xp = get_xp(x)
     V, C = wte.shape
     out2 = None if out is None else out.reshape(-1, V)
-    logits = xp.matmul(x.reshape(-1, C), wte.T, out=out2)  # one (B*T,C) @ (C,V) GEMM
+    logits = matmul(x.reshape(-1, C), wte.T, out=out2)  # one (B*T,C) @ (C,V) GEMM
     return logits.reshape(*x.shape[:-1], V), (x, wte)
 
 
@@ -368,11 +430,10 @@ def lm_head_backward(dlogits, cache, dwte=None):
     # dlogits (B,T,V) -> dx (B,T,C), dwte (V,C) (the lm_head share of the tied gradient);
     # dwte: optional (V,C) buffer to write into
     x, wte = cache
-    xp = get_xp(x)
     V, C = wte.shape
     dlogits2 = dlogits.reshape(-1, V)
-    dx = (dlogits2 @ wte).reshape(x.shape)
-    dwte = xp.matmul(dlogits2.T, x.reshape(-1, C), out=dwte)
+    dx = matmul(dlogits2, wte).reshape(x.shape)
+    dwte = matmul(dlogits2.T, x.reshape(-1, C), out=dwte)
     return dx, dwte
 
 
@@ -387,6 +448,9 @@ _CE_BLOCK_BYTES = 1 << 20
 def cross_entropy_forward(logits, targets, ignore_index=-1, out=None):
     # logits (B,T,V), targets (B,T) int -> loss (scalar array), cache.
     # out: optional (B,T,V) buffer for the softmax that the backward turns into dlogits.
+    k = _kernels(logits)
+    if k is not None:
+        return k.cross_entropy_forward(logits, targets, ignore_index, out=out)
     xp = get_xp(logits)
     V = logits.shape[-1]
     logits2 = logits.reshape(-1, V)
@@ -421,6 +485,8 @@ def cross_entropy_backward(dloss, cache):
     # dloss scalar -> dlogits (B,T,V) = dloss * (softmax - onehot) / n_valid, zero on ignored
     # rows. Works in place on the cached (already weighted) softmax, the biggest buffer we
     # have: call it once per forward.
+    if isinstance(cache, KernelCache):
+        return cache.backward(dloss, cache)
     probs, tsafe, weight, shape = cache
     xp = get_xp(probs)
     dlogits = probs

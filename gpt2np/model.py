@@ -66,10 +66,15 @@ class GPT:
     model = GPT(GPTConfig(...), backend="numpy", dtype="float32", seed=0)
     logits, loss = model.forward(idx, targets)     # idx, targets (B, T) ints
     grads = model.backward()                       # same keys and shapes as model.params
+
+    precision ("fp32" | "tf32" | "bf16") is that of the matmuls (see gpt2np.layers): the
+    weights, gradients and everything between the matmuls stay in `dtype`, which must be
+    float32 for tf32/bf16 (float32 master weights, as mixed-precision training keeps them).
     """
 
     def __init__(self, config: GPTConfig | None = None, *, backend: str = "numpy",
-                 dtype: str = "float32", seed: int = 0, params: dict | None = None):
+                 dtype: str = "float32", precision: str = "fp32", seed: int = 0,
+                 params: dict | None = None):
         if config is None:
             config = GPTConfig()
         if not isinstance(config, GPTConfig):
@@ -77,8 +82,14 @@ class GPT:
         dtype = np.dtype(dtype).name
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+        if precision not in L.PRECISIONS:
+            raise ValueError(f"precision must be one of {L.PRECISIONS}, got {precision!r}")
+        if precision != "fp32" and dtype != "float32":
+            raise ValueError(f"precision {precision!r} rounds float32 matmul operands; "
+                             f"it needs dtype='float32', got {dtype!r}")
         self.config = config
         self.dtype = dtype
+        self.precision = precision
         self.backend = get_backend(backend)
         self.xp = self.backend.xp
         host = init_params(config, seed, dtype) if params is None else params
@@ -163,6 +174,13 @@ class GPT:
                 raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {(B, T)}")
             targets = self._check_ids(targets, "targets", allow_ignore=True)
 
+        with L.matmul_precision(self.precision):
+            return self._forward(idx, targets)
+
+    __call__ = forward
+
+    def _forward(self, idx, targets):
+        B, T = idx.shape
         p = self.params
         cfg = self.config
         x, emb_cache = L.embedding_forward(idx, p["transformer.wte.weight"], p["transformer.wpe.weight"])
@@ -183,8 +201,6 @@ class GPT:
         self._cache = (emb_cache, block_caches, lnf_cache, head_cache, ce_cache)
         return logits, loss
 
-    __call__ = forward
-
     def backward(self):
         """Gradients of the last forward's loss: a dict with the same keys as params.
 
@@ -194,6 +210,10 @@ class GPT:
         if self._cache is None:
             raise RuntimeError("backward() needs a forward(idx, targets) with targets first "
                                "(and runs once per forward)")
+        with L.matmul_precision(self.precision):
+            return self._backward()
+
+    def _backward(self):
         emb_cache, block_caches, lnf_cache, head_cache, ce_cache = self._cache
         self._cache = None  # free the activations as we go and forbid a second backward
         cfg = self.config
