@@ -69,10 +69,8 @@ class GptRunner:
     """gpt2np on the numpy or cupy backend."""
 
     def __init__(self, backend, cfg, B, T, precision, seed=0):
-        if backend == "cupy" and precision == "tf32":
-            os.environ.setdefault("CUPY_TF32", "1")  # read when cupy is imported
-        dtype = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16"}[precision]
-        self.model = GPT(cfg, backend=backend, dtype=dtype, seed=seed)
+        # float32 master weights always; precision is that of the matmuls (emulated on the CPU)
+        self.model = GPT(cfg, backend=backend, dtype="float32", precision=precision, seed=seed)
         self.be = self.model.backend
         self.opt = AdamW(self.model.params, lr=6e-4, weight_decay=0.1)
         rng = np.random.default_rng(seed)

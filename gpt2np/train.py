@@ -55,7 +55,7 @@ BETAS, EPS = (0.9, 0.95), 1e-8
 # on a 2-core CPU in under 10 minutes: measured 7 min 44 s to val loss 5.19 (torch: 5.20).
 # lr 2e-3 beat 1e-3 and 4e-3 on val loss at step 60 of this model.
 DEFAULTS = dict(
-    backend="numpy", dtype="float32",
+    backend="numpy", dtype="float32", precision="fp32",
     n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=16, total_batch_size=None,
     max_steps=600, lr=2e-3, min_lr=None, warmup_steps=30, weight_decay=0.1, grad_clip=1.0,
     eval_interval=100, eval_batches=None, random_batches=False, seed=0, init_from=None,
@@ -74,6 +74,7 @@ class TrainConfig:
     # run settings (None: default, or the checkpoint's when resuming)
     backend: str | None = None
     dtype: str | None = None
+    precision: str | None = None  # of the matmuls: fp32, tf32 or bf16 (numpy/cupy engines)
     n_layer: int | None = None
     n_head: int | None = None
     n_embd: int | None = None
@@ -146,10 +147,11 @@ class ArrayEngine:
         ctx.broadcast_params_(self.model.params)
 
     @classmethod
-    def create(cls, backend, model_cfg, params, dtype, lr, weight_decay):
+    def create(cls, backend, model_cfg, params, dtype, lr, weight_decay, precision="fp32"):
         from .model import GPT
 
-        return cls(GPT(model_cfg, backend=backend, dtype=dtype, params=params), lr, weight_decay)
+        return cls(GPT(model_cfg, backend=backend, dtype=dtype, precision=precision,
+                       params=params), lr, weight_decay)
 
     def zero_grad(self):
         self._fresh = True
@@ -321,6 +323,14 @@ def resolve(cfg: TrainConfig, stored: dict | None) -> dict:
         raise TrainError(f"--backend must be numpy, cupy or torch, got {run['backend']!r}")
     if run["dtype"] not in ("float32", "float64"):
         raise TrainError(f"--dtype must be float32 or float64, got {run['dtype']!r}")
+    if run["precision"] not in ("fp32", "tf32", "bf16"):
+        raise TrainError(f"--precision must be fp32, tf32 or bf16, got {run['precision']!r}")
+    if run["precision"] != "fp32" and run["dtype"] != "float32":
+        raise TrainError(f"--precision {run['precision']} rounds float32 matmul operands: it "
+                         f"needs --dtype float32, not {run['dtype']}")
+    if run["precision"] != "fp32" and run["backend"] == "torch":
+        raise TrainError("--precision applies to the numpy and cupy engines; the torch "
+                         "reference trains with full float32 or float64 matmuls")
     tokens_per_micro = run["batch_size"] * run["block_size"] * cfg.world_size
     if run["total_batch_size"] is None:
         run["total_batch_size"] = tokens_per_micro
@@ -498,7 +508,9 @@ def _train(cfg: TrainConfig, held: dict) -> TrainResult:
 
     if master:
         n_params = sum(int(np.prod(shape)) for shape in param_shapes(model_cfg).values())
-        _log(f"{run['backend']} {run['dtype']}: {model_cfg.n_layer} layers, {model_cfg.n_head} heads, "
+        _log(f"{run['backend']} {run['dtype']}"
+             + (f" ({run['precision']} matmuls)" if run["precision"] != "fp32" else "")
+             + f": {model_cfg.n_layer} layers, {model_cfg.n_head} heads, "
              f"{model_cfg.n_embd} dims, {n_params / 1e6:.2f}M params | {n_train:,} train / "
              f"{n_val:,} val tokens | batch {B}x{T}, {grad_accum} micro-step(s)"
              + (f" x {W} ranks ({ctx.backend})" if W > 1 else "")
@@ -658,10 +670,11 @@ def _make_engine(run, model_cfg, params, pretrained_model, device="cpu"):
         return TorchEngine(model_cfg, params, run["dtype"], run["lr"], run["weight_decay"],
                            device=device)
     if pretrained_model is not None:
+        pretrained_model.precision = run["precision"]
         return ArrayEngine(pretrained_model, run["lr"], run["weight_decay"])
     try:
         return ArrayEngine.create(run["backend"], model_cfg, params, run["dtype"], run["lr"],
-                                  run["weight_decay"])
+                                  run["weight_decay"], run["precision"])
     except RuntimeError as e:  # get_backend("cupy") without CuPy or a GPU: an install hint
         raise TrainError(f"--backend {run['backend']}: {e}") from e
 
@@ -758,6 +771,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--n-head", type=int, help=f"default {d['n_head']}")
     a("--n-embd", type=int, help=f"default {d['n_embd']}")
     a("--dtype", choices=["float32", "float64"], help=f"default {d['dtype']}")
+    a("--precision", choices=["fp32", "tf32", "bf16"],
+      help="of the matmuls (float32 weights and statistics either way; bf16/tf32 run on the "
+           f"GPU's tensor cores with cupy, emulated on the CPU) (default {d['precision']})")
     a("--lr", type=float, help=f"peak learning rate (default {d['lr']})")
     a("--min-lr", type=float, help="final learning rate of the cosine (default lr/10)")
     a("--warmup-steps", type=int, help=f"linear warmup steps (default {d['warmup_steps']})")
