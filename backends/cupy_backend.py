@@ -1,11 +1,23 @@
 """The CuPy backend: xp = cupy, parameters and activations on an NVIDIA GPU.
 
 The model code is the same `gpt2np` layer code as on the CPU; only the primitives that the
-array API lacks live here.
+array API lacks live here, with two ways to go faster than plain CuPy:
+  - every matmul is one cuBLAS GEMM (strided-batched for attention's per-head products) in
+    the precision asked for: float32, TF32, or bfloat16 operands with float32 accumulation
+    and a float32 result, on the tensor cores (backends/gemm.py maps the layouts);
+  - fused kernels for LayerNorm, GELU, the softmax cross-entropy, the embedding backward
+    and AdamW (backends/cupy_kernels.py, backends/cuda/*.cu), which the layers use for
+    float32 work. GPT2NP_FUSED=0 in the environment (or `backend.fused = False`) turns
+    them off, leaving the reference layer code on CuPy arrays.
 """
 from __future__ import annotations
 
+import math
+import os
+
 import numpy as np
+
+from . import gemm
 
 _INSTALL_HINT = (
     "the cupy backend needs CuPy and an NVIDIA GPU with a working CUDA driver; install the "
@@ -27,14 +39,26 @@ def _import_cupy():
     return cupy
 
 
+# cuBLAS / CUDA enum values (cublas_api.h, library_types.h; unchanged since CUDA 11)
+_CUDA_R_32F, _CUDA_R_16BF = 0, 14
+_CUBLAS_COMPUTE_32F, _CUBLAS_COMPUTE_32F_FAST_TF32 = 68, 77
+_CUBLAS_GEMM_DEFAULT = -1
+_ONE = np.ones((), dtype=np.float32)  # alpha and beta, read from host memory by cuBLAS
+_ZERO = np.zeros((), dtype=np.float32)
+
+
 class CupyBackend:
     name = "cupy"
 
     def __init__(self):
         self.xp = _import_cupy()
         import cupyx
+        from cupy_backends.cuda.libs import cublas
 
         self._cupyx = cupyx
+        self._cublas = cublas
+        self.fused = os.environ.get("GPT2NP_FUSED", "1") != "0"
+        self._kernels = None
 
     def asarray(self, a, dtype=None):
         return self.xp.asarray(a, dtype=dtype)  # host -> device copy when `a` is on the host
@@ -48,6 +72,98 @@ class CupyBackend:
 
     def synchronize(self):
         self.xp.cuda.Device().synchronize()
+
+    # ------------------------------------------------------------------ fused kernels
+
+    def kernels(self):
+        """backends.cupy_kernels, or None when fused kernels are turned off."""
+        if not self.fused:
+            return None
+        if self._kernels is None:
+            from . import cupy_kernels
+
+            self._kernels = cupy_kernels
+        return self._kernels
+
+    # ------------------------------------------------------------------ matmul
+
+    def matmul(self, a, b, out=None, precision="fp32"):
+        """a (..., M, K) @ b (..., K, N) -> float32 (..., M, N) as one cuBLAS call.
+
+        fp32: float32 GEMM; tf32: float32 operands read as TF32 by the tensor cores; bf16:
+        the operands cast to bfloat16 (round to nearest even), float32 accumulation and
+        result. Leading (batch) axes must match; operands whose batch axes do not collapse
+        to one stride (attention's q, k, v views of qkv) are copied first.
+        """
+        cp = self.xp
+        if a.dtype != cp.float32 or b.dtype != cp.float32:
+            if precision != "fp32":
+                raise TypeError(f"precision {precision!r} needs float32 operands, got "
+                                f"{a.dtype} and {b.dtype}")
+            return cp.matmul(a, b, out=out)  # float64: CuPy's own (DGEMM)
+        if (a.ndim < 2 or a.ndim != b.ndim or a.shape[:-2] != b.shape[:-2]
+                or a.shape[-1] != b.shape[-2] or 0 in a.shape or 0 in b.shape):
+            if precision != "fp32":
+                raise ValueError(f"matmul in {precision} takes (..., M, K) @ (..., K, N) with "
+                                 f"equal batch axes, got {a.shape} @ {b.shape}")
+            return cp.matmul(a, b, out=out)
+        if precision == "bf16":
+            a, b = self.to_bf16(a), self.to_bf16(b)
+            ab_type, compute = _CUDA_R_16BF, _CUBLAS_COMPUTE_32F
+        elif precision == "tf32":
+            ab_type, compute = _CUDA_R_32F, _CUBLAS_COMPUTE_32F_FAST_TF32
+        elif precision == "fp32":
+            ab_type, compute = _CUDA_R_32F, _CUBLAS_COMPUTE_32F
+        else:
+            raise ValueError(f"unknown precision {precision!r}")
+        a, la = self._gemm_operand(a)
+        b, lb = self._gemm_operand(b)
+        call = gemm.plan(a.shape, la, b.shape, lb)
+        shape = a.shape[:-2] + (a.shape[-2], b.shape[-1])
+        c = out
+        if (c is None or c.dtype != cp.float32 or tuple(c.shape) != shape
+                or not c.flags.c_contiguous):
+            c = cp.empty(shape, dtype=cp.float32)  # cuBLAS writes C densely
+        self._cublas.gemmStridedBatchedEx(
+            self.xp.cuda.device.get_cublas_handle(), call.transa, call.transb,
+            call.m, call.n, call.k, _ONE.ctypes.data,
+            b.data.ptr, ab_type, call.lda, call.stride_a,  # cuBLAS's A is our b (gemm.py)
+            a.data.ptr, ab_type, call.ldb, call.stride_b,
+            _ZERO.ctypes.data, c.data.ptr, _CUDA_R_32F, call.ldc, call.stride_c,
+            call.batch, compute, _CUBLAS_GEMM_DEFAULT)
+        if out is not None and c is not out:
+            out[...] = c  # a strided out= (a slice of y or dq): one copy
+            return out
+        return c
+
+    def _gemm_operand(self, x):
+        lay = gemm.operand_layout(x.shape, x.strides, x.itemsize)
+        if lay is None:
+            x = self.xp.ascontiguousarray(x)
+            lay = gemm.operand_layout(x.shape, x.strides, x.itemsize)
+        return x, lay
+
+    def to_bf16(self, x):
+        """float32 x -> its bfloat16 bits (uint16), same shape. A C-contiguous x, or a
+        transposed view of one (weight.T, att^T), keeps its layout: no extra copy."""
+        cp = self.xp
+        if not x.flags.c_contiguous and x.ndim >= 2 and x.swapaxes(-1, -2).flags.c_contiguous:
+            return self.to_bf16(x.swapaxes(-1, -2)).swapaxes(-1, -2)
+        x = cp.ascontiguousarray(x)
+        y = cp.empty(x.shape, dtype=cp.uint16)
+        n = x.size
+        if n:
+            threads = 256
+            blocks = min(math.ceil(n / threads), 65535 * 4)
+            kernel = _load("convert.cu").get_function("f32_to_bf16")
+            kernel((blocks,), (threads,), (x, y, np.int64(n)))
+        return y
+
+
+def _load(filename):
+    from .cupy_kernels import load_module
+
+    return load_module(filename)
 
 
 _BACKEND = None
