@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -76,13 +77,16 @@ class CupyBackend:
     # ------------------------------------------------------------------ fused kernels
 
     def kernels(self):
-        """backends.cupy_kernels, or None when fused kernels are turned off."""
+        """The fused kernels (backends.cupy_kernels, and attention from backends.cupy_attention)
+        as one namespace, or None when they are turned off."""
         if not self.fused:
             return None
         if self._kernels is None:
-            from . import cupy_kernels
+            from . import cupy_attention, cupy_kernels
 
-            self._kernels = cupy_kernels
+            ops = {k: v for k, v in vars(cupy_kernels).items() if not k.startswith("_")}
+            ops["attention_forward"] = cupy_attention.attention_forward
+            self._kernels = SimpleNamespace(**ops)
         return self._kernels
 
     # ------------------------------------------------------------------ matmul

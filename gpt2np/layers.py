@@ -220,6 +220,9 @@ def _causal_scores(qs, k, r0, r1):
 
 def attention_forward(qkv, n_head):
     # qkv (B,T,3C) -> y (B,T,C)
+    k = _kernels(qkv)
+    if k is not None and hasattr(k, "attention_forward"):
+        return k.attention_forward(qkv, n_head)
     xp = get_xp(qkv)
     B, T, C3 = qkv.shape
     C = C3 // 3
@@ -251,6 +254,8 @@ def attention_forward(qkv, n_head):
 
 def attention_backward(dy, cache):
     # dy (B,T,C) -> dqkv (B,T,3C)
+    if isinstance(cache, KernelCache):
+        return cache.backward(dy, cache)
     qs, k, v, y, lse, scale = cache
     xp = get_xp(dy)
     B, NH, T, hs = qs.shape

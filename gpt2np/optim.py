@@ -53,6 +53,8 @@ class AdamW:
         bias2 = 1.0 - b2 ** self.t
         step_size = lr / bias1
         sqrt_bias2 = math.sqrt(bias2)
+        if self._fused_step(grads, lr, step_size, sqrt_bias2):
+            return
         for name, p in self.params.items():
             decay = 1.0 - lr * self.weight_decay if self.decays(name) else 1.0
             xp = backend_of(p).xp
@@ -69,6 +71,24 @@ class AdamW:
             for i in range(0, p1.size, step):
                 self._update(xp, p1[i:i + step], g1[i:i + step], m1[i:i + step], v1[i:i + step],
                              decay, step_size, sqrt_bias2)
+
+    def _fused_step(self, grads, lr, step_size, sqrt_bias2) -> bool:
+        """The whole update in a few kernel launches, where the backend has such a kernel
+        (CuPy: a multi-tensor AdamW, same arithmetic as _update); False where it has not."""
+        first = next(iter(self.params.values()), None)
+        be = backend_of(first) if first is not None else None
+        k = be.kernels() if hasattr(be, "kernels") and first.dtype == np.float32 else None
+        if k is None or not hasattr(k, "adamw_update"):
+            return False
+        names = list(self.params)
+        if not all(self.params[n].flags.c_contiguous and grads[n].flags.c_contiguous
+                   and self.params[n].dtype == grads[n].dtype == first.dtype for n in names):
+            return False
+        decays = [1.0 - lr * self.weight_decay if self.decays(n) else 1.0 for n in names]
+        k.adamw_update([self.params[n] for n in names], [grads[n] for n in names],
+                       [self.m[n] for n in names], [self.v[n] for n in names], decays,
+                       self.beta1, self.beta2, self.eps, step_size, sqrt_bias2)
+        return True
 
     def _update(self, xp, p, g, m, v, decay, step_size, sqrt_bias2):
         b1, b2 = self.beta1, self.beta2

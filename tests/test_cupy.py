@@ -122,3 +122,164 @@ def test_short_training_on_cupy_tracks_numpy():
             losses[backend].append(float(loss))
     assert losses["cupy"][-1] < losses["cupy"][0] - 0.5  # it learns
     np.testing.assert_allclose(losses["cupy"], losses["numpy"], rtol=2e-3)
+
+
+@pytest.fixture
+def unfused():
+    """The reference layer code on CuPy arrays, fused kernels off, for this test only."""
+    from backends import get_backend
+
+    be = get_backend("cupy")
+    old, be.fused = be.fused, False
+    yield be
+    be.fused = old
+
+
+def _gemm_cases(cp, rng):
+    M, K, N = 48, 40, 24
+    qkv = cp.asarray(rng.standard_normal((2, 16, 3 * 4 * 8)), dtype=cp.float32)
+    q, k, v = qkv.reshape(2, 16, 3, 4, 8).transpose(2, 0, 3, 1, 4)
+    f = lambda *s: cp.asarray(rng.standard_normal(s), dtype=cp.float32)  # noqa: E731
+    return {
+        "contiguous": (f(M, K), f(K, N)),
+        "x @ W.T": (f(M, K), f(N, K).T),
+        "x.T @ dout": (f(K, M).T, f(K, N)),
+        "wide row stride": (f(M, 2 * K)[:, 5:5 + K], f(K, N)),
+        "batched 4-D": (f(2, 3, M, K), f(2, 3, K, N)),
+        "att^T @ dy": (f(2, 3, N, M).transpose(0, 1, 3, 2), f(2, 3, N, K)),
+        "q @ k^T (strided heads)": (q, k.transpose(0, 1, 3, 2)),
+        "P @ v (strided heads)": (f(2, 4, 16, 16), v),
+    }
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision,rtol", [("fp32", 1e-5), ("tf32", 3e-3), ("bf16", 1e-5)])
+def test_cublas_matmul_in_every_layout_and_precision(precision, rtol):
+    # bf16: exactly the float64 product of the bf16-rounded operands, up to float32
+    # accumulation; tf32: the hardware's own rounding of the operands, within 2^-11 each
+    cp = _cp()
+    from backends import get_backend
+    from backends.numpy_backend import round_mantissa
+
+    be = get_backend("cupy")
+    rng = np.random.default_rng(0)
+    for name, (a, b) in _gemm_cases(cp, rng).items():
+        c = be.matmul(a, b, precision=precision)
+        a64, b64 = cp.asnumpy(a), cp.asnumpy(b)
+        if precision == "bf16":
+            a64, b64 = round_mantissa(a64, 7), round_mantissa(b64, 7)
+        ref = a64.astype(np.float64) @ b64.astype(np.float64)
+        assert c.dtype == cp.float32
+        assert_close(cp.asnumpy(c), ref, rtol, f"{name} {precision}")
+        out = cp.zeros(ref.shape[:-1] + (ref.shape[-1] + 3,), dtype=cp.float32)[..., 1:-2]
+        be.matmul(a, b, out=out, precision=precision)  # a strided out=
+        assert_close(cp.asnumpy(out), ref, rtol, f"{name} {precision} out=")
+
+
+@pytest.mark.gpu
+def test_attention_kernels_match_their_numpy_specification():
+    cp = _cp()
+    from backends.cupy_attention import gpu_ops, numpy_ops
+
+    rng = np.random.default_rng(0)
+    gpu, ref = gpu_ops(), numpy_ops()
+    for T in (1, 7, 300, 1024):
+        S = (3 * rng.standard_normal((2, 3, T, T))).astype(np.float32)
+        P_ref, P = S.astype(np.float64), cp.asarray(S)
+        lse_ref, lse = ref.causal_softmax(P_ref), gpu.causal_softmax(P)
+        assert_close(cp.asnumpy(P), P_ref, 1e-6, f"P T={T}")
+        assert_close(cp.asnumpy(lse), lse_ref, 1e-6, f"lse T={T}")
+        R = cp.asarray(S)
+        gpu.softmax_recompute(R, lse)
+        assert_close(cp.asnumpy(R), P_ref, 1e-5, f"recomputed P T={T}")
+        dP = rng.standard_normal((2, 3, T, T)).astype(np.float32)
+        D = rng.standard_normal((2, 3, T)).astype(np.float32)
+        dS_ref, dS = dP.astype(np.float64), cp.asarray(dP)
+        ref.softmax_backward(dS_ref, P_ref, D.astype(np.float64))
+        gpu.softmax_backward(dS, P, cp.asarray(D))
+        assert_close(cp.asnumpy(dS), dS_ref, 1e-5, f"dS T={T}")
+
+
+@pytest.mark.gpu
+def test_layers_on_cupy_without_fused_kernels(unfused):
+    for name in ("layernorm", "gelu", "attention"):
+        test_layer_cupy_fp32_matches_numpy_fp64(name)
+
+
+@pytest.mark.gpu
+def test_fused_and_reference_layers_give_the_same_model(unfused):
+    cp = _cp()
+    cfg = GPTConfig(block_size=64, vocab_size=300, n_layer=2, n_head=4, n_embd=64)
+    rng = np.random.default_rng(0)
+    idx, targets = rng.integers(0, 300, (4, 64)), rng.integers(0, 300, (4, 64))
+    results = {}
+    for fused in (False, True):
+        unfused.fused = fused
+        model = GPT(cfg, backend="cupy", seed=1)
+        _, loss = model.forward(idx, targets)
+        results[fused] = (float(loss), {k: cp.asnumpy(v) for k, v in model.backward().items()})
+    assert_close(results[True][0], results[False][0], 1e-6, "loss")
+    assert_grads_close(results[True][1], results[False][1], 1e-5, "fused vs reference")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_model_in_low_precision_on_gpu(precision):
+    # against the float64 oracle within the tolerance of the format (as on the CPU), and for
+    # bf16 against the CPU's emulation of the same rounding
+    cfg = GPTConfig(block_size=32, vocab_size=96, n_layer=2, n_head=4, n_embd=64)
+    ref = GPT(cfg, dtype="float64", seed=0)
+    emu = GPT(cfg, dtype="float32", precision=precision, params=ref.state_dict())
+    gpu = GPT(cfg, backend="cupy", precision=precision, params=ref.state_dict())
+    rng = np.random.default_rng(0)
+    idx, targets = rng.integers(0, 96, (3, 32)), rng.integers(0, 96, (3, 32))
+    out = {}
+    for name, m in (("ref", ref), ("emu", emu), ("gpu", gpu)):
+        logits, loss = m.forward(idx, targets)
+        out[name] = (m.backend.to_host(logits).copy(),
+                     {k: m.backend.to_host(v).copy() for k, v in m.backward().items()})
+    tol = {"tf32": (5e-3, 2e-2), "bf16": (3e-2, 1e-1)}[precision]
+    assert_close(out["gpu"][0], out["ref"][0], tol[0], "logits vs float64")
+    assert_grads_close(out["gpu"][1], out["ref"][1], tol[1], "grads vs float64")
+    if precision == "bf16":
+        assert_close(out["gpu"][0], out["emu"][0], 1e-3, "logits vs CPU emulation")
+        assert_grads_close(out["gpu"][1], out["emu"][1], 1e-2, "grads vs CPU emulation")
+
+
+@pytest.mark.gpu
+def test_embedding_backward_is_deterministic_on_gpu():
+    cp = _cp()
+    rng = np.random.default_rng(0)
+    idx = cp.asarray(rng.integers(0, 5, (8, 256)))  # many repeats of few ids
+    wte = cp.asarray(rng.standard_normal((5, 64)), dtype=cp.float32)
+    wpe = cp.asarray(rng.standard_normal((256, 64)), dtype=cp.float32)
+    _, cache = L.embedding_forward(idx, wte, wpe)
+    dx = cp.asarray(rng.standard_normal((8, 256, 64)), dtype=cp.float32)
+    first = [cp.asnumpy(g) for g in L.embedding_backward(dx, cache)]
+    for _ in range(3):
+        again = [cp.asnumpy(g) for g in L.embedding_backward(dx, cache)]
+        for a, b in zip(first, again):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_train_shakespeare_on_cupy_end_to_end(tmp_path, precision):
+    from testdata import shakespeare_path
+
+    from gpt2np.train import main
+
+    data = shakespeare_path()
+    if not data.exists():
+        pytest.skip(f"no tiny Shakespeare at {data}")
+    rc = main(["--backend", "cupy", "--precision", precision, "--data", str(data),
+               "--out-dir", str(tmp_path / "run"), "--max-steps", "60", "--eval-interval", "30",
+               "--batch-size", "8", "--block-size", "64", "--no-progress", "--num-samples", "1",
+               "--sample-tokens", "8"])
+    assert rc == 0
+    import json
+
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    train = [r["train_loss"] for r in log]
+    assert train[-1] < train[0] - 1.0, train[::10]  # falling loss
+    assert log[-1]["val_loss"] < log[0]["train_loss"] - 1.0

@@ -1,0 +1,56 @@
+"""backends.cupy_attention, the GPU's attention, checked on the CPU: its orchestration (whole
+score matrices, batched GEMMs, the row operations) run with NumPy stand-ins for the kernels
+must equal the reference attention of gpt2np.layers, forward and backward. The kernels
+themselves are checked against the same stand-ins on a GPU (tests/test_cupy.py)."""
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from backends import KernelCache
+from backends.cupy_attention import attention_backward, attention_forward, numpy_ops
+from gpt2np import layers as L
+from gradcheck import assert_close
+
+
+@given(B=st.integers(1, 3), T=st.integers(1, 40), NH=st.integers(1, 4), hs=st.integers(1, 9),
+       seed=st.integers(0, 2**31 - 1))
+def test_whole_matrix_attention_equals_the_reference(B, T, NH, hs, seed):
+    rng = np.random.default_rng(seed)
+    qkv = rng.standard_normal((B, T, 3 * NH * hs))
+    dy = rng.standard_normal((B, T, NH * hs))
+    ref, ref_cache = L.attention_forward(qkv, NH)
+    ref_dqkv = L.attention_backward(dy, ref_cache)
+    ops = numpy_ops()
+    out, cache = attention_forward(qkv, NH, ops=ops)
+    assert isinstance(cache, KernelCache)
+    dqkv = cache.backward(dy, cache)  # how layers.attention_backward hands it over
+    assert out.shape == ref.shape and dqkv.shape == qkv.shape
+    assert_close(out, ref, 1e-12, "y")
+    assert_close(dqkv, ref_dqkv, 1e-12, "dqkv")
+
+
+def test_dispatch_through_the_layer_functions():
+    # layers.attention_backward must recognise this cache and hand the work over
+    rng = np.random.default_rng(0)
+    qkv = rng.standard_normal((2, 7, 3 * 8))
+    out, cache = attention_forward(qkv, 2, ops=numpy_ops())
+    dqkv = L.attention_backward(np.ones_like(out), cache)
+    ref = L.attention_backward(np.ones_like(out), L.attention_forward(qkv, 2)[1])
+    assert_close(dqkv, ref, 1e-12)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_whole_matrix_attention_in_low_precision(precision):
+    # both paths round the same GEMM operands (scores from q*scale and k, P, v, dy, dS), so
+    # they agree to float32 accumulation, not merely to bf16 tolerance
+    rng = np.random.default_rng(1)
+    qkv = rng.standard_normal((2, 33, 3 * 4 * 8)).astype(np.float32)
+    dy = rng.standard_normal((2, 33, 32)).astype(np.float32)
+    with L.matmul_precision(precision):
+        ref, ref_cache = L.attention_forward(qkv, 4)
+        ref_dqkv = L.attention_backward(dy, ref_cache)
+        out, cache = attention_forward(qkv, 4, ops=numpy_ops())
+        dqkv = attention_backward(dy, cache, ops=numpy_ops())
+    assert_close(out, ref, 1e-5, "y")
+    assert_close(dqkv, ref_dqkv, 1e-4, "dqkv")
