@@ -1,0 +1,191 @@
+"""The CuPy backend run on the CPU: its Python code, its fused kernels (built as C++ by the
+CUDA simulator in tests/cuda_sim) and its cuBLAS calls (a NumPy model of cuBLAS over raw
+memory), against the reference layers in float64. What only a GPU can show (NVRTC's build,
+real cuBLAS, races, speed) is in tests/test_cupy.py; tests/test_cuda_compile.py builds every
+kernel with NVRTC on the CPU."""
+import numpy as np
+import pytest
+
+import cuda_sim
+from cuda_sim import fake_cupy
+from gpt2np import GPT, AdamW, GPTConfig
+from gpt2np import layers as L
+from gradcheck import assert_close, assert_grads_close
+
+pytestmark = pytest.mark.skipif(not cuda_sim.available(), reason="the CUDA simulator needs g++")
+
+
+@pytest.fixture
+def cp(monkeypatch):
+    cp = fake_cupy.install(monkeypatch)
+    yield cp
+    fake_cupy.clear_caches()
+
+
+def dev(cp, a):
+    return cp.asarray(np.asarray(a, dtype=np.float32))
+
+
+def host(a):
+    return np.array(a, dtype=np.float64)
+
+
+def _check_layer(cp, fwd, bwd, inputs, rng, tol=(1e-5, 1e-4), name=""):
+    out64, cache64 = fwd(*inputs)
+    dout = rng.standard_normal(out64.shape)
+    g64 = bwd(dout, cache64)
+    out32, cache32 = fwd(*[dev(cp, a) for a in inputs])
+    assert type(out32).__module__ == "cupy" and out32.dtype == np.float32, name
+    g32 = bwd(dev(cp, dout), cache32)
+    assert_close(host(out32), out64, tol[0], f"{name} forward")
+    for i, (a, b) in enumerate(zip(g32, g64)):
+        assert_close(host(a), b, tol[1], f"{name} grad {i}")
+    return cache32
+
+
+def test_fused_layers_match_the_reference(cp):
+    from backends import KernelCache
+
+    rng = np.random.default_rng(0)
+    B, T, C, NH = 2, 9, 37, 1  # C odd and not a multiple of a warp
+    x = rng.standard_normal((B, T, C))
+    cache = _check_layer(cp, L.layernorm_forward, L.layernorm_backward,
+                         [x * 3 + 1, 1 + 0.1 * rng.standard_normal(C), 0.1 * rng.standard_normal(C)],
+                         rng, name="layernorm")
+    assert isinstance(cache, KernelCache)  # the fused kernel ran, not the reference
+    cache = _check_layer(cp, L.gelu_forward, lambda d, c: (L.gelu_backward(d, c),), [3 * x], rng,
+                         name="gelu")
+    assert isinstance(cache, KernelCache)
+    qkv = rng.standard_normal((B, T, 3 * 32))
+    cache = _check_layer(cp, lambda a: L.attention_forward(a, 4),
+                         lambda d, c: (L.attention_backward(d, c),), [qkv], rng, name="attention")
+    assert isinstance(cache, KernelCache)
+    _check_layer(cp, L.linear_forward, L.linear_backward,
+                 [x, 0.2 * rng.standard_normal((C, 3 * C)), 0.1 * rng.standard_normal(3 * C)],
+                 rng, name="linear (cuBLAS)")
+    _check_layer(cp, L.lm_head_forward, L.lm_head_backward,
+                 [x, 0.2 * rng.standard_normal((53, C))], rng, name="lm_head (cuBLAS)")
+
+
+def test_fused_cross_entropy(cp):
+    rng = np.random.default_rng(1)
+    V = 1001
+    logits = rng.standard_normal((2, 5, V)) * 4
+    targets = rng.integers(0, V, (2, 5))
+    targets[0, 1] = targets[1, 4] = -1  # ignored
+    loss64, c64 = L.cross_entropy_forward(logits, targets)
+    d64 = L.cross_entropy_backward(0.7, c64)
+    buf = cp.empty((2, 5, V), dtype=np.float32)
+    loss32, c32 = L.cross_entropy_forward(dev(cp, logits), cp.asarray(targets), out=buf)
+    d32 = L.cross_entropy_backward(0.7, c32)
+    assert_close(float(loss32), float(loss64), 1e-6, "loss")
+    assert d32.ctypes.data == buf.ctypes.data  # written into the buffer handed in
+    assert_close(host(d32), d64, 1e-5, "dlogits")
+    assert not host(d32)[0, 1].any()  # ignored rows get no gradient
+    none = cp.asarray(np.full((1, 3), -1))
+    with np.errstate(divide="ignore", invalid="ignore"):  # NumPy warns where CuPy does not
+        loss, _ = L.cross_entropy_forward(dev(cp, logits[:1, :3]), none)
+    assert np.isnan(float(loss))  # the mean over no tokens, as torch
+
+
+def test_fused_embedding_backward_accumulates_deterministically(cp):
+    rng = np.random.default_rng(2)
+    V, C, B, T = 7, 19, 3, 11
+    idx = rng.integers(0, V, (B, T))
+    idx[0, :5] = 3  # repeats
+    wte, wpe = rng.standard_normal((V, C)), rng.standard_normal((16, C))
+    dx = rng.standard_normal((B, T, C))
+    prior = rng.standard_normal((V, C))
+    _, c64 = L.embedding_forward(idx, wte, wpe)
+    dwte64, dwpe64 = L.embedding_backward(dx, c64, dwte=prior.copy())
+    _, c32 = L.embedding_forward(cp.asarray(idx), dev(cp, wte), dev(cp, wpe))
+    runs = []
+    for _ in range(2):
+        buf = dev(cp, prior)
+        dwte, dwpe = L.embedding_backward(dev(cp, dx), c32, dwte=buf)
+        assert dwte.ctypes.data == buf.ctypes.data  # accumulated into the given array
+        runs.append((host(dwte), host(dwpe)))
+    assert_close(runs[0][0], dwte64, 1e-6, "dwte")
+    assert_close(runs[0][1], dwpe64, 1e-6, "dwpe")
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+
+
+@pytest.mark.parametrize("precision,rtol", [("fp32", 1e-6), ("tf32", 1e-6), ("bf16", 1e-6)])
+def test_cublas_matmul_layouts(cp, precision, rtol):
+    # the backend's cuBLAS calls on the cuBLAS model: every layout the layers make, every
+    # precision, against float64 math on the operands rounded as the tensor cores see them
+    from backends import get_backend
+    from backends.numpy_backend import round_mantissa
+
+    be = get_backend("cupy")
+    rng = np.random.default_rng(3)
+    f = lambda *s: dev(cp, rng.standard_normal(s))  # noqa: E731
+    qkv = f(2, 6, 3 * 2 * 4)
+    q, k, v = qkv.reshape(2, 6, 3, 2, 4).transpose(2, 0, 3, 1, 4)
+    cases = {"contiguous": (f(5, 7), f(7, 3)), "x @ W.T": (f(5, 7), f(3, 7).T),
+             "x.T @ dout": (f(7, 5).T, f(7, 3)), "wide rows": (f(5, 14)[:, 2:9], f(7, 3)),
+             "batched": (f(2, 3, 5, 7), f(2, 3, 7, 4)),
+             "att^T @ dy": (f(2, 3, 7, 5).transpose(0, 1, 3, 2), f(2, 3, 7, 4)),
+             "q @ k^T": (q, k.transpose(0, 1, 3, 2)), "P @ v": (f(2, 2, 6, 6), v)}
+    bits = {"fp32": None, "tf32": 10, "bf16": 7}[precision]
+    for name, (a, b) in cases.items():
+        ra, rb = host(a), host(b)
+        if bits:
+            ra = round_mantissa(ra.astype(np.float32), bits).astype(np.float64)
+            rb = round_mantissa(rb.astype(np.float32), bits).astype(np.float64)
+        c = be.matmul(a, b, precision=precision)
+        assert_close(host(c), ra @ rb, rtol, f"{name} {precision}")
+        out = cp.zeros(c.shape[:-1] + (c.shape[-1] + 2,), dtype=np.float32)[..., 1:-1]
+        be.matmul(a, b, out=out, precision=precision)
+        assert_close(host(out), ra @ rb, rtol, f"{name} {precision} strided out=")
+
+
+def _tiny_model_run(backend, precision, params, steps=1):
+    cfg = GPTConfig(block_size=8, vocab_size=40, n_layer=2, n_head=2, n_embd=16)
+    model = GPT(cfg, backend=backend, dtype="float32" if backend == "cupy" or precision != "fp32"
+                else "float64", precision=precision, params=params)
+    rng = np.random.default_rng(4)
+    idx, targets = rng.integers(0, 40, (2, 8)), rng.integers(0, 40, (2, 8))
+    logits, loss = model.forward(idx, targets)
+    grads = {k: np.array(model.backend.to_host(v), dtype=np.float64)
+             for k, v in model.backward().items()}
+    return np.array(model.backend.to_host(logits), dtype=np.float64), float(loss), grads
+
+
+def test_whole_model_on_the_simulated_gpu(cp):
+    cfg = GPTConfig(block_size=8, vocab_size=40, n_layer=2, n_head=2, n_embd=16)
+    params = GPT(cfg, dtype="float64", seed=5).state_dict()
+    logits64, loss64, g64 = _tiny_model_run("numpy", "fp32", params)
+    logits, loss, g = _tiny_model_run("cupy", "fp32", params)
+    assert_close(logits, logits64, 1e-5, "logits")
+    assert_close(loss, loss64, 1e-6, "loss")
+    assert_grads_close(g, g64, 1e-4, "simulated cupy model")
+    # bf16: the same rounding as the CPU's emulation
+    logits_e, loss_e, g_e = _tiny_model_run("numpy", "bf16", params)
+    logits_b, loss_b, g_b = _tiny_model_run("cupy", "bf16", params)
+    assert_close(logits_b, logits_e, 1e-4, "bf16 logits vs CPU emulation")
+    assert_grads_close(g_b, g_e, 1e-3, "bf16 grads vs CPU emulation")
+
+
+def test_fused_adamw_matches_the_reference(cp, monkeypatch):
+    rng = np.random.default_rng(6)
+    shapes = {"w": (33, 17), "b": (17,), "e": (5, 3)}
+    host_params = {k: rng.standard_normal(s) for k, s in shapes.items()}
+    ref = {k: v.astype(np.float32) for k, v in host_params.items()}
+    gpu = {k: dev(cp, v) for k, v in host_params.items()}
+    opt_ref, opt_gpu = AdamW(ref, lr=1e-2), AdamW(gpu, lr=1e-2)
+    per_tensor = AdamW._update
+
+    def refuse_on_gpu(self, xp, p, *args):
+        assert type(p).__module__ != "cupy", "the GPU update must be the fused kernel"
+        return per_tensor(self, xp, p, *args)
+
+    monkeypatch.setattr(AdamW, "_update", refuse_on_gpu)
+    for step in range(3):
+        grads = {k: rng.standard_normal(s) for k, s in shapes.items()}
+        opt_ref.step({k: g.astype(np.float32) for k, g in grads.items()})
+        opt_gpu.step({k: dev(cp, g) for k, g in grads.items()})
+    for k in shapes:
+        assert_close(host(gpu[k]), ref[k], 1e-6, f"param {k}")
+        assert_close(host(opt_gpu.m[k]), opt_ref.m[k], 1e-6, f"m {k}")
+        assert_close(host(opt_gpu.v[k]), opt_ref.v[k], 1e-6, f"v {k}")
