@@ -56,12 +56,13 @@ BETAS, EPS = (0.9, 0.95), 1e-8
 # lr 2e-3 beat 1e-3 and 4e-3 on val loss at step 60 of this model.
 DEFAULTS = dict(
     backend="numpy", dtype="float32", precision="fp32",
-    n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=16, total_batch_size=None,
+    n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=50257, batch_size=16,
+    total_batch_size=None,
     max_steps=600, lr=2e-3, min_lr=None, warmup_steps=30, weight_decay=0.1, grad_clip=1.0,
     eval_interval=100, eval_batches=None, random_batches=False, seed=0, init_from=None,
 )
 # Changing these on resume would change what the checkpointed state means: refuse.
-MUST_MATCH = ("dtype", "n_layer", "n_head", "n_embd", "block_size", "batch_size",
+MUST_MATCH = ("dtype", "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size",
               "total_batch_size", "random_batches", "seed", "init_from")
 
 
@@ -79,6 +80,7 @@ class TrainConfig:
     n_head: int | None = None
     n_embd: int | None = None
     block_size: int | None = None
+    vocab_size: int | None = None  # >= 50257; 50304 (a multiple of 128) is faster on a GPU
     batch_size: int | None = None
     total_batch_size: int | None = None  # tokens per optimizer step (None: one micro-batch)
     max_steps: int | None = None
@@ -323,6 +325,9 @@ def resolve(cfg: TrainConfig, stored: dict | None) -> dict:
         raise TrainError(f"--backend must be numpy, cupy or torch, got {run['backend']!r}")
     if run["dtype"] not in ("float32", "float64"):
         raise TrainError(f"--dtype must be float32 or float64, got {run['dtype']!r}")
+    if run["vocab_size"] < 50257:
+        raise TrainError(f"--vocab-size {run['vocab_size']} is smaller than GPT-2's 50257 "
+                         "tokens; pad it up (50304 is a multiple of 128), never down")
     if run["precision"] not in ("fp32", "tf32", "bf16"):
         raise TrainError(f"--precision must be fp32, tf32 or bf16, got {run['precision']!r}")
     if run["precision"] != "fp32" and run["dtype"] != "float32":
@@ -627,8 +632,13 @@ def _initial_model(run, ckpt):
         return model_cfg, ckpt.params, None
     if run["init_from"]:
         model = _from_pretrained(run["init_from"], run)
+        if model.config.vocab_size != run["vocab_size"]:
+            raise TrainError(f"--init-from {run['init_from']} has a vocabulary of "
+                             f"{model.config.vocab_size}, not --vocab-size {run['vocab_size']}")
         return model.config, None, model
-    model_cfg = GPTConfig(block_size=run["block_size"], vocab_size=50257,
+    # rows past 50257 are padding (as llm.c, nanoGPT's 50304): no token ever has those ids,
+    # so the softmax only learns to give them no mass
+    model_cfg = GPTConfig(block_size=run["block_size"], vocab_size=run["vocab_size"],
                           n_layer=run["n_layer"], n_head=run["n_head"], n_embd=run["n_embd"])
     return model_cfg, init_params(model_cfg, run["seed"], run["dtype"]), None
 
@@ -734,7 +744,8 @@ def _samples(engine, run, model_cfg, cfg, prompt="\n", temperature=1.0, top_k=50
     idx = np.array([enc.encode_ordinary(prompt)] * cfg.num_samples, dtype=np.int64)
     ctx = min(run["block_size"], model_cfg.block_size)
     for _ in range(cfg.sample_tokens):
-        logits = engine.last_logits(idx[:, -ctx:]) / temperature  # (N, V)
+        logits = engine.last_logits(idx[:, -ctx:])[:, :enc.n_vocab] / temperature  # (N, V)
+        # (a padded vocabulary's extra rows are no tokens: never sample them)
         kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]
         logits = np.where(logits < kth, -np.inf, logits)
         probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
@@ -767,6 +778,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-steps", type=int, help=f"optimizer steps (default {d['max_steps']})")
     a("--batch-size", type=int, help=f"sequences per micro-batch (default {d['batch_size']})")
     a("--block-size", type=int, help=f"tokens per sequence (default {d['block_size']})")
+    a("--vocab-size", type=int,
+      help=f"embedding rows, >= 50257; 50304 pads to a multiple of 128 for GPU speed "
+           f"(default {d['vocab_size']})")
     a("--n-layer", type=int, help=f"default {d['n_layer']}")
     a("--n-head", type=int, help=f"default {d['n_head']}")
     a("--n-embd", type=int, help=f"default {d['n_embd']}")

@@ -283,3 +283,27 @@ def test_init_from_pretrained(tmp_path, token_cache):
     x, y = T.BatchLoader(T.split(T.load_tokens(shakespeare_path(), cache=token_cache))[0], 4, 16).next_batch()
     _, loss = src.forward(x, y)
     assert res.records[0]["train_loss"] == pytest.approx(float(loss), rel=1e-6)  # started from it
+
+
+def test_padded_vocab_and_bf16_matmuls(tmp_path, token_cache):
+    # GPT-2's 50257 tokens padded to 50304 rows, matmuls in (emulated) bf16: it learns, the
+    # padded rows are in the checkpoint, samples decode (padding ids are never sampled)
+    out = tmp_path / "run"
+    res = train(tiny(out, token_cache, vocab_size=50304, precision="bf16", max_steps=12,
+                     num_samples=2, sample_tokens=6))
+    assert res.status == "done" and len(res.samples) == 2
+    log = _log(out)
+    assert log[0]["train_loss"] == pytest.approx(np.log(50304), abs=0.1)
+    assert log[-1]["train_loss"] < log[0]["train_loss"] - 1.0
+    assert load_file(out / "ckpt.safetensors")["transformer.wte.weight"].shape == (50304, 16)
+    with pytest.raises(TrainError, match="vocab_size: checkpoint 50304, now 50257"):
+        train(tiny(out, token_cache, resume=True, vocab_size=50257))
+
+
+def test_bad_vocab_size_and_precision(tmp_path, token_cache):
+    with pytest.raises(TrainError, match="smaller than GPT-2's 50257"):
+        train(tiny(tmp_path / "a", token_cache, vocab_size=1000))
+    with pytest.raises(TrainError, match="needs --dtype float32"):
+        train(tiny(tmp_path / "b", token_cache, dtype="float64", precision="bf16"))
+    with pytest.raises(TrainError, match="numpy and cupy engines"):
+        train(tiny(tmp_path / "c", token_cache, backend="torch", precision="bf16"))
