@@ -1,0 +1,295 @@
+"""The fused CUDA kernels (backends/cupy_kernels.py) against the reference layers and AdamW.
+
+Every test needs CuPy and a GPU (marked `gpu`: skipped without them, as in CI). Inputs are
+rounded to float32 first, so the float64 reference sees exactly what the kernels see and
+the comparison measures only the kernels' float32 arithmetic.
+"""
+import math
+
+import numpy as np
+import pytest
+
+from backends import KernelCache
+from gpt2np import layers as L
+from gpt2np.optim import AdamW
+from gradcheck import assert_close
+
+pytestmark = pytest.mark.gpu
+
+
+def _cp():
+    import cupy
+
+    return cupy
+
+
+def _K():
+    from backends import cupy_kernels
+
+    return cupy_kernels
+
+
+def _f32(a):
+    """(float64 copy of a rounded to float32, the float32 cupy array)."""
+    cp = _cp()
+    a32 = np.asarray(a, dtype=np.float32)
+    return a32.astype(np.float64), cp.asarray(a32)
+
+
+def _host(a):
+    return _cp().asnumpy(a)
+
+
+# --------------------------------------------------------------------------------------
+# LayerNorm
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 37), (5, 768), (1, 1, 1600), (1025, 33), (3000, 64)])
+def test_layernorm_matches_reference(shape):
+    K = _K()
+    rng = np.random.default_rng(0)
+    C = shape[-1]
+    x64, x = _f32(2 * rng.standard_normal(shape) + 0.5)
+    w64, w = _f32(1 + 0.1 * rng.standard_normal(C))
+    b64, b = _f32(0.1 * rng.standard_normal(C))
+    dout64, dout = _f32(rng.standard_normal(shape))
+    out_ref, cache_ref = L.layernorm_forward(x64, w64, b64)
+    grads_ref = L.layernorm_backward(dout64, cache_ref)
+
+    out, cache = K.layernorm_forward(x, w, b)
+    assert isinstance(cache, KernelCache) and cache.backward is K.layernorm_backward
+    assert out.dtype == np.float32 and out.shape == shape
+    assert_close(_host(out), out_ref, 1e-5, "layernorm out")
+    grads = cache.backward(dout, cache)
+    for name, g, ref in zip(("dx", "dweight", "dbias"), grads, grads_ref):
+        assert g.dtype == np.float32
+        assert_close(_host(g), ref, 1e-5, f"layernorm {name}")
+    again = cache.backward(dout, cache)  # no atomics: bit-identical
+    for g, g2 in zip(grads, again):
+        assert np.array_equal(_host(g), _host(g2))
+
+
+def test_layernorm_copies_a_strided_input_and_rejects_float64():
+    cp, K = _cp(), _K()
+    rng = np.random.default_rng(1)
+    xt64, xt = _f32(rng.standard_normal((37, 6)))  # x = xt.T: a (6, 37) strided view
+    w64, w = _f32(1 + 0.1 * rng.standard_normal(37))
+    b64, b = _f32(0.1 * rng.standard_normal(37))
+    out, _ = K.layernorm_forward(xt.T, w, b)
+    assert_close(_host(out), L.layernorm_forward(xt64.T, w64, b64)[0], 1e-5, "strided x")
+    with pytest.raises(ValueError, match="float32"):
+        K.layernorm_forward(xt.T.astype(cp.float64), w, b)
+    with pytest.raises(ValueError, match="weight"):
+        K.layernorm_forward(xt.T, w[:5], b)
+
+
+# --------------------------------------------------------------------------------------
+# GELU
+
+
+@pytest.mark.parametrize("shape", [(1,), (3, 37), (100003,)])
+def test_gelu_matches_reference(shape):
+    K = _K()
+    rng = np.random.default_rng(2)
+    x64, x = _f32(3 * rng.standard_normal(shape))
+    dout64, dout = _f32(rng.standard_normal(shape))
+    out_ref, cache_ref = L.gelu_forward(x64)
+    dx_ref = L.gelu_backward(dout64, cache_ref)
+    out, cache = K.gelu_forward(x)
+    assert isinstance(cache, KernelCache) and cache.backward is K.gelu_backward
+    assert_close(_host(out), out_ref, 1e-5, "gelu out")
+    assert_close(_host(cache.backward(dout, cache)), dx_ref, 1e-5, "gelu dx")
+
+
+# --------------------------------------------------------------------------------------
+# cross-entropy
+
+
+def _assert_loss_close(loss, ref):
+    # relative to max(1, |loss|): a small loss is a difference of two O(log V) terms
+    err = abs(float(loss) - float(ref))
+    assert err <= 1e-5 * max(1.0, abs(float(ref))), f"loss {float(loss)} vs {float(ref)}"
+
+
+def _ce_case(rng, B, T, V, ignored=0.3, shift=0.0):
+    logits = 3 * rng.standard_normal((B, T, V)) + shift
+    targets = rng.integers(0, V, (B, T))
+    targets[rng.random((B, T)) < ignored] = -1
+    return _f32(logits), targets
+
+
+@pytest.mark.parametrize("B,T,V", [(3, 7, 1001), (2, 5, 50304), (1, 3, 5), (2, 3, 1), (4, 33, 64)])
+@pytest.mark.parametrize("dloss", [1.0, 2.5, "device"])
+def test_cross_entropy_matches_reference(B, T, V, dloss):
+    cp, K = _cp(), _K()
+    rng = np.random.default_rng(3)
+    (logits64, logits), targets = _ce_case(rng, B, T, V)
+    targets[0, 0] = 0  # at least one counted row
+    d = 0.5 if dloss == "device" else dloss
+    loss_ref, cache_ref = L.cross_entropy_forward(logits64, targets)
+    dlogits_ref = L.cross_entropy_backward(d, cache_ref)
+
+    loss, cache = K.cross_entropy_forward(logits, cp.asarray(targets))
+    assert isinstance(loss, cp.ndarray) and loss.shape == () and loss.dtype == np.float32
+    assert isinstance(cache, KernelCache) and cache.backward is K.cross_entropy_backward
+    _assert_loss_close(loss, loss_ref)
+    dl = cache.backward(cp.asarray(d, dtype=cp.float32) if dloss == "device" else d, cache)
+    assert dl.shape == (B, T, V) and dl.dtype == np.float32
+    # on the scale of a row's weight dloss / n_valid: a confident row's p - 1 is far smaller
+    err = np.abs(_host(dl) - dlogits_ref).max() / (d / np.count_nonzero(targets != -1))
+    assert err <= 1e-5, f"dlogits: error {err:.2e} of the row weight"
+    assert not _host(dl)[targets == -1].any()  # ignored rows: exactly zero
+
+
+def test_cross_entropy_is_stable_for_large_logits_and_takes_int32_targets():
+    cp, K = _cp(), _K()
+    rng = np.random.default_rng(4)
+    (logits64, logits), targets = _ce_case(rng, 2, 9, 300, shift=1000.0)
+    loss_ref, cache_ref = L.cross_entropy_forward(logits64, targets)
+    loss, cache = K.cross_entropy_forward(logits, cp.asarray(targets, dtype=cp.int32))
+    _assert_loss_close(loss, loss_ref)
+    # logits near 1000 carry float32's 6e-5 spacing into exp(logit - lse): a looser bound
+    assert_close(_host(cache.backward(1.0, cache)), L.cross_entropy_backward(1.0, cache_ref), 1e-4,
+                 "dlogits")
+
+
+def test_cross_entropy_backward_writes_into_out():
+    cp, K = _cp(), _K()
+    rng = np.random.default_rng(5)
+    (logits64, logits), targets = _ce_case(rng, 2, 4, 77)
+    out = cp.full((2, 4, 77), cp.nan, dtype=cp.float32)
+    loss, cache = K.cross_entropy_forward(logits, cp.asarray(targets), out=out)
+    dl = cache.backward(1.0, cache)
+    assert dl is out
+    _, cache_ref = L.cross_entropy_forward(logits64, targets)
+    assert_close(_host(out), L.cross_entropy_backward(1.0, cache_ref), 1e-5, "dlogits in out")
+    with pytest.raises(ValueError, match="out"):
+        K.cross_entropy_forward(logits, cp.asarray(targets), out=cp.empty((2, 4, 76), dtype=cp.float32))
+
+
+def test_cross_entropy_all_ignored_is_nan_with_zero_gradient():
+    cp, K = _cp(), _K()
+    rng = np.random.default_rng(6)
+    _, logits = _f32(rng.standard_normal((2, 3, 40)))
+    loss, cache = K.cross_entropy_forward(logits, cp.full((2, 3), -1, dtype=cp.int64))
+    assert math.isnan(float(loss))  # as torch: the mean over no tokens
+    dl = _host(cache.backward(1.0, cache))
+    assert np.all(dl == 0)
+
+
+# --------------------------------------------------------------------------------------
+# token + position embedding backward
+
+
+@pytest.mark.parametrize("B,T,C", [(3, 13, 37), (2, 8, 768), (2, 5, 1100)])
+def test_embedding_backward_matches_reference_and_is_deterministic(B, T, C):
+    cp, K = _cp(), _K()
+    rng = np.random.default_rng(7)
+    V, block_size = 50, 16
+    idx = rng.integers(0, 10, (B, T))  # ids 0..9: many repeats
+    idx[0, :3] = [49, 20, 20]
+    wte64, _ = _f32(rng.standard_normal((V, C)))
+    wpe64, _ = _f32(rng.standard_normal((block_size, C)))
+    _, cache_ref = L.embedding_forward(idx, wte64, wpe64)
+    dx64, dx = _f32(rng.standard_normal((B, T, C)))
+    cache = (cp.asarray(idx), (V, C), (block_size, C))
+
+    dwte_ref, dwpe_ref = L.embedding_backward(dx64, cache_ref)
+    dwte, dwpe = K.embedding_backward(dx, cache)
+    assert dwte.shape == (V, C) and dwpe.shape == (block_size, C)
+    assert_close(_host(dwte), dwte_ref, 1e-5, "dwte")
+    assert_close(_host(dwpe), dwpe_ref, 1e-5, "dwpe")
+    dwte2, dwpe2 = K.embedding_backward(dx, cache)  # no atomics: bit-identical
+    assert np.array_equal(_host(dwte), _host(dwte2)) and np.array_equal(_host(dwpe), _host(dwpe2))
+
+    # accumulate into a given dwte (the tied lm_head's share)
+    head64, head = _f32(rng.standard_normal((V, C)))
+    dwte_acc, _ = K.embedding_backward(dx, cache, dwte=head)
+    assert dwte_acc is head
+    dwte_ref_acc, _ = L.embedding_backward(dx64, cache_ref, dwte=head64.copy())
+    assert_close(_host(dwte_acc), dwte_ref_acc, 1e-5, "dwte accumulated")
+
+
+def test_embedding_backward_one_long_run():
+    cp, K = _cp(), _K()
+    rng = np.random.default_rng(8)
+    B, T, C, V = 4, 64, 40, 7
+    idx = np.full((B, T), 3)  # every token the same id: one run of B*T rows
+    dx64, dx = _f32(rng.standard_normal((B, T, C)))
+    _, cache_ref = L.embedding_forward(idx, np.zeros((V, C)), np.zeros((T, C)))
+    dwte, dwpe = K.embedding_backward(dx, (cp.asarray(idx), (V, C), (T, C)))
+    dwte_ref, dwpe_ref = L.embedding_backward(dx64, cache_ref)
+    assert_close(_host(dwte), dwte_ref, 1e-5, "dwte")
+    assert_close(_host(dwpe), dwpe_ref, 1e-5, "dwpe")
+
+
+# --------------------------------------------------------------------------------------
+# AdamW
+
+
+_ADAM_SHAPES = {"a": (1,), "b": (37,), "c.w": (64, 33), "d.w": (3, 65536 + 5), "e": (200003,)}
+
+
+def test_adamw_update_matches_reference_adamw():
+    cp, K = _cp(), _K()
+    rng = np.random.default_rng(9)
+    params64 = {k: _f32(rng.standard_normal(s))[0] for k, s in _ADAM_SHAPES.items()}
+    opt = AdamW({k: p.copy() for k, p in params64.items()}, lr=1e-3, weight_decay=0.1)
+    names = list(params64)
+    ps = [cp.asarray(params64[k], dtype=cp.float32) for k in names]
+    ms = [cp.zeros_like(p) for p in ps]
+    vs = [cp.zeros_like(p) for p in ps]
+    b1, b2 = opt.beta1, opt.beta2
+    for t, lr in enumerate([1e-3, 6e-4, 2e-4], start=1):
+        grads64 = {k: _f32(rng.standard_normal(s))[0] for k, s in _ADAM_SHAPES.items()}
+        opt.step(grads64, lr=lr)
+        decays = [1.0 - lr * opt.weight_decay if opt.decays(k) else 1.0 for k in names]
+        K.adamw_update(ps, [cp.asarray(grads64[k], dtype=cp.float32) for k in names], ms, vs, decays,
+                       b1, b2, opt.eps, lr / (1.0 - b1 ** t), math.sqrt(1.0 - b2 ** t))
+        for i, k in enumerate(names):
+            assert_close(_host(ps[i]), opt.params[k], 1e-6, f"step {t} param {k}")
+            assert_close(_host(ms[i]), opt.m[k], 1e-6, f"step {t} m {k}")
+            assert_close(_host(vs[i]), opt.v[k], 1e-6, f"step {t} v {k}")
+
+
+def test_adamw_update_is_the_float32_reference_bit_for_bit():
+    # the kernel rounds every operation as the unfused float32 sequence of AdamW._update
+    # (here in numpy; no value comes near the denormals that CuPy's -ftz=true flushes)
+    cp, K = _cp(), _K()
+    rng = np.random.default_rng(10)
+    f = np.float32
+    b1, b2, eps, lr, wd = 0.9, 0.95, 1e-8, 3e-4, 0.1
+    shapes = list(_ADAM_SHAPES.values())
+    p_ref = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    m_ref = [0.1 * rng.standard_normal(s).astype(np.float32) for s in shapes]
+    v_ref = [rng.random(s).astype(np.float32) * f(0.01) for s in shapes]
+    g_ref = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    ps, ms, vs, gs = ([cp.asarray(a) for a in arrays] for arrays in (p_ref, m_ref, v_ref, g_ref))
+    decays = [1.0 - lr * wd if len(s) >= 2 else 1.0 for s in shapes]
+    t = 5
+    step_size, sqrt_bias2 = lr / (1.0 - b1 ** t), math.sqrt(1.0 - b2 ** t)
+    for _ in range(2):  # the second call reuses the cached pointer tables
+        K.adamw_update(ps, gs, ms, vs, decays, b1, b2, eps, step_size, sqrt_bias2)
+        for p, g, m, v, d in zip(p_ref, g_ref, m_ref, v_ref, decays):
+            if d != 1.0:
+                p *= f(d)
+            m *= f(b1)
+            m += g * f(1.0 - b1)
+            v *= f(b2)
+            v += (g * g) * f(1.0 - b2)
+            p -= (m / (np.sqrt(v) / f(sqrt_bias2) + f(eps))) * f(step_size)
+        for a, ref in zip(ps + ms + vs, p_ref + m_ref + v_ref):
+            assert np.array_equal(_host(a), ref)
+
+
+def test_adamw_update_checks_its_inputs():
+    cp, K = _cp(), _K()
+    p = cp.zeros((4, 6), dtype=cp.float32)
+    g, m, v = cp.ones_like(p), cp.zeros_like(p), cp.zeros_like(p)
+    with pytest.raises(ValueError, match="same length"):
+        K.adamw_update([p], [g], [m], [v], [1.0, 1.0], 0.9, 0.95, 1e-8, 1e-3, 1.0)
+    with pytest.raises(ValueError, match="contiguous"):
+        K.adamw_update([p.T], [g.T], [m.T], [v.T], [1.0], 0.9, 0.95, 1e-8, 1e-3, 1.0)
+    with pytest.raises(ValueError, match="shape"):
+        K.adamw_update([p], [g], [m[:2]], [v], [1.0], 0.9, 0.95, 1e-8, 1e-3, 1.0)
+    K.adamw_update([], [], [], [], [], 0.9, 0.95, 1e-8, 1e-3, 1.0)  # nothing to do
