@@ -280,3 +280,27 @@ def test_serial_blas_limits_and_restores_the_blas_threads():
     with NumpyBackend.serial_blas():
         assert all(n == 1 for n in blas_threads())
     assert blas_threads() == before
+
+
+def test_profile_step_accounts_for_the_step(capsys):
+    # examples/profile_step.py: every leaf layer timed, and the parts add up to the step
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "profile_step.py"
+    spec = importlib.util.spec_from_file_location("profile_step", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from gpt2np import AdamW
+    from gpt2np import layers as L
+
+    before = (L.linear_forward, AdamW.step)
+    assert mod.main(["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--vocab-size", "64",
+                     "-T", "8", "-B", "2", "--steps", "2", "--precision", "bf16"]) == 0
+    assert (L.linear_forward, AdamW.step) == before  # the timers are removed again
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: float(line.split()[1]) for line in out.splitlines()[2:]
+            if line and not line.startswith("(")}
+    for leaf in mod.LEAVES:
+        assert f"{leaf}_forward" in rows and f"{leaf}_backward" in rows, leaf
+    assert "adamw" in rows and "bf16" in out.splitlines()[0]
