@@ -137,12 +137,23 @@ class AdamW:
 
 
 def global_grad_norm(grads: dict) -> float:
-    """sqrt(sum of squares) over every gradient, accumulated in float64 on the host."""
+    """sqrt(sum of squares) over every gradient, the per-tensor sums added in float64.
+
+    On the GPU the sums stay on the device and are added there: one transfer to the host
+    per step instead of one synchronising transfer per tensor (148 for GPT-2)."""
     total = 0.0
+    device_total = None
     for g in grads.values():
         xp = backend_of(g).xp
         g2 = g.reshape(-1)
-        total += float(xp.dot(g2, g2))
+        sq = xp.dot(g2, g2)
+        if xp is np:
+            total += float(sq)
+        else:
+            sq = sq.astype(xp.float64)
+            device_total = sq if device_total is None else device_total + sq
+    if device_total is not None:
+        total += float(device_total)
     return math.sqrt(total)
 
 

@@ -189,3 +189,18 @@ def test_fused_adamw_matches_the_reference(cp, monkeypatch):
         assert_close(host(gpu[k]), ref[k], 1e-6, f"param {k}")
         assert_close(host(opt_gpu.m[k]), opt_ref.m[k], 1e-6, f"m {k}")
         assert_close(host(opt_gpu.v[k]), opt_ref.v[k], 1e-6, f"v {k}")
+
+
+def test_grad_norm_and_clipping_on_the_device(cp):
+    from gpt2np.optim import clip_grad_norm, global_grad_norm
+
+    rng = np.random.default_rng(7)
+    host_grads = {k: rng.standard_normal(s).astype(np.float32)
+                  for k, s in {"a": (30, 7), "b": (7,), "c": (3, 3, 3)}.items()}
+    gpu = {k: cp.asarray(v) for k, v in host_grads.items()}
+    expected = np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in host_grads.values()))
+    assert global_grad_norm(gpu) == pytest.approx(expected, rel=1e-6)
+    norm = clip_grad_norm(gpu, 1.0)
+    assert norm == pytest.approx(expected, rel=1e-6)
+    assert global_grad_norm(gpu) == pytest.approx(1.0, rel=1e-5)
+    assert type(gpu["a"]).__module__ == "cupy"  # scaled in place on the device
