@@ -33,9 +33,12 @@ SIM_GPU = not HAS_GPU and os.environ.get("GPT2NP_SIM_GPU") == "1"
 
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs CuPy and an NVIDIA GPU (or GPT2NP_SIM_GPU=1)")
+    too_slow = pytest.mark.skip(reason="too slow on the CUDA simulator (GPU only)")
     for item in items:
         if "gpu" in item.keywords and not HAS_GPU and not SIM_GPU:
             item.add_marker(skip)
+        elif SIM_GPU and "sim_slow" in item.keywords:
+            item.add_marker(too_slow)
 
 
 @pytest.fixture(autouse=True)

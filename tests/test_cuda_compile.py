@@ -37,9 +37,12 @@ def _call(fn, *args):
 
 def _read(size_fn, get_fn, prog):
     (size,) = _call(size_fn, prog)
-    buf = b" " * size
+    # a fresh, writable buffer: NVRTC writes into it. Never `b" " * size`: for size 1 that
+    # is CPython's shared one-byte b" " object, and overwriting it corrupts every b" " in
+    # the process (tiktoken's BPE tables among them)
+    buf = bytearray(size)
     _call(get_fn, prog, buf)
-    return buf.rstrip(b"\0")
+    return bytes(buf).rstrip(b"\0")
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,3 +115,11 @@ def test_every_kernel_the_wrappers_use_is_defined():
         assert cu in CU_FILES, f"KERNEL_NAMES names {cu}, which is not in backends/cuda"
         missing = sorted(names - entries(cu))
         assert not missing, f"kernels looked up but not defined in {cu}: {missing}"
+
+
+def test_compiling_leaves_python_objects_intact():
+    # NVRTC writes logs and PTX into buffers we hand it; they must be our own (a shared
+    # interned bytes object, once overwritten, broke the tokenizer for the whole test run)
+    for filename in CU_FILES:
+        compile_cu(filename, ARCHS[0])
+    assert bytes([32])[0] == 32 and b" ".decode() == " "

@@ -84,6 +84,7 @@ def test_cross_entropy_and_embedding_on_cupy():
 
 
 @pytest.mark.gpu
+@pytest.mark.sim_slow
 def test_model_cupy_fp32_matches_numpy_fp64():
     cp = _cp()
     cfg = GPTConfig(block_size=64, vocab_size=500, n_layer=2, n_head=4, n_embd=64)
@@ -102,6 +103,7 @@ def test_model_cupy_fp32_matches_numpy_fp64():
 
 
 @pytest.mark.gpu
+@pytest.mark.sim_slow
 def test_short_training_on_cupy_tracks_numpy():
     cfg = GPTConfig(block_size=32, vocab_size=100, n_layer=2, n_head=2, n_embd=32)
     rng = np.random.default_rng(0)
@@ -177,6 +179,7 @@ def test_cublas_matmul_in_every_layout_and_precision(precision, rtol):
 
 
 @pytest.mark.gpu
+@pytest.mark.sim_slow
 def test_attention_kernels_match_their_numpy_specification():
     cp = _cp()
     from backends.cupy_attention import gpu_ops, numpy_ops
@@ -207,6 +210,7 @@ def test_layers_on_cupy_without_fused_kernels(unfused):
 
 
 @pytest.mark.gpu
+@pytest.mark.sim_slow
 def test_fused_and_reference_layers_give_the_same_model(unfused):
     cp = _cp()
     cfg = GPTConfig(block_size=64, vocab_size=300, n_layer=2, n_head=4, n_embd=64)
@@ -263,6 +267,7 @@ def test_embedding_backward_is_deterministic_on_gpu():
 
 
 @pytest.mark.gpu
+@pytest.mark.sim_slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_train_shakespeare_on_cupy_end_to_end(tmp_path, precision):
     from testdata import shakespeare_path
