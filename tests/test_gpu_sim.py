@@ -204,3 +204,43 @@ def test_grad_norm_and_clipping_on_the_device(cp):
     assert norm == pytest.approx(expected, rel=1e-6)
     assert global_grad_norm(gpu) == pytest.approx(1.0, rel=1e-5)
     assert type(gpu["a"]).__module__ == "cupy"  # scaled in place on the device
+
+
+def test_training_script_on_the_simulated_gpu(cp, tmp_path):
+    # the cupy engine end to end: host batches to the device, accumulation, clipping, the
+    # fused AdamW, evaluation, a checkpoint of device arrays, resume, sampling
+    from testdata import shakespeare_path
+
+    from gpt2np.checkpoint import load_checkpoint
+    from gpt2np.train import TrainConfig, train
+
+    if not shakespeare_path().is_file():
+        pytest.skip(f"no tiny Shakespeare at {shakespeare_path()}")
+    kw = dict(data=str(shakespeare_path()), cache_dir=str(tmp_path / "cache"), backend="cupy",
+              n_layer=1, n_head=2, n_embd=16, block_size=8, batch_size=2, max_steps=4,
+              total_batch_size=2 * 2 * 8, lr=1e-2, warmup_steps=1, eval_interval=2,
+              eval_batches=1, vocab_size=50304, precision="bf16", progress=False)
+    first = train(TrainConfig(out_dir=str(tmp_path / "run"), num_samples=1, sample_tokens=3,
+                              stop_after=2, **kw))
+    assert first.status == "stopped" and first.step == 2
+    ckpt = load_checkpoint(tmp_path / "run" / "ckpt.safetensors")
+    assert type(ckpt.params["transformer.wte.weight"]) is np.ndarray  # saved from the host
+    rest = train(TrainConfig(out_dir=str(tmp_path / "run"), resume=True, num_samples=1,
+                             sample_tokens=3, **kw))
+    assert rest.status == "done" and rest.step == 4 and len(rest.samples) == 1
+    assert all(np.isfinite(r["train_loss"]) for r in rest.records)
+
+
+def test_bench_runner_on_the_simulated_gpu(cp):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "bench.py"
+    spec = importlib.util.spec_from_file_location("bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=2, n_embd=16)
+    runner = bench.GptRunner("cupy", cfg, 2, 8, "bf16")
+    losses = [runner.step() for _ in range(3)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert runner.label == "gpt2np-cupy bf16" and runner.model.precision == "bf16"

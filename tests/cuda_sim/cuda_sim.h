@@ -31,8 +31,43 @@ struct dim3 {
 namespace sim {
 enum State { RUNNABLE, AT_WARP_BARRIER, AT_BLOCK_BARRIER, DONE };
 
+// Switching threads: on x86-64 a hand-written switch of the stack pointer and the
+// callee-saved registers (swapcontext also saves the signal mask, a system call per switch:
+// ~50x slower); elsewhere ucontext.
+#if defined(__x86_64__)
+#define SIM_FAST_SWITCH 1
+extern "C" void gpt2np_sim_switch(void** save_sp, void* load_sp);
+asm(R"(
+    .text
+    .p2align 4
+    .hidden gpt2np_sim_switch
+    .globl gpt2np_sim_switch
+    .type gpt2np_sim_switch, @function
+gpt2np_sim_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size gpt2np_sim_switch, .-gpt2np_sim_switch
+)");
+#else
+#define SIM_FAST_SWITCH 0
+#endif
+
 struct Thread {
     ucontext_t ctx;
+    void* sp = nullptr;  // SIM_FAST_SWITCH: the saved stack pointer
     State state = RUNNABLE;
     dim3 idx;
 };
@@ -40,6 +75,7 @@ struct Thread {
 inline std::vector<Thread> threads;
 inline std::vector<char> stacks;
 inline ucontext_t scheduler;
+inline void* scheduler_sp = nullptr;
 inline int current = 0;
 inline std::function<void()> body;
 inline unsigned long long slots[1024];  // shuffle exchange, one per thread of the block
@@ -50,12 +86,43 @@ constexpr size_t STACK = 64 * 1024;
 
 inline void wait_at(State s) {
     threads[current].state = s;
+#if SIM_FAST_SWITCH
+    gpt2np_sim_switch(&threads[current].sp, scheduler_sp);
+#else
     swapcontext(&threads[current].ctx, &scheduler);
+#endif
 }
 
 inline void entry() {
     body();
     threads[current].state = DONE;  // then back to the scheduler through uc_link
+}
+
+#if SIM_FAST_SWITCH
+[[noreturn]] inline void trampoline() {
+    entry();
+    void* dead;
+    gpt2np_sim_switch(&dead, scheduler_sp);  // never resumed
+    __builtin_unreachable();
+}
+
+// a fresh stack that "returns" into trampoline() with 16-byte alignment as after a call
+inline void* initial_sp(char* stack_lo, size_t size) {
+    uintptr_t top = ((uintptr_t)(stack_lo + size)) & ~(uintptr_t)15;
+    void** sp = (void**)top;
+    *--sp = nullptr;                   // trampoline's (never used) return address
+    *--sp = (void*)&trampoline;        // popped by gpt2np_sim_switch's ret
+    for (int r = 0; r < 6; ++r) *--sp = nullptr;  // rbp rbx r12-r15
+    return sp;
+}
+#endif
+
+inline void resume(int t) {
+#if SIM_FAST_SWITCH
+    gpt2np_sim_switch(&scheduler_sp, threads[t].sp);
+#else
+    swapcontext(&scheduler, &threads[t].ctx);
+#endif
 }
 
 // run one block; 0 on success, 1 on a deadlock
@@ -66,11 +133,15 @@ inline int run_block(dim3 bidx) {
         Thread& th = threads[t];
         th.state = RUNNABLE;
         th.idx = {t % block_dim.x, (t / block_dim.x) % block_dim.y, t / (block_dim.x * block_dim.y)};
+#if SIM_FAST_SWITCH
+        th.sp = initial_sp(stacks.data() + (size_t)t * STACK, STACK);
+#else
         getcontext(&th.ctx);
         th.ctx.uc_stack.ss_sp = stacks.data() + (size_t)t * STACK;
         th.ctx.uc_stack.ss_size = STACK;
         th.ctx.uc_link = &scheduler;
         makecontext(&th.ctx, entry, 0);
+#endif
     }
     for (;;) {
         bool ran = false;
@@ -78,7 +149,7 @@ inline int run_block(dim3 bidx) {
             if (threads[t].state != RUNNABLE) continue;
             current = t;
             thread_idx = threads[t].idx;
-            swapcontext(&scheduler, &threads[t].ctx);
+            resume(t);
             ran = true;
         }
         if (ran) continue;
