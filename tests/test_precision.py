@@ -116,12 +116,13 @@ def _model_errors(precision, seed=0):
 def test_whole_model_within_bf16_and_tf32_tolerance_of_float64():
     # bf16 keeps 8 significant bits (relative rounding 2^-9 = 2e-3 per operand); errors of a
     # few times that survive a 2-layer model. tf32 keeps 11 bits: about 8x smaller.
+    # Measured (seeds 0-2): fp32 3e-7 / 7e-7, tf32 3e-4 / 9e-4, bf16 2e-3 / 9e-3 (logits / grads)
     fp32 = _model_errors("fp32")
     tf32 = _model_errors("tf32")
     bf16 = _model_errors("bf16")
     assert fp32[0] < 1e-5 and fp32[1] < 1e-4
-    assert tf32[0] < 5e-3 and tf32[1] < 2e-2, tf32
-    assert bf16[0] < 3e-2 and bf16[1] < 1e-1, bf16
+    assert tf32[0] < 2e-3 and tf32[1] < 5e-3, tf32
+    assert bf16[0] < 1e-2 and bf16[1] < 4e-2, bf16
     # ordered as their mantissas: the rounding is really applied in forward and backward
     assert fp32[0] < tf32[0] < bf16[0] and fp32[1] < tf32[1] < bf16[1], (fp32, tf32, bf16)
 

@@ -55,6 +55,13 @@ def _function(f):
     return wrapped
 
 
+def _asarray(a, dtype=None, order=None, **kw):
+    # host -> device is a copy on a GPU: a host array handed in must not share memory
+    if isinstance(a, ndarray):
+        return np.asarray(a, dtype=dtype, order=order).view(ndarray)
+    return np.array(a, dtype=dtype, order=order or "K", copy=True).view(ndarray)
+
+
 def _module_getattr(name):
     obj = getattr(np, name)
     if callable(obj) and not isinstance(obj, (type, np.ufunc)):
@@ -70,6 +77,7 @@ def _build():
     cp.__getattr__ = _module_getattr
     cp.ndarray = ndarray
     cp.asnumpy = lambda a: np.array(a).view(np.ndarray)
+    cp.asarray = _asarray
     cp.RawModule = SimModule
     cp.RawKernel = lambda code, name, **kw: SimModule(code).get_function(name)
     cp.get_default_memory_pool = lambda: types.SimpleNamespace(total_bytes=lambda: 0,
