@@ -244,3 +244,19 @@ def test_bench_runner_on_the_simulated_gpu(cp):
     losses = [runner.step() for _ in range(3)]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert runner.label == "gpt2np-cupy bf16" and runner.model.precision == "bf16"
+
+
+def test_float64_on_the_device_uses_the_reference_layers(cp):
+    # the fused kernels and cuBLAS paths are float32; a float64 model on the device runs the
+    # reference layer code (and CuPy's own DGEMM) and must equal NumPy float64
+    cfg = GPTConfig(block_size=8, vocab_size=40, n_layer=2, n_head=2, n_embd=16)
+    params = GPT(cfg, dtype="float64", seed=8).state_dict()
+    logits64, loss64, g64 = _tiny_model_run("numpy", "fp32", params)
+    model = GPT(cfg, backend="cupy", dtype="float64", params=params)
+    rng = np.random.default_rng(4)
+    idx, targets = rng.integers(0, 40, (2, 8)), rng.integers(0, 40, (2, 8))
+    logits, loss = model.forward(idx, targets)
+    assert logits.dtype == np.float64 and type(logits).__module__ == "cupy"
+    g = {k: host(v) for k, v in model.backward().items()}
+    assert_close(host(logits), logits64, 1e-12, "logits")
+    assert_grads_close(g, g64, 1e-10, "float64 on the device")
