@@ -44,6 +44,7 @@ def _import_cupy():
 _CUDA_R_32F, _CUDA_R_16BF = 0, 14
 _CUBLAS_COMPUTE_32F, _CUBLAS_COMPUTE_32F_FAST_TF32 = 68, 77
 _CUBLAS_GEMM_DEFAULT = -1
+_CUBLAS_POINTER_MODE_HOST = 0
 _ONE = np.ones((), dtype=np.float32)  # alpha and beta, read from host memory by cuBLAS
 _ZERO = np.zeros((), dtype=np.float32)
 
@@ -128,13 +129,22 @@ class CupyBackend:
         if (c is None or c.dtype != cp.float32 or tuple(c.shape) != shape
                 or not c.flags.c_contiguous):
             c = cp.empty(shape, dtype=cp.float32)  # cuBLAS writes C densely
-        self._cublas.gemmStridedBatchedEx(
-            self.xp.cuda.device.get_cublas_handle(), call.transa, call.transb,
-            call.m, call.n, call.k, _ONE.ctypes.data,
-            b.data.ptr, ab_type, call.lda, call.stride_a,  # cuBLAS's A is our b (gemm.py)
-            a.data.ptr, ab_type, call.ldb, call.stride_b,
-            _ZERO.ctypes.data, c.data.ptr, _CUDA_R_32F, call.ldc, call.stride_c,
-            call.batch, compute, _CUBLAS_GEMM_DEFAULT)
+        cublas = self._cublas
+        handle = self.xp.cuda.device.get_cublas_handle()
+        # alpha and beta live in host memory: make sure the shared handle reads them there
+        mode = cublas.getPointerMode(handle)
+        if mode != _CUBLAS_POINTER_MODE_HOST:
+            cublas.setPointerMode(handle, _CUBLAS_POINTER_MODE_HOST)
+        try:
+            cublas.gemmStridedBatchedEx(
+                handle, call.transa, call.transb, call.m, call.n, call.k, _ONE.ctypes.data,
+                b.data.ptr, ab_type, call.lda, call.stride_a,  # cuBLAS's A is our b (gemm.py)
+                a.data.ptr, ab_type, call.ldb, call.stride_b,
+                _ZERO.ctypes.data, c.data.ptr, _CUDA_R_32F, call.ldc, call.stride_c,
+                call.batch, compute, _CUBLAS_GEMM_DEFAULT)
+        finally:
+            if mode != _CUBLAS_POINTER_MODE_HOST:
+                cublas.setPointerMode(handle, mode)
         if out is not None and c is not out:
             out[...] = c  # a strided out= (a slice of y or dq): one copy
             return out

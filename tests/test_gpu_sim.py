@@ -47,7 +47,7 @@ def test_fused_layers_match_the_reference(cp):
     from backends import KernelCache
 
     rng = np.random.default_rng(0)
-    B, T, C, NH = 2, 9, 37, 1  # C odd and not a multiple of a warp
+    B, T, C = 2, 9, 37  # C odd and not a multiple of a warp
     x = rng.standard_normal((B, T, C))
     cache = _check_layer(cp, L.layernorm_forward, L.layernorm_backward,
                          [x * 3 + 1, 1 + 0.1 * rng.standard_normal(C), 0.1 * rng.standard_normal(C)],
@@ -260,3 +260,20 @@ def test_float64_on_the_device_uses_the_reference_layers(cp):
     g = {k: host(v) for k, v in model.backward().items()}
     assert_close(host(logits), logits64, 1e-12, "logits")
     assert_grads_close(g, g64, 1e-10, "float64 on the device")
+
+
+def test_matmul_reads_alpha_and_beta_from_the_host_whatever_the_handle_says(cp):
+    # CuPy shares one cuBLAS handle; if something left it in device pointer mode, our host
+    # alpha/beta would be read as device addresses. The backend sets host mode and restores.
+    import sys
+
+    from backends import get_backend
+
+    cublas = sys.modules["cupy_backends.cuda.libs.cublas"]
+    cublas.setPointerMode(0, 1)
+    try:
+        a, b = dev(cp, np.eye(3)), dev(cp, np.arange(9.0).reshape(3, 3))
+        np.testing.assert_array_equal(host(get_backend("cupy").matmul(a, b)), host(b))
+        assert cublas.getPointerMode(0) == 1  # restored
+    finally:
+        cublas.setPointerMode(0, 0)

@@ -92,6 +92,8 @@ def _build():
     cupyx.scatter_add = lambda out, idx, vals: np.add.at(out, idx, vals)
     cublas = types.ModuleType("cupy_backends.cuda.libs.cublas")
     cublas.gemmStridedBatchedEx = gemm_strided_batched_ex
+    cublas.getPointerMode = lambda handle: _pointer_mode[0]
+    cublas.setPointerMode = lambda handle, mode: _pointer_mode.__setitem__(0, mode)
     pkgs = {name: types.ModuleType(name) for name in
             ("cupy_backends", "cupy_backends.cuda", "cupy_backends.cuda.libs")}
     pkgs["cupy_backends"].cuda = pkgs["cupy_backends.cuda"]
@@ -129,6 +131,7 @@ def clear_caches():
 # ------------------------------------------------------------------------------- cuBLAS
 
 _TYPES = {0: (np.float32, 4), 14: ("bf16", 2)}  # CUDA_R_32F, CUDA_R_16BF
+_pointer_mode = [0]  # the handle's: 0 host, 1 device
 
 
 def _read(ptr, cuda_type, rows, cols, ld, stride, batch):
@@ -150,6 +153,7 @@ def gemm_strided_batched_ex(handle, transa, transb, m, n, k, alpha, A, Atype, ld
                             compute, algo):
     """C_i = alpha * op(A_i) @ op(B_i) + beta * C_i, column-major, as cuBLAS computes it."""
     assert Ctype == 0, "the backend writes float32 results"
+    assert _pointer_mode[0] == 0, "alpha and beta are host pointers: the handle must say so"
     a_shape = (m, k) if transa == 0 else (k, m)
     b_shape = (k, n) if transb == 0 else (n, k)
     for ld, shape, what in ((lda, a_shape, "lda"), (ldb, b_shape, "ldb"), (ldc, (m, n), "ldc")):
