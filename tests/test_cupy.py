@@ -285,6 +285,8 @@ def test_train_shakespeare_on_cupy_end_to_end(tmp_path, precision):
     import json
 
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert [r["step"] for r in log] == list(range(60))  # all steps ran (not stopped early)
     train = [r["train_loss"] for r in log]
     assert train[-1] < train[0] - 1.0, train[::10]  # falling loss
-    assert log[-1]["val_loss"] < log[0]["train_loss"] - 1.0
+    val = [r["val_loss"] for r in log if "val_loss" in r]
+    assert len(val) == 2 and val[-1] < train[0] - 1.0
