@@ -55,16 +55,19 @@ def attention_backward(dout, cache, ops=None):
     B, NH, T, hs = qs.shape
     dy = xp.ascontiguousarray(dout.reshape(B, T, NH, hs).transpose(0, 2, 1, 3))  # (B,NH,T,hs)
     D = (dy * y).sum(axis=-1)  # (B,NH,T): rowsum(P * dP) = dy . y
-    att = ops.matmul(qs, k.transpose(0, 1, 3, 2))
+    # each of these is a GEMM operand twice: in bf16, cast once (ops.cast: no-op otherwise)
+    qs_, k_, dy_ = ops.cast(qs), ops.cast(k), ops.cast(dy)
+    att = ops.matmul(qs_, k_.transpose(0, 1, 3, 2))
     ops.softmax_recompute(att, lse)  # P = exp(S - lse), 0 above the diagonal
-    dv = ops.matmul(att.transpose(0, 1, 3, 2), dy)  # (B,NH,T,hs)
-    datt = ops.matmul(dy, v.transpose(0, 1, 3, 2))  # dP (B,NH,T,T)
+    dv = ops.matmul(att.transpose(0, 1, 3, 2), dy_)  # (B,NH,T,hs)
+    datt = ops.matmul(dy_, v.transpose(0, 1, 3, 2))  # dP (B,NH,T,T)
     ops.softmax_backward(datt, att, D)  # dS = P * (dP - D) in place
     del att
-    dq = ops.matmul(datt, k)
+    datt_ = ops.cast(datt)  # the biggest operand, (B,NH,T,T): one cast for both products
+    dq = ops.matmul(datt_, k_)
     dq *= scale  # scores = (q * scale) @ k^T
-    dk = ops.matmul(datt.transpose(0, 1, 3, 2), qs)
-    del datt
+    dk = ops.matmul(datt_.transpose(0, 1, 3, 2), qs_)
+    del datt, datt_
     dqkv = xp.empty((B, T, 3, NH, hs), dtype=dout.dtype)
     for slot, g in enumerate((dq, dk, dv)):
         dqkv[:, :, slot] = g.transpose(0, 2, 1, 3)  # split heads back into the qkv layout
@@ -99,8 +102,10 @@ def numpy_ops():
 
     from gpt2np import layers
 
-    return SimpleNamespace(xp=np, matmul=layers.matmul, causal_softmax=causal_softmax,
-                           softmax_recompute=softmax_recompute, softmax_backward=softmax_backward)
+    # no cast: the CPU's matmul rounds its operands itself (and rounding twice is rounding once)
+    return SimpleNamespace(xp=np, matmul=layers.matmul, cast=lambda x: x,
+                           causal_softmax=causal_softmax, softmax_recompute=softmax_recompute,
+                           softmax_backward=softmax_backward)
 
 
 @functools.lru_cache(maxsize=1)
@@ -145,5 +150,13 @@ def gpu_ops():
         bwd(_grid(datt.size), (_THREADS,), (datt, att, D, np.int32(datt.shape[-1]),
                                             np.int64(datt.size)))
 
-    return SimpleNamespace(xp=cp, matmul=layers.matmul, causal_softmax=causal_softmax,
+    def cast(x):
+        # bf16 matmuls: the operand's bfloat16 bits now, so that using it twice casts once
+        if layers.get_matmul_precision() == "bf16":
+            from backends import get_backend
+
+            return get_backend("cupy").to_bf16(x)
+        return x
+
+    return SimpleNamespace(xp=cp, matmul=layers.matmul, cast=cast, causal_softmax=causal_softmax,
                            softmax_recompute=softmax_recompute, softmax_backward=softmax_backward)

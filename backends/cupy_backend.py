@@ -96,12 +96,16 @@ class CupyBackend:
         """a (..., M, K) @ b (..., K, N) -> float32 (..., M, N) as one cuBLAS call.
 
         fp32: float32 GEMM; tf32: float32 operands read as TF32 by the tensor cores; bf16:
-        the operands cast to bfloat16 (round to nearest even), float32 accumulation and
-        result. Leading (batch) axes must match; operands whose batch axes do not collapse
-        to one stride (attention's q, k, v views of qkv) are copied first.
+        the operands cast to bfloat16 (round to nearest even; an operand that is already
+        the uint16 output of to_bf16 is used as it is), float32 accumulation and result.
+        Leading (batch) axes must match; operands whose batch axes do not collapse to one
+        stride (attention's q, k, v views of qkv) are copied first.
         """
         cp = self.xp
-        if a.dtype != cp.float32 or b.dtype != cp.float32:
+        if cp.uint16 in (a.dtype, b.dtype) and precision != "bf16":
+            raise TypeError("uint16 operands are bfloat16 bits from to_bf16: they need "
+                            f"precision 'bf16', not {precision!r}")
+        if a.dtype not in (cp.float32, cp.uint16) or b.dtype not in (cp.float32, cp.uint16):
             if precision != "fp32":
                 raise TypeError(f"precision {precision!r} needs float32 operands, got "
                                 f"{a.dtype} and {b.dtype}")
@@ -113,7 +117,10 @@ class CupyBackend:
                                  f"equal batch axes, got {a.shape} @ {b.shape}")
             return cp.matmul(a, b, out=out)
         if precision == "bf16":
-            a, b = self.to_bf16(a), self.to_bf16(b)
+            # an operand already cast (uint16 bits) is used as it is: a caller multiplying
+            # one array twice (attention's dS) casts it once
+            a = a if a.dtype == cp.uint16 else self.to_bf16(a)
+            b = b if b.dtype == cp.uint16 else self.to_bf16(b)
             ab_type, compute = _CUDA_R_16BF, _CUBLAS_COMPUTE_32F
         elif precision == "tf32":
             ab_type, compute = _CUDA_R_32F, _CUBLAS_COMPUTE_32F_FAST_TF32

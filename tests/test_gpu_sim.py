@@ -277,3 +277,19 @@ def test_matmul_reads_alpha_and_beta_from_the_host_whatever_the_handle_says(cp):
         assert cublas.getPointerMode(0) == 1  # restored
     finally:
         cublas.setPointerMode(0, 0)
+
+
+def test_matmul_takes_operands_already_cast_to_bf16(cp):
+    from backends import get_backend
+
+    be = get_backend("cupy")
+    rng = np.random.default_rng(9)
+    a, b = dev(cp, rng.standard_normal((2, 5, 7))), dev(cp, rng.standard_normal((2, 7, 3)))
+    ref = host(be.matmul(a, b, precision="bf16"))
+    a16 = be.to_bf16(a)
+    assert a16.dtype == np.uint16 and a16.shape == a.shape
+    np.testing.assert_array_equal(host(be.matmul(a16, b, precision="bf16")), ref)
+    bt16 = be.to_bf16(dev(cp, host(b).transpose(0, 2, 1).copy()).transpose(0, 2, 1))
+    np.testing.assert_array_equal(host(be.matmul(a16, bt16, precision="bf16")), ref)
+    with pytest.raises(TypeError, match="bfloat16 bits"):
+        be.matmul(a16, b, precision="fp32")
