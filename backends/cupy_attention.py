@@ -55,7 +55,7 @@ def attention_backward(dout, cache, ops=None):
     B, NH, T, hs = qs.shape
     dy = xp.ascontiguousarray(dout.reshape(B, T, NH, hs).transpose(0, 2, 1, 3))  # (B,NH,T,hs)
     D = (dy * y).sum(axis=-1)  # (B,NH,T): rowsum(P * dP) = dy . y
-    # each of these is a GEMM operand twice: in bf16, cast once (ops.cast: no-op otherwise)
+    # each of these is a GEMM operand twice: on the GPU in bf16, cast once (layers.matmul_operand)
     qs_, k_, dy_ = ops.cast(qs), ops.cast(k), ops.cast(dy)
     att = ops.matmul(qs_, k_.transpose(0, 1, 3, 2))
     ops.softmax_recompute(att, lse)  # P = exp(S - lse), 0 above the diagonal
@@ -102,8 +102,7 @@ def numpy_ops():
 
     from gpt2np import layers
 
-    # no cast: the CPU's matmul rounds its operands itself (and rounding twice is rounding once)
-    return SimpleNamespace(xp=np, matmul=layers.matmul, cast=lambda x: x,
+    return SimpleNamespace(xp=np, matmul=layers.matmul, cast=layers.matmul_operand,
                            causal_softmax=causal_softmax, softmax_recompute=softmax_recompute,
                            softmax_backward=softmax_backward)
 
@@ -150,13 +149,6 @@ def gpu_ops():
         bwd(_grid(datt.size), (_THREADS,), (datt, att, D, np.int32(datt.shape[-1]),
                                             np.int64(datt.size)))
 
-    def cast(x):
-        # bf16 matmuls: the operand's bfloat16 bits now, so that using it twice casts once
-        if layers.get_matmul_precision() == "bf16":
-            from backends import get_backend
-
-            return get_backend("cupy").to_bf16(x)
-        return x
-
-    return SimpleNamespace(xp=cp, matmul=layers.matmul, cast=cast, causal_softmax=causal_softmax,
+    return SimpleNamespace(xp=cp, matmul=layers.matmul, cast=layers.matmul_operand,
+                           causal_softmax=causal_softmax,
                            softmax_recompute=softmax_recompute, softmax_backward=softmax_backward)

@@ -157,6 +157,10 @@ class CupyBackend:
             return out
         return c
 
+    def matmul_operand(self, x, precision):
+        """x for several matmuls in `precision`: cast to bf16 once (see layers.matmul_operand)."""
+        return self.to_bf16(x) if precision == "bf16" and x.dtype == self.xp.float32 else x
+
     def _gemm_operand(self, x):
         lay = gemm.operand_layout(x.shape, x.strides, x.itemsize)
         if lay is None:
