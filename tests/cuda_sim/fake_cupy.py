@@ -123,9 +123,11 @@ def clear_caches():
     import backends.cupy_kernels as ck
 
     for module in (ck, att):
-        for value in vars(module).values():
+        for name, value in vars(module).items():
             if hasattr(value, "cache_clear"):
                 value.cache_clear()
+            elif name.endswith("_tables") and isinstance(value, dict):
+                value.clear()  # e.g. AdamW's pointer tables, keyed by addresses
 
 
 # ------------------------------------------------------------------------------- cuBLAS
