@@ -29,6 +29,7 @@ KERNEL_NAMES = (
     "layernorm_backward_kernel",
     "gelu_forward_kernel",
     "gelu_backward_kernel",
+    "bias_gelu_forward_kernel",
     "crossentropy_forward_kernel",
     "crossentropy_backward_kernel",
     "embedding_backward_kernel",
@@ -178,6 +179,25 @@ def gelu_forward(x):
         grid, block = _elementwise_grid(x.size)
         get_kernel("gelu_forward_kernel")(grid, block, (x, out, np.int64(x.size)))
     return out, KernelCache(gelu_backward, x)  # only x: the backward recomputes tanh
+
+
+def bias_gelu_forward(h, bias):
+    # h (..., OC) without its bias, bias (OC,) -> gelu(h + bias) (..., OC). h is ours (the
+    # fresh output of the bias-free c_fc GEMM): the pre-activation is written into it and
+    # saved; the backward is gelu_backward's, and c_fc's bias gradient is linear_backward's
+    # sum over rows as usual.
+    cp = _cupy()
+    h = _f32(h, "h")
+    bias = _f32(bias, "bias")
+    OC = h.shape[-1]
+    if bias.shape != (OC,):
+        raise ValueError(f"bias has shape {bias.shape}, expected ({OC},)")
+    out = cp.empty_like(h)
+    if h.size:
+        grid, block = _elementwise_grid(h.size)
+        get_kernel("bias_gelu_forward_kernel")(grid, block,
+                                               (h, bias, out, np.int64(h.size), np.int32(OC)))
+    return out, KernelCache(gelu_backward, h)
 
 
 def gelu_backward(dout, cache):

@@ -186,12 +186,13 @@ def _small_gemms(x, m, n, k):
 
 
 def linear_forward(x, weight, bias):
-    # x (B,T,C), weight (C,OC), bias (OC,) -> out (B,T,OC)
+    # x (B,T,C), weight (C,OC), bias (OC,) or None (added by the caller) -> out (B,T,OC)
     C, OC = weight.shape
     x2 = x.reshape(-1, C)
     with _small_gemms(x, x2.shape[0], OC, C):
         out = matmul(x2, weight)  # one (B*T,C) @ (C,OC) GEMM
-    out += bias
+    if bias is not None:
+        out += bias
     return out.reshape(*x.shape[:-1], OC), (x, weight)
 
 
@@ -349,8 +350,15 @@ def gelu_backward(dout, cache):
 
 def mlp_forward(x, p):
     # x (B,T,C), p: c_fc.weight (C,4C) c_fc.bias (4C,) c_proj.weight (4C,C) c_proj.bias (C,)
-    h, fc_cache = linear_forward(x, p["c_fc.weight"], p["c_fc.bias"])  # (B,T,4C)
-    h, gelu_cache = gelu_forward(h)
+    k = _kernels(x)
+    if k is not None and hasattr(k, "bias_gelu_forward"):
+        # fused kernels: c_fc's bias is added inside the GELU kernel, one pass fewer over
+        # (B,T,4C); the backward is the same (linear_backward sums the bias gradient)
+        h, fc_cache = linear_forward(x, p["c_fc.weight"], None)
+        h, gelu_cache = k.bias_gelu_forward(h, p["c_fc.bias"])
+    else:
+        h, fc_cache = linear_forward(x, p["c_fc.weight"], p["c_fc.bias"])  # (B,T,4C)
+        h, gelu_cache = gelu_forward(h)
     out, proj_cache = linear_forward(h, p["c_proj.weight"], p["c_proj.bias"])  # (B,T,C)
     return out, (fc_cache, gelu_cache, proj_cache)
 

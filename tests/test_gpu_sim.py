@@ -293,3 +293,22 @@ def test_matmul_takes_operands_already_cast_to_bf16(cp):
     np.testing.assert_array_equal(host(be.matmul(a16, bt16, precision="bf16")), ref)
     with pytest.raises(TypeError, match="bfloat16 bits"):
         be.matmul(a16, b, precision="fp32")
+
+
+def test_mlp_with_the_bias_fused_into_gelu(cp):
+    from backends import KernelCache
+
+    rng = np.random.default_rng(10)
+    C = 12
+    x = rng.standard_normal((2, 5, C))
+    p = {"c_fc.weight": 0.3 * rng.standard_normal((C, 4 * C)), "c_fc.bias": rng.standard_normal(4 * C),
+         "c_proj.weight": 0.3 * rng.standard_normal((4 * C, C)), "c_proj.bias": rng.standard_normal(C)}
+    out64, c64 = L.mlp_forward(x, p)
+    dout = rng.standard_normal(out64.shape)
+    dx64, g64 = L.mlp_backward(dout, c64)
+    out, cache = L.mlp_forward(dev(cp, x), {k: dev(cp, v) for k, v in p.items()})
+    assert isinstance(cache[1], KernelCache)  # the GELU cache: the fused kernel ran
+    dx, g = L.mlp_backward(dev(cp, dout), cache)
+    assert_close(host(out), out64, 1e-5, "mlp out")
+    assert_close(host(dx), dx64, 1e-5, "mlp dx")
+    assert_grads_close({k: host(v) for k, v in g.items()}, g64, 1e-5, "mlp")

@@ -142,6 +142,21 @@ extern "C" __global__ void gelu_forward_kernel(const float* x, float* out, long 
     }
 }
 
+// The MLP's c_fc bias fused into its GELU: h (n / OC rows, OC) gets the bias added in place
+// (h + bias is the pre-activation that gelu_backward_kernel reads), out = gelu(h + bias).
+// One pass over h instead of two (the bias add, then the GELU).
+extern "C" __global__ void bias_gelu_forward_kernel(
+    float* h, const float* bias, float* out, long long n, int OC)
+{
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const float xi = h[i] + bias[i % OC];
+        h[i] = xi;
+        const float t = tanhf(GELU_K * (xi + GELU_A * xi * xi * xi));
+        out[i] = 0.5f * xi * (1.f + t);
+    }
+}
+
 // Only x is saved: t is recomputed (one tanhf) instead of keeping a second (n,) array.
 extern "C" __global__ void gelu_backward_kernel(
     const float* x, const float* dout, float* dx, long long n)
