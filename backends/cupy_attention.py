@@ -1,13 +1,14 @@
-"""Causal self-attention for the GPU: whole (T, T) score matrices, batched GEMMs, fused rows.
+"""Causal self-attention for the GPU: batched GEMMs over query blocks, fused row kernels.
 
-The reference (gpt2np.layers.attention_forward) walks query blocks so that a CPU never
-holds a (B, NH, T, T) array and skips the masked triangle. A GPU prefers few, big launches:
-here every head's scores come from one strided-batched cuBLAS GEMM (in the current matmul
-precision, on the tensor cores for tf32/bf16), and the causal softmax, its recomputation in
-the backward and its gradient are one fused kernel each (backends/cuda/attention.cu)
-instead of the reference's six elementwise passes. The math is the reference's: the
-softmax is not kept but recomputed from the scores and the stored log-sum-exp, and
-D = rowsum(dy * y) replaces the (T, T) row sums of P * dP.
+The same algorithm as the reference (gpt2np.layers.attention_forward): queries in blocks,
+each block's scores only against the keys up to its last position (the masked triangle
+beyond is never computed), the softmax not kept but recomputed in the backward from the
+scores and the stored log-sum-exp, and D = rowsum(dy * y) instead of the (T, T) row sums
+of P * dP. What differs on the GPU: every product of a block, over all heads and the
+batch, is one strided-batched cuBLAS GEMM in the current matmul precision (tensor cores
+for tf32/bf16; bf16 operands cast once, not per product), and the causal softmax, its
+recomputation and its gradient are one fused kernel each (backends/cuda/attention.cu)
+instead of the reference's six elementwise passes.
 
 The row operations come in an `ops` object, so that the same orchestration runs on the
 CPU with NumPy stand-ins (tests/test_cupy_attention.py checks it against the reference);
@@ -24,6 +25,10 @@ import numpy as np
 from . import KernelCache
 
 _THREADS = 256
+# Queries per block on the GPU: 256 skips 37.5% of the (T,T) scores at T = 1024 (the masked
+# triangle beyond each block) in 4 rounds of launches; smaller blocks skip more but launch
+# more (each round is ~10 kernels and GEMMs).
+GPU_BLOCK = 256
 
 
 def attention_forward(qkv, n_head, ops=None):
@@ -38,10 +43,14 @@ def attention_forward(qkv, n_head, ops=None):
     qs = q * scale  # contiguous (B,NH,T,hs): the batched GEMM needs one batch stride
     k = xp.ascontiguousarray(k)
     v = xp.ascontiguousarray(v)
-    att = ops.matmul(qs, k.transpose(0, 1, 3, 2))  # scores (B,NH,T,T)
-    lse = ops.causal_softmax(att)  # att -> P in place (0 above the diagonal); lse (B,NH,T)
-    y = ops.matmul(att, v)  # (B,NH,T,hs)
-    del att
+    qs_, k_, v_ = ops.cast(qs), ops.cast(k), ops.cast(v)  # each read by every block
+    y = xp.empty((B, n_head, T, hs), dtype=qkv.dtype)
+    lse = xp.empty((B, n_head, T), dtype=qkv.dtype)  # log-sum-exp of each score row
+    for r0, r1 in _blocks(T, ops.block):
+        att = ops.matmul(qs_[:, :, r0:r1], k_[:, :, :r1].transpose(0, 1, 3, 2))  # (B,NH,n,r1)
+        lse[:, :, r0:r1] = ops.causal_softmax(att, r0)  # att -> P in place, 0 where masked
+        ops.matmul(att, v_[:, :, :r1], out=y[:, :, r0:r1])  # (B,NH,n,hs)
+        del att
     out = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # merge heads
     backward = functools.partial(attention_backward, ops=ops)
     return out, KernelCache(backward, qs, k, v, y, lse, scale)
@@ -55,46 +64,56 @@ def attention_backward(dout, cache, ops=None):
     B, NH, T, hs = qs.shape
     dy = xp.ascontiguousarray(dout.reshape(B, T, NH, hs).transpose(0, 2, 1, 3))  # (B,NH,T,hs)
     D = (dy * y).sum(axis=-1)  # (B,NH,T): rowsum(P * dP) = dy . y
-    # each of these is a GEMM operand twice: on the GPU in bf16, cast once (layers.matmul_operand)
-    qs_, k_, dy_ = ops.cast(qs), ops.cast(k), ops.cast(dy)
-    att = ops.matmul(qs_, k_.transpose(0, 1, 3, 2))
-    ops.softmax_recompute(att, lse)  # P = exp(S - lse), 0 above the diagonal
-    dv = ops.matmul(att.transpose(0, 1, 3, 2), dy_)  # (B,NH,T,hs)
-    datt = ops.matmul(dy_, v.transpose(0, 1, 3, 2))  # dP (B,NH,T,T)
-    ops.softmax_backward(datt, att, D)  # dS = P * (dP - D) in place
-    del att
-    datt_ = ops.cast(datt)  # the biggest operand, (B,NH,T,T): one cast for both products
-    dq = ops.matmul(datt_, k_)
+    # each is a GEMM operand several times: on the GPU in bf16, cast once (matmul_operand)
+    qs_, k_, v_, dy_ = ops.cast(qs), ops.cast(k), ops.cast(v), ops.cast(dy)
+    dq = xp.empty((B, NH, T, hs), dtype=dout.dtype)
+    dk = xp.zeros((B, NH, T, hs), dtype=dout.dtype)  # keys and values gather from every
+    dv = xp.zeros((B, NH, T, hs), dtype=dout.dtype)  # later block of queries
+    for r0, r1 in _blocks(T, ops.block):
+        att = ops.matmul(qs_[:, :, r0:r1], k_[:, :, :r1].transpose(0, 1, 3, 2))
+        ops.softmax_recompute(att, xp.ascontiguousarray(lse[:, :, r0:r1]), r0)  # P
+        dv[:, :, :r1] += ops.matmul(att.transpose(0, 1, 3, 2), dy_[:, :, r0:r1])
+        datt = ops.matmul(dy_[:, :, r0:r1], v_[:, :, :r1].transpose(0, 1, 3, 2))  # dP
+        ops.softmax_backward(datt, att, xp.ascontiguousarray(D[:, :, r0:r1]))  # dS in place
+        del att
+        datt_ = ops.cast(datt)  # the biggest operand: one cast for both products
+        ops.matmul(datt_, k_[:, :, :r1], out=dq[:, :, r0:r1])
+        dk[:, :, :r1] += ops.matmul(datt_.transpose(0, 1, 3, 2), qs_[:, :, r0:r1])
+        del datt, datt_
     dq *= scale  # scores = (q * scale) @ k^T
-    dk = ops.matmul(datt_.transpose(0, 1, 3, 2), qs_)
-    del datt, datt_
     dqkv = xp.empty((B, T, 3, NH, hs), dtype=dout.dtype)
     for slot, g in enumerate((dq, dk, dv)):
         dqkv[:, :, slot] = g.transpose(0, 2, 1, 3)  # split heads back into the qkv layout
     return dqkv.reshape(B, T, 3 * NH * hs)
 
 
+def _blocks(T, block):
+    # query blocks [r0, r1): block r0..r1-1 needs keys 0..r1-1 only, so the masked upper
+    # triangle beyond r1 is never computed (at T = 1024 and blocks of 256: 62.5% of T x T)
+    return [(r0, min(T, r0 + block)) for r0 in range(0, T, block)]
+
+
 # ------------------------------------------------------------------------------ the ops
 
 
-def numpy_ops():
-    """The row operations in NumPy (any float dtype): the kernels' specification."""
-    def causal_mask(T):
-        return np.triu(np.ones((T, T), dtype=bool), k=1)  # True above the diagonal
+def numpy_ops(block=GPU_BLOCK):
+    """The row operations in NumPy (any float dtype): the kernels' specification.
+    att is (..., n, L): queries q0..q0+n-1 against keys 0..L-1."""
+    def causal_mask(n, L, q0):
+        return np.arange(L)[None, :] > (q0 + np.arange(n))[:, None]  # True: a future key
 
-    def causal_softmax(att):
-        T = att.shape[-1]
-        att[..., causal_mask(T)] = -np.inf
+    def causal_softmax(att, q0):
+        att[..., causal_mask(*att.shape[-2:], q0)] = -np.inf
         m = att.max(axis=-1, keepdims=True)
         np.exp(att - m, out=att)
         s = att.sum(axis=-1, keepdims=True)
         att /= s
         return (np.log(s) + m)[..., 0]
 
-    def softmax_recompute(att, lse):
+    def softmax_recompute(att, lse, q0):
         att -= lse[..., None]
         np.exp(att, out=att)
-        att[..., causal_mask(att.shape[-1])] = 0.0
+        att[..., causal_mask(*att.shape[-2:], q0)] = 0.0
 
     def softmax_backward(datt, att, D):
         datt -= D[..., None]
@@ -102,7 +121,7 @@ def numpy_ops():
 
     from gpt2np import layers
 
-    return SimpleNamespace(xp=np, matmul=layers.matmul, cast=layers.matmul_operand,
+    return SimpleNamespace(xp=np, block=block, matmul=layers.matmul, cast=layers.matmul_operand,
                            causal_softmax=causal_softmax, softmax_recompute=softmax_recompute,
                            softmax_backward=softmax_backward)
 
@@ -130,18 +149,18 @@ def gpu_ops():
     def _grid(n):
         return (min(math.ceil(n / _THREADS), 65535 * 8),)
 
-    def causal_softmax(att):
+    def causal_softmax(att, q0):
         _check(att)
-        T = att.shape[-1]
-        rows = att.size // T
+        n, L = att.shape[-2:]
         lse = cp.empty(att.shape[:-1], dtype=cp.float32)
-        fwd((rows,), (_THREADS,), (att, lse, np.int32(T)))
+        fwd((att.size // L,), (_THREADS,), (att, lse, np.int32(n), np.int32(L), np.int32(q0)))
         return lse
 
-    def softmax_recompute(att, lse):
+    def softmax_recompute(att, lse, q0):
         _check(att, lse)
-        recompute(_grid(att.size), (_THREADS,), (att, lse, np.int32(att.shape[-1]),
-                                                 np.int64(att.size)))
+        n, L = att.shape[-2:]
+        recompute(_grid(att.size), (_THREADS,), (att, lse, np.int32(n), np.int32(L),
+                                                 np.int32(q0), np.int64(att.size)))
 
     def softmax_backward(datt, att, D):
         D = cp.ascontiguousarray(D)
@@ -149,6 +168,6 @@ def gpu_ops():
         bwd(_grid(datt.size), (_THREADS,), (datt, att, D, np.int32(datt.shape[-1]),
                                             np.int64(datt.size)))
 
-    return SimpleNamespace(xp=cp, matmul=layers.matmul, cast=layers.matmul_operand,
-                           causal_softmax=causal_softmax,
+    return SimpleNamespace(xp=cp, block=GPU_BLOCK, matmul=layers.matmul,
+                           cast=layers.matmul_operand, causal_softmax=causal_softmax,
                            softmax_recompute=softmax_recompute, softmax_backward=softmax_backward)

@@ -84,7 +84,6 @@ def test_cross_entropy_and_embedding_on_cupy():
 
 
 @pytest.mark.gpu
-@pytest.mark.sim_slow
 def test_model_cupy_fp32_matches_numpy_fp64():
     cp = _cp()
     cfg = GPTConfig(block_size=64, vocab_size=500, n_layer=2, n_head=4, n_embd=64)
@@ -103,7 +102,6 @@ def test_model_cupy_fp32_matches_numpy_fp64():
 
 
 @pytest.mark.gpu
-@pytest.mark.sim_slow
 def test_short_training_on_cupy_tracks_numpy():
     cfg = GPTConfig(block_size=32, vocab_size=100, n_layer=2, n_head=2, n_embd=32)
     rng = np.random.default_rng(0)
@@ -179,28 +177,30 @@ def test_cublas_matmul_in_every_layout_and_precision(precision, rtol):
 
 
 @pytest.mark.gpu
-@pytest.mark.sim_slow
 def test_attention_kernels_match_their_numpy_specification():
     cp = _cp()
     from backends.cupy_attention import gpu_ops, numpy_ops
 
     rng = np.random.default_rng(0)
     gpu, ref = gpu_ops(), numpy_ops()
-    for T in (1, 7, 300, 1024):
-        S = (3 * rng.standard_normal((2, 3, T, T))).astype(np.float32)
+    # (n queries from q0) x (L = q0 + n keys): whole matrices (q0 = 0) and later blocks
+    for n, q0 in ((1, 0), (7, 0), (300, 0), (256, 768), (5, 250), (1, 9)):
+        L_ = q0 + n
+        S = (3 * rng.standard_normal((2, 3, n, L_))).astype(np.float32)
         P_ref, P = S.astype(np.float64), cp.asarray(S)
-        lse_ref, lse = ref.causal_softmax(P_ref), gpu.causal_softmax(P)
-        assert_close(cp.asnumpy(P), P_ref, 1e-6, f"P T={T}")
-        assert_close(cp.asnumpy(lse), lse_ref, 1e-6, f"lse T={T}")
+        lse_ref, lse = ref.causal_softmax(P_ref, q0), gpu.causal_softmax(P, q0)
+        T = f"{n}x{L_}"
+        assert_close(cp.asnumpy(P), P_ref, 1e-6, f"P {T}")
+        assert_close(cp.asnumpy(lse), lse_ref, 1e-6, f"lse {T}")
         R = cp.asarray(S)
-        gpu.softmax_recompute(R, lse)
-        assert_close(cp.asnumpy(R), P_ref, 1e-5, f"recomputed P T={T}")
-        dP = rng.standard_normal((2, 3, T, T)).astype(np.float32)
-        D = rng.standard_normal((2, 3, T)).astype(np.float32)
+        gpu.softmax_recompute(R, lse, q0)
+        assert_close(cp.asnumpy(R), P_ref, 1e-5, f"recomputed P {T}")
+        dP = rng.standard_normal((2, 3, n, L_)).astype(np.float32)
+        D = rng.standard_normal((2, 3, n)).astype(np.float32)
         dS_ref, dS = dP.astype(np.float64), cp.asarray(dP)
         ref.softmax_backward(dS_ref, P_ref, D.astype(np.float64))
         gpu.softmax_backward(dS, P, cp.asarray(D))
-        assert_close(cp.asnumpy(dS), dS_ref, 1e-5, f"dS T={T}")
+        assert_close(cp.asnumpy(dS), dS_ref, 1e-5, f"dS {T}")
 
 
 @pytest.mark.gpu
@@ -210,7 +210,6 @@ def test_layers_on_cupy_without_fused_kernels(unfused):
 
 
 @pytest.mark.gpu
-@pytest.mark.sim_slow
 def test_fused_and_reference_layers_give_the_same_model(unfused):
     cp = _cp()
     cfg = GPTConfig(block_size=64, vocab_size=300, n_layer=2, n_head=4, n_embd=64)

@@ -1,7 +1,8 @@
-"""backends.cupy_attention, the GPU's attention, checked on the CPU: its orchestration (whole
-score matrices, batched GEMMs, the row operations) run with NumPy stand-ins for the kernels
-must equal the reference attention of gpt2np.layers, forward and backward. The kernels
-themselves are checked against the same stand-ins on a GPU (tests/test_cupy.py)."""
+"""backends.cupy_attention, the GPU's attention, checked on the CPU: its orchestration (query
+blocks, batched GEMMs, the row operations) run with NumPy stand-ins for the kernels must
+equal the reference attention of gpt2np.layers, forward and backward. The kernels
+themselves are checked against the same stand-ins on a GPU (tests/test_cupy.py) and on the
+CUDA simulator (tests/test_gpu_sim.py)."""
 import numpy as np
 import pytest
 from hypothesis import given
@@ -14,14 +15,14 @@ from gradcheck import assert_close
 
 
 @given(B=st.integers(1, 3), T=st.integers(1, 40), NH=st.integers(1, 4), hs=st.integers(1, 9),
-       seed=st.integers(0, 2**31 - 1))
-def test_whole_matrix_attention_equals_the_reference(B, T, NH, hs, seed):
+       block=st.sampled_from([1, 3, 16, 256]), seed=st.integers(0, 2**31 - 1))
+def test_blocked_attention_equals_the_reference(B, T, NH, hs, block, seed):
     rng = np.random.default_rng(seed)
     qkv = rng.standard_normal((B, T, 3 * NH * hs))
     dy = rng.standard_normal((B, T, NH * hs))
     ref, ref_cache = L.attention_forward(qkv, NH)
     ref_dqkv = L.attention_backward(dy, ref_cache)
-    ops = numpy_ops()
+    ops = numpy_ops(block=block)
     out, cache = attention_forward(qkv, NH, ops=ops)
     assert isinstance(cache, KernelCache)
     dqkv = cache.backward(dy, cache)  # how layers.attention_backward hands it over
@@ -41,7 +42,7 @@ def test_dispatch_through_the_layer_functions():
 
 
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
-def test_whole_matrix_attention_in_low_precision(precision):
+def test_blocked_attention_in_low_precision(precision):
     # both paths round the same GEMM operands (scores from q*scale and k, P, v, dy, dS), so
     # they agree to float32 accumulation, not merely to bf16 tolerance
     rng = np.random.default_rng(1)
@@ -50,7 +51,7 @@ def test_whole_matrix_attention_in_low_precision(precision):
     with L.matmul_precision(precision):
         ref, ref_cache = L.attention_forward(qkv, 4)
         ref_dqkv = L.attention_backward(dy, ref_cache)
-        out, cache = attention_forward(qkv, 4, ops=numpy_ops())
-        dqkv = attention_backward(dy, cache, ops=numpy_ops())
+        out, cache = attention_forward(qkv, 4, ops=numpy_ops(block=8))
+        dqkv = attention_backward(dy, cache, ops=numpy_ops(block=8))
     assert_close(out, ref, 1e-5, "y")
     assert_close(dqkv, ref_dqkv, 1e-4, "dqkv")
