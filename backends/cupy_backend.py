@@ -130,12 +130,14 @@ class CupyBackend:
             raise ValueError(f"unknown precision {precision!r}")
         a, la = self._gemm_operand(a)
         b, lb = self._gemm_operand(b)
-        call = gemm.plan(a.shape, la, b.shape, lb)
         shape = a.shape[:-2] + (a.shape[-2], b.shape[-1])
-        c = out
-        if (c is None or c.dtype != cp.float32 or tuple(c.shape) != shape
-                or not c.flags.c_contiguous):
-            c = cp.empty(shape, dtype=cp.float32)  # cuBLAS writes C densely
+        c, lc = out, None
+        if c is not None and c.dtype == cp.float32 and tuple(c.shape) == shape:
+            lc = gemm.output_layout(c.shape, c.strides, c.itemsize)  # written in place
+        if lc is None:
+            c = cp.empty(shape, dtype=cp.float32)
+            lc = gemm.output_layout(c.shape, c.strides, c.itemsize)
+        call = gemm.plan(a.shape, la, b.shape, lb, lc)
         cublas = self._cublas
         handle = self.xp.cuda.device.get_cublas_handle()
         # alpha and beta live in host memory: make sure the shared handle reads them there
@@ -153,7 +155,7 @@ class CupyBackend:
             if mode != _CUBLAS_POINTER_MODE_HOST:
                 cublas.setPointerMode(handle, mode)
         if out is not None and c is not out:
-            out[...] = c  # a strided out= (a slice of y or dq): one copy
+            out[...] = c  # an out= cuBLAS cannot write (wrong dtype, columns strided): a copy
             return out
         return c
 

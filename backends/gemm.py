@@ -73,14 +73,33 @@ class GemmCall(NamedTuple):
     batch: int
 
 
-def plan(a_shape, a_layout: Layout, b_shape, b_layout: Layout) -> GemmCall:
-    """C (..., M, N) = a (..., M, K) @ b (..., K, N), C contiguous."""
+def plan(a_shape, a_layout: Layout, b_shape, b_layout: Layout,
+         c_layout: Layout | None = None) -> GemmCall:
+    """C (..., M, N) = a (..., M, K) @ b (..., K, N); C contiguous, or laid out as c_layout
+    (rows contiguous: a slice of a wider array, such as one query block of y)."""
     M, K = a_shape[-2:]
     K2, N = b_shape[-2:]
     if K != K2 or tuple(a_shape[:-2]) != tuple(b_shape[:-2]):
         raise ValueError(f"matmul shapes do not match: {tuple(a_shape)} @ {tuple(b_shape)}")
     batch = math.prod(a_shape[:-2])
+    ldc, stride_c = N, M * N
+    if c_layout is not None:
+        if c_layout.op != OP_N or c_layout.ld < max(1, N):
+            raise ValueError(f"cuBLAS writes C row by row: {c_layout} cannot hold (M, {N})")
+        ldc, stride_c = c_layout.ld, c_layout.batch_stride
     return GemmCall(transa=b_layout.op, transb=a_layout.op, m=N, n=M, k=K,
                     lda=b_layout.ld, stride_a=b_layout.batch_stride,
                     ldb=a_layout.ld, stride_b=a_layout.batch_stride,
-                    ldc=N, stride_c=M * N, batch=batch)
+                    ldc=ldc, stride_c=stride_c, batch=batch)
+
+
+def output_layout(shape, strides, itemsize) -> Layout | None:
+    """The layout under which cuBLAS can write C (..., M, N) in place, or None: rows
+    contiguous, row stride >= N, one batch stride, no two elements on one address."""
+    lay = operand_layout(shape, strides, itemsize)
+    if lay is None or lay.op != OP_N:
+        return None
+    *batch, M, N = shape
+    if math.prod(batch) > 1 and lay.batch_stride < M * lay.ld and M > 1:
+        return None  # batches would overlap
+    return lay

@@ -100,3 +100,20 @@ def test_mismatched_shapes_are_refused():
     lay = gemm.Layout(gemm.OP_N, 4, 0)
     with pytest.raises(ValueError, match="do not match"):
         gemm.plan((3, 4), lay, (5, 2), lay)
+
+
+def test_output_layouts():
+    f = 4
+    # a query block of y (B, NH, T, hs)[:, :, r0:r1]: rows contiguous, one batch stride
+    y = np.zeros((2, 3, 10, 4), dtype=np.float32)[:, :, 2:6]
+    assert gemm.output_layout(y.shape, y.strides, f) == gemm.Layout(gemm.OP_N, 4, 40)
+    assert gemm.output_layout((5, 3), (3 * f, f), f) == gemm.Layout(gemm.OP_N, 3, 0)
+    assert gemm.output_layout((5, 3), (f, 5 * f), f) is None  # columns contiguous: no
+    assert gemm.output_layout((2, 5, 3), (f, 3 * f, f), f) is None  # batches overlap
+    lay = gemm.output_layout(y.shape, y.strides, f)
+    call = gemm.plan((2, 3, 4, 7), gemm.Layout(gemm.OP_N, 7, 28), (2, 3, 7, 4),
+                     gemm.Layout(gemm.OP_N, 4, 28), lay)
+    assert (call.ldc, call.stride_c) == (4, 40)
+    with pytest.raises(ValueError, match="row by row"):
+        gemm.plan((3, 4), gemm.Layout(gemm.OP_N, 4, 0), (4, 5), gemm.Layout(gemm.OP_N, 5, 0),
+                  gemm.Layout(gemm.OP_T, 5, 0))
