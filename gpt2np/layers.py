@@ -188,23 +188,23 @@ def _small_gemms(x, m, n, k):
 def linear_forward(x, weight, bias):
     # x (B,T,C), weight (C,OC), bias (OC,) or None (added by the caller) -> out (B,T,OC)
     C, OC = weight.shape
-    x2 = x.reshape(-1, C)
+    x2 = matmul_operand(x.reshape(-1, C))  # kept for dweight: on the GPU in bf16, cast once
     with _small_gemms(x, x2.shape[0], OC, C):
         out = matmul(x2, weight)  # one (B*T,C) @ (C,OC) GEMM
     if bias is not None:
         out += bias
-    return out.reshape(*x.shape[:-1], OC), (x, weight)
+    return out.reshape(*x.shape[:-1], OC), (x2, x.shape, weight)
 
 
 def linear_backward(dout, cache):
     # dout (B,T,OC) -> dx (B,T,C), dweight (C,OC), dbias (OC,)
-    x, weight = cache
+    x2, x_shape, weight = cache  # x2: the forward's (B*T,C) operand
     C, OC = weight.shape
     dout2 = dout.reshape(-1, OC)  # (B*T,OC): every contraction is one 2-D GEMM
     d = matmul_operand(dout2)  # used by both products
     with _small_gemms(dout, dout2.shape[0], OC, C):
-        dx = matmul(d, weight.T).reshape(x.shape)
-        dweight = matmul(x.reshape(-1, C).T, d)  # BLAS reads the transposed view, no copy
+        dx = matmul(d, weight.T).reshape(x_shape)
+        dweight = matmul(x2.T, d)  # BLAS reads the transposed view, no copy
     dbias = dout2.sum(axis=0)
     return dx, dweight, dbias
 
