@@ -25,7 +25,8 @@ are rounded to TF32 or bfloat16, the products accumulate in float32 and the resu
 float32. Everything else (LayerNorm, softmax and loss statistics, GELU, the residual stream,
 the weights) stays float32. On the GPU that is cuBLAS on the tensor cores; on the CPU the
 same rounding is emulated (round the operands, then a float32 GEMM), so the effect of bf16
-on every gradient can be studied and tested without a GPU.
+on every gradient can be studied and tested without a GPU. `matmul_operand(x)` prepares an
+operand that several products read (on the GPU in bf16: its bf16 copy, cast once).
 
 Fused kernels. A backend may offer fused kernels for some layers (CuPy: backends/cuda/*.cu).
 A layer's forward hands float32 work to them where they exist and returns their cache, a
