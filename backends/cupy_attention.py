@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -30,9 +31,32 @@ _THREADS = 256
 # more (each round is ~10 kernels and GEMMs).
 GPU_BLOCK = 256
 
+FLASH_HEAD_SIZES = (16, 32, 64, 128)  # compiled in: the fragments are register arrays
+FLASH_TILE = 64  # queries (or keys) per thread block; 4 warps of 16 rows
+_FLASH_THREADS = 128
+# a literal: tests/test_cuda_compile.py reads it from the source
+KERNEL_NAMES = {"flash_attention.cu": (
+    "flash_backward_dot", "flash_mma_check", "flash_forward_d16", "flash_forward_d32",
+    "flash_forward_d64", "flash_forward_d128", "flash_backward_dq_d16",
+    "flash_backward_dq_d32", "flash_backward_dq_d64", "flash_backward_dq_d128",
+    "flash_backward_dkdv_d16", "flash_backward_dkdv_d32", "flash_backward_dkdv_d64",
+    "flash_backward_dkdv_d128",
+)}
+
+
+def use_flash(head_size):
+    """Whether the GPU attention runs as flash attention: in bf16 (its products are bf16 on
+    the tensor cores), for the head sizes compiled in, unless GPT2NP_FLASH=0."""
+    from gpt2np import layers
+
+    return (layers.get_matmul_precision() == "bf16" and head_size in FLASH_HEAD_SIZES
+            and os.environ.get("GPT2NP_FLASH", "1") != "0")
+
 
 def attention_forward(qkv, n_head, ops=None):
     # qkv (B,T,3C) -> y (B,T,C)
+    if ops is None and use_flash(qkv.shape[-1] // 3 // n_head):
+        return flash_attention_forward(qkv, n_head)
     ops = ops or gpu_ops()
     xp = ops.xp
     B, T, C3 = qkv.shape
@@ -85,6 +109,64 @@ def attention_backward(dout, cache, ops=None):
     for slot, g in enumerate((dq, dk, dv)):
         dqkv[:, :, slot] = g.transpose(0, 2, 1, 3)  # split heads back into the qkv layout
     return dqkv.reshape(B, T, 3 * NH * hs)
+
+
+# -------------------------------------------------------------------- flash attention
+
+
+def flash_attention_forward(qkv, n_head):
+    # qkv (B,T,3C) float32 -> y (B,T,C); keeps qkv, y and the (B,NH,T) log-sum-exp
+    import cupy as cp
+
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    hs = C // n_head
+    if hs not in FLASH_HEAD_SIZES or hs * n_head != C:
+        raise ValueError(f"flash attention needs a head size in {FLASH_HEAD_SIZES}, got "
+                         f"n_embd {C} / n_head {n_head}")
+    if qkv.dtype != cp.float32:
+        raise ValueError(f"flash attention takes float32 qkv, got {qkv.dtype}")
+    if B * n_head > 65535:
+        raise ValueError(f"flash attention launches one block row per (batch, head): "
+                         f"B * n_head = {B * n_head} is over CUDA's 65535")
+    qkv = cp.ascontiguousarray(qkv)
+    y = cp.empty((B, T, C), dtype=cp.float32)
+    lse = cp.empty((B, n_head, T), dtype=cp.float32)
+    _flash_kernel("forward", hs)(
+        _flash_grid(B, n_head, T), (_FLASH_THREADS,),
+        (qkv, y, lse, np.int32(T), np.int32(n_head), np.float32(1.0 / math.sqrt(hs))))
+    return y, KernelCache(flash_attention_backward, qkv, y, lse, n_head)
+
+
+def flash_attention_backward(dout, cache):
+    # dout (B,T,C) -> dqkv (B,T,3C)
+    import cupy as cp
+
+    qkv, y, lse, n_head = cache.saved
+    B, T, C = y.shape
+    hs = C // n_head
+    dout = cp.ascontiguousarray(dout, dtype=cp.float32)
+    Dv = cp.empty((B, n_head, T), dtype=cp.float32)  # rowsum(dy * y) per head
+    rows = B * T * n_head
+    _flash_kernel("backward_dot")((min(math.ceil(rows / 256), 65535 * 8),), (256,), (
+        dout, y, Dv, np.int32(T), np.int32(n_head), np.int32(hs), np.int64(rows)))
+    dqkv = cp.empty_like(qkv)  # every element is written once: dq by one kernel, dk and dv
+    args = (qkv, dout, lse, Dv, dqkv, np.int32(T), np.int32(n_head),  # by the other
+            np.float32(1.0 / math.sqrt(hs)))
+    grid = _flash_grid(B, n_head, T)
+    _flash_kernel("backward_dq", hs)(grid, (_FLASH_THREADS,), args)
+    _flash_kernel("backward_dkdv", hs)(grid, (_FLASH_THREADS,), args)
+    return dqkv
+
+
+def _flash_grid(B, n_head, T):
+    return (math.ceil(T / FLASH_TILE), B * n_head)
+
+
+def _flash_kernel(kind, hs=None):
+    from .cupy_kernels import get_kernel
+
+    return get_kernel(f"flash_{kind}" + (f"_d{hs}" if hs else ""), "flash_attention.cu")
 
 
 def _blocks(T, block):

@@ -48,5 +48,8 @@ for prec in bf16 tf32 fp32; do
     run "bench_$prec" "$PY" examples/bench.py --backend cupy --compare --preset gpt2 \
         --seq-len 1024 -B 16 --precision "$prec" --steps "$STEPS" --json "$OUT/bench_$prec.json"
 done
+# the bf16 attention without flash attention (query blocks, cuBLAS, fused softmax kernels)
+GPT2NP_FLASH=0 run bench_bf16_noflash "$PY" examples/bench.py --backend cupy --preset gpt2 \
+    --seq-len 1024 -B 16 --precision bf16 --steps "$STEPS" --json "$OUT/bench_bf16_noflash.json"
 run profile "$PY" examples/profile_step.py --backend cupy --preset gpt2 --seq-len 1024 -B 16 --precision bf16
 echo "done: $OUT/summary.txt"

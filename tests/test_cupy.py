@@ -203,6 +203,115 @@ def test_attention_kernels_match_their_numpy_specification():
         assert_close(cp.asnumpy(dS), dS_ref, 1e-5, f"dS {T}")
 
 
+# ------------------------------------------------------------------ flash attention (bf16)
+
+def _bf16(a):
+    from backends.numpy_backend import round_mantissa
+
+    return round_mantissa(np.asarray(a, dtype=np.float32), 7).astype(np.float64)
+
+
+def _flash_operands(qkv, n_head):
+    # q*scale (scaled in float32, then rounded), k, v: bf16 values in float64, (B,NH,T,hs)
+    B, T, C3 = qkv.shape
+    hs = C3 // 3 // n_head
+    q, k, v = np.asarray(qkv, dtype=np.float32).reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)
+    return _bf16(q * np.float32(1.0 / np.sqrt(hs))), _bf16(k), _bf16(v)
+
+
+def _heads(a, n_head):  # (B,T,C) -> (B,NH,T,hs)
+    B, T, C = a.shape
+    return np.asarray(a, dtype=np.float64).reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
+
+
+def _flash_forward_emulation(qkv, n_head, tile=64):
+    """What flash_attention.cu's forward computes, in float64 with its bf16 roundings: the
+    online softmax over key tiles, P rounded before it is normalised. -> y (B,T,C), lse."""
+    qs, k, v = _flash_operands(qkv, n_head)
+    B, NH, T, hs = qs.shape
+    S = qs @ k.transpose(0, 1, 3, 2)
+    S[..., np.triu_indices(T, 1)[0], np.triu_indices(T, 1)[1]] = -np.inf
+    m = np.full((B, NH, T, 1), -np.inf)
+    l, o = np.zeros((B, NH, T, 1)), np.zeros((B, NH, T, hs))
+    for j in range(0, T, tile):
+        s = S[..., j:j + tile]
+        m_new = np.maximum(m, s.max(axis=-1, keepdims=True))
+        alpha, p = np.exp(m - m_new), np.exp(s - m_new)
+        l = l * alpha + p.sum(axis=-1, keepdims=True)
+        o = o * alpha + _bf16(p) @ v[:, :, j:j + tile]
+        m = m_new
+    y = (o / l).transpose(0, 2, 1, 3).reshape(B, T, NH * hs)
+    return y, (m + np.log(l))[..., 0]
+
+
+def _flash_backward_emulation(qkv, dout, y, lse, n_head):
+    """The backward kernels' arithmetic from the forward's own y and lse: P = exp(S - lse),
+    D = rowsum(dy * y), and the products of bf16 dy, P and dS. -> dqkv (B,T,3C)."""
+    qs, k, v = _flash_operands(qkv, n_head)
+    B, NH, T, hs = qs.shape
+    S = qs @ k.transpose(0, 1, 3, 2)
+    P = np.where(np.tril(np.ones((T, T), bool)), np.exp(S - lse[..., None]), 0.0)
+    dy = _heads(dout, n_head)
+    D = (dy * _heads(y, n_head)).sum(axis=-1, keepdims=True)
+    dy = _bf16(dy)
+    dS = P * (dy @ v.transpose(0, 1, 3, 2) - D)
+    dq = _bf16(dS) @ k / np.sqrt(hs)
+    dk = _bf16(dS).transpose(0, 1, 3, 2) @ qs
+    dv = _bf16(P).transpose(0, 1, 3, 2) @ dy
+    return np.stack([g.transpose(0, 2, 1, 3) for g in (dq, dk, dv)], axis=2).reshape(qkv.shape)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,NH,T,hs", [(2, 2, 80, 16), (1, 3, 130, 32), (2, 1, 7, 16), (1, 2, 128, 64)])
+def test_flash_attention_in_bf16(B, NH, T, hs):
+    # T not a multiple of the 64-row tiles, shorter than one tile, and several tiles
+    cp = _cp()
+    from backends import cupy_attention
+
+    rng = np.random.default_rng(T)
+    qkv = rng.standard_normal((B, T, 3 * NH * hs))
+    dout = rng.standard_normal((B, T, NH * hs))
+    y64, c64 = L.attention_forward(qkv, NH)
+    dqkv64 = L.attention_backward(dout, c64)
+    with L.matmul_precision("bf16"):
+        y, cache = L.attention_forward(cp.asarray(qkv, dtype=cp.float32), NH)
+        assert cache.backward is cupy_attention.flash_attention_backward
+        dqkv = cp.asnumpy(L.attention_backward(cp.asarray(dout, dtype=cp.float32), cache))
+    y, lse = cp.asnumpy(y), cp.asnumpy(cache.saved[2])
+    assert y.shape == (B, T, NH * hs) and dqkv.shape == qkv.shape
+    # against the float64 oracle: within bf16's tolerance
+    assert_close(y, y64, 1e-2, "y vs float64")
+    assert_close(dqkv, dqkv64, 2e-2, "dqkv vs float64")
+    # against emulations of the kernels' own roundings: far closer (what differs: the order
+    # of float32 sums, __expf, and so a rare bf16 rounding broken the other way)
+    y_emu, lse_emu = _flash_forward_emulation(qkv, NH)
+    assert_close(y, y_emu, 1e-3, "y vs flash emulation")
+    assert_close(lse, lse_emu, 1e-5, "lse vs flash emulation")
+    dqkv_emu = _flash_backward_emulation(qkv, dout, y, lse, NH)
+    assert_close(dqkv, dqkv_emu, 1e-3, "dqkv vs flash emulation")
+
+
+@pytest.mark.gpu
+def test_flash_attention_is_used_only_where_it_applies(monkeypatch):
+    cp = _cp()
+    from backends import cupy_attention
+
+    rng = np.random.default_rng(0)
+
+    def backward_of(n_head, C=32, precision="bf16"):
+        qkv = cp.asarray(rng.standard_normal((1, 8, 3 * C)), dtype=cp.float32)
+        with L.matmul_precision(precision):
+            return L.attention_forward(qkv, n_head)[1].backward
+
+    flash = cupy_attention.flash_attention_backward
+    assert backward_of(2) is flash  # head size 16
+    assert backward_of(4) is not flash  # head size 8: not compiled in
+    assert backward_of(2, precision="fp32") is not flash  # its products are bf16
+    assert backward_of(2, precision="tf32") is not flash
+    monkeypatch.setenv("GPT2NP_FLASH", "0")
+    assert backward_of(2) is not flash
+
+
 @pytest.mark.gpu
 def test_layers_on_cupy_without_fused_kernels(unfused):
     for name in ("layernorm", "gelu", "attention"):
@@ -227,26 +336,31 @@ def test_fused_and_reference_layers_give_the_same_model(unfused):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
-def test_model_in_low_precision_on_gpu(precision):
-    # against the float64 oracle within the tolerance of the format (as on the CPU), and for
-    # bf16 against the CPU's emulation of the same rounding
+def test_model_in_low_precision_on_gpu(precision, monkeypatch):
+    # against the float64 oracle within the tolerance of the format (as on the CPU); for
+    # bf16 also with flash attention off, against the CPU's emulation of the same rounding
+    # (flash attention rounds P before normalising it: test_flash_attention_in_bf16)
     cfg = GPTConfig(block_size=32, vocab_size=96, n_layer=2, n_head=4, n_embd=64)
     ref = GPT(cfg, dtype="float64", seed=0)
     emu = GPT(cfg, dtype="float32", precision=precision, params=ref.state_dict())
     gpu = GPT(cfg, backend="cupy", precision=precision, params=ref.state_dict())
     rng = np.random.default_rng(0)
     idx, targets = rng.integers(0, 96, (3, 32)), rng.integers(0, 96, (3, 32))
-    out = {}
-    for name, m in (("ref", ref), ("emu", emu), ("gpu", gpu)):
+
+    def run(m):
         logits, loss = m.forward(idx, targets)
-        out[name] = (m.backend.to_host(logits).copy(),
-                     {k: m.backend.to_host(v).copy() for k, v in m.backward().items()})
+        return (m.backend.to_host(logits).copy(),
+                {k: m.backend.to_host(v).copy() for k, v in m.backward().items()})
+
+    out = {name: run(m) for name, m in (("ref", ref), ("emu", emu), ("gpu", gpu))}
     tol = {"tf32": (5e-3, 2e-2), "bf16": (3e-2, 1e-1)}[precision]
     assert_close(out["gpu"][0], out["ref"][0], tol[0], "logits vs float64")
     assert_grads_close(out["gpu"][1], out["ref"][1], tol[1], "grads vs float64")
     if precision == "bf16":
-        assert_close(out["gpu"][0], out["emu"][0], 1e-3, "logits vs CPU emulation")
-        assert_grads_close(out["gpu"][1], out["emu"][1], 1e-2, "grads vs CPU emulation")
+        monkeypatch.setenv("GPT2NP_FLASH", "0")
+        logits, grads = run(gpu)
+        assert_close(logits, out["emu"][0], 1e-3, "logits vs CPU emulation")
+        assert_grads_close(grads, out["emu"][1], 1e-2, "grads vs CPU emulation")
 
 
 @pytest.mark.gpu

@@ -222,8 +222,53 @@ inline T shuffle(T v, int src_lane, bool valid) {
     wait_at(AT_WARP_BARRIER);  // every lane has read: the slots may be written again
     return r;
 }
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, warp-collective: d += a . b with
+// the PTX ISA's fragment layouts (g = lane / 4, t = lane % 4; two bf16 per register, the
+// lower index in the low half):
+//   a[0..3] = A[g][2t..], A[g+8][2t..], A[g][2t+8..], A[g+8][2t+8..]
+//   b[0..1] = B[2t..2t+1][g], B[2t+8..2t+9][g]
+//   d[0..3] = D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1]
+// Every lane posts its registers, then computes its own four outputs from the whole tile.
+// Products of bf16 values are exact in float32; the sums run in float32, in k order.
+inline unsigned mma_regs[1024][6];
+inline float bf16_value(unsigned bits) {
+    const unsigned u = (bits & 0xffffu) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline void mma_bf16_m16n8k16(float* d, const unsigned* a, const unsigned* b) {
+    const int warp0 = current & ~31;
+    std::memcpy(mma_regs[current], a, 4 * sizeof(unsigned));
+    std::memcpy(mma_regs[current] + 4, b, 2 * sizeof(unsigned));
+    wait_at(AT_WARP_BARRIER);  // every lane has posted its fragments
+    float A[16][16], B[16][8];
+    for (int l = 0; l < 32; ++l) {
+        const unsigned* r = mma_regs[warp0 + l];
+        const int g = l >> 2, t = l & 3;
+        for (int i = 0; i < 4; ++i) {  // a[i]: rows g (+8 for odd i), columns 2t (+8 for i >= 2)
+            const int row = g + 8 * (i & 1), col = 2 * t + 8 * (i >> 1);
+            A[row][col] = bf16_value(r[i]);
+            A[row][col + 1] = bf16_value(r[i] >> 16);
+        }
+        for (int i = 0; i < 2; ++i) {
+            B[2 * t + 8 * i][g] = bf16_value(r[4 + i]);
+            B[2 * t + 8 * i + 1][g] = bf16_value(r[4 + i] >> 16);
+        }
+    }
+    wait_at(AT_WARP_BARRIER);  // every lane has read: the slots may be written again
+    const int g = (current & 31) >> 2, t = current & 3;
+    for (int i = 0; i < 4; ++i) {
+        const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+        float acc = 0.0f;
+        for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
+        d[i] += acc;
+    }
+}
 }  // namespace sim
 
+#define GPT2NP_CUDA_SIM 1  // kernels swap in the emulations above for inline PTX
 #define threadIdx (sim::thread_idx)
 #define blockIdx (sim::block_idx)
 #define blockDim (sim::block_dim)

@@ -1,0 +1,402 @@
+// Causal flash attention for precision "bf16": FlashAttention-2's algorithm on the tensor
+// cores (mma.sync m16n8k16, bf16 operands, float32 accumulation; sm_80 and later), for
+// backends/cupy_attention.py. No (T, T) array is ever written: scores live in registers.
+//
+// Layout. The kernels read q, k, v straight out of the fused c_attn output qkv (B, T, 3C)
+// float32 (head h of q is columns h*D..h*D+D-1, k is +C, v is +2C), round them to bf16 as
+// they stage tiles in shared memory, and write y (B, T, C), the layer's merged-heads output,
+// and dqkv (B, T, 3C) in the same layout: no head split/merge copies, no separate cast pass.
+//
+// Tiles: a block is 4 warps; it owns 64 queries (forward, dq) or 64 keys (dk, dv), each warp
+// 16 of them, and walks the other side in tiles of 64. Causal: query tile i needs key tiles
+// 0..i only; only the diagonal tile is masked.
+//
+// Numerics, as the reference in bf16 (gpt2np.layers.attention_forward under
+// matmul_precision("bf16")): the GEMM operands q*scale, k, v, dy, P and dS are rounded to
+// bf16 (to nearest, ties to even), everything else (scores, the online softmax, lse, D,
+// accumulators, outputs) is float32. What differs: P is rounded before it is normalised
+// (FlashAttention's running max and sum), so results match the reference to bf16 tolerance,
+// not bit for bit.
+//
+// Fragments of mma.m16n8k16 (PTX ISA), g = lane / 4, t = lane % 4, two bf16 per 32-bit
+// register, the lower column (or row, for b) in the low half:
+//   a (16x16, row major): a0 = A[g][2t..2t+1]   a1 = A[g+8][2t..]   a2 = A[g][2t+8..]
+//                         a3 = A[g+8][2t+8..]
+//   b (16x8, col major):  b0 = B[2t..2t+1][g]   b1 = B[2t+8..2t+9][g]
+//   c (16x8, float32):    c0, c1 = C[g][2t], C[g][2t+1]   c2, c3 = C[g+8][2t], C[g+8][2t+1]
+// Two neighbouring c tiles (columns 0-7, 8-15) hold exactly an a fragment's elements, so a
+// warp's probabilities P feed the next product straight from its registers.
+
+#define NEG_INF (-__int_as_float(0x7f800000))  // no math headers under plain NVRTC
+#define TILE 64                                 // queries or keys per tile
+#define FLASH_THREADS 128                       // 4 warps x 16 rows
+
+#ifdef GPT2NP_CUDA_SIM
+#define mma_bf16_16816 sim::mma_bf16_m16n8k16  // tests/cuda_sim emulates the instruction
+#else
+// d (16x8) += a (16x16) . b (16x8), one warp
+__device__ __forceinline__ void mma_bf16_16816(float* d, const unsigned* a, const unsigned* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif
+
+// float32 -> bf16 bits, to nearest with ties to even, NaN kept (as backends/cuda/convert.cu)
+__device__ __forceinline__ unsigned bf16_bits(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x0040u;
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+    return bf16_bits(lo) | (bf16_bits(hi) << 16);
+}
+
+// ---------------------------------------------------------------- shared-memory tiles
+// A tile is TILE rows x D bf16, stored as 32-bit words with a row stride of D + 8 halves
+// (the padding puts the 8 rows a fragment load touches in different banks).
+
+template <int D>
+struct Tile {
+    static constexpr int LDW = (D + 8) / 2;  // words per row
+    static constexpr int WORDS = TILE * LDW;
+};
+
+// tile <- bf16(src[r0 + r][0..D) * mul) for r < TILE; rows at or beyond T are zeros (keys
+// past the end then score 0 and carry v = 0, never NaN garbage). src's rows are rs floats apart.
+template <int D>
+__device__ __forceinline__ void load_tile(unsigned* tile, const float* __restrict__ src,
+                                          long long rs, int r0, int T, float mul) {
+    constexpr int W = D / 2;  // float pairs per row
+    for (int e = threadIdx.x; e < TILE * W; e += blockDim.x) {
+        const int r = e / W, c = e - r * W;
+        float2 x = make_float2(0.0f, 0.0f);
+        if (r0 + r < T) x = reinterpret_cast<const float2*>(src + (long long)(r0 + r) * rs)[c];
+        tile[r * Tile<D>::LDW + c] = pack_bf16(x.x * mul, x.y * mul);
+    }
+}
+
+// a fragment of rows r0.., columns k0.. of a tile (A = tile)
+template <int D>
+__device__ __forceinline__ void frag_a(unsigned* a, const unsigned* tile, int r0, int k0) {
+    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    const unsigned* p = tile + (r0 + g) * Tile<D>::LDW + k0 / 2 + t;
+    a[0] = p[0];
+    a[1] = p[8 * Tile<D>::LDW];
+    a[2] = p[4];
+    a[3] = p[8 * Tile<D>::LDW + 4];
+}
+
+// b fragment with B[k][n] = tile[n0 + n][k0 + k] (B = tile^T: k^T in q k^T)
+template <int D>
+__device__ __forceinline__ void frag_b_t(unsigned* b, const unsigned* tile, int n0, int k0) {
+    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    const unsigned* p = tile + (n0 + g) * Tile<D>::LDW + k0 / 2 + t;
+    b[0] = p[0];
+    b[1] = p[4];
+}
+
+// b fragment with B[k][n] = tile[k0 + k][n0 + n] (B = tile: v in P v)
+template <int D>
+__device__ __forceinline__ void frag_b(unsigned* b, const unsigned* tile, int k0, int n0) {
+    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    const unsigned short* h = reinterpret_cast<const unsigned short*>(tile);
+    constexpr int LDH = 2 * Tile<D>::LDW;  // halves per row
+    const unsigned short* p = h + (k0 + 2 * t) * LDH + n0 + g;
+    b[0] = (unsigned)p[0] | ((unsigned)p[LDH] << 16);
+    b[1] = (unsigned)p[8 * LDH] | ((unsigned)p[9 * LDH] << 16);
+}
+
+// c tiles 2kk and 2kk+1 (16 x 16 float32) -> the a fragment of k columns 16kk..16kk+15, bf16
+__device__ __forceinline__ void c_to_a(unsigned* a, const float (*c)[4], int kk) {
+    a[0] = pack_bf16(c[2 * kk][0], c[2 * kk][1]);
+    a[1] = pack_bf16(c[2 * kk][2], c[2 * kk][3]);
+    a[2] = pack_bf16(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+    a[3] = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+}
+
+// s (16 x TILE) = a (16 x D, fragments) . tile^T
+template <int D>
+__device__ __forceinline__ void scores(float (*s)[4], const unsigned (*a)[4], const unsigned* tile) {
+    for (int nt = 0; nt < TILE / 8; ++nt) {
+        s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+        for (int kk = 0; kk < D / 16; ++kk) {
+            unsigned b[2];
+            frag_b_t<D>(b, tile, nt * 8, kk * 16);
+            mma_bf16_16816(s[nt], a[kk], b);
+        }
+    }
+}
+
+// acc (16 x D) += bf16(p) (16 x TILE, c fragments) . tile
+template <int D>
+__device__ __forceinline__ void accumulate(float (*acc)[4], const float (*p)[4], const unsigned* tile) {
+    for (int kk = 0; kk < TILE / 16; ++kk) {
+        unsigned a[4];
+        c_to_a(a, p, kk);
+        for (int dt = 0; dt < D / 8; ++dt) {
+            unsigned b[2];
+            frag_b<D>(b, tile, kk * 16, dt * 8);
+            mma_bf16_16816(acc[dt], a, b);
+        }
+    }
+}
+
+// rows r and r + 8 of a warp's (16 x D) c fragments -> out[row * rs + col] * mul, rows < T
+template <int D>
+__device__ __forceinline__ void store_rows(float* __restrict__ out, long long rs, const float (*acc)[4],
+                                           int r, int T, float mul) {
+    const int t = threadIdx.x & 3;
+    for (int half = 0; half < 2; ++half) {
+        const int row = r + 8 * half;
+        if (row >= T) continue;
+        float2* o = reinterpret_cast<float2*>(out + (long long)row * rs);
+        for (int dt = 0; dt < D / 8; ++dt) {
+            o[dt * 4 + t] = make_float2(acc[dt][2 * half] * mul, acc[dt][2 * half + 1] * mul);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------- forward
+// grid (ceil(T / TILE), B * NH), FLASH_THREADS threads. y (B, T, C); lse (B, NH, T) is
+// the log-sum-exp of each score row, all the backward needs to recompute P.
+template <int D>
+__device__ __forceinline__ void flash_forward(const float* __restrict__ qkv, float* __restrict__ y,
+                                              float* __restrict__ lse, int T, int NH, float scale) {
+    __shared__ unsigned ks[Tile<D>::WORDS], vs[Tile<D>::WORDS];
+    const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    const int qt = gridDim.x - 1 - blockIdx.x;  // the longest tiles (the most keys) first
+    const int b = blockIdx.y / NH, h = blockIdx.y - b * NH, C = NH * D;
+    const long long rs = 3LL * C;
+    const float* q = qkv + (long long)b * T * rs + h * D;
+    const int r = qt * TILE + warp * 16 + g;  // this lane's rows: r and r + 8
+
+    load_tile<D>(ks, q, rs, qt * TILE, T, scale);  // q * scale, as the reference scales q
+    __syncthreads();
+    unsigned qa[D / 16][4];
+    for (int kk = 0; kk < D / 16; ++kk) frag_a<D>(qa[kk], ks, warp * 16, kk * 16);
+
+    float o[D / 8][4] = {};
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};  // running max, this lane's sum
+    for (int kt = 0; kt <= qt; ++kt) {
+        __syncthreads();  // every warp is done with the previous tiles
+        load_tile<D>(ks, q + C, rs, kt * TILE, T, 1.0f);
+        load_tile<D>(vs, q + 2 * C, rs, kt * TILE, T, 1.0f);
+        __syncthreads();
+        float s[TILE / 8][4];
+        scores<D>(s, qa, ks);
+        if (kt == qt) {  // the diagonal tile: mask the future
+            for (int nt = 0; nt < TILE / 8; ++nt)
+                for (int e = 0; e < 4; ++e)
+                    if (kt * TILE + nt * 8 + 2 * t + (e & 1) > r + 8 * (e >> 1)) s[nt][e] = NEG_INF;
+        }
+        // online softmax. The max is finite: key 0 (tile 0) is visible to every row
+        for (int half = 0; half < 2; ++half) {
+            float mx = m[half];
+            for (int nt = 0; nt < TILE / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * half], s[nt][2 * half + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 lanes of a row
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float alpha = __expf(m[half] - mx);  // rescales what was summed so far
+            float sum = 0.0f;
+            for (int nt = 0; nt < TILE / 8; ++nt)
+                for (int e = 2 * half; e < 2 * half + 2; ++e) {
+                    s[nt][e] = __expf(s[nt][e] - mx);
+                    sum += s[nt][e];
+                }
+            l[half] = l[half] * alpha + sum;
+            m[half] = mx;
+            for (int dt = 0; dt < D / 8; ++dt) {
+                o[dt][2 * half] *= alpha;
+                o[dt][2 * half + 1] *= alpha;
+            }
+        }
+        accumulate<D>(o, s, vs);  // o += P v
+    }
+    for (int half = 0; half < 2; ++half) {  // the row sums over the 4 lanes of each row
+        l[half] += __shfl_xor_sync(0xffffffffu, l[half], 1);
+        l[half] += __shfl_xor_sync(0xffffffffu, l[half], 2);
+    }
+    for (int half = 0; half < 2; ++half) {
+        const float inv = 1.0f / l[half];
+        for (int dt = 0; dt < D / 8; ++dt) {
+            o[dt][2 * half] *= inv;
+            o[dt][2 * half + 1] *= inv;
+        }
+        if (t == 0 && r + 8 * half < T) lse[(long long)blockIdx.y * T + r + 8 * half] = m[half] + logf(l[half]);
+    }
+    store_rows<D>(y + (long long)b * T * C + h * D, C, o, r, T, 1.0f);
+}
+
+// --------------------------------------------------------------------------- backward
+// 1. Dv[b, h, i] = dy[b, i, head h] . y[b, i, head h] (= sum_j P[i, j] dP[i, j]).
+//    One thread per (b, i, h), grid-stride.
+extern "C" __global__ void flash_backward_dot(const float* __restrict__ dy,
+                                              const float* __restrict__ y,
+                                              float* __restrict__ Dv, int T, int NH, int D,
+                                              long long rows) {
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < rows;
+         e += (long long)gridDim.x * blockDim.x) {
+        const long long bt = e / NH;  // e = (b * T + i) * NH + h: neighbouring threads, neighbouring heads
+        const int h = (int)(e - bt * NH);
+        const float* a = dy + e * D;
+        const float* c = y + e * D;
+        float acc = 0.0f;
+        for (int d = 0; d < D; ++d) acc += a[d] * c[d];
+        const long long b = bt / T;
+        Dv[(b * NH + h) * T + (bt - b * T)] = acc;
+    }
+}
+
+// 2. dq: grid (ceil(T / TILE), B * NH). Per query tile, over key tiles 0..qt:
+//    S = qs k^T, P = exp(S - lse), dP = dy v^T, dS = P (dP - Dv), dq += dS k; dq *= scale.
+template <int D>
+__device__ __forceinline__ void flash_backward_dq(const float* __restrict__ qkv, const float* __restrict__ dy,
+                                                  const float* __restrict__ lse, const float* __restrict__ Dv,
+                                                  float* __restrict__ dqkv, int T, int NH, float scale) {
+    __shared__ unsigned ks[Tile<D>::WORDS], vs[Tile<D>::WORDS];
+    const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    const int qt = gridDim.x - 1 - blockIdx.x;
+    const int b = blockIdx.y / NH, h = blockIdx.y - b * NH, C = NH * D;
+    const long long rs = 3LL * C;
+    const float* q = qkv + (long long)b * T * rs + h * D;
+    const int r = qt * TILE + warp * 16 + g;
+
+    load_tile<D>(ks, q, rs, qt * TILE, T, scale);
+    load_tile<D>(vs, dy + (long long)b * T * C + h * D, C, qt * TILE, T, 1.0f);
+    __syncthreads();
+    unsigned qa[D / 16][4], da[D / 16][4];
+    for (int kk = 0; kk < D / 16; ++kk) {
+        frag_a<D>(qa[kk], ks, warp * 16, kk * 16);
+        frag_a<D>(da[kk], vs, warp * 16, kk * 16);
+    }
+    float lr[2], dr[2];
+    for (int half = 0; half < 2; ++half) {
+        const int row = r + 8 * half;
+        lr[half] = row < T ? lse[(long long)blockIdx.y * T + row] : 0.0f;
+        dr[half] = row < T ? Dv[(long long)blockIdx.y * T + row] : 0.0f;
+    }
+    float dq[D / 8][4] = {};
+    for (int kt = 0; kt <= qt; ++kt) {
+        __syncthreads();
+        load_tile<D>(ks, q + C, rs, kt * TILE, T, 1.0f);
+        load_tile<D>(vs, q + 2 * C, rs, kt * TILE, T, 1.0f);
+        __syncthreads();
+        float s[TILE / 8][4], dp[TILE / 8][4];
+        scores<D>(s, qa, ks);   // S
+        scores<D>(dp, da, vs);  // dP = dy v^T
+        for (int nt = 0; nt < TILE / 8; ++nt)
+            for (int e = 0; e < 4; ++e) {
+                const int row = r + 8 * (e >> 1), key = kt * TILE + nt * 8 + 2 * t + (e & 1);
+                const float p = (key <= row && row < T) ? __expf(s[nt][e] - lr[e >> 1]) : 0.0f;
+                s[nt][e] = p * (dp[nt][e] - dr[e >> 1]);  // dS
+            }
+        accumulate<D>(dq, s, ks);  // dq += dS k
+    }
+    store_rows<D>(dqkv + (long long)b * T * rs + h * D, rs, dq, r, T, scale);  // S = (q*scale) k^T
+}
+
+// 3. dk, dv: grid (ceil(T / TILE), B * NH). Per key tile, over query tiles kt..: with the
+//    keys as rows, S^T = k qs^T, P^T = exp(S^T - lse), dv += P^T dy, dP^T = v dy^T,
+//    dS^T = P^T (dP^T - Dv), dk += dS^T qs. Every key is written once: no atomics, deterministic.
+template <int D>
+__device__ __forceinline__ void flash_backward_dkdv(const float* __restrict__ qkv, const float* __restrict__ dy,
+                                                    const float* __restrict__ lse, const float* __restrict__ Dv,
+                                                    float* __restrict__ dqkv, int T, int NH, float scale) {
+    __shared__ unsigned qs[Tile<D>::WORDS], ds[Tile<D>::WORDS];  // q * scale and dy tiles
+    __shared__ float ls[TILE], dvs[TILE];                         // their lse and Dv
+    const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    const int kt = blockIdx.x;  // the first key tiles see the most queries: launched first
+    const int b = blockIdx.y / NH, h = blockIdx.y - b * NH, C = NH * D;
+    const long long rs = 3LL * C;
+    const float* q = qkv + (long long)b * T * rs + h * D;
+    const float* dyb = dy + (long long)b * T * C + h * D;
+    const int key = kt * TILE + warp * 16 + g;  // this lane's keys: key and key + 8
+
+    load_tile<D>(qs, q + C, rs, kt * TILE, T, 1.0f);
+    load_tile<D>(ds, q + 2 * C, rs, kt * TILE, T, 1.0f);
+    __syncthreads();
+    unsigned ka[D / 16][4], va[D / 16][4];
+    for (int kk = 0; kk < D / 16; ++kk) {
+        frag_a<D>(ka[kk], qs, warp * 16, kk * 16);
+        frag_a<D>(va[kk], ds, warp * 16, kk * 16);
+    }
+    float dk[D / 8][4] = {}, dv[D / 8][4] = {};
+    for (int qt = kt; qt < (int)gridDim.x; ++qt) {
+        __syncthreads();
+        load_tile<D>(qs, q, rs, qt * TILE, T, scale);
+        load_tile<D>(ds, dyb, C, qt * TILE, T, 1.0f);
+        for (int i = threadIdx.x; i < TILE; i += blockDim.x) {
+            const int row = qt * TILE + i;
+            ls[i] = row < T ? lse[(long long)blockIdx.y * T + row] : 0.0f;
+            dvs[i] = row < T ? Dv[(long long)blockIdx.y * T + row] : 0.0f;
+        }
+        __syncthreads();
+        float p[TILE / 8][4], dp[TILE / 8][4];
+        scores<D>(p, ka, qs);   // S^T
+        scores<D>(dp, va, ds);  // dP^T = v dy^T
+        for (int nt = 0; nt < TILE / 8; ++nt)
+            for (int e = 0; e < 4; ++e) {
+                const int i = nt * 8 + 2 * t + (e & 1), row = qt * TILE + i;
+                const int k_ = key + 8 * (e >> 1);
+                p[nt][e] = (k_ <= row && row < T) ? __expf(p[nt][e] - ls[i]) : 0.0f;  // P^T
+                dp[nt][e] = p[nt][e] * (dp[nt][e] - dvs[i]);                          // dS^T
+            }
+        accumulate<D>(dv, p, ds);   // dv += P^T dy
+        accumulate<D>(dk, dp, qs);  // dk += dS^T qs
+    }
+    float* out = dqkv + (long long)b * T * rs + h * D;
+    store_rows<D>(out + C, rs, dk, key, T, 1.0f);
+    store_rows<D>(out + 2 * C, rs, dv, key, T, 1.0f);
+}
+
+// ------------------------------------------------------------------ the entry points
+// One set per head size D (a compile-time constant: the fragments are register arrays).
+
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_forward_d16(const float* __restrict__ qkv, float* __restrict__ y, float* __restrict__ lse, int T, int NH, float scale) { flash_forward<16>(qkv, y, lse, T, NH, scale); }
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_forward_d32(const float* __restrict__ qkv, float* __restrict__ y, float* __restrict__ lse, int T, int NH, float scale) { flash_forward<32>(qkv, y, lse, T, NH, scale); }
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_forward_d64(const float* __restrict__ qkv, float* __restrict__ y, float* __restrict__ lse, int T, int NH, float scale) { flash_forward<64>(qkv, y, lse, T, NH, scale); }
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_forward_d128(const float* __restrict__ qkv, float* __restrict__ y, float* __restrict__ lse, int T, int NH, float scale) { flash_forward<128>(qkv, y, lse, T, NH, scale); }
+
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_dq_d16(const float* __restrict__ qkv, const float* __restrict__ dy, const float* __restrict__ lse, const float* __restrict__ Dv, float* __restrict__ dqkv, int T, int NH, float scale) { flash_backward_dq<16>(qkv, dy, lse, Dv, dqkv, T, NH, scale); }
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_dq_d32(const float* __restrict__ qkv, const float* __restrict__ dy, const float* __restrict__ lse, const float* __restrict__ Dv, float* __restrict__ dqkv, int T, int NH, float scale) { flash_backward_dq<32>(qkv, dy, lse, Dv, dqkv, T, NH, scale); }
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_dq_d64(const float* __restrict__ qkv, const float* __restrict__ dy, const float* __restrict__ lse, const float* __restrict__ Dv, float* __restrict__ dqkv, int T, int NH, float scale) { flash_backward_dq<64>(qkv, dy, lse, Dv, dqkv, T, NH, scale); }
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_dq_d128(const float* __restrict__ qkv, const float* __restrict__ dy, const float* __restrict__ lse, const float* __restrict__ Dv, float* __restrict__ dqkv, int T, int NH, float scale) { flash_backward_dq<128>(qkv, dy, lse, Dv, dqkv, T, NH, scale); }
+
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_dkdv_d16(const float* __restrict__ qkv, const float* __restrict__ dy, const float* __restrict__ lse, const float* __restrict__ Dv, float* __restrict__ dqkv, int T, int NH, float scale) { flash_backward_dkdv<16>(qkv, dy, lse, Dv, dqkv, T, NH, scale); }
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_dkdv_d32(const float* __restrict__ qkv, const float* __restrict__ dy, const float* __restrict__ lse, const float* __restrict__ Dv, float* __restrict__ dqkv, int T, int NH, float scale) { flash_backward_dkdv<32>(qkv, dy, lse, Dv, dqkv, T, NH, scale); }
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_dkdv_d64(const float* __restrict__ qkv, const float* __restrict__ dy, const float* __restrict__ lse, const float* __restrict__ Dv, float* __restrict__ dqkv, int T, int NH, float scale) { flash_backward_dkdv<64>(qkv, dy, lse, Dv, dqkv, T, NH, scale); }
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_dkdv_d128(const float* __restrict__ qkv, const float* __restrict__ dy, const float* __restrict__ lse, const float* __restrict__ Dv, float* __restrict__ dqkv, int T, int NH, float scale) { flash_backward_dkdv<128>(qkv, dy, lse, Dv, dqkv, T, NH, scale); }
+
+// One warp: d (16x8) = a (16x16) . b (16x8), all row-major float32 (rounded to bf16 on the
+// way in), once through each b fragment loader: d_t with b staged transposed (frag_b_t, as
+// k in q k^T), d_n with b staged as it is (frag_b, as v in P v). Checks the hardware's
+// fragment layout against the one written at the top (tests/test_cupy_kernels.py).
+extern "C" __global__ void flash_mma_check(const float* __restrict__ a, const float* __restrict__ b,
+                                           float* __restrict__ d_t, float* __restrict__ d_n) {
+    constexpr int LDW = Tile<16>::LDW;
+    __shared__ unsigned at[16 * LDW], bt[16 * LDW], bn[16 * LDW];
+    for (int e = threadIdx.x; e < 16 * 8; e += blockDim.x) {
+        const int r = e / 8, c = e % 8;  // word c of row r: columns 2c, 2c + 1
+        at[r * LDW + c] = pack_bf16(a[r * 16 + 2 * c], a[r * 16 + 2 * c + 1]);
+        if (r < 8) bt[r * LDW + c] = pack_bf16(b[2 * c * 8 + r], b[(2 * c + 1) * 8 + r]);  // b^T
+        if (c < 4) bn[r * LDW + c] = pack_bf16(b[r * 8 + 2 * c], b[r * 8 + 2 * c + 1]);
+    }
+    __syncwarp();
+    unsigned fa[4], fb[2];
+    frag_a<16>(fa, at, 0, 0);
+    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    for (int which = 0; which < 2; ++which) {
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (which == 0) frag_b_t<16>(fb, bt, 0, 0);
+        else frag_b<16>(fb, bn, 0, 0);
+        mma_bf16_16816(acc, fa, fb);
+        float* d = which == 0 ? d_t : d_n;
+        d[g * 8 + 2 * t] = acc[0];
+        d[g * 8 + 2 * t + 1] = acc[1];
+        d[(g + 8) * 8 + 2 * t] = acc[2];
+        d[(g + 8) * 8 + 2 * t + 1] = acc[3];
+    }
+}
