@@ -77,19 +77,19 @@ def attention_forward(qkv, n_head, ops=None):
         del att
     out = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # merge heads
     backward = functools.partial(attention_backward, ops=ops)
-    return out, KernelCache(backward, qs, k, v, y, lse, scale)
+    # the backward only multiplies q, k, v: keep them as GEMM operands (bf16: half the bytes)
+    return out, KernelCache(backward, qs_, k_, v_, y, lse, scale)
 
 
 def attention_backward(dout, cache, ops=None):
     # dout (B,T,C) -> dqkv (B,T,3C)
     ops = ops or gpu_ops()
     xp = ops.xp
-    qs, k, v, y, lse, scale = cache.saved
-    B, NH, T, hs = qs.shape
+    qs_, k_, v_, y, lse, scale = cache.saved  # q * scale, k, v as the forward's operands
+    B, NH, T, hs = qs_.shape
     dy = xp.ascontiguousarray(dout.reshape(B, T, NH, hs).transpose(0, 2, 1, 3))  # (B,NH,T,hs)
     D = (dy * y).sum(axis=-1)  # (B,NH,T): rowsum(P * dP) = dy . y
-    # each is a GEMM operand several times: on the GPU in bf16, cast once (matmul_operand)
-    qs_, k_, v_, dy_ = ops.cast(qs), ops.cast(k), ops.cast(v), ops.cast(dy)
+    dy_ = ops.cast(dy)  # a GEMM operand twice per block: on the GPU in bf16, cast once
     dq = xp.empty((B, NH, T, hs), dtype=dout.dtype)
     dk = xp.zeros((B, NH, T, hs), dtype=dout.dtype)  # keys and values gather from every
     dv = xp.zeros((B, NH, T, hs), dtype=dout.dtype)  # later block of queries

@@ -189,17 +189,19 @@ def _small_gemms(x, m, n, k):
 def linear_forward(x, weight, bias):
     # x (B,T,C), weight (C,OC), bias (OC,) or None (added by the caller) -> out (B,T,OC)
     C, OC = weight.shape
-    x2 = matmul_operand(x.reshape(-1, C))  # kept for dweight: on the GPU in bf16, cast once
+    # both operands are used again by the backward: on the GPU in bf16, cast once each
+    x2 = matmul_operand(x.reshape(-1, C))  # for dweight
+    w = matmul_operand(weight)  # for dx
     with _small_gemms(x, x2.shape[0], OC, C):
-        out = matmul(x2, weight)  # one (B*T,C) @ (C,OC) GEMM
+        out = matmul(x2, w)  # one (B*T,C) @ (C,OC) GEMM
     if bias is not None:
         out += bias
-    return out.reshape(*x.shape[:-1], OC), (x2, x.shape, weight)
+    return out.reshape(*x.shape[:-1], OC), (x2, x.shape, w)
 
 
 def linear_backward(dout, cache):
     # dout (B,T,OC) -> dx (B,T,C), dweight (C,OC), dbias (OC,)
-    x2, x_shape, weight = cache  # x2: the forward's (B*T,C) operand
+    x2, x_shape, weight = cache  # the forward's operands: x2 (B*T,C), weight (C,OC)
     C, OC = weight.shape
     dout2 = dout.reshape(-1, OC)  # (B*T,OC): every contraction is one 2-D GEMM
     d = matmul_operand(dout2)  # used by both products
@@ -444,18 +446,19 @@ def lm_head_forward(x, wte, out=None):
     # x (B,T,C), wte (V,C) -> logits (B,T,V); out: optional (B,T,V) buffer to write into
     V, C = wte.shape
     out2 = None if out is None else out.reshape(-1, V)
-    logits = matmul(x.reshape(-1, C), wte.T, out=out2)  # one (B*T,C) @ (C,V) GEMM
-    return logits.reshape(*x.shape[:-1], V), (x, wte)
+    x2, w = matmul_operand(x.reshape(-1, C)), matmul_operand(wte)  # both used again
+    logits = matmul(x2, w.T, out=out2)  # one (B*T,C) @ (C,V) GEMM
+    return logits.reshape(*x.shape[:-1], V), (x2, x.shape, w)
 
 
 def lm_head_backward(dlogits, cache, dwte=None):
     # dlogits (B,T,V) -> dx (B,T,C), dwte (V,C) (the lm_head share of the tied gradient);
     # dwte: optional (V,C) buffer to write into
-    x, wte = cache
+    x2, x_shape, wte = cache  # the forward's operands: x2 (B*T,C), wte (V,C)
     V, C = wte.shape
-    dlogits2 = dlogits.reshape(-1, V)
-    dx = matmul(dlogits2, wte).reshape(x.shape)
-    dwte = matmul(dlogits2.T, x.reshape(-1, C), out=dwte)
+    d = matmul_operand(dlogits.reshape(-1, V))  # (B*T,V), the biggest operand: cast once
+    dx = matmul(d, wte).reshape(x_shape)
+    dwte = matmul(d.T, x2, out=dwte)
     return dx, dwte
 
 

@@ -312,3 +312,24 @@ def test_mlp_with_the_bias_fused_into_gelu(cp):
     assert_close(host(out), out64, 1e-5, "mlp out")
     assert_close(host(dx), dx64, 1e-5, "mlp dx")
     assert_grads_close({k: host(v) for k, v in g.items()}, g64, 1e-5, "mlp")
+
+
+def test_bf16_step_casts_each_operand_once(cp, monkeypatch):
+    # every float32 array that a bf16 training step hands to the GEMMs is cast to bf16 at
+    # most once (weights, activations, dlogits, attention's operands): a second cast of the
+    # same data is a wasted pass over memory
+    from backends import get_backend
+
+    be = get_backend("cupy")
+    cast, seen = be.to_bf16, []
+    monkeypatch.setattr(be, "to_bf16", lambda x: (seen.append(x), cast(x))[1])  # keeps x alive
+    for n_head in (2, 1):  # head size 8: the block attention; 16: flash attention
+        seen.clear()
+        cfg = GPTConfig(block_size=8, vocab_size=40, n_layer=2, n_head=n_head, n_embd=16)
+        model = GPT(cfg, backend="cupy", precision="bf16", seed=0)
+        rng = np.random.default_rng(0)
+        model.forward(rng.integers(0, 40, (2, 8)), rng.integers(0, 40, (2, 8)))
+        model.backward()
+        keys = [(x.__array_interface__["data"][0], x.shape, x.strides) for x in seen]
+        twice = {k for k in keys if keys.count(k) > 1}
+        assert seen and not twice, f"n_head {n_head}: cast more than once: {sorted(twice)}"
