@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 import numpy as np
 
@@ -26,10 +27,12 @@ _CUDA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda")
 # each one is defined).
 KERNEL_NAMES = (
     "layernorm_forward_kernel",
+    "layernorm_forward_bf16_kernel",
     "layernorm_backward_kernel",
     "gelu_forward_kernel",
     "gelu_backward_kernel",
     "bias_gelu_forward_kernel",
+    "bias_gelu_forward_bf16_kernel",
     "crossentropy_forward_kernel",
     "crossentropy_backward_kernel",
     "embedding_backward_kernel",
@@ -46,16 +49,40 @@ def _cupy():
     return cupy
 
 
+_INCLUDE = re.compile(r'^#include "(\w+\.cuh)"[^\n]*$', re.M)
+
+
+def read_source(filename):
+    """The text of backends/cuda/<filename> with its `#include "x.cuh"` lines replaced by
+    those headers (once each): one self-contained source for NVRTC, whose cache (CuPy's,
+    keyed by the source text) then also sees changes to the headers."""
+    seen = set()
+
+    def paste(m):
+        name = m.group(1)
+        if name in seen:
+            return ""
+        seen.add(name)
+        return _INCLUDE.sub(paste, _read(name))
+
+    return _INCLUDE.sub(paste, _read(filename))
+
+
+def _read(filename):
+    path = os.path.join(_CUDA_DIR, filename)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"CUDA source {filename} is not in {_CUDA_DIR}")
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
 @functools.lru_cache(maxsize=None)
 def load_module(filename="kernels.cu"):
     """The cupy.RawModule of backends/cuda/<filename>, built once per process.
 
     NVRTC compiles it at the first get_function, for the current device's architecture.
     """
-    cp = _cupy()
-    with open(os.path.join(_CUDA_DIR, filename), encoding="utf-8") as f:
-        src = f.read()
-    return cp.RawModule(code=src, options=("-std=c++17",))
+    return _cupy().RawModule(code=read_source(filename), options=("-std=c++17",))
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,8 +135,9 @@ def _ptr(a):
 # LayerNorm over the last axis
 
 
-def layernorm_forward(x, weight, bias, eps=1e-5):
-    # x (..., C), weight (C,), bias (C,) -> out (..., C)
+def layernorm_forward(x, weight, bias, eps=1e-5, bf16=False):
+    # x (..., C), weight (C,), bias (C,) -> out (..., C); float32, or with bf16=True the
+    # bfloat16 bits (uint16) of a GEMM operand, written directly (no float32 copy to cast)
     cp = _cupy()
     x = _f32(x, "x")
     C = x.shape[-1]
@@ -117,12 +145,12 @@ def layernorm_forward(x, weight, bias, eps=1e-5):
     if weight.shape != (C,) or bias.shape != (C,):
         raise ValueError(f"weight and bias must be ({C},), got {weight.shape} and {bias.shape}")
     N = x.size // C if C else 0
-    out = cp.empty_like(x)
+    out = cp.empty(x.shape, dtype=cp.uint16 if bf16 else cp.float32)
     mean = cp.empty(N, dtype=cp.float32)  # (N,) per row, for the backward
     rstd = cp.empty(N, dtype=cp.float32)
     if N:
         rows_per_block = 8  # one warp per row
-        get_kernel("layernorm_forward_kernel")(
+        get_kernel("layernorm_forward_bf16_kernel" if bf16 else "layernorm_forward_kernel")(
             (-(-N // rows_per_block),), (32 * rows_per_block,),
             (x, weight, bias, out, mean, rstd, np.int64(N), np.int32(C), np.float32(eps)))
     # x itself is kept (not the normalised copy): the caller must not modify it in place
@@ -181,8 +209,9 @@ def gelu_forward(x):
     return out, KernelCache(gelu_backward, x)  # only x: the backward recomputes tanh
 
 
-def bias_gelu_forward(h, bias):
-    # h (..., OC) without its bias, bias (OC,) -> gelu(h + bias) (..., OC). h is ours (the
+def bias_gelu_forward(h, bias, bf16=False):
+    # h (..., OC) without its bias, bias (OC,) -> gelu(h + bias) (..., OC), float32 or with
+    # bf16=True the bfloat16 bits (uint16) of c_proj's GEMM operand. h is ours (the
     # fresh output of the bias-free c_fc GEMM): the pre-activation is written into it and
     # saved; the backward is gelu_backward's, and c_fc's bias gradient is linear_backward's
     # sum over rows as usual.
@@ -192,11 +221,11 @@ def bias_gelu_forward(h, bias):
     OC = h.shape[-1]
     if bias.shape != (OC,):
         raise ValueError(f"bias has shape {bias.shape}, expected ({OC},)")
-    out = cp.empty_like(h)
+    out = cp.empty(h.shape, dtype=cp.uint16 if bf16 else cp.float32)
     if h.size:
         grid, block = _elementwise_grid(h.size)
-        get_kernel("bias_gelu_forward_kernel")(grid, block,
-                                               (h, bias, out, np.int64(h.size), np.int32(OC)))
+        get_kernel("bias_gelu_forward_bf16_kernel" if bf16 else "bias_gelu_forward_kernel")(
+            grid, block, (h, bias, out, np.int64(h.size), np.int32(OC)))
     return out, KernelCache(gelu_backward, h)
 
 

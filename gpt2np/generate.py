@@ -88,12 +88,12 @@ def forward_cached(model, idx, cache: KVCache, *, all_logits: bool = False, _blo
     C = cfg.n_embd
     x = x.reshape(B * T, C)  # 2-D rows: one GEMM (or GEMV) per weight, read once per step
     for i, bp in enumerate(blocks):
-        h, _ = L.layernorm_forward(x, bp["ln_1.weight"], bp["ln_1.bias"])
+        h, _ = L.layernorm_forward(x, bp["ln_1.weight"], bp["ln_1.bias"], operand=True)
         qkv, _ = L.linear_forward(h, bp["attn.c_attn.weight"], bp["attn.c_attn.bias"])
         y = _cached_attention(qkv.reshape(B, T, 3 * C), cache, i, t0, cfg.n_head)
         h, _ = L.linear_forward(y.reshape(B * T, C), bp["attn.c_proj.weight"], bp["attn.c_proj.bias"])
         x = x + h
-        h, _ = L.layernorm_forward(x, bp["ln_2.weight"], bp["ln_2.bias"])
+        h, _ = L.layernorm_forward(x, bp["ln_2.weight"], bp["ln_2.bias"], operand=True)
         h, _ = L.linear_forward(h, bp["mlp.c_fc.weight"], bp["mlp.c_fc.bias"])
         h, _ = L.gelu_forward(h)
         h, _ = L.linear_forward(h, bp["mlp.c_proj.weight"], bp["mlp.c_proj.bias"])
@@ -101,7 +101,8 @@ def forward_cached(model, idx, cache: KVCache, *, all_logits: bool = False, _blo
     cache.length = t0 + T
     if not all_logits:  # the lm_head is the biggest matmul: only where we sample
         x, T = x.reshape(B, T, C)[:, -1], 1
-    x, _ = L.layernorm_forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
+    x, _ = L.layernorm_forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"],
+                              operand=True)
     logits, _ = L.lm_head_forward(x, p["transformer.wte.weight"])  # 2-D: (B*T,C) @ (C,V)
     return logits.reshape(B, T, -1)
 

@@ -126,11 +126,14 @@ def embedding_backward(dx, cache, dwte=None):
 # LayerNorm over the last axis (eps 1e-5 as GPT-2)
 
 
-def layernorm_forward(x, weight, bias, eps=1e-5):
-    # x (B,T,C), weight (C,), bias (C,) -> out (B,T,C)
+def layernorm_forward(x, weight, bias, eps=1e-5, operand=False):
+    # x (B,T,C), weight (C,), bias (C,) -> out (B,T,C).
+    # operand=True: out only feeds matmuls, so it comes back as matmul_operand(out) (on the
+    # GPU in bf16, bf16 bits that the kernel writes directly: no float32 copy and cast)
     k = _kernels(x)
     if k is not None:
-        return k.layernorm_forward(x, weight, bias, eps)
+        return k.layernorm_forward(x, weight, bias, eps,
+                                   bf16=operand and _PRECISION.get() == "bf16")
     xp = get_xp(x)
     mean = x.mean(axis=-1, keepdims=True)  # (B,T,1)
     norm = x - mean  # (B,T,C) centred; normalised in place below
@@ -139,7 +142,7 @@ def layernorm_forward(x, weight, bias, eps=1e-5):
     norm *= rstd  # zero mean, unit variance
     out = norm * weight
     out += bias
-    return out, (norm, rstd, weight)
+    return (matmul_operand(out) if operand else out), (norm, rstd, weight)
 
 
 def layernorm_backward(dout, cache):
@@ -357,8 +360,9 @@ def mlp_forward(x, p):
     if k is not None and hasattr(k, "bias_gelu_forward"):
         # fused kernels: c_fc's bias is added inside the GELU kernel, one pass fewer over
         # (B,T,4C); the backward is the same (linear_backward sums the bias gradient)
+        # in bf16 it writes c_proj's bf16 operand directly: no float32 (B,T,4C) to cast
         h, fc_cache = linear_forward(x, p["c_fc.weight"], None)
-        h, gelu_cache = k.bias_gelu_forward(h, p["c_fc.bias"])
+        h, gelu_cache = k.bias_gelu_forward(h, p["c_fc.bias"], bf16=_PRECISION.get() == "bf16")
     else:
         h, fc_cache = linear_forward(x, p["c_fc.weight"], p["c_fc.bias"])  # (B,T,4C)
         h, gelu_cache = gelu_forward(h)
@@ -410,11 +414,12 @@ def sub_params(p, prefix):
 
 def block_forward(x, p, n_head):
     # x (B,T,C), p: this block's params named as in the checkpoint without "transformer.h.i."
-    h, ln1_cache = layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"])
+    # each LayerNorm's output only feeds a linear: it may come as its GEMM operand
+    h, ln1_cache = layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"], operand=True)
     h, attn_cache = attn_forward(h, sub_params(p, "attn."), n_head)
     h += x  # residual, into the branch's fresh output (the caller's x stays untouched)
     x = h
-    h, ln2_cache = layernorm_forward(x, p["ln_2.weight"], p["ln_2.bias"])
+    h, ln2_cache = layernorm_forward(x, p["ln_2.weight"], p["ln_2.bias"], operand=True)
     h, mlp_cache = mlp_forward(h, sub_params(p, "mlp."))
     h += x  # residual
     return h, (ln1_cache, attn_cache, ln2_cache, mlp_cache)

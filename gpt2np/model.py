@@ -188,7 +188,8 @@ class GPT:
         for i in range(cfg.n_layer):
             x, c = L.block_forward(x, self._block_params(i), cfg.n_head)
             block_caches.append(c)
-        x, lnf_cache = L.layernorm_forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
+        x, lnf_cache = L.layernorm_forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"],
+                                           operand=True)  # only the lm_head's matmul reads it
         V = cfg.vocab_size
         if targets is None:
             logits, _ = L.lm_head_forward(x, p["transformer.wte.weight"])

@@ -16,6 +16,8 @@ import re
 
 import pytest
 
+from backends.cupy_kernels import read_source
+
 nvrtc = pytest.importorskip("cuda.bindings.nvrtc")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,8 +51,7 @@ def _read(size_fn, get_fn, prog):
 def compile_cu(filename, arch):
     """NVRTC-compile backends/cuda/<filename> for `arch`; return (cubin, ptx text).
     Fails the test with NVRTC's log when it does not compile."""
-    with open(os.path.join(CUDA_DIR, filename), "rb") as f:
-        src = f.read()
+    src = read_source(filename).encode()  # as load_module hands it to CuPy
     try:
         (prog,) = _call(nvrtc.nvrtcCreateProgram, src, filename.encode(), 0, [], [])
     except (RuntimeError, OSError) as e:  # cuda-bindings present, the NVRTC library not
@@ -123,3 +124,15 @@ def test_compiling_leaves_python_objects_intact():
     for filename in CU_FILES:
         compile_cu(filename, ARCHS[0])
     assert bytes([32])[0] == 32 and b" ".decode() == " "
+
+
+def test_sources_are_self_contained_after_pasting_headers():
+    # CuPy gets one source text (its compile cache is keyed by it): every `#include "x.cuh"`
+    # pasted in, once
+    for cu in CU_FILES:
+        src = read_source(cu)
+        assert '#include "' not in src, cu
+    src = read_source("flash_attention.cu")
+    assert src.count("unsigned short f32_to_bf16_bits(float f)") == 1
+    with pytest.raises(FileNotFoundError, match="nope.cu"):
+        read_source("nope.cu")

@@ -296,6 +296,48 @@ def test_adamw_update_checks_its_inputs():
 
 
 # --------------------------------------------------------------------------------------
+# bf16 outputs: LayerNorm and bias+GELU writing the next GEMM's operand directly
+
+
+def test_kernels_write_bf16_operands_bit_for_bit():
+    # bf16=True must equal the float32 kernel's output cast by to_bf16, bit for bit, and
+    # leave the same state for the backward
+    from backends import get_backend
+
+    cp, K, be = _cp(), _K(), get_backend("cupy")
+    rng = np.random.default_rng(0)
+    x = cp.asarray(2 * rng.standard_normal((37, 96)), dtype=cp.float32)
+    w = cp.asarray(1 + 0.1 * rng.standard_normal(96), dtype=cp.float32)
+    b = cp.asarray(0.1 * rng.standard_normal(96), dtype=cp.float32)
+    out32, c32 = K.layernorm_forward(x, w, b)
+    out16, c16 = K.layernorm_forward(x, w, b, bf16=True)
+    assert out16.dtype == cp.uint16 and out16.shape == x.shape
+    np.testing.assert_array_equal(_host(out16), _host(be.to_bf16(out32)))
+    for a, a2 in zip(c32.saved, c16.saved):
+        np.testing.assert_array_equal(_host(a), _host(a2))
+    bias = cp.asarray(rng.standard_normal(96), dtype=cp.float32)
+    out32, c32 = K.bias_gelu_forward(x.copy(), bias)
+    out16, c16 = K.bias_gelu_forward(x.copy(), bias, bf16=True)
+    assert out16.dtype == cp.uint16
+    np.testing.assert_array_equal(_host(out16), _host(be.to_bf16(out32)))
+    np.testing.assert_array_equal(_host(c16.saved[0]), _host(c32.saved[0]))  # x + bias
+
+
+def test_layers_ask_for_bf16_operands_only_in_bf16():
+    cp = _cp()
+    rng = np.random.default_rng(0)
+    x = cp.asarray(rng.standard_normal((2, 4, 32)), dtype=cp.float32)
+    w, b = cp.ones(32, dtype=cp.float32), cp.zeros(32, dtype=cp.float32)
+    assert L.layernorm_forward(x, w, b, operand=True)[0].dtype == cp.float32  # fp32
+    assert L.layernorm_forward(x, w, b)[0].dtype == cp.float32
+    with L.matmul_precision("bf16"):
+        assert L.layernorm_forward(x, w, b, operand=True)[0].dtype == cp.uint16
+        assert L.layernorm_forward(x, w, b)[0].dtype == cp.float32  # not an operand
+    with L.matmul_precision("tf32"):
+        assert L.layernorm_forward(x, w, b, operand=True)[0].dtype == cp.float32
+
+
+# --------------------------------------------------------------------------------------
 # tensor-core fragments (flash attention)
 
 

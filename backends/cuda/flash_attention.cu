@@ -27,6 +27,8 @@
 // Two neighbouring c tiles (columns 0-7, 8-15) hold exactly an a fragment's elements, so a
 // warp's probabilities P feed the next product straight from its registers.
 
+#include "bf16.cuh"
+
 #define NEG_INF (-__int_as_float(0x7f800000))  // no math headers under plain NVRTC
 #define TILE 64                                 // queries or keys per tile
 #define FLASH_THREADS 128                       // 4 warps x 16 rows
@@ -44,15 +46,8 @@ __device__ __forceinline__ void mma_bf16_16816(float* d, const unsigned* a, cons
 }
 #endif
 
-// float32 -> bf16 bits, to nearest with ties to even, NaN kept (as backends/cuda/convert.cu)
-__device__ __forceinline__ unsigned bf16_bits(float f) {
-    unsigned u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x0040u;
-    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-}
-
 __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
-    return bf16_bits(lo) | (bf16_bits(hi) << 16);
+    return (unsigned)f32_to_bf16_bits(lo) | ((unsigned)f32_to_bf16_bits(hi) << 16);
 }
 
 // ---------------------------------------------------------------- shared-memory tiles

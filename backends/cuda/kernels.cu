@@ -11,6 +11,8 @@
 // with -ftz=true (denormals flush to zero) and without --use_fast_math (IEEE division and
 // sqrt, accurate expf/logf/tanhf).
 
+#include "bf16.cuh"
+
 #define FULL_MASK 0xffffffffu
 #define NEG_INF __int_as_float(0xff800000)
 #define QUIET_NAN __int_as_float(0x7fc00000)
@@ -45,11 +47,17 @@ __device__ float2 block_sum2(float a, float b, float* buf) {
 // --------------------------------------------------------------------------------------
 // LayerNorm over the last axis (layers.layernorm_forward / layernorm_backward)
 
+// An output element: float32, or the bf16 bits of a GEMM operand (precision "bf16": the
+// next matmul reads bf16 anyway, so no float32 copy is written and cast afterwards)
+__device__ __forceinline__ void store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store(unsigned short* p, float v) { *p = f32_to_bf16_bits(v); }
+
 // x, out (N, C); weight, bias (C,); mean, rstd (N,): saved for the backward.
 // One warp per row, blockDim.x / 32 rows per block. Two passes for the statistics (mean,
 // then the biased variance around it), as the reference: no E[x^2] - E[x]^2 cancellation.
-extern "C" __global__ void layernorm_forward_kernel(
-    const float* x, const float* weight, const float* bias, float* out,
+template <typename OUT>
+__device__ __forceinline__ void layernorm_forward(
+    const float* x, const float* weight, const float* bias, OUT* out,
     float* mean, float* rstd, long long N, int C, float eps)
 {
     const long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
@@ -65,12 +73,26 @@ extern "C" __global__ void layernorm_forward_kernel(
         ss += d * d;
     }
     const float r = 1.0f / sqrtf(warp_sum(ss) / C + eps);
-    float* outr = out + row * C;
-    for (int c = lane; c < C; c += 32) outr[c] = (xr[c] - m) * r * weight[c] + bias[c];
+    OUT* outr = out + row * C;
+    for (int c = lane; c < C; c += 32) store(outr + c, (xr[c] - m) * r * weight[c] + bias[c]);
     if (lane == 0) {
         mean[row] = m;
         rstd[row] = r;
     }
+}
+
+extern "C" __global__ void layernorm_forward_kernel(
+    const float* x, const float* weight, const float* bias, float* out,
+    float* mean, float* rstd, long long N, int C, float eps)
+{
+    layernorm_forward(x, weight, bias, out, mean, rstd, N, C, eps);
+}
+
+extern "C" __global__ void layernorm_forward_bf16_kernel(
+    const float* x, const float* weight, const float* bias, unsigned short* out,
+    float* mean, float* rstd, long long N, int C, float eps)
+{
+    layernorm_forward(x, weight, bias, out, mean, rstd, N, C, eps);
 }
 
 // dout, x, dx (N, C); weight (C,); mean, rstd (N,) from the forward;
@@ -143,18 +165,32 @@ extern "C" __global__ void gelu_forward_kernel(const float* x, float* out, long 
 }
 
 // The MLP's c_fc bias fused into its GELU: h (n / OC rows, OC) gets the bias added in place
-// (h + bias is the pre-activation that gelu_backward_kernel reads), out = gelu(h + bias).
-// One pass over h instead of two (the bias add, then the GELU).
-extern "C" __global__ void bias_gelu_forward_kernel(
-    float* h, const float* bias, float* out, long long n, int OC)
+// (h + bias is the pre-activation that gelu_backward_kernel reads), out = gelu(h + bias),
+// in float32 or as bf16 bits for c_proj's bf16 GEMM. One pass over h instead of two (the
+// bias add, then the GELU), and in bf16 no float32 output to cast afterwards.
+template <typename OUT>
+__device__ __forceinline__ void bias_gelu_forward(float* h, const float* bias, OUT* out,
+                                                  long long n, int OC)
 {
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         const float xi = h[i] + bias[i % OC];
         h[i] = xi;
         const float t = tanhf(GELU_K * (xi + GELU_A * xi * xi * xi));
-        out[i] = 0.5f * xi * (1.f + t);
+        store(out + i, 0.5f * xi * (1.f + t));
     }
+}
+
+extern "C" __global__ void bias_gelu_forward_kernel(
+    float* h, const float* bias, float* out, long long n, int OC)
+{
+    bias_gelu_forward(h, bias, out, n, OC);
+}
+
+extern "C" __global__ void bias_gelu_forward_bf16_kernel(
+    float* h, const float* bias, unsigned short* out, long long n, int OC)
+{
+    bias_gelu_forward(h, bias, out, n, OC);
 }
 
 // Only x is saved: t is recomputed (one tanhf) instead of keeping a second (n,) array.
