@@ -35,6 +35,7 @@ KERNEL_NAMES = (
     "bias_gelu_forward_bf16_kernel",
     "crossentropy_forward_kernel",
     "crossentropy_backward_kernel",
+    "crossentropy_backward_bf16_kernel",
     "embedding_backward_kernel",
     "adamw_kernel",
 )
@@ -273,20 +274,26 @@ def cross_entropy_forward(logits, targets, ignore_index=-1, out=None):
     return loss, KernelCache(cross_entropy_backward, logits, t, lse, inv_n, out, ignore_index)
 
 
-def cross_entropy_backward(dloss, cache):
+def cross_entropy_backward(dloss, cache, bf16=False):
     # dloss scalar -> dlogits (B,T,V) = dloss * (softmax - onehot) / n_valid, zero on
-    # ignored rows; written into the forward's `out` buffer when it was given one
+    # ignored rows; written into the forward's `out` buffer when it was given one.
+    # bf16=True: as the bfloat16 bits (uint16) of the lm_head backward's GEMM operand, in
+    # the first half of out's bytes (no float32 (B,T,V) written, no cast pass over it)
     cp = _cupy()
     logits, t, lse, inv_n, out, ignore_index = cache.saved
     V = logits.shape[-1]
     N = t.size
-    dlogits = cp.empty_like(logits) if out is None else out
+    if bf16:
+        dlogits = (cp.empty(logits.shape, dtype=cp.uint16) if out is None
+                   else out.reshape(-1).view(cp.uint16)[:logits.size].reshape(logits.shape))
+    else:
+        dlogits = cp.empty_like(logits) if out is None else out
     if isinstance(dloss, cp.ndarray):  # stays on the device: folded into the row weight
         scale, dloss = (inv_n * dloss).astype(cp.float32), 1.0
     else:
         scale, dloss = inv_n, float(dloss)
     if N:
-        get_kernel("crossentropy_backward_kernel")(
+        get_kernel("crossentropy_backward_bf16_kernel" if bf16 else "crossentropy_backward_kernel")(
             (min(N, _MAX_GRID),), (_threads(V, 512),),
             (logits, t, lse, scale, np.float32(dloss), dlogits,
              np.int64(N), np.int32(V), np.int64(ignore_index)))

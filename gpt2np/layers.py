@@ -511,12 +511,14 @@ def cross_entropy_forward(logits, targets, ignore_index=-1, out=None):
     return loss, (probs, tsafe, weight, logits.shape)
 
 
-def cross_entropy_backward(dloss, cache):
+def cross_entropy_backward(dloss, cache, operand=False):
     # dloss scalar -> dlogits (B,T,V) = dloss * (softmax - onehot) / n_valid, zero on ignored
     # rows. Works in place on the cached (already weighted) softmax, the biggest buffer we
-    # have: call it once per forward.
+    # have: call it once per forward. operand=True: dlogits only feeds matmuls (the
+    # lm_head's backward), so it comes back as matmul_operand(dlogits) (on the GPU in bf16,
+    # bf16 bits that the kernel writes directly)
     if isinstance(cache, KernelCache):
-        return cache.backward(dloss, cache)
+        return cache.backward(dloss, cache, bf16=operand and _PRECISION.get() == "bf16")
     probs, tsafe, weight, shape = cache
     xp = get_xp(probs)
     dlogits = probs
@@ -524,4 +526,5 @@ def cross_entropy_backward(dloss, cache):
     dloss = float(dloss)
     if dloss != 1.0:  # the model's backward passes 1.0: no pass over (B*T,V) then
         dlogits *= dloss
-    return dlogits.reshape(shape)
+    dlogits = dlogits.reshape(shape)
+    return matmul_operand(dlogits) if operand else dlogits

@@ -219,7 +219,7 @@ class GPT:
         self._cache = None  # free the activations as we go and forbid a second backward
         cfg = self.config
         grads = {}
-        dlogits = L.cross_entropy_backward(1.0, ce_cache)
+        dlogits = L.cross_entropy_backward(1.0, ce_cache, operand=True)  # only matmuls read it
         dwte = self._buffer("dwte", self.params["transformer.wte.weight"].shape)
         dx, dwte = L.lm_head_backward(dlogits, head_cache, dwte=dwte)
         del dlogits, ce_cache, head_cache

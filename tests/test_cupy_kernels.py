@@ -321,6 +321,15 @@ def test_kernels_write_bf16_operands_bit_for_bit():
     assert out16.dtype == cp.uint16
     np.testing.assert_array_equal(_host(out16), _host(be.to_bf16(out32)))
     np.testing.assert_array_equal(_host(c16.saved[0]), _host(c32.saved[0]))  # x + bias
+    logits = cp.asarray(3 * rng.standard_normal((2, 5, 50)), dtype=cp.float32)
+    targets = cp.asarray(rng.integers(0, 50, (2, 5)))
+    targets[0, 1] = -1  # an ignored row: zeros
+    for out in (None, cp.empty((2, 5, 50), dtype=cp.float32)):  # into the first half of out
+        _, cache = K.cross_entropy_forward(logits, targets, out=out)
+        d32 = _host(K.cross_entropy_backward(1.0, cache)).copy()
+        d16 = K.cross_entropy_backward(1.0, cache, bf16=True)
+        assert d16.dtype == cp.uint16 and d16.shape == logits.shape
+        np.testing.assert_array_equal(_host(d16), _host(be.to_bf16(cp.asarray(d32))))
 
 
 def test_layers_ask_for_bf16_operands_only_in_bf16():

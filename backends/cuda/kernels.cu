@@ -276,25 +276,41 @@ extern "C" __global__ void crossentropy_forward_kernel(
 // all zeros on an ignored row. inv_n: device pointer to 1 / (number of counted rows), so
 // that no host sync is needed. logits and dlogits may be the same buffer (each element is
 // read, then written, by the same thread). One block per row (grid-stride), threads over V.
-extern "C" __global__ void crossentropy_backward_kernel(
+// dlogits in float32, or as the bf16 bits of the lm_head backward's GEMM operand.
+template <typename OUT>
+__device__ __forceinline__ void crossentropy_backward(
     const float* logits, const long long* targets, const float* lse, const float* inv_n,
-    float dloss, float* dlogits, long long N, int V, long long ignore_index)
+    float dloss, OUT* dlogits, long long N, int V, long long ignore_index)
 {
     const float w = dloss * inv_n[0];  // each counted row's weight in the mean
     for (long long row = blockIdx.x; row < N; row += gridDim.x) {
         const long long t = targets[row];
-        float* dr = dlogits + row * V;
+        OUT* dr = dlogits + row * V;
         if (t == ignore_index) {
-            for (int j = threadIdx.x; j < V; j += blockDim.x) dr[j] = 0.f;
+            for (int j = threadIdx.x; j < V; j += blockDim.x) store(dr + j, 0.f);
             continue;
         }
         const float* lr = logits + row * V;
         const float l = lse[row];
         for (int j = threadIdx.x; j < V; j += blockDim.x) {
             const float p = expf(lr[j] - l);  // softmax, recomputed from the saved lse
-            dr[j] = w * (j == t ? p - 1.f : p);
+            store(dr + j, w * (j == t ? p - 1.f : p));
         }
     }
+}
+
+extern "C" __global__ void crossentropy_backward_kernel(
+    const float* logits, const long long* targets, const float* lse, const float* inv_n,
+    float dloss, float* dlogits, long long N, int V, long long ignore_index)
+{
+    crossentropy_backward(logits, targets, lse, inv_n, dloss, dlogits, N, V, ignore_index);
+}
+
+extern "C" __global__ void crossentropy_backward_bf16_kernel(
+    const float* logits, const long long* targets, const float* lse, const float* inv_n,
+    float dloss, unsigned short* dlogits, long long N, int V, long long ignore_index)
+{
+    crossentropy_backward(logits, targets, lse, inv_n, dloss, dlogits, N, V, ignore_index);
 }
 
 // --------------------------------------------------------------------------------------
