@@ -129,7 +129,7 @@ def flash_attention_forward(qkv, n_head):
     if B * n_head > 65535:
         raise ValueError(f"flash attention launches one block row per (batch, head): "
                          f"B * n_head = {B * n_head} is over CUDA's 65535")
-    qkv = cp.ascontiguousarray(qkv)
+    qkv = _aligned(qkv)
     y = cp.empty((B, T, C), dtype=cp.float32)
     lse = cp.empty((B, n_head, T), dtype=cp.float32)
     _flash_kernel("forward", hs)(
@@ -145,7 +145,7 @@ def flash_attention_backward(dout, cache):
     qkv, y, lse, n_head = cache.saved
     B, T, C = y.shape
     hs = C // n_head
-    dout = cp.ascontiguousarray(dout, dtype=cp.float32)
+    dout = _aligned(cp.ascontiguousarray(dout, dtype=cp.float32))
     Dv = cp.empty((B, n_head, T), dtype=cp.float32)  # rowsum(dy * y) per head
     rows = B * T * n_head
     _flash_kernel("backward_dot")((min(math.ceil(rows / 256), 65535 * 8),), (256,), (
@@ -157,6 +157,15 @@ def flash_attention_backward(dout, cache):
     _flash_kernel("backward_dq", hs)(grid, (_FLASH_THREADS,), args)
     _flash_kernel("backward_dkdv", hs)(grid, (_FLASH_THREADS,), args)
     return dqkv
+
+
+def _aligned(a):
+    # C-contiguous, 8-byte aligned: the kernels read float pairs (float2). Fresh arrays
+    # are (CuPy allocates 256-byte aligned); a view at an odd offset is copied.
+    import cupy as cp
+
+    a = cp.ascontiguousarray(a)
+    return a if a.data.ptr % 8 == 0 else a.copy()
 
 
 def _flash_grid(B, n_head, T):

@@ -305,6 +305,15 @@ def test_flash_attention_is_used_only_where_it_applies(monkeypatch):
 
     flash = cupy_attention.flash_attention_backward
     assert backward_of(2) is flash  # head size 16
+    # a view at an odd float offset (the kernels read float pairs) and a strided view
+    base = cp.asarray(rng.standard_normal(1 + 2 * 8 * 96 * 2), dtype=cp.float32)
+    for qkv in (base[1:1 + 2 * 8 * 96].reshape(2, 8, 96), base[:2 * 8 * 192].reshape(2, 8, 192)[..., ::2]):
+        ref = cp.ascontiguousarray(qkv).copy()
+        with L.matmul_precision("bf16"):
+            y, cache = L.attention_forward(qkv, 2)
+            y_ref, _ = L.attention_forward(ref, 2)
+        assert cache.backward is flash
+        np.testing.assert_array_equal(cp.asnumpy(y), cp.asnumpy(y_ref))
     assert backward_of(4) is not flash  # head size 8: not compiled in
     assert backward_of(2, precision="fp32") is not flash  # its products are bf16
     assert backward_of(2, precision="tf32") is not flash

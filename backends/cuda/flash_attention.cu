@@ -113,11 +113,14 @@ __device__ __forceinline__ void c_to_a(unsigned* a, const float (*c)[4], int kk)
     a[3] = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
 }
 
-// s (16 x TILE) = a (16 x D, fragments) . tile^T
+// s (16 x TILE) = a (16 x D, fragments) . tile^T; only the column tiles nt0 <= nt < nt1
+// are computed (the others are 0): on the diagonal the rest are masked (see causal_range)
 template <int D>
-__device__ __forceinline__ void scores(float (*s)[4], const unsigned (*a)[4], const unsigned* tile) {
+__device__ __forceinline__ void scores(float (*s)[4], const unsigned (*a)[4], const unsigned* tile,
+                                       int nt0 = 0, int nt1 = TILE / 8) {
     for (int nt = 0; nt < TILE / 8; ++nt) {
         s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+        if (nt < nt0 || nt >= nt1) continue;  // warp-uniform: the mma stays converged
         for (int kk = 0; kk < D / 16; ++kk) {
             unsigned b[2];
             frag_b_t<D>(b, tile, nt * 8, kk * 16);
@@ -126,10 +129,12 @@ __device__ __forceinline__ void scores(float (*s)[4], const unsigned (*a)[4], co
     }
 }
 
-// acc (16 x D) += bf16(p) (16 x TILE, c fragments) . tile
+// acc (16 x D) += bf16(p) (16 x TILE, c fragments) . tile, over the 16-column chunks
+// kk0 <= kk < kk1 of p (the others are 0)
 template <int D>
-__device__ __forceinline__ void accumulate(float (*acc)[4], const float (*p)[4], const unsigned* tile) {
-    for (int kk = 0; kk < TILE / 16; ++kk) {
+__device__ __forceinline__ void accumulate(float (*acc)[4], const float (*p)[4], const unsigned* tile,
+                                           int kk0 = 0, int kk1 = TILE / 16) {
+    for (int kk = kk0; kk < kk1; ++kk) {
         unsigned a[4];
         c_to_a(a, p, kk);
         for (int dt = 0; dt < D / 8; ++dt) {
@@ -154,6 +159,13 @@ __device__ __forceinline__ void store_rows(float* __restrict__ out, long long rs
         }
     }
 }
+
+// On a diagonal tile (query tile = key tile), warp w's 16 rows see only part of it:
+// queries as rows (forward, dq) see key columns < 16(w+1), that is column tiles of 8
+// nt < 2w+2 and 16-wide chunks kk < w+1; keys as rows (dk, dv) are seen by query columns
+// >= 16w: nt >= 2w, kk >= w. Everything outside is masked: skipping it changes nothing.
+__device__ __forceinline__ int diag_end(int warp) { return 2 * warp + 2; }  // queries as rows
+__device__ __forceinline__ int diag_begin(int warp) { return 2 * warp; }    // keys as rows
 
 // ---------------------------------------------------------------------------- forward
 // grid (ceil(T / TILE), B * NH), FLASH_THREADS threads. y (B, T, C); lse (B, NH, T) is
@@ -181,9 +193,11 @@ __device__ __forceinline__ void flash_forward(const float* __restrict__ qkv, flo
         load_tile<D>(ks, q + C, rs, kt * TILE, T, 1.0f);
         load_tile<D>(vs, q + 2 * C, rs, kt * TILE, T, 1.0f);
         __syncthreads();
+        const bool diag = kt == qt;
+        const int nt1 = diag ? diag_end(warp) : TILE / 8;
         float s[TILE / 8][4];
-        scores<D>(s, qa, ks);
-        if (kt == qt) {  // the diagonal tile: mask the future
+        scores<D>(s, qa, ks, 0, nt1);
+        if (diag) {  // mask the future (and the column tiles not computed)
             for (int nt = 0; nt < TILE / 8; ++nt)
                 for (int e = 0; e < 4; ++e)
                     if (kt * TILE + nt * 8 + 2 * t + (e & 1) > r + 8 * (e >> 1)) s[nt][e] = NEG_INF;
@@ -208,7 +222,7 @@ __device__ __forceinline__ void flash_forward(const float* __restrict__ qkv, flo
                 o[dt][2 * half + 1] *= alpha;
             }
         }
-        accumulate<D>(o, s, vs);  // o += P v
+        accumulate<D>(o, s, vs, 0, nt1 / 2);  // o += P v
     }
     for (int half = 0; half < 2; ++half) {  // the row sums over the 4 lanes of each row
         l[half] += __shfl_xor_sync(0xffffffffu, l[half], 1);
@@ -279,16 +293,17 @@ __device__ __forceinline__ void flash_backward_dq(const float* __restrict__ qkv,
         load_tile<D>(ks, q + C, rs, kt * TILE, T, 1.0f);
         load_tile<D>(vs, q + 2 * C, rs, kt * TILE, T, 1.0f);
         __syncthreads();
+        const int nt1 = kt == qt ? diag_end(warp) : TILE / 8;
         float s[TILE / 8][4], dp[TILE / 8][4];
-        scores<D>(s, qa, ks);   // S
-        scores<D>(dp, da, vs);  // dP = dy v^T
+        scores<D>(s, qa, ks, 0, nt1);   // S
+        scores<D>(dp, da, vs, 0, nt1);  // dP = dy v^T
         for (int nt = 0; nt < TILE / 8; ++nt)
             for (int e = 0; e < 4; ++e) {
                 const int row = r + 8 * (e >> 1), key = kt * TILE + nt * 8 + 2 * t + (e & 1);
                 const float p = (key <= row && row < T) ? __expf(s[nt][e] - lr[e >> 1]) : 0.0f;
                 s[nt][e] = p * (dp[nt][e] - dr[e >> 1]);  // dS
             }
-        accumulate<D>(dq, s, ks);  // dq += dS k
+        accumulate<D>(dq, s, ks, 0, nt1 / 2);  // dq += dS k
     }
     store_rows<D>(dqkv + (long long)b * T * rs + h * D, rs, dq, r, T, scale);  // S = (q*scale) k^T
 }
@@ -329,9 +344,10 @@ __device__ __forceinline__ void flash_backward_dkdv(const float* __restrict__ qk
             dvs[i] = row < T ? Dv[(long long)blockIdx.y * T + row] : 0.0f;
         }
         __syncthreads();
+        const int nt0 = qt == kt ? diag_begin(warp) : 0;
         float p[TILE / 8][4], dp[TILE / 8][4];
-        scores<D>(p, ka, qs);   // S^T
-        scores<D>(dp, va, ds);  // dP^T = v dy^T
+        scores<D>(p, ka, qs, nt0);   // S^T
+        scores<D>(dp, va, ds, nt0);  // dP^T = v dy^T
         for (int nt = 0; nt < TILE / 8; ++nt)
             for (int e = 0; e < 4; ++e) {
                 const int i = nt * 8 + 2 * t + (e & 1), row = qt * TILE + i;
@@ -339,8 +355,8 @@ __device__ __forceinline__ void flash_backward_dkdv(const float* __restrict__ qk
                 p[nt][e] = (k_ <= row && row < T) ? __expf(p[nt][e] - ls[i]) : 0.0f;  // P^T
                 dp[nt][e] = p[nt][e] * (dp[nt][e] - dvs[i]);                          // dS^T
             }
-        accumulate<D>(dv, p, ds);   // dv += P^T dy
-        accumulate<D>(dk, dp, qs);  // dk += dS^T qs
+        accumulate<D>(dv, p, ds, nt0 / 2);   // dv += P^T dy
+        accumulate<D>(dk, dp, qs, nt0 / 2);  // dk += dS^T qs
     }
     float* out = dqkv + (long long)b * T * rs + h * D;
     store_rows<D>(out + C, rs, dk, key, T, 1.0f);
