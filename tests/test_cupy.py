@@ -262,7 +262,8 @@ def _flash_backward_emulation(qkv, dout, y, lse, n_head):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,NH,T,hs", [(2, 2, 80, 16), (1, 3, 130, 32), (2, 1, 7, 16), (1, 2, 128, 64)])
+@pytest.mark.parametrize("B,NH,T,hs", [(2, 2, 80, 16), (1, 3, 130, 32), (2, 1, 7, 16), (1, 2, 128, 64),
+                                      (1, 1, 1000, 64), (1, 1, 70, 128)])
 def test_flash_attention_in_bf16(B, NH, T, hs):
     # T not a multiple of the 64-row tiles, shorter than one tile, and several tiles
     cp = _cp()
