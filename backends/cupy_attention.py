@@ -36,7 +36,7 @@ FLASH_TILE = 64  # queries (or keys) per thread block; 4 warps of 16 rows
 _FLASH_THREADS = 128
 # a literal: tests/test_cuda_compile.py reads it from the source
 KERNEL_NAMES = {"flash_attention.cu": (
-    "flash_backward_dot", "flash_mma_check", "flash_forward_d16", "flash_forward_d32",
+    "flash_pack", "flash_backward_dot", "flash_mma_check", "flash_forward_d16", "flash_forward_d32",
     "flash_forward_d64", "flash_forward_d128", "flash_backward_dq_d16",
     "flash_backward_dq_d32", "flash_backward_dq_d64", "flash_backward_dq_d128",
     "flash_backward_dkdv_d16", "flash_backward_dkdv_d32", "flash_backward_dkdv_d64",
@@ -115,7 +115,7 @@ def attention_backward(dout, cache, ops=None):
 
 
 def flash_attention_forward(qkv, n_head):
-    # qkv (B,T,3C) float32 -> y (B,T,C); keeps qkv, y and the (B,NH,T) log-sum-exp
+    # qkv (B,T,3C) float32 -> y (B,T,C); keeps bf16 q*scale, k, v, y and the (B,NH,T) log-sum-exp
     import cupy as cp
 
     B, T, C3 = qkv.shape
@@ -129,20 +129,21 @@ def flash_attention_forward(qkv, n_head):
     if B * n_head > 65535:
         raise ValueError(f"flash attention launches one block row per (batch, head): "
                          f"B * n_head = {B * n_head} is over CUDA's 65535")
-    qkv = _aligned(qkv)
+    scale = 1.0 / math.sqrt(hs)
+    qkv16 = _pack(qkv, n_head, 3, scale)  # (3,B,NH,T,hs) bf16: q * scale, k, v
     y = cp.empty((B, T, C), dtype=cp.float32)
     lse = cp.empty((B, n_head, T), dtype=cp.float32)
-    _flash_kernel("forward", hs)(
-        _flash_grid(B, n_head, T), (_FLASH_THREADS,),
-        (qkv, y, lse, np.int32(T), np.int32(n_head), np.float32(1.0 / math.sqrt(hs))))
-    return y, KernelCache(flash_attention_backward, qkv, y, lse, n_head)
+    _flash_kernel("forward", hs)(_flash_grid(B, n_head, T), (_FLASH_THREADS,),
+                                 (qkv16, y, lse, np.int32(T), np.int32(n_head)))
+    # the backward reads q, k, v only as bf16 tiles: qkv itself (twice the bytes) is not kept
+    return y, KernelCache(flash_attention_backward, qkv16, y, lse, n_head)
 
 
 def flash_attention_backward(dout, cache):
     # dout (B,T,C) -> dqkv (B,T,3C)
     import cupy as cp
 
-    qkv, y, lse, n_head = cache.saved
+    qkv16, y, lse, n_head = cache.saved
     B, T, C = y.shape
     hs = C // n_head
     dout = _aligned(cp.ascontiguousarray(dout, dtype=cp.float32))
@@ -150,13 +151,29 @@ def flash_attention_backward(dout, cache):
     rows = B * T * n_head
     _flash_kernel("backward_dot")((min(math.ceil(rows / 256), 65535 * 8),), (256,), (
         dout, y, Dv, np.int32(T), np.int32(n_head), np.int32(hs), np.int64(rows)))
-    dqkv = cp.empty_like(qkv)  # every element is written once: dq by one kernel, dk and dv
-    args = (qkv, dout, lse, Dv, dqkv, np.int32(T), np.int32(n_head),  # by the other
-            np.float32(1.0 / math.sqrt(hs)))
+    dy16 = _pack(dout, n_head, 1, 1.0)  # (1,B,NH,T,hs) bf16: read by both kernels
+    dqkv = cp.empty((B, T, 3 * C), dtype=cp.float32)  # every element is written once: dq
+    args = (qkv16, dy16, lse, Dv, dqkv, np.int32(T), np.int32(n_head),  # by one kernel,
+            np.float32(1.0 / math.sqrt(hs)))                            # dk and dv by the other
     grid = _flash_grid(B, n_head, T)
     _flash_kernel("backward_dq", hs)(grid, (_FLASH_THREADS,), args)
     _flash_kernel("backward_dkdv", hs)(grid, (_FLASH_THREADS,), args)
     return dqkv
+
+
+def _pack(x, n_head, slots, scale0):
+    # x (B,T,slots*C) float32 -> (slots,B,NH,T,hs) bf16 bits, slot 0 times scale0
+    import cupy as cp
+
+    x = _aligned(x)  # read as float pairs
+    B, T, SC = x.shape
+    hs = SC // slots // n_head
+    out = cp.empty((slots, B, n_head, T, hs), dtype=cp.uint16)
+    n_pairs = x.size // 2
+    _flash_kernel("pack")((max(1, min(math.ceil(n_pairs / 256), 65535 * 8)),), (256,), (
+        x, out, np.int32(T), np.int32(n_head), np.int32(hs), np.int32(slots),
+        np.float32(scale0), np.int64(n_pairs)))
+    return out
 
 
 def _aligned(a):

@@ -48,8 +48,8 @@ def _read(size_fn, get_fn, prog):
 
 
 @functools.lru_cache(maxsize=None)
-def compile_cu(filename, arch):
-    """NVRTC-compile backends/cuda/<filename> for `arch`; return (cubin, ptx text).
+def compile_cu(filename, arch, extra=()):
+    """NVRTC-compile backends/cuda/<filename> for `arch`; return (cubin, ptx text, log).
     Fails the test with NVRTC's log when it does not compile."""
     src = read_source(filename).encode()  # as load_module hands it to CuPy
     try:
@@ -57,14 +57,14 @@ def compile_cu(filename, arch):
     except (RuntimeError, OSError) as e:  # cuda-bindings present, the NVRTC library not
         pytest.fail(f"cannot load NVRTC ({e}); `pip install nvidia-cuda-nvrtc`")
     try:
-        opts = [o.encode() for o in OPTIONS + (f"--gpu-architecture={arch}",)]
+        opts = [o.encode() for o in OPTIONS + (f"--gpu-architecture={arch}",) + tuple(extra)]
         (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         log = _read(nvrtc.nvrtcGetProgramLogSize, nvrtc.nvrtcGetProgramLog, prog).decode(errors="replace")
         if err != OK:
             pytest.fail(f"{filename} does not compile for {arch} ({err}):\n{log}")
         cubin = _read(nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN, prog)
         ptx = _read(nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX, prog).decode()
-        return cubin, ptx
+        return cubin, ptx, log
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
 
@@ -102,7 +102,7 @@ def test_the_kernel_sources_are_found():
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("filename", CU_FILES)
 def test_cuda_source_compiles(filename, arch):
-    cubin, ptx = compile_cu(filename, arch)
+    cubin, ptx, _ = compile_cu(filename, arch)
     assert cubin and ".entry" in ptx, f"{filename}: no kernels in the compiled code"
 
 
@@ -136,3 +136,28 @@ def test_sources_are_self_contained_after_pasting_headers():
     assert src.count("unsigned short f32_to_bf16_bits(float f)") == 1
     with pytest.raises(FileNotFoundError, match="nope.cu"):
         read_source("nope.cu")
+
+
+# Kernels allowed a stack frame on sm_90: flash attention's backward at head size 128 holds
+# more fragments than the 255 registers a thread may have (GPT-2's head size is 64).
+STACK_ALLOWED = {"flash_backward_dkdv_d128"}
+
+
+@pytest.mark.parametrize("filename", CU_FILES)
+def test_kernels_keep_their_arrays_in_registers(filename):
+    # ptxas's report (-v): a kernel whose register arrays (flash attention's fragments and
+    # score tiles) are indexed with run-time values gets a stack frame in local memory,
+    # many times slower. Guards against loops that stop unrolling.
+    log = compile_cu(filename, "sm_90", ("--ptxas-options=-v",))[2]
+    frames = {}
+    name = None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)'", line)
+        if m:
+            name = m.group(1)
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores", line)
+        if m and name:
+            frames[name] = (int(m.group(1)), int(m.group(2)))
+    assert frames, f"no ptxas report for {filename}:\n{log[-2000:]}"
+    heavy = {k: v for k, v in frames.items() if v != (0, 0) and k not in STACK_ALLOWED}
+    assert not heavy, f"{filename}: kernels with a stack frame or spills (bytes): {heavy}"

@@ -2,10 +2,12 @@
 // cores (mma.sync m16n8k16, bf16 operands, float32 accumulation; sm_80 and later), for
 // backends/cupy_attention.py. No (T, T) array is ever written: scores live in registers.
 //
-// Layout. The kernels read q, k, v straight out of the fused c_attn output qkv (B, T, 3C)
-// float32 (head h of q is columns h*D..h*D+D-1, k is +C, v is +2C), round them to bf16 as
-// they stage tiles in shared memory, and write y (B, T, C), the layer's merged-heads output,
-// and dqkv (B, T, 3C) in the same layout: no head split/merge copies, no separate cast pass.
+// Layout. One pass (flash_pack) turns the fused c_attn output qkv (B, T, 3C) float32 into
+// bf16 heads, q * scale, k and v, each (B, NH, T, D) contiguous: every later read of a tile
+// is 16-byte vectors of a head's rows, already rounded (k and v tiles are read by every
+// later query tile: ~T/128 times each). The backward packs dy the same way and keeps the
+// bf16 q, k, v (half the bytes of qkv). The kernels write y (B, T, C), the layer's merged-
+// heads output, and dqkv (B, T, 3C) in the layers' layouts: no head split/merge copies.
 //
 // Tiles: a block is 4 warps; it owns 64 queries (forward, dq) or 64 keys (dk, dv), each warp
 // 16 of them, and walks the other side in tiles of 64. Causal: query tile i needs key tiles
@@ -56,21 +58,21 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
 
 template <int D>
 struct Tile {
-    static constexpr int LDW = (D + 8) / 2;  // words per row
+    static constexpr int LDW = (D + 8) / 2;  // words per row: a multiple of 4 (16 bytes)
     static constexpr int WORDS = TILE * LDW;
 };
 
-// tile <- bf16(src[r0 + r][0..D) * mul) for r < TILE; rows at or beyond T are zeros (keys
-// past the end then score 0 and carry v = 0, never NaN garbage). src's rows are rs floats apart.
+// tile <- rows r0..r0+TILE-1 of one head's (T, D) bf16 rows, 16 bytes at a time; rows at
+// or beyond T are zeros (keys past the end then score 0 and carry v = 0, never NaN garbage)
 template <int D>
-__device__ __forceinline__ void load_tile(unsigned* tile, const float* __restrict__ src,
-                                          long long rs, int r0, int T, float mul) {
-    constexpr int W = D / 2;  // float pairs per row
-    for (int e = threadIdx.x; e < TILE * W; e += blockDim.x) {
-        const int r = e / W, c = e - r * W;
-        float2 x = make_float2(0.0f, 0.0f);
-        if (r0 + r < T) x = reinterpret_cast<const float2*>(src + (long long)(r0 + r) * rs)[c];
-        tile[r * Tile<D>::LDW + c] = pack_bf16(x.x * mul, x.y * mul);
+__device__ __forceinline__ void load_tile(unsigned* tile, const unsigned short* __restrict__ src,
+                                          int r0, int T) {
+    constexpr int V = D / 8;  // 16-byte vectors per row
+    for (int e = threadIdx.x; e < TILE * V; e += blockDim.x) {
+        const int r = e / V, c = e - r * V;
+        uint4 x = make_uint4(0u, 0u, 0u, 0u);
+        if (r0 + r < T) x = reinterpret_cast<const uint4*>(src + (long long)(r0 + r) * D)[c];
+        *reinterpret_cast<uint4*>(tile + r * Tile<D>::LDW + 4 * c) = x;  // LDW % 4 == 0
     }
 }
 
@@ -134,7 +136,8 @@ __device__ __forceinline__ void scores(float (*s)[4], const unsigned (*a)[4], co
 template <int D>
 __device__ __forceinline__ void accumulate(float (*acc)[4], const float (*p)[4], const unsigned* tile,
                                            int kk0 = 0, int kk1 = TILE / 16) {
-    for (int kk = kk0; kk < kk1; ++kk) {
+    for (int kk = 0; kk < TILE / 16; ++kk) {  // constant bounds: p stays in registers
+        if (kk < kk0 || kk >= kk1) continue;
         unsigned a[4];
         c_to_a(a, p, kk);
         for (int dt = 0; dt < D / 8; ++dt) {
@@ -167,21 +170,48 @@ __device__ __forceinline__ void store_rows(float* __restrict__ out, long long rs
 __device__ __forceinline__ int diag_end(int warp) { return 2 * warp + 2; }  // queries as rows
 __device__ __forceinline__ int diag_begin(int warp) { return 2 * warp; }    // keys as rows
 
+// ------------------------------------------------------------------------------ packing
+// x (B, T, slots * C) float32 -> out (slots, B, NH, T, D) bf16, slot 0 times scale0 (q * scale
+// for qkv; dy: one slot, scale 1). One thread per pair of elements, grid-stride; n_pairs =
+// slots * B * T * C / 2. Neighbouring threads read neighbouring floats of a row.
+extern "C" __global__ void flash_pack(const float* __restrict__ x, unsigned* __restrict__ out,
+                                      int T, int NH, int D, int slots, float scale0,
+                                      long long n_pairs) {
+    const long long per_slot = n_pairs / slots;  // B * NH * T * D / 2
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n_pairs;
+         e += (long long)gridDim.x * blockDim.x) {
+        const int s = (int)(e / per_slot);
+        long long i = 2 * (e - s * per_slot);  // element index in (B, NH, T, D)
+        const int d = (int)(i % D);
+        i /= D;
+        const int t = (int)(i % T);
+        i /= T;
+        const int h = (int)(i % NH);
+        const long long b = i / NH;
+        const float2 v = *reinterpret_cast<const float2*>(
+            x + ((b * T + t) * slots + s) * (long long)(NH * D) + h * D + d);
+        const float mul = s == 0 ? scale0 : 1.0f;
+        out[e] = pack_bf16(v.x * mul, v.y * mul);
+    }
+}
+
 // ---------------------------------------------------------------------------- forward
-// grid (ceil(T / TILE), B * NH), FLASH_THREADS threads. y (B, T, C); lse (B, NH, T) is
-// the log-sum-exp of each score row, all the backward needs to recompute P.
+// grid (ceil(T / TILE), B * NH), FLASH_THREADS threads. qkv16: flash_pack's (3, B, NH, T, D)
+// bf16 q * scale, k, v. y (B, T, C); lse (B, NH, T) is the log-sum-exp of each score row,
+// all the backward needs to recompute P.
 template <int D>
-__device__ __forceinline__ void flash_forward(const float* __restrict__ qkv, float* __restrict__ y,
-                                              float* __restrict__ lse, int T, int NH, float scale) {
-    __shared__ unsigned ks[Tile<D>::WORDS], vs[Tile<D>::WORDS];
+__device__ __forceinline__ void flash_forward(const unsigned short* __restrict__ qkv16, float* __restrict__ y,
+                                              float* __restrict__ lse, int T, int NH) {
+    __shared__ __align__(16) unsigned ks[Tile<D>::WORDS];
+    __shared__ __align__(16) unsigned vs[Tile<D>::WORDS];
     const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
     const int qt = gridDim.x - 1 - blockIdx.x;  // the longest tiles (the most keys) first
     const int b = blockIdx.y / NH, h = blockIdx.y - b * NH, C = NH * D;
-    const long long rs = 3LL * C;
-    const float* q = qkv + (long long)b * T * rs + h * D;
+    const long long slot = (long long)gridDim.y * T * D;  // q, k, v of all heads
+    const unsigned short* q = qkv16 + (long long)blockIdx.y * T * D;  // this head's (T, D)
     const int r = qt * TILE + warp * 16 + g;  // this lane's rows: r and r + 8
 
-    load_tile<D>(ks, q, rs, qt * TILE, T, scale);  // q * scale, as the reference scales q
+    load_tile<D>(ks, q, qt * TILE, T);
     __syncthreads();
     unsigned qa[D / 16][4];
     for (int kk = 0; kk < D / 16; ++kk) frag_a<D>(qa[kk], ks, warp * 16, kk * 16);
@@ -190,8 +220,8 @@ __device__ __forceinline__ void flash_forward(const float* __restrict__ qkv, flo
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};  // running max, this lane's sum
     for (int kt = 0; kt <= qt; ++kt) {
         __syncthreads();  // every warp is done with the previous tiles
-        load_tile<D>(ks, q + C, rs, kt * TILE, T, 1.0f);
-        load_tile<D>(vs, q + 2 * C, rs, kt * TILE, T, 1.0f);
+        load_tile<D>(ks, q + slot, kt * TILE, T);
+        load_tile<D>(vs, q + 2 * slot, kt * TILE, T);
         __syncthreads();
         const bool diag = kt == qt;
         const int nt1 = diag ? diag_end(warp) : TILE / 8;
@@ -262,19 +292,21 @@ extern "C" __global__ void flash_backward_dot(const float* __restrict__ dy,
 // 2. dq: grid (ceil(T / TILE), B * NH). Per query tile, over key tiles 0..qt:
 //    S = qs k^T, P = exp(S - lse), dP = dy v^T, dS = P (dP - Dv), dq += dS k; dq *= scale.
 template <int D>
-__device__ __forceinline__ void flash_backward_dq(const float* __restrict__ qkv, const float* __restrict__ dy,
+__device__ __forceinline__ void flash_backward_dq(const unsigned short* __restrict__ qkv16,
+                                                  const unsigned short* __restrict__ dy16,
                                                   const float* __restrict__ lse, const float* __restrict__ Dv,
                                                   float* __restrict__ dqkv, int T, int NH, float scale) {
-    __shared__ unsigned ks[Tile<D>::WORDS], vs[Tile<D>::WORDS];
+    __shared__ __align__(16) unsigned ks[Tile<D>::WORDS];
+    __shared__ __align__(16) unsigned vs[Tile<D>::WORDS];
     const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
     const int qt = gridDim.x - 1 - blockIdx.x;
     const int b = blockIdx.y / NH, h = blockIdx.y - b * NH, C = NH * D;
-    const long long rs = 3LL * C;
-    const float* q = qkv + (long long)b * T * rs + h * D;
+    const long long rs = 3LL * C, slot = (long long)gridDim.y * T * D;
+    const unsigned short* q = qkv16 + (long long)blockIdx.y * T * D;
     const int r = qt * TILE + warp * 16 + g;
 
-    load_tile<D>(ks, q, rs, qt * TILE, T, scale);
-    load_tile<D>(vs, dy + (long long)b * T * C + h * D, C, qt * TILE, T, 1.0f);
+    load_tile<D>(ks, q, qt * TILE, T);
+    load_tile<D>(vs, dy16 + (long long)blockIdx.y * T * D, qt * TILE, T);
     __syncthreads();
     unsigned qa[D / 16][4], da[D / 16][4];
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -290,8 +322,8 @@ __device__ __forceinline__ void flash_backward_dq(const float* __restrict__ qkv,
     float dq[D / 8][4] = {};
     for (int kt = 0; kt <= qt; ++kt) {
         __syncthreads();
-        load_tile<D>(ks, q + C, rs, kt * TILE, T, 1.0f);
-        load_tile<D>(vs, q + 2 * C, rs, kt * TILE, T, 1.0f);
+        load_tile<D>(ks, q + slot, kt * TILE, T);
+        load_tile<D>(vs, q + 2 * slot, kt * TILE, T);
         __syncthreads();
         const int nt1 = kt == qt ? diag_end(warp) : TILE / 8;
         float s[TILE / 8][4], dp[TILE / 8][4];
@@ -312,21 +344,23 @@ __device__ __forceinline__ void flash_backward_dq(const float* __restrict__ qkv,
 //    keys as rows, S^T = k qs^T, P^T = exp(S^T - lse), dv += P^T dy, dP^T = v dy^T,
 //    dS^T = P^T (dP^T - Dv), dk += dS^T qs. Every key is written once: no atomics, deterministic.
 template <int D>
-__device__ __forceinline__ void flash_backward_dkdv(const float* __restrict__ qkv, const float* __restrict__ dy,
+__device__ __forceinline__ void flash_backward_dkdv(const unsigned short* __restrict__ qkv16,
+                                                    const unsigned short* __restrict__ dy16,
                                                     const float* __restrict__ lse, const float* __restrict__ Dv,
                                                     float* __restrict__ dqkv, int T, int NH, float scale) {
-    __shared__ unsigned qs[Tile<D>::WORDS], ds[Tile<D>::WORDS];  // q * scale and dy tiles
-    __shared__ float ls[TILE], dvs[TILE];                         // their lse and Dv
+    __shared__ __align__(16) unsigned qs[Tile<D>::WORDS];  // q * scale and dy tiles
+    __shared__ __align__(16) unsigned ds[Tile<D>::WORDS];
+    __shared__ float ls[TILE], dvs[TILE];                   // their lse and Dv
     const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
     const int kt = blockIdx.x;  // the first key tiles see the most queries: launched first
     const int b = blockIdx.y / NH, h = blockIdx.y - b * NH, C = NH * D;
-    const long long rs = 3LL * C;
-    const float* q = qkv + (long long)b * T * rs + h * D;
-    const float* dyb = dy + (long long)b * T * C + h * D;
+    const long long rs = 3LL * C, slot = (long long)gridDim.y * T * D;
+    const unsigned short* q = qkv16 + (long long)blockIdx.y * T * D;
+    const unsigned short* dyh = dy16 + (long long)blockIdx.y * T * D;
     const int key = kt * TILE + warp * 16 + g;  // this lane's keys: key and key + 8
 
-    load_tile<D>(qs, q + C, rs, kt * TILE, T, 1.0f);
-    load_tile<D>(ds, q + 2 * C, rs, kt * TILE, T, 1.0f);
+    load_tile<D>(qs, q + slot, kt * TILE, T);
+    load_tile<D>(ds, q + 2 * slot, kt * TILE, T);
     __syncthreads();
     unsigned ka[D / 16][4], va[D / 16][4];
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -336,8 +370,8 @@ __device__ __forceinline__ void flash_backward_dkdv(const float* __restrict__ qk
     float dk[D / 8][4] = {}, dv[D / 8][4] = {};
     for (int qt = kt; qt < (int)gridDim.x; ++qt) {
         __syncthreads();
-        load_tile<D>(qs, q, rs, qt * TILE, T, scale);
-        load_tile<D>(ds, dyb, C, qt * TILE, T, 1.0f);
+        load_tile<D>(qs, q, qt * TILE, T);
+        load_tile<D>(ds, dyh, qt * TILE, T);
         for (int i = threadIdx.x; i < TILE; i += blockDim.x) {
             const int row = qt * TILE + i;
             ls[i] = row < T ? lse[(long long)blockIdx.y * T + row] : 0.0f;
@@ -366,20 +400,20 @@ __device__ __forceinline__ void flash_backward_dkdv(const float* __restrict__ qk
 // ------------------------------------------------------------------ the entry points
 // One set per head size D (a compile-time constant: the fragments are register arrays).
 
-extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_forward_d16(const float* __restrict__ qkv, float* __restrict__ y, float* __restrict__ lse, int T, int NH, float scale) { flash_forward<16>(qkv, y, lse, T, NH, scale); }
-extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_forward_d32(const float* __restrict__ qkv, float* __restrict__ y, float* __restrict__ lse, int T, int NH, float scale) { flash_forward<32>(qkv, y, lse, T, NH, scale); }
-extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_forward_d64(const float* __restrict__ qkv, float* __restrict__ y, float* __restrict__ lse, int T, int NH, float scale) { flash_forward<64>(qkv, y, lse, T, NH, scale); }
-extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_forward_d128(const float* __restrict__ qkv, float* __restrict__ y, float* __restrict__ lse, int T, int NH, float scale) { flash_forward<128>(qkv, y, lse, T, NH, scale); }
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_forward_d16(const unsigned short* __restrict__ qkv16, float* __restrict__ y, float* __restrict__ lse, int T, int NH) { flash_forward<16>(qkv16, y, lse, T, NH); }
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_forward_d32(const unsigned short* __restrict__ qkv16, float* __restrict__ y, float* __restrict__ lse, int T, int NH) { flash_forward<32>(qkv16, y, lse, T, NH); }
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_forward_d64(const unsigned short* __restrict__ qkv16, float* __restrict__ y, float* __restrict__ lse, int T, int NH) { flash_forward<64>(qkv16, y, lse, T, NH); }
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_forward_d128(const unsigned short* __restrict__ qkv16, float* __restrict__ y, float* __restrict__ lse, int T, int NH) { flash_forward<128>(qkv16, y, lse, T, NH); }
 
-extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_dq_d16(const float* __restrict__ qkv, const float* __restrict__ dy, const float* __restrict__ lse, const float* __restrict__ Dv, float* __restrict__ dqkv, int T, int NH, float scale) { flash_backward_dq<16>(qkv, dy, lse, Dv, dqkv, T, NH, scale); }
-extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_dq_d32(const float* __restrict__ qkv, const float* __restrict__ dy, const float* __restrict__ lse, const float* __restrict__ Dv, float* __restrict__ dqkv, int T, int NH, float scale) { flash_backward_dq<32>(qkv, dy, lse, Dv, dqkv, T, NH, scale); }
-extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_dq_d64(const float* __restrict__ qkv, const float* __restrict__ dy, const float* __restrict__ lse, const float* __restrict__ Dv, float* __restrict__ dqkv, int T, int NH, float scale) { flash_backward_dq<64>(qkv, dy, lse, Dv, dqkv, T, NH, scale); }
-extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_dq_d128(const float* __restrict__ qkv, const float* __restrict__ dy, const float* __restrict__ lse, const float* __restrict__ Dv, float* __restrict__ dqkv, int T, int NH, float scale) { flash_backward_dq<128>(qkv, dy, lse, Dv, dqkv, T, NH, scale); }
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_dq_d16(const unsigned short* __restrict__ qkv16, const unsigned short* __restrict__ dy16, const float* __restrict__ lse, const float* __restrict__ Dv, float* __restrict__ dqkv, int T, int NH, float scale) { flash_backward_dq<16>(qkv16, dy16, lse, Dv, dqkv, T, NH, scale); }
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_dq_d32(const unsigned short* __restrict__ qkv16, const unsigned short* __restrict__ dy16, const float* __restrict__ lse, const float* __restrict__ Dv, float* __restrict__ dqkv, int T, int NH, float scale) { flash_backward_dq<32>(qkv16, dy16, lse, Dv, dqkv, T, NH, scale); }
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_dq_d64(const unsigned short* __restrict__ qkv16, const unsigned short* __restrict__ dy16, const float* __restrict__ lse, const float* __restrict__ Dv, float* __restrict__ dqkv, int T, int NH, float scale) { flash_backward_dq<64>(qkv16, dy16, lse, Dv, dqkv, T, NH, scale); }
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_dq_d128(const unsigned short* __restrict__ qkv16, const unsigned short* __restrict__ dy16, const float* __restrict__ lse, const float* __restrict__ Dv, float* __restrict__ dqkv, int T, int NH, float scale) { flash_backward_dq<128>(qkv16, dy16, lse, Dv, dqkv, T, NH, scale); }
 
-extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_dkdv_d16(const float* __restrict__ qkv, const float* __restrict__ dy, const float* __restrict__ lse, const float* __restrict__ Dv, float* __restrict__ dqkv, int T, int NH, float scale) { flash_backward_dkdv<16>(qkv, dy, lse, Dv, dqkv, T, NH, scale); }
-extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_dkdv_d32(const float* __restrict__ qkv, const float* __restrict__ dy, const float* __restrict__ lse, const float* __restrict__ Dv, float* __restrict__ dqkv, int T, int NH, float scale) { flash_backward_dkdv<32>(qkv, dy, lse, Dv, dqkv, T, NH, scale); }
-extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_dkdv_d64(const float* __restrict__ qkv, const float* __restrict__ dy, const float* __restrict__ lse, const float* __restrict__ Dv, float* __restrict__ dqkv, int T, int NH, float scale) { flash_backward_dkdv<64>(qkv, dy, lse, Dv, dqkv, T, NH, scale); }
-extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_dkdv_d128(const float* __restrict__ qkv, const float* __restrict__ dy, const float* __restrict__ lse, const float* __restrict__ Dv, float* __restrict__ dqkv, int T, int NH, float scale) { flash_backward_dkdv<128>(qkv, dy, lse, Dv, dqkv, T, NH, scale); }
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_dkdv_d16(const unsigned short* __restrict__ qkv16, const unsigned short* __restrict__ dy16, const float* __restrict__ lse, const float* __restrict__ Dv, float* __restrict__ dqkv, int T, int NH, float scale) { flash_backward_dkdv<16>(qkv16, dy16, lse, Dv, dqkv, T, NH, scale); }
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_dkdv_d32(const unsigned short* __restrict__ qkv16, const unsigned short* __restrict__ dy16, const float* __restrict__ lse, const float* __restrict__ Dv, float* __restrict__ dqkv, int T, int NH, float scale) { flash_backward_dkdv<32>(qkv16, dy16, lse, Dv, dqkv, T, NH, scale); }
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_dkdv_d64(const unsigned short* __restrict__ qkv16, const unsigned short* __restrict__ dy16, const float* __restrict__ lse, const float* __restrict__ Dv, float* __restrict__ dqkv, int T, int NH, float scale) { flash_backward_dkdv<64>(qkv16, dy16, lse, Dv, dqkv, T, NH, scale); }
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_dkdv_d128(const unsigned short* __restrict__ qkv16, const unsigned short* __restrict__ dy16, const float* __restrict__ lse, const float* __restrict__ Dv, float* __restrict__ dqkv, int T, int NH, float scale) { flash_backward_dkdv<128>(qkv16, dy16, lse, Dv, dqkv, T, NH, scale); }
 
 // One warp: d (16x8) = a (16x16) . b (16x8), all row-major float32 (rounded to bf16 on the
 // way in), once through each b fragment loader: d_t with b staged transposed (frag_b_t, as

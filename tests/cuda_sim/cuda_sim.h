@@ -281,6 +281,7 @@ inline void mma_bf16_m16n8k16(float* d, const unsigned* a, const unsigned* b) {
 #define __restrict__ __restrict
 #define __shared__ static
 #define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
 #define warpSize 32
 
 inline void __syncthreads() { sim::wait_at(sim::AT_BLOCK_BARRIER); }
@@ -323,6 +324,8 @@ inline float __fsqrt_rn(float a) { return std::sqrt(a); }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 struct float2 { float x, y; };
 struct float4 { float x, y, z, w; };
+struct uint4 { unsigned int x, y, z, w; };
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 inline float2 make_float2(float x, float y) { return {x, y}; }
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 // one OS thread: an atomic is a plain read-modify-write
