@@ -351,18 +351,18 @@ def test_layers_ask_for_bf16_operands_only_in_bf16():
 
 
 def test_mma_fragment_layout_is_the_hardwares():
-    # flash_attention.cu builds mma.m16n8k16's fragments by hand from the PTX ISA's layout
-    # (and tests/cuda_sim emulates that layout): on a GPU this checks the hardware agrees,
-    # for both ways the kernels stage the b operand
+    # flash_attention.cu loads mma.m16n8k16's fragments with ldmatrix as the PTX ISA lays
+    # them out (and tests/cuda_sim emulates both instructions from that text): on a GPU
+    # this checks the hardware agrees, for both ways the kernels stage the b operand
     from backends.numpy_backend import round_mantissa
 
     cp = _cp()
     rng = np.random.default_rng(0)
     a = round_mantissa(rng.standard_normal((16, 16)).astype(np.float32), 7)
-    b = round_mantissa(rng.standard_normal((16, 8)).astype(np.float32), 7)
-    d_t, d_n = cp.zeros((16, 8), dtype=cp.float32), cp.zeros((16, 8), dtype=cp.float32)
+    b = round_mantissa(rng.standard_normal((16, 16)).astype(np.float32), 7)
+    d_t, d_n = cp.zeros((16, 16), dtype=cp.float32), cp.zeros((16, 16), dtype=cp.float32)
     _K().get_kernel("flash_mma_check", "flash_attention.cu")(
         (1,), (32,), (cp.asarray(a), cp.asarray(b), d_t, d_n))
     expected = a.astype(np.float64) @ b.astype(np.float64)  # exact products, float32 sums
-    assert_close(_host(d_t), expected, 1e-6, "b staged transposed (frag_b_t)")
-    assert_close(_host(d_n), expected, 1e-6, "b staged as it is (frag_b)")
+    assert_close(_host(d_t), expected, 1e-6, "b staged transposed (frag_b_t2)")
+    assert_close(_host(d_n), expected, 1e-6, "b staged as it is (frag_b2)")

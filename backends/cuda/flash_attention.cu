@@ -35,8 +35,10 @@
 #define TILE 64                                 // queries or keys per tile
 #define FLASH_THREADS 128                       // 4 warps x 16 rows
 
-#ifdef GPT2NP_CUDA_SIM
-#define mma_bf16_16816 sim::mma_bf16_m16n8k16  // tests/cuda_sim emulates the instruction
+#ifdef GPT2NP_CUDA_SIM  // tests/cuda_sim emulates the instructions
+#define mma_bf16_16816 sim::mma_bf16_m16n8k16
+#define ldmatrix_x4 sim::ldmatrix_x4
+#define ldmatrix_x4_trans sim::ldmatrix_x4_trans
 #else
 // d (16x8) += a (16x16) . b (16x8), one warp
 __device__ __forceinline__ void mma_bf16_16816(float* d, const unsigned* a, const unsigned* b) {
@@ -45,6 +47,22 @@ __device__ __forceinline__ void mma_bf16_16816(float* d, const unsigned* a, cons
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// ldmatrix .x4: four 8x8 b16 matrices from shared memory, one warp. Lane l gives the
+// address of row l % 8 of matrix l / 8 (16 bytes, 16-byte aligned). Matrix i lands in r[i]:
+// lane l holds row l / 4, columns 2 (l % 4) and 2 (l % 4) + 1 (the c/a fragment layout);
+// with .trans, column l / 4, rows 2 (l % 4) and 2 (l % 4) + 1 (the b layout of a row-major B).
+__device__ __forceinline__ void ldmatrix_x4(unsigned* r, const void* row) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const void* row) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a) : "memory");
 }
 #endif
 
@@ -76,35 +94,42 @@ __device__ __forceinline__ void load_tile(unsigned* tile, const unsigned short* 
     }
 }
 
-// a fragment of rows r0.., columns k0.. of a tile (A = tile)
+// Fragments from a tile, one ldmatrix.x4 each (the padded rows put the 8 rows of a matrix
+// in 8 different 16-byte bank groups: no conflicts). half(tile, r, c): the address of
+// element (r, c).
+template <int D>
+__device__ __forceinline__ const unsigned short* half(const unsigned* tile, int r, int c) {
+    return reinterpret_cast<const unsigned short*>(tile + r * Tile<D>::LDW) + c;
+}
+
+// a fragment of rows r0..r0+15, columns k0..k0+15 of a tile (A = tile): matrices
+// (rows +0, cols +0), (+8, +0), (+0, +8), (+8, +8) = a0..a3
 template <int D>
 __device__ __forceinline__ void frag_a(unsigned* a, const unsigned* tile, int r0, int k0) {
-    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    const unsigned* p = tile + (r0 + g) * Tile<D>::LDW + k0 / 2 + t;
-    a[0] = p[0];
-    a[1] = p[8 * Tile<D>::LDW];
-    a[2] = p[4];
-    a[3] = p[8 * Tile<D>::LDW + 4];
+    const int l = threadIdx.x & 31;
+    ldmatrix_x4(a, half<D>(tile, r0 + (l & 15), k0 + (l >> 4) * 8));
 }
 
-// b fragment with B[k][n] = tile[n0 + n][k0 + k] (B = tile^T: k^T in q k^T)
+// b fragments of column tiles n0 and n0 + 8 with B[k][n] = tile[n + ...][k0 + k] (B = tile^T:
+// k^T in q k^T): matrices (rows n0, cols k0), (n0, k0+8), (n0+8, k0), (n0+8, k0+8) =
+// b0, b1 of tile n0, then b0, b1 of tile n0 + 8
 template <int D>
-__device__ __forceinline__ void frag_b_t(unsigned* b, const unsigned* tile, int n0, int k0) {
-    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    const unsigned* p = tile + (n0 + g) * Tile<D>::LDW + k0 / 2 + t;
-    b[0] = p[0];
-    b[1] = p[4];
+__device__ __forceinline__ void frag_b_t2(unsigned (*b)[2], const unsigned* tile, int n0, int k0) {
+    const int l = threadIdx.x & 31, m = l >> 3;
+    unsigned r[4];
+    ldmatrix_x4(r, half<D>(tile, n0 + (l & 7) + (m >> 1) * 8, k0 + (m & 1) * 8));
+    b[0][0] = r[0], b[0][1] = r[1], b[1][0] = r[2], b[1][1] = r[3];
 }
 
-// b fragment with B[k][n] = tile[k0 + k][n0 + n] (B = tile: v in P v)
+// b fragments of column tiles n0 and n0 + 8 with B[k][n] = tile[k0 + k][n + ...] (B = tile:
+// v in P v), transposed by ldmatrix: matrices (rows k0, cols n0), (k0+8, n0), (k0, n0+8),
+// (k0+8, n0+8)
 template <int D>
-__device__ __forceinline__ void frag_b(unsigned* b, const unsigned* tile, int k0, int n0) {
-    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    const unsigned short* h = reinterpret_cast<const unsigned short*>(tile);
-    constexpr int LDH = 2 * Tile<D>::LDW;  // halves per row
-    const unsigned short* p = h + (k0 + 2 * t) * LDH + n0 + g;
-    b[0] = (unsigned)p[0] | ((unsigned)p[LDH] << 16);
-    b[1] = (unsigned)p[8 * LDH] | ((unsigned)p[9 * LDH] << 16);
+__device__ __forceinline__ void frag_b2(unsigned (*b)[2], const unsigned* tile, int k0, int n0) {
+    const int l = threadIdx.x & 31, m = l >> 3;
+    unsigned r[4];
+    ldmatrix_x4_trans(r, half<D>(tile, k0 + (l & 7) + (m & 1) * 8, n0 + (m >> 1) * 8));
+    b[0][0] = r[0], b[0][1] = r[1], b[1][0] = r[2], b[1][1] = r[3];
 }
 
 // c tiles 2kk and 2kk+1 (16 x 16 float32) -> the a fragment of k columns 16kk..16kk+15, bf16
@@ -116,17 +141,18 @@ __device__ __forceinline__ void c_to_a(unsigned* a, const float (*c)[4], int kk)
 }
 
 // s (16 x TILE) = a (16 x D, fragments) . tile^T; only the column tiles nt0 <= nt < nt1
-// are computed (the others are 0): on the diagonal the rest are masked (see causal_range)
+// are computed (the others are 0; both even): on the diagonal the rest are masked
 template <int D>
 __device__ __forceinline__ void scores(float (*s)[4], const unsigned (*a)[4], const unsigned* tile,
                                        int nt0 = 0, int nt1 = TILE / 8) {
-    for (int nt = 0; nt < TILE / 8; ++nt) {
-        s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+    for (int nt = 0; nt < TILE / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+    for (int nt = 0; nt < TILE / 8; nt += 2) {  // constant bounds: s stays in registers
         if (nt < nt0 || nt >= nt1) continue;  // warp-uniform: the mma stays converged
         for (int kk = 0; kk < D / 16; ++kk) {
-            unsigned b[2];
-            frag_b_t<D>(b, tile, nt * 8, kk * 16);
-            mma_bf16_16816(s[nt], a[kk], b);
+            unsigned b[2][2];
+            frag_b_t2<D>(b, tile, nt * 8, kk * 16);
+            mma_bf16_16816(s[nt], a[kk], b[0]);
+            mma_bf16_16816(s[nt + 1], a[kk], b[1]);
         }
     }
 }
@@ -140,10 +166,11 @@ __device__ __forceinline__ void accumulate(float (*acc)[4], const float (*p)[4],
         if (kk < kk0 || kk >= kk1) continue;
         unsigned a[4];
         c_to_a(a, p, kk);
-        for (int dt = 0; dt < D / 8; ++dt) {
-            unsigned b[2];
-            frag_b<D>(b, tile, kk * 16, dt * 8);
-            mma_bf16_16816(acc[dt], a, b);
+        for (int dt = 0; dt < D / 8; dt += 2) {
+            unsigned b[2][2];
+            frag_b2<D>(b, tile, kk * 16, dt * 8);
+            mma_bf16_16816(acc[dt], a, b[0]);
+            mma_bf16_16816(acc[dt + 1], a, b[1]);
         }
     }
 }
@@ -415,33 +442,38 @@ extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_dkdv_
 extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_dkdv_d64(const unsigned short* __restrict__ qkv16, const unsigned short* __restrict__ dy16, const float* __restrict__ lse, const float* __restrict__ Dv, float* __restrict__ dqkv, int T, int NH, float scale) { flash_backward_dkdv<64>(qkv16, dy16, lse, Dv, dqkv, T, NH, scale); }
 extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_backward_dkdv_d128(const unsigned short* __restrict__ qkv16, const unsigned short* __restrict__ dy16, const float* __restrict__ lse, const float* __restrict__ Dv, float* __restrict__ dqkv, int T, int NH, float scale) { flash_backward_dkdv<128>(qkv16, dy16, lse, Dv, dqkv, T, NH, scale); }
 
-// One warp: d (16x8) = a (16x16) . b (16x8), all row-major float32 (rounded to bf16 on the
-// way in), once through each b fragment loader: d_t with b staged transposed (frag_b_t, as
-// k in q k^T), d_n with b staged as it is (frag_b, as v in P v). Checks the hardware's
-// fragment layout against the one written at the top (tests/test_cupy_kernels.py).
+// One warp: d (16x16) = a (16x16) . b (16x16), all row-major float32 (rounded to bf16 on
+// the way in), once through each b loader: d_t with b staged transposed (frag_b_t2, as k in
+// q k^T), d_n with b staged as it is (frag_b2, as v in P v). Checks the hardware's fragment
+// layouts and ldmatrix against the ones written above (tests/test_cupy_kernels.py).
 extern "C" __global__ void flash_mma_check(const float* __restrict__ a, const float* __restrict__ b,
                                            float* __restrict__ d_t, float* __restrict__ d_n) {
     constexpr int LDW = Tile<16>::LDW;
-    __shared__ unsigned at[16 * LDW], bt[16 * LDW], bn[16 * LDW];
+    __shared__ __align__(16) unsigned at[16 * LDW];
+    __shared__ __align__(16) unsigned bt[16 * LDW];
+    __shared__ __align__(16) unsigned bn[16 * LDW];
     for (int e = threadIdx.x; e < 16 * 8; e += blockDim.x) {
         const int r = e / 8, c = e % 8;  // word c of row r: columns 2c, 2c + 1
         at[r * LDW + c] = pack_bf16(a[r * 16 + 2 * c], a[r * 16 + 2 * c + 1]);
-        if (r < 8) bt[r * LDW + c] = pack_bf16(b[2 * c * 8 + r], b[(2 * c + 1) * 8 + r]);  // b^T
-        if (c < 4) bn[r * LDW + c] = pack_bf16(b[r * 8 + 2 * c], b[r * 8 + 2 * c + 1]);
+        bt[r * LDW + c] = pack_bf16(b[2 * c * 16 + r], b[(2 * c + 1) * 16 + r]);  // b^T
+        bn[r * LDW + c] = pack_bf16(b[r * 16 + 2 * c], b[r * 16 + 2 * c + 1]);
     }
     __syncwarp();
-    unsigned fa[4], fb[2];
+    unsigned fa[4], fb[2][2];
     frag_a<16>(fa, at, 0, 0);
     const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
     for (int which = 0; which < 2; ++which) {
-        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        if (which == 0) frag_b_t<16>(fb, bt, 0, 0);
-        else frag_b<16>(fb, bn, 0, 0);
-        mma_bf16_16816(acc, fa, fb);
+        if (which == 0) frag_b_t2<16>(fb, bt, 0, 0);
+        else frag_b2<16>(fb, bn, 0, 0);
         float* d = which == 0 ? d_t : d_n;
-        d[g * 8 + 2 * t] = acc[0];
-        d[g * 8 + 2 * t + 1] = acc[1];
-        d[(g + 8) * 8 + 2 * t] = acc[2];
-        d[(g + 8) * 8 + 2 * t + 1] = acc[3];
+        for (int nt = 0; nt < 2; ++nt) {
+            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            mma_bf16_16816(acc, fa, fb[nt]);
+            const int c = nt * 8 + 2 * t;
+            d[g * 16 + c] = acc[0];
+            d[g * 16 + c + 1] = acc[1];
+            d[(g + 8) * 16 + c] = acc[2];
+            d[(g + 8) * 16 + c + 1] = acc[3];
+        }
     }
 }

@@ -80,7 +80,7 @@ class SimKernel:
         rc = self._fn(*(int(g) for g in grid), *(int(b) for b in block), int(shared_mem), *cargs)
         if rc:
             raise RuntimeError(f"cuda_sim: kernel {self.name} failed (code {rc}: "
-                               f"{'deadlock' if rc == 1 else 'bad launch'}); see stderr")
+                               f"{ {1: 'deadlock', 2: 'bad launch'}.get(rc, 'fault') }); see stderr")
 
 
 class SimModule:

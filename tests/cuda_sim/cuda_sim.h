@@ -83,6 +83,7 @@ inline dim3 thread_idx, block_idx, grid_dim, block_dim;
 inline std::vector<double> dynamic_smem_storage;  // doubles: 8-byte aligned
 inline void* dynamic_smem = nullptr;  // `extern __shared__ T name[];` points here
 constexpr size_t STACK = 64 * 1024;
+inline const char* fault = nullptr;  // set by an emulated instruction used wrongly: the launch fails
 
 inline void wait_at(State s) {
     threads[current].state = s;
@@ -205,8 +206,14 @@ inline int launch(dim3 grid, dim3 block, size_t smem_bytes, std::function<void()
     stacks.assign(n * STACK, 0);
     for (unsigned z = 0; z < grid.z; ++z)
         for (unsigned y = 0; y < grid.y; ++y)
-            for (unsigned x = 0; x < grid.x; ++x)
+            for (unsigned x = 0; x < grid.x; ++x) {
                 if (run_block({x, y, z})) return 1;
+                if (fault) {
+                    std::fprintf(stderr, "cuda_sim: fault in block (%u,%u,%u): %s\n", x, y, z, fault);
+                    fault = nullptr;
+                    return 3;
+                }
+            }
     return 0;
 }
 
@@ -266,6 +273,31 @@ inline void mma_bf16_m16n8k16(float* d, const unsigned* a, const unsigned* b) {
         d[i] += acc;
     }
 }
+
+// ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16, warp-collective: lane l posts the
+// address of row l % 8 of matrix l / 8 (16 bytes); r[i] of lane l gets matrix i's row
+// l / 4, columns 2 (l % 4) and 2 (l % 4) + 1 (trans: column l / 4, rows 2 (l % 4) and
+// 2 (l % 4) + 1), the lower index in the low half. A row address not 16-byte aligned is
+// a fault, as on the GPU.
+inline const unsigned short* ldmatrix_rows[1024];
+inline void ldmatrix(unsigned* r, const void* row, bool trans) {
+    if (reinterpret_cast<uintptr_t>(row) % 16) fault = "ldmatrix: a row address not 16-byte aligned";
+    const int warp0 = current & ~31, l = current & 31;
+    ldmatrix_rows[current] = static_cast<const unsigned short*>(row);
+    wait_at(AT_WARP_BARRIER);  // every lane has posted its row
+    unsigned out[4];
+    for (int i = 0; i < 4; ++i) {
+        const unsigned short* const* m = ldmatrix_rows + warp0 + 8 * i;  // matrix i's rows
+        const int a = l >> 2, b = 2 * (l & 3);
+        const unsigned lo = trans ? m[b][a] : m[a][b];
+        const unsigned hi = trans ? m[b + 1][a] : m[a][b + 1];
+        out[i] = lo | (hi << 16);
+    }
+    wait_at(AT_WARP_BARRIER);  // every lane has read: the slots may be written again
+    std::memcpy(r, out, sizeof(out));
+}
+inline void ldmatrix_x4(unsigned* r, const void* row) { ldmatrix(r, row, false); }
+inline void ldmatrix_x4_trans(unsigned* r, const void* row) { ldmatrix(r, row, true); }
 }  // namespace sim
 
 #define GPT2NP_CUDA_SIM 1  // kernels swap in the emulations above for inline PTX
