@@ -53,10 +53,12 @@ def use_flash(head_size):
             and os.environ.get("GPT2NP_FLASH", "1") != "0")
 
 
-def attention_forward(qkv, n_head, ops=None):
-    # qkv (B,T,3C) -> y (B,T,C)
+def attention_forward(qkv, n_head, ops=None, bias=None):
+    # qkv (B,T,3C) -> y (B,T,C); bias: c_attn's (3C,) bias if qkv comes without it
     if ops is None and use_flash(qkv.shape[-1] // 3 // n_head):
-        return flash_attention_forward(qkv, n_head)
+        return flash_attention_forward(qkv, n_head, bias)
+    if bias is not None:
+        qkv = qkv + bias
     ops = ops or gpu_ops()
     xp = ops.xp
     B, T, C3 = qkv.shape
@@ -114,7 +116,7 @@ def attention_backward(dout, cache, ops=None):
 # -------------------------------------------------------------------- flash attention
 
 
-def flash_attention_forward(qkv, n_head):
+def flash_attention_forward(qkv, n_head, bias=None):
     # qkv (B,T,3C) float32 -> y (B,T,C); keeps bf16 q*scale, k, v, y and the (B,NH,T) log-sum-exp
     import cupy as cp
 
@@ -130,7 +132,7 @@ def flash_attention_forward(qkv, n_head):
         raise ValueError(f"flash attention launches one block row per (batch, head): "
                          f"B * n_head = {B * n_head} is over CUDA's 65535")
     scale = 1.0 / math.sqrt(hs)
-    qkv16 = _pack(qkv, n_head, 3, scale)  # (3,B,NH,T,hs) bf16: q * scale, k, v
+    qkv16 = _pack(qkv, n_head, 3, scale, bias)  # (3,B,NH,T,hs) bf16: q * scale, k, v
     y = cp.empty((B, T, C), dtype=cp.float32)
     lse = cp.empty((B, n_head, T), dtype=cp.float32)
     _flash_kernel("forward", hs)(_flash_grid(B, n_head, T), (_FLASH_THREADS,),
@@ -161,18 +163,23 @@ def flash_attention_backward(dout, cache):
     return dqkv
 
 
-def _pack(x, n_head, slots, scale0):
-    # x (B,T,slots*C) float32 -> (slots,B,NH,T,hs) bf16 bits, slot 0 times scale0
+def _pack(x, n_head, slots, scale0, bias=None):
+    # x (B,T,slots*C) float32 (+ bias (slots*C,)) -> (slots,B,NH,T,hs) bf16 bits, slot 0
+    # times scale0
     import cupy as cp
 
     x = _aligned(x)  # read as float pairs
     B, T, SC = x.shape
     hs = SC // slots // n_head
+    if bias is not None:
+        if bias.shape != (SC,) or bias.dtype != cp.float32:
+            raise ValueError(f"bias must be float32 ({SC},), got {bias.dtype} {bias.shape}")
+        bias = _aligned(bias)
     out = cp.empty((slots, B, n_head, T, hs), dtype=cp.uint16)
     n_pairs = x.size // 2
     _flash_kernel("pack")((max(1, min(math.ceil(n_pairs / 256), 65535 * 8)),), (256,), (
-        x, out, np.int32(T), np.int32(n_head), np.int32(hs), np.int32(slots),
-        np.float32(scale0), np.int64(n_pairs)))
+        x, x if bias is None else bias, out, np.int32(bias is not None), np.int32(T),
+        np.int32(n_head), np.int32(hs), np.int32(slots), np.float32(scale0), np.int64(n_pairs)))
     return out
 
 

@@ -233,11 +233,14 @@ def _causal_scores(qs, k, r0, r1):
     return att
 
 
-def attention_forward(qkv, n_head):
-    # qkv (B,T,3C) -> y (B,T,C)
+def attention_forward(qkv, n_head, bias=None):
+    # qkv (B,T,3C) -> y (B,T,C). bias: c_attn's (3C,) bias when qkv comes without it (the
+    # fused GPU attention adds it on its way: no pass over (B,T,3C) of its own)
     k = _kernels(qkv)
     if k is not None and hasattr(k, "attention_forward"):
-        return k.attention_forward(qkv, n_head)
+        return k.attention_forward(qkv, n_head, bias=bias)
+    if bias is not None:
+        qkv = qkv + bias
     xp = get_xp(qkv)
     B, T, C3 = qkv.shape
     C = C3 // 3
@@ -385,8 +388,13 @@ def mlp_backward(dout, cache):
 
 def attn_forward(x, p, n_head):
     # x (B,T,C), p: c_attn.weight (C,3C) c_attn.bias (3C,) c_proj.weight (C,C) c_proj.bias (C,)
-    qkv, qkv_cache = linear_forward(x, p["c_attn.weight"], p["c_attn.bias"])  # (B,T,3C)
-    y, att_cache = attention_forward(qkv, n_head)  # (B,T,C)
+    w, b = p["c_attn.weight"], p["c_attn.bias"]
+    if _kernels(w) is not None:  # fused: the attention adds c_attn's bias as it reads qkv
+        qkv, qkv_cache = linear_forward(x, w, None)  # (B,T,3C); its backward sums dbias
+        y, att_cache = attention_forward(qkv, n_head, bias=b)  # (B,T,C)
+    else:
+        qkv, qkv_cache = linear_forward(x, w, b)
+        y, att_cache = attention_forward(qkv, n_head)
     out, proj_cache = linear_forward(y, p["c_proj.weight"], p["c_proj.bias"])
     return out, (qkv_cache, att_cache, proj_cache)
 

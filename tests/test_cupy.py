@@ -293,6 +293,27 @@ def test_flash_attention_in_bf16(B, NH, T, hs):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("n_head,precision", [(2, "bf16"), (4, "bf16"), (2, "fp32")])
+def test_attention_adds_the_c_attn_bias_itself(n_head, precision):
+    # the block's fused path hands qkv without c_attn's bias: flash attention adds it while
+    # packing q, k, v; the query-block attention first. Either way: the same as qkv + bias
+    cp = _cp()
+    rng = np.random.default_rng(n_head)
+    qkv = rng.standard_normal((2, 20, 96)).astype(np.float32)
+    bias = rng.standard_normal(96).astype(np.float32)
+    dout = cp.asarray(rng.standard_normal((2, 20, 32)), dtype=cp.float32)
+    with L.matmul_precision(precision):
+        y, c = L.attention_forward(cp.asarray(qkv), n_head, bias=cp.asarray(bias))
+        y_ref, c_ref = L.attention_forward(cp.asarray(qkv + bias), n_head)  # float32 sum
+        np.testing.assert_array_equal(cp.asnumpy(y), cp.asnumpy(y_ref))
+        np.testing.assert_array_equal(cp.asnumpy(L.attention_backward(dout, c)),
+                                      cp.asnumpy(L.attention_backward(dout, c_ref)))
+    y_cpu, _ = L.attention_forward(qkv.astype(np.float64), n_head, bias=bias.astype(np.float64))
+    y_cpu_ref, _ = L.attention_forward(qkv.astype(np.float64) + bias, n_head)
+    np.testing.assert_array_equal(y_cpu, y_cpu_ref)
+
+
+@pytest.mark.gpu
 def test_flash_attention_is_used_only_where_it_applies(monkeypatch):
     cp = _cp()
     from backends import cupy_attention

@@ -198,12 +198,14 @@ __device__ __forceinline__ int diag_end(int warp) { return 2 * warp + 2; }  // q
 __device__ __forceinline__ int diag_begin(int warp) { return 2 * warp; }    // keys as rows
 
 // ------------------------------------------------------------------------------ packing
-// x (B, T, slots * C) float32 -> out (slots, B, NH, T, D) bf16, slot 0 times scale0 (q * scale
-// for qkv; dy: one slot, scale 1). One thread per pair of elements, grid-stride; n_pairs =
-// slots * B * T * C / 2. Neighbouring threads read neighbouring floats of a row.
-extern "C" __global__ void flash_pack(const float* __restrict__ x, unsigned* __restrict__ out,
-                                      int T, int NH, int D, int slots, float scale0,
-                                      long long n_pairs) {
+// x (B, T, slots * C) float32, plus bias (slots * C,) if has_bias -> out (slots, B, NH, T, D)
+// bf16, slot 0 times scale0: for qkv, (qkv + c_attn's bias) with q * scale, as the
+// reference computes them; dy: one slot, scale 1. One thread per pair of elements,
+// grid-stride; n_pairs = slots * B * T * C / 2. Neighbouring threads read neighbouring
+// floats of a row.
+extern "C" __global__ void flash_pack(const float* __restrict__ x, const float* __restrict__ bias,
+                                      unsigned* __restrict__ out, int has_bias, int T, int NH,
+                                      int D, int slots, float scale0, long long n_pairs) {
     const long long per_slot = n_pairs / slots;  // B * NH * T * D / 2
     for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n_pairs;
          e += (long long)gridDim.x * blockDim.x) {
@@ -215,8 +217,13 @@ extern "C" __global__ void flash_pack(const float* __restrict__ x, unsigned* __r
         i /= T;
         const int h = (int)(i % NH);
         const long long b = i / NH;
-        const float2 v = *reinterpret_cast<const float2*>(
-            x + ((b * T + t) * slots + s) * (long long)(NH * D) + h * D + d);
+        const int col = s * NH * D + h * D + d;  // in the (slots * C) row
+        float2 v = *reinterpret_cast<const float2*>(x + (b * T + t) * (long long)(slots * NH * D) + col);
+        if (has_bias) {
+            const float2 c = *reinterpret_cast<const float2*>(bias + col);
+            v.x += c.x;
+            v.y += c.y;
+        }
         const float mul = s == 0 ? scale0 : 1.0f;
         out[e] = pack_bf16(v.x * mul, v.y * mul);
     }
