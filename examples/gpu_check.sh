@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything the CuPy backend must show on an NVIDIA GPU, in one go (one `device` call):
 #   the GPU tests, training end to end (a small model, and a GPT-2-sized one in bf16), the
-#   benchmark table against torch in its best form, and an nsys-free per-layer timing.
+#   benchmark table against torch in its best form, attention alone (flash, the query blocks,
+#   torch SDPA), and an nsys-free per-layer timing.
 # Writes its logs to $OUT (the device tool's output folder) or out/gpu_check.
 #
 #   bash examples/gpu_check.sh            # all of it (~6-8 min on an H100)
@@ -55,5 +56,7 @@ done
 # the bf16 attention without flash attention (query blocks, cuBLAS, fused softmax kernels)
 GPT2NP_FLASH=0 run bench_bf16_noflash "$PY" examples/bench.py --backend cupy --preset gpt2 \
     --seq-len 1024 -B 16 --precision bf16 --steps "$STEPS" --json "$OUT/bench_bf16_noflash.json"
+run attention "$PY" examples/bench_attention.py --backend cupy -B 16 --n-head 12 -T 1024 \
+    --head-size 64 --json "$OUT/bench_attention.json"
 run profile "$PY" examples/profile_step.py --backend cupy --preset gpt2 --seq-len 1024 -B 16 --precision bf16
 echo "done: $OUT/summary.txt"

@@ -335,3 +335,23 @@ def test_bf16_step_casts_each_operand_once(cp, monkeypatch):
         assert seen and not twice, f"n_head {n_head}: cast more than once: {sorted(twice)}"
         # the cross-entropy kernel writes dlogits (3*8, 40) in bf16: never a float32 to cast
         assert (3 * 8, 40) not in [x.shape for x in seen]
+
+
+def test_attention_benchmark_on_the_simulated_gpu(cp, capsys):
+    # examples/bench_attention.py: every implementation timed on the same data, and all
+    # agree (flash and the blocks in bf16 to bf16 tolerance, tf32, fp32)
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "bench_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--backend", "cupy", "-B", "1", "--n-head", "2", "-T", "70",
+                     "--head-size", "16", "--steps", "1", "--warmup", "0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line[:24].strip(): line[24:].split() for line in lines[2:]}
+    assert set(rows) >= {"flash bf16", "blocks bf16", "blocks tf32", "blocks fp32"}, rows
+    for name, (f_ms, b_ms, tf_f, tf_b, err) in rows.items():
+        assert 0 < float(f_ms) <= float(b_ms) and float(tf_f) > 0, name
+        assert float(err) < 2e-2, name

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+import time
 import types
 
 import numpy as np
@@ -24,6 +25,19 @@ from . import SimModule
 class _Ptr:
     def __init__(self, ptr):
         self.ptr = ptr
+
+
+class _Event:
+    """cupy.cuda.Event: record() notes the host clock (launches here are synchronous)."""
+
+    def __init__(self, *args, **kwargs):
+        self.time = None
+
+    def record(self, stream=None):
+        self.time = time.perf_counter()
+
+    def synchronize(self):
+        pass
 
 
 class ndarray(np.ndarray):
@@ -87,6 +101,8 @@ def _build():
         runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, getDevice=lambda: 0),
         Device=lambda *a: types.SimpleNamespace(synchronize=lambda: None, id=0),
         device=types.SimpleNamespace(get_cublas_handle=lambda: 0),
+        Event=_Event,  # every launch is synchronous here: host clocks
+        get_elapsed_time=lambda a, b: 1e3 * (b.time - a.time),
     )
     cupyx = types.ModuleType("cupyx")
     cupyx.scatter_add = lambda out, idx, vals: np.add.at(out, idx, vals)
