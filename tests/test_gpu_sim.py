@@ -355,3 +355,21 @@ def test_attention_benchmark_on_the_simulated_gpu(cp, capsys):
     for name, (f_ms, b_ms, tf_f, tf_b, err) in rows.items():
         assert 0 < float(f_ms) <= float(b_ms) and float(tf_f) > 0, name
         assert float(err) < 2e-2, name
+
+
+def test_profile_step_on_the_simulated_gpu(cp, capsys):
+    # examples/profile_step.py's GPU path (CUDA events): every leaf layer of a bf16 step
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "profile_step.py"
+    spec = importlib.util.spec_from_file_location("profile_step_sim", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--backend", "cupy", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
+                     "--vocab-size", "64", "-T", "8", "-B", "2", "--steps", "1",
+                     "--precision", "bf16"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0] for line in out.splitlines()[2:] if line and not line.startswith("(")}
+    for leaf in mod.LEAVES:
+        assert f"{leaf}_forward" in rows and f"{leaf}_backward" in rows, (leaf, out)
