@@ -283,13 +283,18 @@ def test_flash_attention_in_bf16(B, NH, T, hs):
     # against the float64 oracle: within bf16's tolerance
     assert_close(y, y64, 1e-2, "y vs float64")
     assert_close(dqkv, dqkv64, 2e-2, "dqkv vs float64")
-    # against emulations of the kernels' own roundings: far closer (what differs: the order
-    # of float32 sums, __expf, and so a rare bf16 rounding broken the other way)
+    # against emulations of the kernels' own roundings: far closer. What differs: the order
+    # of float32 sums and __expf, and through them a rare bf16 rounding of P or dS that
+    # falls the other way (one bf16 ulp of one term: more of them at long T). So the max
+    # error is bounded loosely, the RMS error (~1e-7, ~2e-5 at T = 1000 on the simulator;
+    # ~3e-3 against float64) tightly
     y_emu, lse_emu = _flash_forward_emulation(qkv, NH)
-    assert_close(y, y_emu, 1e-3, "y vs flash emulation")
-    assert_close(lse, lse_emu, 1e-5, "lse vs flash emulation")
     dqkv_emu = _flash_backward_emulation(qkv, dout, y, lse, NH)
-    assert_close(dqkv, dqkv_emu, 1e-3, "dqkv vs flash emulation")
+    assert_close(lse, lse_emu, 1e-5, "lse vs flash emulation")
+    for name, got, emu in (("y", y, y_emu), ("dqkv", dqkv, dqkv_emu)):
+        assert_close(got, emu, 3e-3, f"{name} vs flash emulation")
+        rms = np.sqrt(np.mean((got - emu) ** 2) / np.mean(emu ** 2))
+        assert rms < 3e-4, f"{name} vs flash emulation: RMS relative error {rms:.1e}"
 
 
 @pytest.mark.gpu
