@@ -299,9 +299,20 @@ def test_adamw_update_checks_its_inputs():
 # bf16 outputs: LayerNorm and bias+GELU writing the next GEMM's operand directly
 
 
-def test_kernels_write_bf16_operands_bit_for_bit():
-    # bf16=True must equal the float32 kernel's output cast by to_bf16, bit for bit, and
-    # leave the same state for the backward
+def _same_bf16(got, expected, name):
+    """bf16 bits equal to the float32 kernel's output cast by to_bf16. Bit for bit on the
+    simulator; on a GPU the two instantiations may contract a multiply-add differently, so
+    a rare element may round one bf16 ulp the other way, never more."""
+    got, expected = _host(got), _host(expected)
+    assert got.dtype == np.uint16 and got.shape == expected.shape, name
+    as_float = [(a.astype(np.uint32) << 16).view(np.float32) for a in (got, expected)]
+    np.testing.assert_allclose(as_float[0], as_float[1], rtol=2.0 ** -7, atol=0, err_msg=name)
+    assert np.mean(got == expected) > 0.999, f"{name}: {np.mean(got != expected):.2%} differ"
+
+
+def test_kernels_write_bf16_operands():
+    # bf16=True must equal the float32 kernel's output cast by to_bf16 (to_bf16: round to
+    # nearest even, as torch), and leave the same state for the backward
     from backends import get_backend
 
     cp, K, be = _cp(), _K(), get_backend("cupy")
@@ -312,14 +323,14 @@ def test_kernels_write_bf16_operands_bit_for_bit():
     out32, c32 = K.layernorm_forward(x, w, b)
     out16, c16 = K.layernorm_forward(x, w, b, bf16=True)
     assert out16.dtype == cp.uint16 and out16.shape == x.shape
-    np.testing.assert_array_equal(_host(out16), _host(be.to_bf16(out32)))
+    _same_bf16(out16, be.to_bf16(out32), "layernorm")
     for a, a2 in zip(c32.saved, c16.saved):
         np.testing.assert_array_equal(_host(a), _host(a2))
     bias = cp.asarray(rng.standard_normal(96), dtype=cp.float32)
     out32, c32 = K.bias_gelu_forward(x.copy(), bias)
     out16, c16 = K.bias_gelu_forward(x.copy(), bias, bf16=True)
     assert out16.dtype == cp.uint16
-    np.testing.assert_array_equal(_host(out16), _host(be.to_bf16(out32)))
+    _same_bf16(out16, be.to_bf16(out32), "bias+gelu")
     np.testing.assert_array_equal(_host(c16.saved[0]), _host(c32.saved[0]))  # x + bias
     logits = cp.asarray(3 * rng.standard_normal((2, 5, 50)), dtype=cp.float32)
     targets = cp.asarray(rng.integers(0, 50, (2, 5)))
@@ -329,7 +340,7 @@ def test_kernels_write_bf16_operands_bit_for_bit():
         d32 = _host(K.cross_entropy_backward(1.0, cache)).copy()
         d16 = K.cross_entropy_backward(1.0, cache, bf16=True)
         assert d16.dtype == cp.uint16 and d16.shape == logits.shape
-        np.testing.assert_array_equal(_host(d16), _host(be.to_bf16(cp.asarray(d32))))
+        _same_bf16(d16, be.to_bf16(cp.asarray(d32)), "cross-entropy dlogits")
 
 
 def test_layers_ask_for_bf16_operands_only_in_bf16():
