@@ -23,9 +23,13 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(_HERE, ".."))
+sys.path.insert(0, _HERE)
 
+from backends import get_backend  # noqa: E402
 from gpt2np import layers as L  # noqa: E402
+from profile_step import Timers  # noqa: E402  (CUDA events on the GPU, host clocks else)
 
 
 def parse_args(argv=None):
@@ -39,27 +43,6 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json", help="also write the rows to this file")
     return p.parse_args(argv)
-
-
-class Clock:
-    """Elapsed ms between marks: CUDA events on the GPU, host clocks otherwise."""
-
-    def __init__(self, xp):
-        self.gpu = xp.__name__ == "cupy"
-        self.xp = xp
-
-    def mark(self):
-        if self.gpu:
-            e = self.xp.cuda.Event()
-            e.record()
-            return e
-        return time.perf_counter()
-
-    def ms(self, a, b):
-        if self.gpu:
-            b.synchronize()
-            return self.xp.cuda.get_elapsed_time(a, b)
-        return 1e3 * (b - a)
 
 
 def time_ours(xp, qkv, dy, n_head, precision, flash, steps, warmup, clock):
@@ -108,18 +91,14 @@ def time_torch(qkv, dy, n_head, steps, warmup, clock):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.backend == "cupy":
-        from backends import get_backend
-
-        xp = get_backend("cupy").xp
-    else:
-        xp = np
+    backend = get_backend(args.backend)
+    xp = backend.xp
     B, NH, T, hs = args.batch_size, args.n_head, args.seq_len, args.head_size
     C = NH * hs
     rng = np.random.default_rng(0)
     qkv = xp.asarray(rng.standard_normal((B, T, 3 * C)), dtype=xp.float32)
     dy = xp.asarray(rng.standard_normal((B, T, C)), dtype=xp.float32)
-    clock = Clock(xp)
+    clock = Timers(backend)  # its mark() and ms()
     flops_fwd = 2.0 * B * NH * T * T * hs  # 4 B NH T^2 hs, halved by the causal mask
 
     if args.backend == "cupy":

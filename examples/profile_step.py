@@ -52,12 +52,17 @@ class Timers:
             return out
         return timed
 
+    def ms(self, a, b):
+        """Milliseconds between two marks (on the GPU: waits for b)."""
+        if self.gpu:
+            b.synchronize()
+            return self.xp.cuda.get_elapsed_time(a, b)
+        return 1e3 * (b - a)
+
     def totals_ms(self):
         if self.gpu:
             self.xp.cuda.Device().synchronize()
-            elapsed = self.xp.cuda.get_elapsed_time
-            return {k: sum(elapsed(a, b) for a, b in v) for k, v in self.marks.items()}
-        return {k: 1e3 * sum(b - a for a, b in v) for k, v in self.marks.items()}
+        return {k: sum(self.ms(a, b) for a, b in v) for k, v in self.marks.items()}
 
 
 def matmul_flops(cfg, B, T):

@@ -337,16 +337,22 @@ def test_bf16_step_casts_each_operand_once(cp, monkeypatch):
         assert (3 * 8, 40) not in [x.shape for x in seen]
 
 
-def test_attention_benchmark_on_the_simulated_gpu(cp, capsys):
-    # examples/bench_attention.py: every implementation timed on the same data, and all
-    # agree (flash and the blocks in bf16 to bf16 tolerance, tf32, fp32)
+def _example(name):
+    """examples/<name>.py as a module."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "bench_attention.py"
-    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_attention_benchmark_on_the_simulated_gpu(cp, capsys):
+    # examples/bench_attention.py: every implementation timed on the same data, and all
+    # agree (flash and the blocks in bf16 to bf16 tolerance, tf32, fp32)
+    mod = _example("bench_attention")
     assert mod.main(["--backend", "cupy", "-B", "1", "--n-head", "2", "-T", "70",
                      "--head-size", "16", "--steps", "1", "--warmup", "0"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -359,13 +365,7 @@ def test_attention_benchmark_on_the_simulated_gpu(cp, capsys):
 
 def test_profile_step_on_the_simulated_gpu(cp, capsys):
     # examples/profile_step.py's GPU path (CUDA events): every leaf layer of a bf16 step
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "examples" / "profile_step.py"
-    spec = importlib.util.spec_from_file_location("profile_step_sim", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _example("profile_step")
     assert mod.main(["--backend", "cupy", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
                      "--vocab-size", "64", "-T", "8", "-B", "2", "--steps", "1",
                      "--precision", "bf16"]) == 0
