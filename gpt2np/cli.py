@@ -1,0 +1,128 @@
+"""The command line: one `gpt2np` console script, and the one place where errors become lines.
+
+    gpt2np train | generate | prepare | export | eval | gradcheck  [flags]   (--help on each)
+    python -m gpt2np.<command> [flags]                                   (the same)
+
+Every command is a thin `main(argv=None) -> int` over library functions, built with this
+module's `ArgumentParser` and wrapped by `run_main`:
+  - a bad flag is rejected at parse time: usage, then one last line `error: ...`, exit 2;
+  - any exception the library raises becomes one line `error: <message>` on stderr, exit 1
+    (`UsageError`: exit 2); `GPT2NP_DEBUG=1` re-raises it with its traceback instead;
+  - Ctrl-C outside a training loop (which handles it itself) exits 130 without a traceback.
+The library keeps raising its own clear exceptions; no command catches them itself.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import os
+import sys
+
+# command -> module with main(argv) -> int
+COMMANDS = {
+    "train": ("gpt2np.train", "train a GPT-2 (tiny Shakespeare or token shards)"),
+    "generate": ("gpt2np.generate", "sample from a model (HF name or folder, or a training run)"),
+    "prepare": ("gpt2np.prepare", "tokenize a corpus into token shards"),
+    "export": ("gpt2np.export", "write a model as a folder transformers loads"),
+    "eval": ("gpt2np.eval", "evaluate a model: HellaSwag, or the loss on a text"),
+    "gradcheck": ("gpt2np.gradcheck", "check a model's hand-written gradients against torch"),
+}
+
+
+class UsageError(ValueError):
+    """A command line that makes no sense together (exit status 2, like a bad flag)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose failure ends in one line `error: ...` (argparse's own is `prog: error:`)."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: {message}\n")
+
+
+# ------------------------------------------------------------------- flag types with ranges
+
+
+def _number(kind, low, strict, what):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in its message
+    return parse
+
+
+positive_int = _number(int, 0, True, "an integer > 0")
+nonneg_int = _number(int, 0, False, "an integer >= 0")
+positive_float = _number(float, 0.0, True, "a number > 0")
+nonneg_float = _number(float, 0.0, False, "a number >= 0")
+
+
+def any_int(text):
+    """An int that may be negative (a seed)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+# ------------------------------------------------------------------- running a command
+
+
+def run_main(impl, argv=None) -> int:
+    """Run `impl(argv) -> int | None`; turn any exception into one `error:` line."""
+    try:
+        code = impl(argv)
+    except SystemExit:
+        raise  # argparse's exits (--help, bad flags) already said what they had to
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 (the one place every error becomes a line)
+        if os.environ.get("GPT2NP_DEBUG"):
+            raise
+        print(f"error: {_message(e)}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
+    return int(code or 0)
+
+
+def _message(e: BaseException) -> str:
+    text = str(e) if not isinstance(e, KeyError) else (e.args[0] if e.args else "")
+    text = " ".join(str(text).split())  # one line
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
+        text = f"{e.filename}: {e.strerror or text}"
+    if not text:
+        text = type(e).__name__
+    elif isinstance(e, (MemoryError, RecursionError, ZeroDivisionError, AttributeError, TypeError)):
+        text = f"{type(e).__name__}: {text} (GPT2NP_DEBUG=1 shows where)"
+    return text
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    width = max(map(len, COMMANDS))
+    listing = "\n".join(f"  {name:<{width}}  {what}" for name, (_, what) in COMMANDS.items())
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: gpt2np COMMAND [flags]   (gpt2np COMMAND --help)\n\ncommands:\n{listing}")
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"usage: gpt2np COMMAND [flags]\ncommands:\n{listing}", file=sys.stderr)
+        print(f"error: unknown command {name!r}; choose one of {', '.join(COMMANDS)}",
+              file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return module.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
