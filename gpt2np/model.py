@@ -150,8 +150,9 @@ class GPT:
         V = self.config.vocab_size
         if hi >= V or lo < (-1 if allow_ignore else 0):
             bad = hi if hi >= V else lo
-            allowed = f"[0, {V})" + (" or -1 (ignored)" if allow_ignore else "")
-            raise ValueError(f"{what} holds token id {bad} outside {allowed}")
+            allowed = f"[0, vocab_size={V})" + (" or -1 (ignored)" if allow_ignore else "")
+            raise ValueError(f"{what} holds token id {bad} outside {allowed}: the model's "
+                             f"vocab_size is {V}")
         return a
 
     # ---------------------------------------------------------------- forward / backward
@@ -169,10 +170,10 @@ class GPT:
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} is longer than the block size "
                              f"{self.config.block_size}")
-        if targets is not None:
+        if targets is not None:  # array-likes (lists) welcome, as for idx
+            targets = self._check_ids(targets, "targets", allow_ignore=True)
             if tuple(targets.shape) != (B, T):
                 raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {(B, T)}")
-            targets = self._check_ids(targets, "targets", allow_ignore=True)
 
         with L.matmul_precision(self.precision):
             return self._forward(idx, targets)

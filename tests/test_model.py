@@ -178,6 +178,23 @@ def test_bad_targets():
     assert np.isfinite(loss)
 
 
+def test_targets_as_a_list_like_idx():
+    """Targets take array-likes as idx does: lists give the same loss as arrays."""
+    model = GPT(CFG)
+    _, want = model.forward(np.array([[1, 2, 3]]), np.array([[2, 3, 4]]))
+    _, got = model.forward([[1, 2, 3]], [[2, 3, 4]])
+    assert float(got) == float(want)
+    with pytest.raises(ValueError, match="targets shape"):
+        model.forward([[1, 2, 3]], [[2, 3]])
+    with pytest.raises(TypeError, match="targets must be an integer array"):
+        model.forward([[1, 2, 3]], "abc")
+
+
+def test_out_of_range_id_names_vocab_size():
+    with pytest.raises(ValueError, match="vocab_size"):
+        GPT(CFG).forward(np.array([[1, 10]]))
+
+
 def test_backward_needs_a_forward_with_targets():
     model = GPT(CFG)
     with pytest.raises(RuntimeError, match="forward"):
