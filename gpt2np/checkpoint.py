@@ -6,7 +6,11 @@ The file holds
   AdamW's moments as "optimizer.m.<name>" and "optimizer.v.<name>",
   a JSON `state` in the safetensors metadata: step, optimizer step count, the run's
     settings, data position and RNG (whatever the training loop puts there),
-  a SHA-256 over every tensor's bytes, so silent corruption is caught, not trained on.
+  a SHA-256 over every tensor's bytes and the metadata beside it (format, t, state), so
+    silent corruption or an edited header (say `state.step`) is caught, not trained on.
+    Checkpoints written before the metadata was covered (no "sha256_scope" key) still load:
+    their SHA-256 covers the tensors only. Dropping that key from a new file is caught too,
+    since its SHA-256 then no longer matches the tensors alone.
 
 It is written to a temporary file in the same folder, fsynced, then renamed over the old
 one: a crash at any moment leaves either the old or the new checkpoint, never half of one.
@@ -42,12 +46,20 @@ class Checkpoint:
     state: dict  # JSON-able: step, settings, data position, RNG ...
 
 
-def _digest(tensors: dict[str, np.ndarray]) -> str:
+SCOPE = "tensors+metadata"  # what "sha256" covers; absent in older checkpoints: the tensors
+
+
+def _digest(tensors: dict[str, np.ndarray], metadata: dict | None = None) -> str:
+    """SHA-256 over the tensors (names, dtypes, shapes, bytes), then, when given, every
+    metadata entry but the digest itself (sorted, as JSON)."""
     h = hashlib.sha256()
     for k in sorted(tensors):
         a = tensors[k]
         h.update(f"{k}:{a.dtype.str}:{a.shape};".encode())
         h.update(np.ascontiguousarray(a).tobytes())
+    if metadata is not None:
+        covered = {k: v for k, v in metadata.items() if k != "sha256"}
+        h.update(json.dumps(covered, sort_keys=True).encode())
     return h.hexdigest()
 
 
@@ -60,7 +72,8 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint):
     tensors.update({_M + k: np.ascontiguousarray(v) for k, v in ckpt.m.items()})
     tensors.update({_V + k: np.ascontiguousarray(v) for k, v in ckpt.v.items()})
     metadata = {"format": FORMAT, "t": str(int(ckpt.t)), "state": json.dumps(ckpt.state),
-                "sha256": _digest(tensors)}
+                "sha256_scope": SCOPE}
+    metadata["sha256"] = _digest(tensors, metadata)
     data = st_save(tensors, metadata=metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
@@ -105,9 +118,13 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a gpt2np training checkpoint "
                               f"(format {meta.get('format')!r}, expected {FORMAT!r})")
-    if _digest(tensors) != meta.get("sha256"):
-        raise CheckpointError(f"checkpoint {path} is corrupt: its tensors do not match the "
-                              "SHA-256 recorded when it was written")
+    scope = meta.get("sha256_scope")
+    if scope not in (None, SCOPE):
+        raise CheckpointError(f"checkpoint {path} is corrupt: unknown sha256_scope {scope!r}")
+    if _digest(tensors, meta if scope else None) != meta.get("sha256"):
+        what = "its tensors and metadata do" if scope else "its tensors do"
+        raise CheckpointError(f"checkpoint {path} is corrupt or was edited: {what} not match "
+                              "the SHA-256 recorded when it was written")
     try:
         state = json.loads(meta["state"])
         t = int(meta["t"])
