@@ -132,6 +132,11 @@ def _ptr(a):
     return a.data.ptr  # the device address of a's first element
 
 
+def _overlaps(a, b):
+    """Do the bytes of contiguous arrays a and b overlap?"""
+    return a.data.ptr < b.data.ptr + b.nbytes and b.data.ptr < a.data.ptr + a.nbytes
+
+
 # --------------------------------------------------------------------------------------
 # LayerNorm over the last axis
 
@@ -283,6 +288,16 @@ def cross_entropy_backward(dloss, cache, bf16=False):
     logits, t, lse, inv_n, out, ignore_index = cache.saved
     V = logits.shape[-1]
     N = t.size
+    if out is not None and _overlaps(out, logits) and (bf16 or out.data.ptr != logits.data.ptr):
+        # the kernel reads each row of logits while other blocks write theirs: only the very
+        # same float32 buffer is safe (each element read, then written, by one thread). The
+        # bf16 row r lands in bytes [2rV, 2(r+1)V), inside float rows r/2..(r+1)/2 of logits
+        # that later blocks have not read yet.
+        raise ValueError(
+            "cross_entropy_backward: the forward's out buffer overlaps logits"
+            + (", which the bf16 gradient would overwrite before it is read" if bf16 else
+               " at another address") + "; pass a separate (B,T,V) float32 buffer as out "
+            "(or out=None)" + ("" if bf16 else ", or logits itself for a float32 gradient"))
     if bf16:
         dlogits = (cp.empty(logits.shape, dtype=cp.uint16) if out is None
                    else out.reshape(-1).view(cp.uint16)[:logits.size].reshape(logits.shape))

@@ -167,6 +167,39 @@ def test_cross_entropy_backward_writes_into_out():
         K.cross_entropy_forward(logits, cp.asarray(targets), out=cp.empty((2, 4, 76), dtype=cp.float32))
 
 
+def test_cross_entropy_backward_refuses_an_out_overlapping_logits():
+    # float32 may write dlogits over logits itself (each element read, then written, by one
+    # thread); the bf16 operand (rows of V uint16 in the first half of the bytes) would
+    # overwrite logits rows other blocks have not read yet, and so would a float32 out at a
+    # shifted address: both are refused rather than silently corrupting the gradient
+    cp, K = _cp(), _K()
+    rng = np.random.default_rng(7)
+    B, T, V = 2, 3, 1500
+    (logits64, _), targets = _ce_case(rng, B, T, V)
+    _, cache_ref = L.cross_entropy_forward(logits64, targets)
+    expected = L.cross_entropy_backward(1.0, cache_ref)
+    logits = cp.asarray(logits64.astype(np.float32))
+    _, cache = K.cross_entropy_forward(logits, cp.asarray(targets), out=logits)
+    with pytest.raises(ValueError, match="overlaps logits.*bf16"):
+        K.cross_entropy_backward(1.0, cache, bf16=True)
+    assert_close(_host(logits), logits64, 0, "logits untouched by the refused call")
+    assert K.cross_entropy_backward(1.0, cache) is logits  # float32 in place: allowed
+    assert_close(_host(logits), expected, 1e-5, "dlogits over logits")
+
+    buf = cp.asarray(np.zeros(B * T * V + V, dtype=np.float32))
+    shifted = buf[V:].reshape(B, T, V)  # logits one row further than out
+    shifted[...] = cp.asarray(logits64.astype(np.float32))
+    _, cache = K.cross_entropy_forward(shifted, cp.asarray(targets), out=buf[:-V].reshape(B, T, V))
+    for bf16 in (False, True):
+        with pytest.raises(ValueError, match="overlaps logits"):
+            K.cross_entropy_backward(1.0, cache, bf16=bf16)
+    separate = cp.empty((B, T, V), dtype=cp.float32)  # no overlap: the bf16 bits go to out
+    _, cache = K.cross_entropy_forward(shifted, cp.asarray(targets), out=separate)
+    d16 = K.cross_entropy_backward(1.0, cache, bf16=True)
+    assert d16.data.ptr == separate.data.ptr
+    assert_close(_host(shifted), logits64, 0, "logits untouched by the bf16 gradient")
+
+
 def test_cross_entropy_all_ignored_is_nan_with_zero_gradient():
     cp, K = _cp(), _K()
     rng = np.random.default_rng(6)

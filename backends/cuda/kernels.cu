@@ -274,9 +274,12 @@ extern "C" __global__ void crossentropy_forward_kernel(
 
 // dlogits[r, j] = dloss * inv_n * (exp(logits[r, j] - lse[r]) - [j == target_r]);
 // all zeros on an ignored row. inv_n: device pointer to 1 / (number of counted rows), so
-// that no host sync is needed. logits and dlogits may be the same buffer (each element is
-// read, then written, by the same thread). One block per row (grid-stride), threads over V.
+// that no host sync is needed. One block per row (grid-stride), threads over V.
 // dlogits in float32, or as the bf16 bits of the lm_head backward's GEMM operand.
+// In float32, logits and dlogits may be the same buffer (each element is read, then
+// written, by the same thread). In bf16 they must not overlap at all: row r's uint16
+// output lands in bytes [2rV, 2(r+1)V), inside float rows r/2..(r+1)/2 of logits that other
+// blocks have not read yet (cupy_kernels.cross_entropy_backward refuses such an out).
 template <typename OUT>
 __device__ __forceinline__ void crossentropy_backward(
     const float* logits, const long long* targets, const float* lse, const float* inv_n,
