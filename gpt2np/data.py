@@ -102,7 +102,7 @@ def load_tokens(path: str | os.PathLike, *, cache: str | os.PathLike | None = No
             pass  # a damaged cache file: tokenize again and overwrite it
     from .tokenizer import encode
 
-    ids = np.asarray(encode(raw.decode("utf-8")), dtype=np.uint16)  # GPT-2's ids fit in 16 bits
+    ids = np.asarray(encode(decode_text(raw, path)), dtype=np.uint16)  # GPT-2's ids fit 16 bits
     try:
         buf = io.BytesIO()
         np.save(buf, ids)
@@ -110,6 +110,22 @@ def load_tokens(path: str | os.PathLike, *, cache: str | os.PathLike | None = No
     except OSError:
         pass  # an unwritable cache only costs tokenizing again next time
     return ids
+
+
+def decode_text(raw: bytes, path) -> str:
+    """The UTF-8 text of a file's bytes, or a ValueError naming the file: a binary file (a NUL
+    byte, which no text holds) or one in another encoding is refused rather than tokenized.
+    Line endings are kept as they are (CRLF stays CRLF)."""
+    if b"\0" in raw:
+        at = raw.index(b"\0")
+        raise ValueError(f"{path} looks like a binary file (a NUL byte at offset {at}), not "
+                         "text: give a UTF-8 text file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                         f"{e.start}): convert it to UTF-8 first, e.g. "
+                         f"`iconv -f latin1 -t utf-8`") from None
 
 
 def split(tokens: np.ndarray, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
@@ -123,7 +139,11 @@ class BatchLoader:
 
     sequential (default): build-nanogpt's DataLoaderLite. Rank r of `world_size` starts at
       B*T*r and strides B*T*world_size, so ranks read disjoint chunks; back to the start
-      when the next chunk would run past the end.
+      when the next step's block of *all* ranks (B*T*world_size + 1 tokens from rank 0's
+      position) would run past the end. That decision is the same on every rank (unlike
+      DataLoaderLite's, where each rank tests its own chunk and a later rank can wrap a step
+      early), so W ranks of B rows read exactly what one process of W*B rows reads, also
+      across the wrap; gpt2np.shards.ShardLoader moves between shards by the same rule.
     random: each row starts at an offset drawn uniformly from the whole array (nanoGPT's
       get_batch), from a generator seeded by (seed, rank).
 
@@ -156,8 +176,10 @@ class BatchLoader:
             rows = np.stack([self.tokens[s:s + T + 1] for s in starts]).astype(np.int64)
             return rows[:, :-1], rows[:, 1:]
         buf = self.tokens[self.position:self.position + B * T + 1].astype(np.int64)
-        self.position += B * T * self.world_size
-        if self.position + B * T * self.world_size + 1 > len(self.tokens):
+        step = B * T * self.world_size  # tokens all ranks together read per step
+        self.position += step
+        # rank-independent: does the next block of every rank fit (rank 0's position)?
+        if self.position - B * T * self.rank + step + 1 > len(self.tokens):
             self.reset()
         return buf[:-1].reshape(B, T), buf[1:].reshape(B, T)
 

@@ -105,6 +105,26 @@ def test_tokens_cached_once(tmp_path, monkeypatch):
         load_tokens(text, cache=tmp_path / "c")
 
 
+@pytest.mark.parametrize("raw, match", [(b"caf\xe9 au lait\n", "not UTF-8 text.*offset 3"),
+                                        (b"PK\x03\x04\x00\x00binary", "binary.*NUL")])
+def test_non_utf8_or_binary_text_is_a_clear_error(tmp_path, raw, match):
+    path = tmp_path / "input.txt"
+    path.write_bytes(raw)
+    with pytest.raises(ValueError, match=match) as e:
+        load_tokens(path, cache=tmp_path / "c")
+    assert str(path) in str(e.value)
+
+
+def test_crlf_is_kept(tmp_path):
+    """Line endings are tokens like any other: CRLF text is not turned into LF."""
+    from gpt2np import tokenizer
+
+    path = tmp_path / "crlf.txt"
+    path.write_bytes(b"ROMEO:\r\nO, she doth teach the torches to burn bright!\r\n")
+    assert load_tokens(path, cache=tmp_path / "c").tolist() == \
+        tokenizer.encode(path.read_bytes().decode())
+
+
 def test_shakespeare_tokens_and_split(tmp_path):
     path = shakespeare_path()
     if not path.is_file():
@@ -121,13 +141,15 @@ def test_shakespeare_tokens_and_split(tmp_path):
 
 
 def _lite(tokens, B, T, rank, world, n):
-    """build-nanogpt's DataLoaderLite, written out as the reference."""
+    """build-nanogpt's DataLoaderLite, written out as the reference, with one change: the
+    wrap-around is decided on rank 0's position (the step's whole block), the same on
+    every rank, where DataLoaderLite tests each rank's own position."""
     pos, out = B * T * rank, []
     for _ in range(n):
         buf = tokens[pos:pos + B * T + 1]
         out.append((buf[:-1].reshape(B, T), buf[1:].reshape(B, T)))
         pos += B * T * world
-        if pos + B * T * world + 1 > len(tokens):
+        if pos - B * T * rank + B * T * world + 1 > len(tokens):
             pos = B * T * rank
     return out
 
@@ -147,6 +169,22 @@ def test_ranks_read_disjoint_chunks():
     seen = [np.concatenate([l.next_batch()[0].ravel() for _ in range(4)]) for l in (r0, r1)]
     assert not set(seen[0]) & set(seen[1])
     assert sorted(np.concatenate(seen).tolist()) == list(range(80))  # together: one pass in order
+
+
+@given(st.integers(1, 3), st.integers(1, 5), st.integers(2, 4), st.integers(0, 60))
+def test_ranks_together_are_one_process_across_epoch_wraps(B, T, world, extra):
+    """At every step, the ranks' rows stacked in rank order are the rows of one process
+    with world*B rows, through several wrap-arounds (a per-rank wrap rule breaks this: a
+    later rank wraps a step early and the ranks stay out of phase)."""
+    tokens = np.random.default_rng(extra).integers(0, 50257, B * T * world * 2 + 1 + extra)
+    tokens = tokens.astype(np.uint16)
+    ranks = [BatchLoader(tokens, B, T, rank=r, world_size=world) for r in range(world)]
+    one = BatchLoader(tokens, B * world, T)
+    for _ in range(7):  # at most 2 steps per epoch here, so 7 steps wrap at least twice
+        x1, y1 = one.next_batch()
+        parts = [ld.next_batch() for ld in ranks]
+        assert np.array_equal(np.concatenate([p[0] for p in parts]), x1)
+        assert np.array_equal(np.concatenate([p[1] for p in parts]), y1)
 
 
 @pytest.mark.parametrize("random", [False, True])
