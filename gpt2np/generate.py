@@ -1,4 +1,6 @@
-"""Sampling from a GPT: temperature, top-k, greedy, with a KV cache.
+"""Sampling from a GPT: temperature, top-k, greedy, with a KV cache; and the generate command.
+
+    python -m gpt2np.generate --model out/shakespeare --prompt "ROMEO:"   (or `gpt2np generate`)
 
 Inference reuses the layer forwards of gpt2np.layers (their caches for the backward are
 dropped); only attention is written here, because with a KV cache the new positions attend
@@ -7,15 +9,27 @@ the matrix-vector products of that position plus attention over the cached posit
 instead of a forward over the whole context.
 
 Sampling itself runs on the host in float64 from the last position's logits (B*V numbers a
-step), with a numpy Generator: the same seed gives the same tokens on every backend.
+step), with a numpy Generator: the same seed gives the same tokens on every backend. A
+vocabulary padded past GPT-2's 50257 tokens (50304, for GPU speed) has rows that are no
+token: their logits are dropped before any sampler sees them, so they are never sampled.
 """
 from __future__ import annotations
 
 import math
+import sys
+import time
 
 import numpy as np
 
 from . import layers as L
+from .cli import ArgumentParser, any_int, nonneg_float, nonneg_int, positive_int, run_main
+from .tokenizer import N_VOCAB
+
+
+def sampled_vocab(config) -> int:
+    """How many leading logits are tokens: all of them, unless the vocabulary is padded past
+    GPT-2's 50257 BPE tokens (train's --vocab-size 50304), whose extra rows are no tokens."""
+    return min(config.vocab_size, N_VOCAB)
 
 
 class KVCache:
@@ -136,7 +150,8 @@ def _check_args(model, idx, max_new_tokens, temperature, top_k):
         raise TypeError(f"idx must hold integer token ids, got dtype {ids.dtype}")
     V = model.config.vocab_size
     if ids.min() < 0 or ids.max() >= V:
-        raise ValueError(f"idx holds token ids outside [0, {V})")
+        raise ValueError(f"idx holds token ids from {ids.min()} to {ids.max()}, outside "
+                         f"[0, vocab_size={V}) of this model")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
             or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -173,10 +188,11 @@ def _generate(model, ids, max_new_tokens, temperature, top_k, seed, use_cache):
     bs = model.config.block_size
     to_dev, to_host = model.backend.asarray, model.backend.to_host
 
+    n_tok = sampled_vocab(model.config)  # (the padded rows never reach a sampler)
     if not use_cache:
         for _ in range(max_new_tokens):
             logits, _ = model.forward(ids[:, -bs:])
-            nxt = sample_next(to_host(logits[:, -1]), temperature, top_k, rng)
+            nxt = sample_next(to_host(logits[:, -1, :n_tok]), temperature, top_k, rng)
             ids = np.concatenate([ids, nxt[:, None]], axis=1)
         return ids
 
@@ -186,7 +202,7 @@ def _generate(model, ids, max_new_tokens, temperature, top_k, seed, use_cache):
     logits = forward_cached(model, to_dev(ids[:, -bs:]), cache, _blocks=blocks)
     out = [ids]
     for step in range(max_new_tokens):
-        nxt = sample_next(to_host(logits[:, -1]), temperature, top_k, rng)
+        nxt = sample_next(to_host(logits[:, -1, :n_tok]), temperature, top_k, rng)
         out.append(nxt[:, None])
         if step == max_new_tokens - 1:
             break
@@ -198,3 +214,59 @@ def _generate(model, ids, max_new_tokens, temperature, top_k, seed, use_cache):
             cache.reset()
             logits = forward_cached(model, to_dev(ids[:, -bs:]), cache, _blocks=blocks)
     return np.concatenate(out, axis=1)
+
+
+# ------------------------------------------------------------------------------ the command
+
+
+def build_parser() -> ArgumentParser:
+    ap = ArgumentParser(prog="gpt2np generate", description=(
+        "Sample from a GPT-2: the prompt (GPT-2's BPE) is repeated --num-samples times as one "
+        "batch and continued with temperature and top-k sampling through the KV cache."))
+    a = ap.add_argument
+    a("--model", default="gpt2", help="a training run's out-dir or its ckpt.safetensors, a folder "
+      "with model.safetensors + config.json, or a hub id (gpt2, gpt2-medium, ...; default gpt2)")
+    a("--prompt", default="Hello, I'm a language model,", help="empty: start from <|endoftext|>")
+    a("--num-samples", type=positive_int, default=5)
+    a("--max-new-tokens", type=nonneg_int, default=30)
+    a("--top-k", type=nonneg_int, default=50, help="0 samples from the whole vocabulary")
+    a("--temperature", type=nonneg_float, default=1.0, help="0 is greedy")
+    a("--seed", type=any_int, default=42)
+    a("--backend", default="numpy", choices=["numpy", "cupy"])
+    a("--dtype", default="float32", choices=["float32", "float64"])
+    return ap
+
+
+def _main(argv) -> int:
+    from .pretrained import from_pretrained
+    from .tokenizer import get_encoding
+
+    args = build_parser().parse_args(argv)
+    t0 = time.perf_counter()
+    model = from_pretrained(args.model, backend=args.backend, dtype=args.dtype)
+    print(f"loaded {args.model} ({model.num_params() / 1e6:.2f}M params, {model.config}) "
+          f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    enc = get_encoding()
+    tokens = enc.encode(args.prompt, allowed_special={"<|endoftext|>"}) or [enc.eot_token]
+    if max(tokens) >= model.config.vocab_size:
+        raise ValueError(f"the prompt encodes to token ids up to {max(tokens)}, beyond this "
+                         f"model's vocab_size {model.config.vocab_size}: it was not trained on "
+                         f"GPT-2's BPE, which this command uses")
+    idx = np.tile(np.array(tokens, dtype=np.int64), (args.num_samples, 1))  # (N, T)
+    t0 = time.perf_counter()
+    out = generate(model, idx, args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k or None, seed=args.seed)
+    dt = time.perf_counter() - t0
+    for i, row in enumerate(out):
+        print(f"--- sample {i + 1} ---\n{enc.decode(row.tolist())}")
+    n = args.num_samples * args.max_new_tokens
+    print(f"{n} new tokens in {dt:.2f}s ({n / max(dt, 1e-9):.1f} tokens/s)", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_main(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,12 +1,16 @@
-"""Hugging Face GPT-2 weights in and out: safetensors + config.json, no torch at run time.
+"""Every model source in and out: Hugging Face GPT-2 folders and hub ids, training runs.
 
     model = from_pretrained("gpt2")                # hub id, through huggingface_hub's cache
     model = from_pretrained("path/to/folder")      # model.safetensors (+ shards) + config.json
+    model = from_pretrained("out/shakespeare")     # a training run: its out-dir ...
+    model = from_pretrained("out/shakespeare/ckpt.safetensors")  # ... or its checkpoint file
     save_pretrained(model, "out/")                 # transformers.GPT2LMHeadModel loads it
 
 `model.params` is already named like `GPT2LMHeadModel.state_dict()`, so loading is a rename
 (two key layouts exist, see `_canonical_key`) plus a check of every name and shape against
-the config, and export is a copy.
+the config, and export is a copy. A training checkpoint holds the same names (and the
+optimizer's moments, which a model does not need) and its GPTConfig in its metadata.
+No torch at run time.
 """
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"  # sharded checkpoints
 PICKLE_NAME = "pytorch_model.bin"
 CONFIG_NAME = "config.json"
+CKPT_NAME = "ckpt.safetensors"  # what gpt2np.train writes into its --out-dir
+_CKPT_FORMAT = "gpt2np-checkpoint"  # the prefix of gpt2np.checkpoint's format tag
 
 # Non-parameter buffers that older GPT-2 checkpoints carry: the causal mask ("attn.bias",
 # (1,1,n_pos,n_pos)) and the masking constant ("attn.masked_bias"). We build the mask ourselves.
@@ -45,40 +51,98 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 def from_pretrained(name_or_path, *, backend: str = "numpy", dtype: str = "float32",
                     revision: str | None = None, cache_dir=None, local_files_only: bool = False,
                     allow_pickle: bool = False) -> GPT:
-    """A GPT holding Hugging Face GPT-2 weights.
+    """A GPT holding GPT-2 weights from any model source.
 
-    name_or_path: a local folder with `model.safetensors` (or a sharded
-    `model.safetensors.index.json`) and `config.json`; or a hub id: "gpt2", "gpt2-medium",
-    "gpt2-large", "gpt2-xl", "openai-community/gpt2", or any "owner/name" GPT-2 repo.
-    Hub files go through huggingface_hub's cache (HF_HOME / HF_HUB_CACHE, or `cache_dir`);
-    with HF_HUB_OFFLINE=1 or `local_files_only=True` only the cache is read.
+    name_or_path, in the order it is tried:
+      - a gpt2np training run: its out-dir (which holds `ckpt.safetensors`) or that checkpoint
+        file itself; the checkpoint's metadata has the GPTConfig, its SHA-256 is checked;
+      - a local folder with `model.safetensors` (or a sharded `model.safetensors.index.json`)
+        and `config.json`, as transformers' save_pretrained (or `python -m gpt2np.export`) writes;
+      - a hub id: "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "openai-community/gpt2", or
+        any "owner/name" GPT-2 repo. Hub files go through huggingface_hub's cache (HF_HOME /
+        HF_HUB_CACHE, or `cache_dir`); with HF_HUB_OFFLINE=1 or `local_files_only=True` only
+        the cache is read.
+    dtype: the model's dtype whatever the file's (a float32 run loads as float64, etc.).
     allow_pickle: also accept `pytorch_model.bin` when no safetensors exist (read with
     torch.load(weights_only=True); needs torch). Off by default: pickles can run code.
     """
-    folder = resolve(name_or_path, revision=revision, cache_dir=cache_dir,
-                     local_files_only=local_files_only, allow_pickle=allow_pickle)
-    config = load_config(folder / CONFIG_NAME)
-    params = load_params(folder, config, allow_pickle=allow_pickle)
+    ckpt = training_checkpoint(name_or_path)
+    if ckpt is not None:
+        config, params = load_run(ckpt)
+    else:
+        folder = resolve(name_or_path, revision=revision, cache_dir=cache_dir,
+                         local_files_only=local_files_only, allow_pickle=allow_pickle)
+        config = load_config(folder / CONFIG_NAME)
+        params = load_params(folder, config, allow_pickle=allow_pickle)
     return GPT(config, backend=backend, dtype=dtype, params=params)
 
 
-def save_pretrained(model: GPT, folder) -> Path:
+def save_pretrained(model: GPT, folder, *, dtype: str | None = None,
+                    vocab_size: int | None = None) -> Path:
     """Write `model.safetensors` + `config.json` that transformers' GPT2LMHeadModel loads.
 
     Keys are the prefixed names transformers' own save_pretrained writes, without the tied
-    lm_head.weight and without buffers. Tensors keep the model's dtype.
+    lm_head.weight and without buffers. dtype: "float32", "float16", "bfloat16" or
+    "float64" (default: the model's). vocab_size: keep only the first rows of wte (drop a
+    padded vocabulary's rows; the logits of the kept ids do not change). Each file is written
+    to a temporary name and renamed, config.json before the weights.
     """
-    from safetensors.numpy import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: np.ascontiguousarray(v) for k, v in model.state_dict().items()}
-    # write then rename, so an interrupted save never leaves a truncated model.safetensors
-    tmp = folder / (WEIGHTS_NAME + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})  # "pt": transformers expects it
-    os.replace(tmp, folder / WEIGHTS_NAME)
-    (folder / CONFIG_NAME).write_text(json.dumps(hf_config(model.config, model.dtype), indent=2) + "\n")
+    dtype = model.dtype if dtype is None else dtype
+    if dtype not in SAVE_DTYPES:
+        raise ValueError(f"cannot save as {dtype!r}; choose one of {', '.join(SAVE_DTYPES)}")
+    V = model.config.vocab_size if vocab_size is None else vocab_size
+    if not 1 <= V <= model.config.vocab_size:
+        raise ValueError(f"vocab_size {V} must be in [1, the model's {model.config.vocab_size}]")
+    tensors = model.state_dict()
+    tensors["transformer.wte.weight"] = tensors["transformer.wte.weight"][:V]  # (V, C)
+    config = hf_config(model.config.replace(vocab_size=V), dtype)
+    _write_atomic(folder / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+    # metadata "pt": transformers expects it in safetensors files it loads
+    _write_atomic(folder / WEIGHTS_NAME, _safetensors_bytes(tensors, dtype, {"format": "pt"}))
     return folder
+
+
+SAVE_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def _safetensors_bytes(tensors: dict, dtype: str, metadata: dict) -> bytes:
+    """The safetensors file of `tensors` cast to dtype; bfloat16 too, which numpy lacks."""
+    from safetensors.numpy import save
+
+    if dtype != "bfloat16":
+        return save({k: np.ascontiguousarray(v, dtype=dtype) for k, v in tensors.items()},
+                    metadata=metadata)
+    # safetensors.numpy cannot write BF16: write the bits as U16, then relabel them in the
+    # header (layout: u64 little-endian header length, JSON header padded to 8 bytes, data)
+    data = save({k: _bf16_bits(v) for k, v in tensors.items()}, metadata=metadata)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    for key, entry in header.items():
+        if key != "__metadata__":
+            entry["dtype"] = "BF16"
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
+
+
+def _bf16_bits(a) -> np.ndarray:
+    """float -> bfloat16 bit patterns (uint16), rounded to nearest even, as torch rounds."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(a)  # rounding could carry a NaN's payload into inf: keep it a quiet NaN
+    return np.where(nan, ((u >> 16) | 0x0040).astype(np.uint16), rounded)
+
+
+def _write_atomic(path: Path, data: bytes):
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def hf_config(config: GPTConfig, dtype: str = "float32") -> dict:
@@ -104,7 +168,8 @@ def hf_config(config: GPTConfig, dtype: str = "float32") -> dict:
         "tie_word_embeddings": True,
         "bos_token_id": eot,
         "eos_token_id": eot,
-        "dtype": dtype,
+        "dtype": dtype,  # transformers 5's name
+        "torch_dtype": dtype,  # transformers 4's
     }
 
 
@@ -117,9 +182,14 @@ def resolve(name_or_path, *, revision=None, cache_dir=None, local_files_only=Fal
     huggingface_hub cache snapshot for a hub id (downloaded unless offline)."""
     path = Path(os.path.expanduser(str(name_or_path)))
     if path.is_dir():
+        if not (path / CONFIG_NAME).is_file():
+            raise OSError(f"{path} is no model: it holds neither {CKPT_NAME} (a gpt2np training "
+                          f"run's out-dir) nor {CONFIG_NAME} with {WEIGHTS_NAME} or "
+                          f"{WEIGHTS_INDEX_NAME} (a Hugging Face model folder)")
         return path
     if path.exists():
-        raise OSError(f"{str(name_or_path)!r} is a file; from_pretrained wants the folder that "
+        raise OSError(f"{str(name_or_path)!r} is a file but not a gpt2np training checkpoint; "
+                      f"pass a training run's out-dir or its {CKPT_NAME}, or the folder that "
                       f"holds {WEIGHTS_NAME} and {CONFIG_NAME}")
     name = str(name_or_path)
     repo_id = HUB_NAMES.get(name, name)
@@ -170,6 +240,53 @@ def _hub_snapshot(repo_id, *, revision, cache_dir, local_files_only, allow_pickl
     raise OSError(f"{repo_id!r} has none of {', '.join(candidates)} "
                   f"{'in the Hugging Face cache' if offline else 'on the hub'}"
                   + ("" if allow_pickle else f" ({PICKLE_NAME} is read only with allow_pickle=True)"))
+
+
+# ------------------------------------------------------------------------------ training runs
+
+
+def training_checkpoint(name_or_path) -> Path | None:
+    """The checkpoint file if name_or_path is a training run (its out-dir, or the checkpoint
+    itself), else None."""
+    path = Path(os.path.expanduser(str(name_or_path)))
+    if path.is_dir():
+        return path / CKPT_NAME if (path / CKPT_NAME).is_file() else None
+    if path.is_file() and (path.name == CKPT_NAME or _is_training_checkpoint(path)):
+        return path  # (a damaged ckpt.safetensors then gets load_checkpoint's own error)
+    return None
+
+
+def _is_training_checkpoint(path: Path) -> bool:
+    # safetensors layout: u64 little-endian header length, then the JSON header
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= 100_000_000:
+                return False
+            meta = json.loads(f.read(n)).get("__metadata__") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return str(meta.get("format", "")).startswith(_CKPT_FORMAT)
+
+
+def load_run(path) -> tuple[GPTConfig, dict[str, np.ndarray]]:
+    """(GPTConfig, params) of a training checkpoint, checked (gpt2np.checkpoint) and matched
+    against the config its metadata records (gpt2np.train saves it as "model_config")."""
+    from .checkpoint import CheckpointError, load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    try:
+        config = GPTConfig.from_dict(ckpt.state["model_config"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path} has no usable model_config in its metadata ({e}); "
+                              f"was it written by gpt2np.train?") from e
+    expected = param_shapes(config)
+    wrong = [k for k in expected if k not in ckpt.params or ckpt.params[k].shape != expected[k]]
+    extra = [k for k in ckpt.params if k not in expected]
+    if wrong or extra:
+        raise CheckpointError(f"{path}: its params do not match its model_config ({config}): "
+                              f"missing or misshapen {wrong[:4]}, unexpected {extra[:4]}")
+    return config, ckpt.params
 
 
 # ------------------------------------------------------------------------------ config.json

