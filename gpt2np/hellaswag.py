@@ -1,0 +1,360 @@
+"""HellaSwag (Zellers et al., 2019), scored completion-style as build-nanogpt scores it.
+
+    result = evaluate(model)                 # the val split: 10,042 items
+    print(result.acc_norm)                   # GPT-2 124M: 0.2955 (2,967 / 10,042)
+
+An item is a context and 4 endings, one of them right (`label`). Each ending is scored as a
+continuation of the context: the row is `ctx tokens + tokens of (" " + ending)`, and its loss
+is the cross-entropy of the ending's tokens only (the context is given, not predicted). `acc`
+counts items whose right ending has the smallest summed loss, `acc_norm` the smallest mean
+loss per token (which does not favour short endings). This is not the multiple-choice format
+of the paper, it is the one small base models can be scored with, and the one the
+"reproduce GPT-2 (124M)" video reports.
+
+Speed: the 4 rows of an item, and several items, go through ONE padded forward without
+targets (nothing kept for a backward). Padding is on the right, where causal attention cannot
+see it, and the padded positions are never scored. Only the logits at scored positions are
+turned into losses (float64 log-softmax), so the (rows, T, V) logits are read once; the batch
+size is chosen so that those logits stay under a memory budget.
+
+A context too long for the block size is cut from the left (the same cut for the 4 endings,
+so that they still share their context), and the count of cut items is reported.
+
+Models: anything `logits_function` accepts: a gpt2np.GPT (numpy or cupy), the torch
+reference (backends.torch_backend.TorchGPT), or a plain function idx (B, T) int64 ->
+logits (B, T, V). Under torch.distributed, rank r scores items i % world == r and the
+counts are summed over ranks.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+VAL_FILE = "hellaswag_val.jsonl"
+VAL_ITEMS = 10042
+GPT2_VOCAB = 50257  # the GPT-2 tokenizer's ids; a model needs at least this many rows
+DEFAULT_LOGITS_BUDGET = 256 * 2 ** 20  # bytes of float32 logits one forward may make
+
+# Reference figures (build-nanogpt's README and its eval logs), scored this same way.
+REFERENCE_ACC_NORM = {"OpenAI GPT-2 124M": 0.2955, "OpenAI GPT-3 124M": 0.337}
+
+
+def cache_dir() -> Path:
+    """Where the downloaded split is kept: $XDG_CACHE_HOME (or ~/.cache)/gpt2np/hellaswag."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "gpt2np" / "hellaswag"
+
+
+# ------------------------------------------------------------------------------ the data
+
+
+def find_data(path=None, *, cache=None, download: bool = True) -> Path:
+    """The val split's jsonl: `path` (a file, or a folder holding hellaswag_val.jsonl), else
+    the cache, else a download into the cache. Raises FileNotFoundError naming all three."""
+    if path is not None:
+        p = Path(os.path.expanduser(str(path)))
+        if p.is_dir():
+            p = p / VAL_FILE
+        if not p.is_file():
+            raise FileNotFoundError(f"no HellaSwag file at {str(p)!r} (expected the val split, "
+                                    f"{VAL_FILE}, as in {VAL_URL})")
+        return p
+    target = Path(cache or cache_dir()) / VAL_FILE
+    if target.is_file():
+        return target
+    why = "downloading is off"
+    if download:
+        try:
+            return _download(target)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            why = f"downloading {VAL_URL} failed ({type(e).__name__}: {e})"
+    raise FileNotFoundError(
+        f"HellaSwag's val split is not available: no data path was given, {str(target)!r} does "
+        f"not exist, and {why}. Either pass the file (--data PATH/{VAL_FILE}), or put it at "
+        f"{str(target)!r}, or run once with network access to download it")
+
+
+def _download(target: Path) -> Path:
+    """Fetch the val split, check it, and write it atomically (tmp file + rename)."""
+    with urllib.request.urlopen(VAL_URL, timeout=60) as response:
+        data = response.read()
+    items = parse_items(data.decode("utf-8").splitlines(), where=VAL_URL)
+    if len(items) != VAL_ITEMS:
+        raise ValueError(f"{VAL_URL} holds {len(items)} items, expected {VAL_ITEMS}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+    return target
+
+
+def parse_items(lines: Iterable[str], where: str = "hellaswag") -> list[dict]:
+    """HellaSwag jsonl lines -> [{"ctx": str, "endings": [4 str], "label": int}], checked."""
+    items = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            ctx, endings, label = d["ctx"], d["endings"], d["label"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{where}:{lineno}: expected a JSON object with 'ctx', 'endings' "
+                             f"and 'label' ({type(e).__name__}: {e})") from e
+        ok = (isinstance(ctx, str) and isinstance(endings, list) and len(endings) == 4
+              and all(isinstance(e, str) for e in endings)
+              and isinstance(label, int) and not isinstance(label, bool) and 0 <= label < 4)
+        if not ok:
+            raise ValueError(f"{where}:{lineno}: 'ctx' must be a string, 'endings' 4 strings and "
+                             f"'label' an int in [0, 4), got {ctx!r:.40}, {endings!r:.80}, {label!r}")
+        items.append({"ctx": ctx, "endings": endings, "label": label})
+    return items
+
+
+def load_items(path=None, limit: int | None = None, **find) -> list[dict]:
+    """The first `limit` items (all without it) of the split `find_data` finds."""
+    p = find_data(path, **find)
+    with open(p, encoding="utf-8") as f:
+        items = parse_items(f, where=str(p))
+    if not items:
+        raise ValueError(f"{p} holds no HellaSwag items")
+    return items if limit is None else items[:limit]
+
+
+# ------------------------------------------------------------------------------ tokens
+
+
+@dataclass
+class Rendered:
+    """One item as token rows: rows[i] = (cut) ctx + ending i; the ending starts at starts[i]."""
+
+    rows: list  # 4 int64 arrays
+    starts: list  # 4 ints
+    label: int
+    cut: bool
+
+
+def render(item: dict, block_size: int, enc=None) -> Rendered:
+    """Tokenize an item for a model of this block size, cutting the context from the left.
+
+    The context keeps its last `block_size - longest ending` tokens (at least 1), shared by
+    the 4 rows; an ending that alone fills the block (tiny block sizes) is cut from the left
+    too, losing its first tokens from the score. Either way the item counts as cut.
+    """
+    if block_size < 2:
+        raise ValueError(f"HellaSwag needs a block size >= 2 (a context token and an ending "
+                         f"token), got {block_size}")
+    if enc is None:
+        from .tokenizer import get_encoding
+
+        enc = get_encoding()
+    ctx = enc.encode_ordinary(item["ctx"])
+    ends = [enc.encode_ordinary(" " + e) for e in item["endings"]]
+    keep = max(1, block_size - max(len(e) for e in ends))
+    cut = len(ctx) > keep
+    ctx = ctx[-keep:] if cut else ctx
+    rows, starts = [], []
+    for end in ends:
+        row = (ctx + end)[-block_size:]
+        cut = cut or len(ctx) + len(end) > block_size
+        rows.append(np.asarray(row, dtype=np.int64))
+        starts.append(max(1, len(row) - len(end)))  # row[0] has no prediction: never scored
+    return Rendered(rows, starts, item["label"], cut)
+
+
+# ------------------------------------------------------------------------------ the model
+
+
+def logits_function(model) -> Callable:
+    """A function idx (B, T) int64 numpy -> logits (B, T, V) (numpy, cupy or torch) for the
+    model: a gpt2np.GPT, a torch module returning (logits, loss) (TorchGPT), or a callable
+    that already is one."""
+    from .model import GPT
+
+    if isinstance(model, GPT):
+        return lambda idx: model.forward(idx)[0]  # no targets: no cache, a fresh array
+    if type(model).__module__.startswith(("torch", "backends.torch_backend")) or \
+            hasattr(model, "named_parameters"):
+        import torch
+
+        device = next(model.parameters()).device
+
+        def torch_logits(idx):
+            with torch.no_grad():
+                return model(torch.as_tensor(idx, device=device))[0]
+
+        return torch_logits
+    if callable(model):
+        return model
+    raise TypeError(f"cannot score a {type(model).__name__}: pass a gpt2np.GPT, a TorchGPT, or "
+                    f"a function idx (B, T) -> logits (B, T, V)")
+
+
+def token_losses(logits, rows, cols, targets) -> np.ndarray:
+    """-log softmax(logits[rows, cols])[targets] in float64, as a host array (N,).
+
+    Only the N scored positions are gathered (N, V) and promoted, not the whole logits."""
+    if hasattr(logits, "detach"):  # torch
+        import torch
+
+        dev = logits.device
+        sel = logits[torch.as_tensor(rows, device=dev), torch.as_tensor(cols, device=dev)].double()
+        t = torch.as_tensor(targets, device=dev)
+        nll = torch.logsumexp(sel, dim=-1) - sel[torch.arange(len(t), device=dev), t]
+        return nll.cpu().numpy()
+    from backends import backend_of
+
+    be = backend_of(logits)
+    xp = be.xp
+    sel = logits[xp.asarray(rows), xp.asarray(cols)].astype(xp.float64)  # (N, V)
+    m = sel.max(axis=-1, keepdims=True)
+    lse = m[:, 0] + xp.log(xp.exp(sel - m).sum(axis=-1))
+    nll = lse - sel[xp.arange(len(targets)), xp.asarray(targets)]
+    return np.asarray(be.to_host(nll), dtype=np.float64)
+
+
+# ------------------------------------------------------------------------------ scoring
+
+
+def batches(rendered: list[Rendered], max_tokens: int) -> Iterable[list[int]]:
+    """Indices of items grouped so that rows * padded length <= max_tokens (at least one
+    item per batch), in order of length so that little is padded."""
+    order = sorted(range(len(rendered)), key=lambda i: max(map(len, rendered[i].rows)))
+    batch, width = [], 0
+    for i in order:
+        w = max(width, max(map(len, rendered[i].rows)))
+        if batch and 4 * (len(batch) + 1) * w > max_tokens:
+            yield batch
+            batch, w = [], max(map(len, rendered[i].rows))
+        batch.append(i)
+        width = w
+    if batch:
+        yield batch
+
+
+def ending_losses(logits_fn, rendered: list[Rendered], max_tokens: int = 4096,
+                  on_batch: Callable | None = None):
+    """Summed loss and scored-token count of every ending: two (n, 4) arrays (float64, int).
+
+    logits_fn: idx (R, T) -> logits (R, T, V); on_batch(n_items) is called after each forward.
+    """
+    n = len(rendered)
+    sums, counts = np.zeros((n, 4)), np.zeros((n, 4), dtype=np.int64)
+    for batch in batches(rendered, max_tokens):
+        rows = [r for i in batch for r in rendered[i].rows]
+        starts = [s for i in batch for s in rendered[i].starts]
+        width = max(map(len, rows))
+        idx = np.zeros((len(rows), width), dtype=np.int64)  # right padding (never scored)
+        r_sel, c_sel, t_sel = [], [], []
+        for r, (row, start) in enumerate(zip(rows, starts)):
+            idx[r, :len(row)] = row
+            j = np.arange(start, len(row))  # positions of scored targets
+            r_sel.append(np.full(len(j), r))
+            c_sel.append(j - 1)  # the logits at j-1 predict the token at j
+            t_sel.append(row[j])
+        r_sel, c_sel, t_sel = (np.concatenate(a) for a in (r_sel, c_sel, t_sel))
+        nll = token_losses(logits_fn(idx), r_sel, c_sel, t_sel)
+        row_sum = np.bincount(r_sel, weights=nll, minlength=len(rows))  # (R,)
+        row_count = np.bincount(r_sel, minlength=len(rows))
+        sums[batch] = row_sum.reshape(len(batch), 4)
+        counts[batch] = row_count.reshape(len(batch), 4)
+        if on_batch is not None:
+            on_batch(len(batch))
+    return sums, counts
+
+
+@dataclass
+class HellaSwagResult:
+    n: int  # items scored
+    correct: int  # argmin of the summed ending loss is the label
+    correct_norm: int  # argmin of the mean ending loss is the label
+    cut: int  # items whose context was cut to fit the block size
+
+    @property
+    def acc(self) -> float:
+        return self.correct / self.n if self.n else float("nan")
+
+    @property
+    def acc_norm(self) -> float:
+        return self.correct_norm / self.n if self.n else float("nan")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "acc": self.acc, "acc_norm": self.acc_norm}
+
+    def __str__(self) -> str:
+        cut = f" ({self.cut} contexts cut to fit the block size)" if self.cut else ""
+        return (f"hellaswag: acc {self.acc:.4f} ({self.correct}/{self.n}), "
+                f"acc_norm {self.acc_norm:.4f} ({self.correct_norm}/{self.n}){cut}")
+
+
+class HellaSwag:
+    """The items of a split, tokenized once for a block size; score models with it.
+
+        hs = HellaSwag.from_file(path, block_size=1024, limit=None)
+        result = hs.evaluate(model, ctx=dist_ctx)     # the same result on every rank
+
+    Training evaluates the same items at every eval step: tokenizing them once pays off.
+    """
+
+    def __init__(self, items: list[dict], block_size: int, enc=None):
+        self.items = items
+        self.block_size = block_size
+        self.rendered = [render(item, block_size, enc) for item in items]
+
+    @classmethod
+    def from_file(cls, path=None, block_size: int = 1024, limit: int | None = None, **find):
+        return cls(load_items(path, limit, **find), block_size)
+
+    def evaluate(self, model, *, ctx=None, progress: bool = True,
+                 logits_budget: int = DEFAULT_LOGITS_BUDGET) -> HellaSwagResult:
+        """Score this rank's share (items i % world == rank); counts summed over ranks."""
+        vocab = _vocab_size(model)
+        if vocab is not None and vocab < GPT2_VOCAB:
+            raise ValueError(f"HellaSwag is tokenized with GPT-2's {GPT2_VOCAB} ids; the model "
+                             f"has only {vocab} rows in its vocabulary")
+        rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+        mine = self.rendered[rank::world]
+        # the logits (R, T, V) float32 are the biggest array of the forward: fit them in budget
+        max_tokens = max(1, logits_budget // (4 * (vocab or GPT2_VOCAB)))
+        from tqdm import tqdm
+
+        with tqdm(total=len(mine), unit="item", desc="hellaswag", file=sys.stderr, leave=False,
+                  disable=not progress or (ctx is not None and not ctx.is_main)) as bar:
+            sums, counts = ending_losses(logits_function(model), mine, max_tokens, bar.update)
+        labels = np.array([r.label for r in mine], dtype=np.int64)
+        local = [len(mine), int((sums.argmin(1) == labels).sum()) if len(mine) else 0,
+                 int(((sums / np.maximum(counts, 1)).argmin(1) == labels).sum()) if len(mine) else 0,
+                 sum(r.cut for r in mine)]
+        if ctx is not None and ctx.distributed:
+            local = [int(round(v)) for v in ctx.all_reduce_sum(np.array(local, dtype=np.float64))]
+        return HellaSwagResult(*local)
+
+
+def _vocab_size(model):
+    config = getattr(model, "config", None)
+    return getattr(config, "vocab_size", None)
+
+
+def evaluate(model, data=None, *, limit: int | None = None, ctx=None, progress: bool = True,
+             logits_budget: int = DEFAULT_LOGITS_BUDGET, block_size: int | None = None,
+             **find) -> HellaSwagResult:
+    """HellaSwag acc / acc_norm of a model on the val split (see the module docstring).
+
+    data: a path to the jsonl (or a folder with hellaswag_val.jsonl); else the cache, else a
+    download. block_size: the model's config.block_size unless given (a plain function needs it).
+    """
+    if block_size is None:
+        config = getattr(model, "config", None)
+        if config is None:
+            raise ValueError("pass block_size= when the model is a plain logits function")
+        block_size = config.block_size
+    hs = HellaSwag(load_items(data, limit, **find), block_size)
+    return hs.evaluate(model, ctx=ctx, progress=progress, logits_budget=logits_budget)
