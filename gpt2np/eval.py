@@ -1,0 +1,200 @@
+"""Evaluate a model: HellaSwag accuracy, or the loss (and perplexity) on a text or shards.
+
+    python -m gpt2np.eval --model gpt2 --task hellaswag                  # (gpt2np eval ...)
+    python -m gpt2np.eval --model runs/x --task loss --data input.txt --json loss.json
+    python -m gpt2np.eval --model gpt2 --task loss --data data/fineweb_edu   # val shards
+    torchrun --standalone --nproc_per_node=8 -m gpt2np.eval --model gpt2 --task hellaswag --backend cupy
+
+--model is anything gpt2np.from_pretrained takes (a hub name, a folder, a training run).
+`loss` scores every token of the data once: non-overlapping windows of the block size, each
+token predicted from the window's earlier tokens (the first token of each window from none),
+so it is what training's val_loss measures, not a sliding-window perplexity.
+Under torchrun, items (or windows) are shared out by rank and the counts summed; rank 0 prints.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .cli import ArgumentParser, UsageError, positive_int, run_main
+from .hellaswag import DEFAULT_LOGITS_BUDGET, logits_function, token_losses
+
+TASKS = ("hellaswag", "loss")
+BACKENDS = ("numpy", "cupy", "torch")
+
+
+@dataclass
+class LossResult:
+    n_tokens: int  # tokens predicted
+    sum_loss: float  # their summed cross-entropy (nats)
+
+    @property
+    def loss(self) -> float:
+        return self.sum_loss / self.n_tokens if self.n_tokens else float("nan")
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.loss) if self.n_tokens else float("nan")
+
+    def __str__(self) -> str:
+        return f"loss: {self.loss:.4f} (perplexity {self.ppl:.2f}) over {self.n_tokens:,} tokens"
+
+
+def load_tokens(path) -> np.ndarray:
+    """The tokens to score: a shard folder's val split (all its shards, in order), one shard
+    file (.npy / .bin), or a text file (GPT-2 tokens)."""
+    from .shards import list_shards, load_shard
+
+    p = Path(os.path.expanduser(str(path)))
+    if p.is_dir():
+        return np.concatenate([np.asarray(load_shard(s)) for s in list_shards(str(p), "val")])
+    if not p.is_file():
+        raise FileNotFoundError(f"no such file or shard folder: {str(p)!r}")
+    if p.suffix in (".npy", ".bin"):
+        return np.asarray(load_shard(str(p)))
+    from .tokenizer import encode
+
+    return np.asarray(encode(p.read_text(encoding="utf-8")), dtype=np.int64)
+
+
+def windows(n_tokens: int, block_size: int) -> list[tuple[int, int]]:
+    """(start, length) of the non-overlapping windows that predict tokens 1..n-1 once each."""
+    if n_tokens < 2:
+        raise ValueError(f"the data hold {n_tokens} token(s); the loss needs at least 2")
+    return [(s, min(block_size, n_tokens - 1 - s)) for s in range(0, n_tokens - 1, block_size)]
+
+
+def token_loss(model, tokens, *, block_size: int | None = None, limit: int | None = None,
+               ctx=None, progress: bool = True,
+               logits_budget: int = DEFAULT_LOGITS_BUDGET) -> LossResult:
+    """Mean cross-entropy of `tokens` (1-D ints) under the model, over non-overlapping
+    block-size windows (the first `limit` of them). Rank r takes windows i % world == r."""
+    config = getattr(model, "config", None)
+    block_size = block_size or config.block_size
+    vocab = getattr(config, "vocab_size", None) or 50257
+    tokens = np.asarray(tokens, dtype=np.int64)
+    wins = windows(len(tokens), block_size)[:limit]
+    rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+    mine = wins[rank::world]
+    # (B, T, V) float32 logits plus their float64 copy at every position: keep them in budget
+    per_batch = max(1, logits_budget // (12 * vocab * block_size))
+    logits_fn = logits_function(model)
+    from tqdm import tqdm
+
+    total, count = 0.0, 0
+    with tqdm(total=len(mine), unit="window", desc="loss", file=sys.stderr, leave=False,
+              disable=not progress or (ctx is not None and not ctx.is_main)) as bar:
+        for b in range(0, len(mine), per_batch):
+            group = mine[b:b + per_batch]
+            for length in sorted({n for _, n in group}):  # the tail window alone
+                same = [s for s, n in group if n == length]
+                x = np.stack([tokens[s:s + length] for s in same])  # (B, T)
+                y = np.stack([tokens[s + 1:s + length + 1] for s in same])
+                rows, cols = np.divmod(np.arange(x.size), length)
+                total += float(token_losses(logits_fn(x), rows, cols, y.reshape(-1)).sum())
+                count += x.size
+            bar.update(len(group))
+    if ctx is not None and ctx.distributed:
+        total, count = ctx.all_reduce_sum(np.array([total, count], dtype=np.float64))
+    return LossResult(int(round(count)), float(total))
+
+
+# ------------------------------------------------------------------------------ the command
+
+
+def load_model(name, backend: str = "numpy", dtype: str = "float32", device: str | None = None):
+    """A model to evaluate: a gpt2np.GPT (numpy/cupy), or for backend "torch" the torch
+    reference holding the same weights (on `device`, default cuda when there is one)."""
+    from . import from_pretrained
+
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend != "torch":
+        return from_pretrained(name, backend=backend, dtype=dtype)
+    import torch
+
+    from backends.torch_backend import TorchGPT
+
+    host = from_pretrained(name, backend="numpy", dtype=dtype)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    module = TorchGPT.from_params(host.config, host.state_dict(), dtype=getattr(torch, dtype),
+                                  device=device)
+    return module.eval()
+
+
+def write_json(path, record: dict):
+    """Write a JSON file atomically (tmp file + rename)."""
+    path = Path(path)
+    if path.parent and not path.parent.is_dir():
+        raise FileNotFoundError(f"no folder {str(path.parent)!r} for --json {str(path)!r}")
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def build_parser() -> ArgumentParser:
+    ap = ArgumentParser(prog="gpt2np eval", description=(
+        "Evaluate a model: HellaSwag acc / acc_norm (completion style, as build-nanogpt), or "
+        "the mean cross-entropy and perplexity of a text file or a shard folder's val split."))
+    ap.add_argument("--model", required=True,
+                    help="anything gpt2np.from_pretrained takes: gpt2, a folder, a training run")
+    ap.add_argument("--task", required=True, choices=TASKS)
+    ap.add_argument("--data", default=None, help=(
+        "hellaswag: the val jsonl (default: ~/.cache/gpt2np/hellaswag, else downloaded); "
+        "loss: a text file, a shard file, or a shard folder (its val split) - required"))
+    ap.add_argument("--limit", type=positive_int, default=None,
+                    help="only the first N items (hellaswag) or windows (loss)")
+    ap.add_argument("--backend", choices=BACKENDS, default="numpy")
+    ap.add_argument("--device", default=None, help="torch backend: cpu or cuda (default: cuda "
+                                                  "when available)")
+    ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    ap.add_argument("--json", default=None, metavar="OUT", help="also write the result as JSON")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap
+
+
+def _main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.task == "loss" and args.data is None:
+        raise UsageError("--task loss needs --data: a text file, a shard file or a shard folder")
+    if args.device is not None and args.backend != "torch":
+        raise UsageError("--device is for --backend torch (numpy runs on the CPU, cupy on the GPU)")
+    from . import distributed
+
+    ctx = distributed.init(args.backend, torch_device=args.device)
+    try:
+        model = load_model(args.model, args.backend, args.dtype, args.device)
+        progress = not args.no_progress
+        if args.task == "hellaswag":
+            from .hellaswag import evaluate
+
+            result = evaluate(model, args.data, limit=args.limit, ctx=ctx, progress=progress)
+            record = {"task": "hellaswag", "n": result.n, "acc": result.acc,
+                      "acc_norm": result.acc_norm, "correct": result.correct,
+                      "correct_norm": result.correct_norm, "cut": result.cut}
+        else:
+            result = token_loss(model, load_tokens(args.data), limit=args.limit, ctx=ctx,
+                                progress=progress)
+            record = {"task": "loss", "n_tokens": result.n_tokens, "loss": result.loss,
+                      "ppl": result.ppl}
+        if ctx.is_main:
+            print(f"{args.model}: {result}")
+            if args.json:
+                write_json(args.json, {**record, "model": str(args.model)})
+    finally:
+        ctx.destroy()
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_main(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
