@@ -307,3 +307,51 @@ def test_bad_vocab_size_and_precision(tmp_path, token_cache):
         train(tiny(tmp_path / "b", token_cache, dtype="float64", precision="bf16"))
     with pytest.raises(TrainError, match="numpy and cupy engines"):
         train(tiny(tmp_path / "c", token_cache, backend="torch", precision="bf16"))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_evaluators_and_step_probes_plug_in(tmp_path, token_cache, monkeypatch, backend):
+    # the extension points of gpt2np.train: an evaluator's fields land in the eval steps'
+    # records, a probe sees the all-reduced grads before the update and the params around it
+    # (an update ratio), the forward hook runs once per micro-step, a panel joins loss.png
+    from gpt2np import evaluators as E
+    from gpt2np.run_outputs import Panel
+
+    drawn = []
+
+    class Extra:
+        panels = [Panel(("extra",), lambda ax, records: drawn.append(len(records)))]
+
+        def evaluate(self, step, engine):
+            return {"extra": float(step)}
+
+    class Ratio(E.StepProbe):
+        def __init__(self):
+            self.hooks = self.before = 0
+
+        def start_step(self, step, engine):
+            self.params = {k: np.array(v) for k, v in engine.params.items()}
+            engine.forward_hook = lambda eng: setattr(self, "hooks", self.hooks + 1)
+
+        def before_update(self, step, engine):
+            assert set(engine.grads) == set(engine.params)
+            self.before += 1
+
+        def after_update(self, step, engine, record):
+            k = "transformer.h.0.mlp.c_fc.weight"
+            delta = np.linalg.norm(np.array(engine.params[k]) - self.params[k])
+            record["update_ratio"] = float(delta / np.linalg.norm(self.params[k]))
+
+    if backend == "torch":
+        pytest.importorskip("torch")
+    probe = Ratio()
+    real = E.build_evaluators
+    monkeypatch.setattr(T, "build_evaluators", lambda *a: real(*a) + [Extra()])
+    monkeypatch.setattr(T, "build_probes", lambda *a: [probe])
+    train(tiny(tmp_path, token_cache, total_batch_size=2 * 4 * 16, backend=backend))
+    log = _log(tmp_path)
+    assert [r["extra"] for r in log if "extra" in r] == [3.0, 7.0]
+    assert [r["step"] for r in log if "val_loss" in r] == [3, 7]
+    assert all(0 < r["update_ratio"] < 1 for r in log)
+    assert probe.before == 8 and probe.hooks == 16  # 2 micro-steps a step
+    assert drawn and drawn[-1] == 8  # the panel was drawn, with every record

@@ -1,0 +1,250 @@
+"""What a training run leaves in --out-dir, and what it prints: one object the loop calls.
+
+  RunOutputs     log.jsonl (one JSON record per optimizer step), loss.png, samples.txt,
+                 the progress bar and messages, and the run's endings (done, stopped,
+                 diverged) as a TrainResult. Only rank 0 writes or prints.
+  Checkpointer   ckpt.safetensors (gpt2np.checkpoint), written by rank 0 with every rank's
+                 data position (a collective: every rank calls save()).
+  Panel          one panel of loss.png: the loss panel is built in; an evaluator adds its own
+                 by listing Panel objects in its `panels` attribute (see gpt2np.evaluators),
+                 or any code by passing panels=[...] to RunOutputs.
+  sample_texts   a few top-k samples from the trained model, for samples.txt.
+
+May touch: the files of --out-dir and stdout/stderr; reads the engine (state, last_logits).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .checkpoint import Checkpoint, save_checkpoint
+
+CKPT_NAME = "ckpt.safetensors"
+LOG_NAME = "log.jsonl"
+
+
+@dataclass
+class TrainResult:
+    status: str  # "done", "stopped" (--stop-after or a signal) or "diverged"
+    step: int  # optimizer steps completed
+    val_loss: float | None  # the last evaluated validation loss
+    records: list  # this run's log records, earlier runs' included when resumed
+    wall_s: float
+    samples: list
+
+
+@dataclass
+class Panel:
+    """A panel of loss.png, drawn when any record has one of `keys`."""
+
+    keys: tuple[str, ...]
+    draw: Callable  # draw(ax, records): a matplotlib Axes and the log records
+
+
+def _draw_loss(ax, records):
+    ax.plot([r["step"] + 1 for r in records], [r["train_loss"] for r in records],
+            lw=0.8, alpha=0.7, label="train")
+    val = [(r["step"] + 1, r["val_loss"]) for r in records if "val_loss" in r]
+    if val:
+        ax.plot(*zip(*val), "o-", label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
+LOSS_PANEL = Panel(("train_loss",), _draw_loss)
+
+
+def _replace_atomically(path: Path, write: Callable[[Path], None]):
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def plot(records: list, path: Path, panels=(LOSS_PANEL,)):
+    """loss.png: one row per panel that has data."""
+    shown = [p for p in panels if any(k in r for r in records for k in p.keys)]
+    if not records or not shown:
+        return
+    # the object API with the Agg canvas: no pyplot, no global backend switch
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4 * len(shown)), dpi=110)
+    FigureCanvasAgg(fig)
+    for i, panel in enumerate(shown):
+        panel.draw(fig.add_subplot(len(shown), 1, i + 1), records)
+    fig.tight_layout()
+    _replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+class RunOutputs:
+    def __init__(self, out_dir, master: bool = True, progress: bool = True, panels=()):
+        self.out = Path(out_dir)
+        self.log_path = self.out / LOG_NAME
+        self.ckpt_path = self.out / CKPT_NAME
+        self.master, self.progress = master, progress
+        self.panels = [LOSS_PANEL, *panels]
+        self.records: list = []
+        self.t_start = time.perf_counter()
+        self.pbar = None
+
+    def say(self, msg: str):
+        if self.master:
+            from tqdm import tqdm
+
+            tqdm.write(msg, file=sys.stdout)
+
+    def start(self, step: int, resumed: bool, max_steps: int):
+        """Keep the log's records before `step` (a resumed run's earlier steps; a crashed
+        run may have logged steps after its checkpoint), and open the progress bar."""
+        from tqdm import tqdm
+
+        self.records = _read_log(self.log_path, before=step) if resumed else []
+        if self.master:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _replace_atomically(self.log_path, lambda tmp: tmp.write_text(
+                "".join(_json_line(r) for r in self.records)))
+        self.pbar = tqdm(total=max_steps, initial=step, disable=not (self.master and self.progress),
+                         dynamic_ncols=True, unit="step")
+
+    def log_step(self, rec: dict, evaluated: dict):
+        """One optimizer step's record; `evaluated`: the evaluators' fields, if it evaluated."""
+        self.records.append(rec)
+        if evaluated:
+            self.say(f"step {rec['step'] + 1:5d} | train loss {rec['train_loss']:.4f} | "
+                     + " | ".join(f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in evaluated.items()))
+        if self.master:
+            with open(self.log_path, "a") as f:
+                f.write(_json_line(rec))
+            if evaluated:
+                self.plot()  # watchable while it trains
+        self.pbar.set_postfix(loss=f"{rec['train_loss']:.4f}", lr=f"{rec['lr']:.2e}",
+                              tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
+        self.pbar.update(1)
+
+    def plot(self):
+        if self.master:
+            plot(self.records, self.out / "loss.png", self.panels)
+
+    @property
+    def val_loss(self):
+        return next((r["val_loss"] for r in reversed(self.records) if "val_loss" in r), None)
+
+    def _result(self, status, step, samples=()):
+        if self.pbar is not None:
+            self.pbar.close()
+        return TrainResult(status, step, self.val_loss, self.records,
+                           time.perf_counter() - self.t_start, list(samples))
+
+    # ------------------------------------------------------------------ endings
+
+    def diverged(self, step: int, what: str, value, kept: str, lr: float) -> TrainResult:
+        result = self._result("diverged", step)
+        if self.master:
+            print(f"non-finite {what} ({value}) at step {step}: training diverged; stopping. "
+                  f"{kept}. Try a lower --lr (now {lr}) or --grad-clip.", file=sys.stderr)
+            self.plot()
+        return result
+
+    def stopped(self, step: int, why: str) -> TrainResult:
+        result = self._result("stopped", step)
+        self.plot()
+        self.say(f"stopped ({why}) after step {step}; checkpoint {self.ckpt_path}. "
+                 f"Continue with --resume --out-dir {self.out}")
+        return result
+
+    def done(self, step: int, samples: list) -> TrainResult:
+        self.plot()
+        if self.master and samples:
+            text = "\n\n".join(samples) + "\n"
+            _replace_atomically(self.out / "samples.txt", lambda tmp: tmp.write_text(text))
+            for i, s in enumerate(samples):
+                self.say(f"--- sample {i + 1} ---\n{s}")
+        result = self._result("done", step, samples)
+        val = result.val_loss
+        val_msg = f"val loss {val:.4f}" if val is not None else "no val loss"
+        self.say(f"done: {step} steps, {val_msg}, {result.wall_s:.0f} s; outputs in {self.out}/")
+        return result
+
+
+def _fmt(v):
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _json_line(rec: dict) -> str:
+    return json.dumps(rec) + "\n"
+
+
+def _read_log(path: Path, before: int) -> list:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+        if rec.get("step", before) < before:
+            records.append(rec)
+    return records
+
+
+class Checkpointer:
+    """Writes ckpt.safetensors: the engine's params and AdamW state, the step, every rank's
+    data position, and `state` (the run's settings, model config, data identity ...)."""
+
+    def __init__(self, path: Path, ctx, state: dict, last_saved: int | None = None):
+        self.path, self.ctx, self.state = path, ctx, state
+        self.last_saved = last_saved  # the step of the checkpoint on disk, if any
+
+    def save(self, step: int, engine, train_loader):
+        if self.last_saved == step:
+            return
+        # every rank's data position (a collective: all ranks come here), rank 0 writes
+        data_ranks = self.ctx.all_gather_object(train_loader.state_dict())
+        self.last_saved = step
+        if not self.ctx.is_main:
+            return
+        p, m, v, t = engine.state()
+        state = {"step": step, **self.state, "data": data_ranks[0], "data_ranks": data_ranks}
+        save_checkpoint(self.path, Checkpoint(params=p, m=m, v=v, t=t, state=state))
+
+    def kept(self) -> str:
+        """What a stopped-early run leaves, for its message."""
+        if self.last_saved is None:
+            return "no checkpoint was written yet"
+        return f"the last good checkpoint (step {self.last_saved}) is kept in {self.path}"
+
+
+def sample_texts(engine, block_size: int, seed: int, num: int, tokens: int, prompt="\n",
+                 temperature=1.0, top_k=50) -> list[str]:
+    """A few continuations of `prompt`, top-k sampled (a fixed seed: the same every time)."""
+    from .tokenizer import get_encoding
+
+    enc = get_encoding()
+    rng = np.random.default_rng(seed)
+    idx = np.array([enc.encode_ordinary(prompt)] * num, dtype=np.int64)
+    for _ in range(tokens):
+        logits = engine.last_logits(idx[:, -block_size:])[:, :enc.n_vocab] / temperature  # (N, V)
+        # (a padded vocabulary's extra rows are no tokens: never sample them)
+        kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]
+        logits = np.where(logits < kth, -np.inf, logits)
+        probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        nxt = [rng.choice(probs.shape[1], p=p) for p in probs]
+        idx = np.concatenate([idx, np.array(nxt, dtype=np.int64)[:, None]], axis=1)
+    return [enc.decode(row.tolist()).strip() for row in idx]
+
