@@ -8,7 +8,9 @@ __all__ = ["GPT", "GPTConfig", "PRESETS", "AdamW", "clip_grad_norm", "cosine_lr"
 
 
 def from_pretrained(name_or_path, **kwargs):
-    """Load Hugging Face GPT-2 weights; see gpt2np.pretrained.from_pretrained."""
+    """A GPT from any model source: a training run's out-dir or its ckpt.safetensors, a folder
+    with model.safetensors + config.json, or a hub id ("gpt2", ...); backend=, dtype= as GPT.
+    See gpt2np.pretrained.from_pretrained."""
     from .pretrained import from_pretrained as _from_pretrained
 
     return _from_pretrained(name_or_path, **kwargs)

@@ -196,8 +196,15 @@ def resolve(name_or_path, *, revision=None, cache_dir=None, local_files_only=Fal
     if not _REPO_ID.match(repo_id):
         raise OSError(f"no such folder: {name!r}; and it is not a hub id: pass a folder, one of "
                       f"{', '.join(HUB_NAMES)}, or 'owner/name'")
-    return _hub_snapshot(repo_id, revision=revision, cache_dir=cache_dir,
-                         local_files_only=local_files_only, allow_pickle=allow_pickle)
+    try:
+        return _hub_snapshot(repo_id, revision=revision, cache_dir=cache_dir,
+                             local_files_only=local_files_only, allow_pickle=allow_pickle)
+    except OSError as e:
+        if name in HUB_NAMES:
+            raise
+        # "out/shakespeare" is both a path and a hub id: say that neither was found
+        raise OSError(f"no such folder: {name!r} (a training run's out-dir or a model folder); "
+                      f"as a Hugging Face hub id: {e}") from e
 
 
 def _hub_snapshot(repo_id, *, revision, cache_dir, local_files_only, allow_pickle) -> Path:

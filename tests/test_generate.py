@@ -195,3 +195,57 @@ def test_argument_checks():
         model.generate(np.array([1, 2]), 1)
     with pytest.raises(TypeError, match="integer"):
         model.generate(np.array([[1.0]]), 1)
+
+
+# ------------------------------------------------------------------------------ padded vocabulary
+
+
+def test_padded_vocabulary_is_never_sampled():
+    """With vocab 50304 the rows past GPT-2's 50257 tokens are no tokens: made the most likely
+    logits on purpose here, they are still never sampled, by any sampler, cache or not."""
+    from gpt2np.tokenizer import N_VOCAB
+
+    cfg = GPTConfig(block_size=8, vocab_size=50304, n_layer=1, n_head=1, n_embd=4)
+    model = GPT(cfg, seed=0)
+    # ln_f makes every position's final vector (1,1,1,1); the padded rows of wte score 40
+    # against it, the real rows at most ~0.3: the padded ids carry nearly all the mass
+    model.params["transformer.ln_f.weight"][:] = 0
+    model.params["transformer.ln_f.bias"][:] = 1
+    model.params["transformer.wte.weight"][N_VOCAB:] = 10
+    idx = np.array([[1, 2, 3], [50, 60, 70]])
+    logits, _ = model.forward(idx)
+    assert (logits.argmax(-1) >= N_VOCAB).all()  # what an unguarded sampler would pick
+    for use_cache in (True, False):
+        for kw in (dict(temperature=0), dict(temperature=1.0, top_k=5), dict(temperature=1.0),
+                   dict(temperature=3.0, top_k=None)):
+            out = model.generate(idx, 12, seed=1, use_cache=use_cache, **kw)
+            assert out.shape == (2, 15) and out.max() < N_VOCAB, (use_cache, kw)
+
+
+# ------------------------------------------------------------------------------ the command
+
+from tiny_run import tiny_run  # noqa: E402,F401 (a fixture)
+
+
+def test_generate_command_samples_a_training_run(tiny_run):
+    """`python -m gpt2np.generate --model OUT_DIR` (the README's command) on a fresh run."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "gpt2np.generate", "--model", str(tiny_run), "--prompt", "ROMEO:",
+           "--num-samples", "2", "--max-new-tokens", "6", "--seed", "7"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert p.returncode == 0, p.stderr
+    samples = p.stdout.split("--- sample ")[1:]
+    assert len(samples) == 2 and all(s.split("\n", 1)[1].startswith("ROMEO:") for s in samples)
+    # the same tokens as model.generate with that seed (the prompt, then 6 new ones)
+    from gpt2np.tokenizer import get_encoding
+
+    enc = get_encoding()
+    model = gpt2np.from_pretrained(tiny_run)
+    ids = model.generate(np.array([enc.encode("ROMEO:")] * 2), 6, top_k=50, seed=7)
+    assert [s.split("\n", 1)[1].rstrip("\n") for s in samples] == [enc.decode(r.tolist()) for r in ids]

@@ -348,3 +348,76 @@ def test_pickle_only_with_opt_in(saved):
     model = gpt2np.from_pretrained(saved, allow_pickle=True)
     idx = np.arange(16)[None] % 40
     assert rel_error(model.forward(idx)[0], hf_logits(hf, idx)) <= 1e-5
+
+
+# ------------------------------------------------------------------------------ training runs
+
+from tiny_run import tiny_run  # noqa: E402,F401 (a fixture)
+
+
+def _rebuilt(ckpt_path, dtype):
+    """The model rebuilt by hand from a checkpoint's tensors and the config in its metadata."""
+    from gpt2np.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(ckpt_path)
+    return GPT(GPTConfig.from_dict(ckpt.state["model_config"]), dtype=dtype, params=ckpt.params)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_training_run_is_a_model(tiny_run, dtype):
+    """A run's out-dir and its checkpoint file load as the model its tensors make, in either
+    dtype (a float32 run as float64 too), with exactly that model's logits."""
+    ref = _rebuilt(tiny_run / "ckpt.safetensors", dtype)
+    idx = np.random.default_rng(0).integers(0, ref.config.vocab_size, (2, ref.config.block_size))
+    want, _ = ref.forward(idx)
+    for src in (tiny_run, tiny_run / "ckpt.safetensors", str(tiny_run)):
+        model = gpt2np.from_pretrained(src, dtype=dtype)
+        assert model.config == ref.config and model.dtype == dtype
+        got, _ = model.forward(idx)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_training_checkpoint_of_another_dtype_is_cast(tmp_path):
+    from gpt2np.checkpoint import Checkpoint, save_checkpoint
+
+    cfg = GPTConfig(block_size=8, vocab_size=30, n_layer=1, n_head=2, n_embd=8)
+    params = GPT(cfg, dtype="float64", seed=3).state_dict()
+    zeros = {k: np.zeros_like(v) for k, v in params.items()}
+    save_checkpoint(tmp_path / "ckpt.safetensors", Checkpoint(
+        params=params, m=zeros, v=zeros, t=0, state={"step": 0, "model_config": cfg.to_dict()}))
+    model = gpt2np.from_pretrained(tmp_path, dtype="float32")
+    for k, v in params.items():
+        np.testing.assert_array_equal(model.params[k], v.astype(np.float32))
+
+
+def test_training_run_errors(tmp_path):
+    from gpt2np.checkpoint import Checkpoint, CheckpointError, save_checkpoint
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(OSError, match=r"is no model.*ckpt\.safetensors.*config\.json"):
+        gpt2np.from_pretrained(empty)
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(OSError, match="not a gpt2np training checkpoint"):
+        gpt2np.from_pretrained(tmp_path / "notes.txt")
+    # a checkpoint without the model config (not written by train)
+    cfg = GPTConfig(block_size=8, vocab_size=30, n_layer=1, n_head=2, n_embd=8)
+    params = GPT(cfg).state_dict()
+    zeros = {k: np.zeros_like(v) for k, v in params.items()}
+    run = tmp_path / "run"
+    save_checkpoint(run / "ckpt.safetensors", Checkpoint(params=params, m=zeros, v=zeros, t=0,
+                                                         state={"step": 0}))
+    with pytest.raises(CheckpointError, match="model_config"):
+        gpt2np.from_pretrained(run)
+    # a model_config that does not fit the tensors
+    bad = cfg.replace(n_embd=16).to_dict()
+    save_checkpoint(run / "ckpt.safetensors", Checkpoint(params=params, m=zeros, v=zeros, t=0,
+                                                         state={"model_config": bad}))
+    with pytest.raises(CheckpointError, match="do not match its model_config"):
+        gpt2np.from_pretrained(run / "ckpt.safetensors")
+    # a damaged checkpoint is reported as such, whichever way it is named
+    data = (run / "ckpt.safetensors").read_bytes()
+    (run / "ckpt.safetensors").write_bytes(data[: len(data) // 2])
+    for src in (run, run / "ckpt.safetensors"):
+        with pytest.raises(CheckpointError, match="corrupt"):
+            gpt2np.from_pretrained(src)
