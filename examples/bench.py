@@ -16,7 +16,9 @@ Memory on the CPU: each backend is measured again in a fresh child process, as i
 resident set while stepping (VmHWM, reset after the model is built) above the process's RSS
 after imports, so params, grads, optimizer state, activations and temporaries all count and
 the other backend's memory does not. On a GPU: the pool's (CuPy) or the caching allocator's
-(torch) peak. MFU counts 6*N + 12*L*T*C FLOPs per token (N = parameters without wpe).
+(torch) peak. MFU counts 6*N + 12*L*T*C FLOPs per token (N = parameters without wpe),
+against --peak-tflops, else a GPU's dense peak by name, else on the CPU the fastest of
+2048^3 SGEMMs timed in turns with the steps (see CpuPeak); over 100% it prints n/a.
 """
 from __future__ import annotations
 
@@ -213,31 +215,57 @@ def child_memory(kind, cfg, args):
 # ------------------------------------------------------------------------------ timing
 
 
-def time_alternately(runners, steps, warmup):
-    """Median seconds per step of each runner, the runners taking turns step by step."""
+def time_alternately(runners, steps, warmup, between=None):
+    """Median seconds per step of each runner, the runners taking turns step by step;
+    between() runs before the first round and after each (the CPU peak's GEMM samples)."""
     for r in runners:
         for _ in range(warmup):
             r.step()
     times = [[] for _ in runners]
     losses = [None] * len(runners)
+    if between:
+        between()
     for _ in range(steps):
         for i, r in enumerate(runners):
             t0 = time.perf_counter()
             losses[i] = r.step()
             times[i].append(time.perf_counter() - t0)
+        if between:
+            between()
     return [float(np.median(t)) for t in times], losses, times
 
 
-def cpu_peak_tflops(seconds=0.5):
-    """The fp32 matmul ceiling of this CPU as BLAS sees it (2048^3 SGEMM), for MFU."""
-    a = np.random.default_rng(0).standard_normal((2048, 2048), dtype=np.float32)
-    c = np.empty_like(a)
-    np.matmul(a, a, out=c)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        np.matmul(a, a, out=c)
-        n += 1
-    return 2 * 2048 ** 3 * n / (time.perf_counter() - t0) / 1e12
+class CpuPeak:
+    """The fp32 matmul ceiling of this CPU as BLAS sees it, for MFU: the fastest of many
+    2048^3 SGEMMs (same BLAS threads as the steps), sampled in turns with the steps.
+
+    One timing at start-up under whatever load there is underestimates the peak (a busy
+    moment) and can put MFU over 100%; the best of samples spread over the run catches the
+    quiet moments the steps also get. Each sample times single SGEMMs (~0.1 s each on 2 cores).
+    """
+
+    N = 2048
+
+    def __init__(self):
+        self.a = np.random.default_rng(0).standard_normal((self.N, self.N), dtype=np.float32)
+        self.c = np.empty_like(self.a)
+        np.matmul(self.a, self.a, out=self.c)  # first call: page faults, BLAS thread start-up
+        self.best, self.count = math.inf, 0
+
+    def sample(self, reps=2):
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            np.matmul(self.a, self.a, out=self.c)
+            self.best = min(self.best, time.perf_counter() - t0)
+            self.count += 1
+
+    @property
+    def tflops(self):
+        return 2 * self.N ** 3 / self.best / 1e12
+
+    def describe(self):
+        return (f"{self.tflops:.3f} TFLOP/s, the fastest of {self.count} {self.N}^3 SGEMMs "
+                f"timed in turns with the steps")
 
 
 def gpu_peak_tflops(precision):
@@ -278,9 +306,12 @@ def blas_info():
         return "threadpoolctl not installed"
 
 
-def run_config(name, cfg, args, kinds, peak_tflops):
+def run_config(name, cfg, args, kinds, peak):
+    """peak: TFLOP/s, a CpuPeak (sampled between the steps), or None."""
     runners = [make_runner(k, cfg, args) for k in kinds]
-    med, losses, _ = time_alternately(runners, args.steps, args.warmup)
+    between = peak.sample if isinstance(peak, CpuPeak) else None
+    med, losses, _ = time_alternately(runners, args.steps, args.warmup, between)
+    peak_tflops = peak.tflops if isinstance(peak, CpuPeak) else peak
     labels = [r.label for r in runners]
     peaks = [r.peak_bytes() for r in runners]
     del runners  # free the parent's models before the memory children run
@@ -293,8 +324,10 @@ def run_config(name, cfg, args, kinds, peak_tflops):
             m = child_memory(k, cfg, args)
             if m is not None:
                 peak, traced = m["peak_rss"], m["traced_peak"]
+        mfu = (fpt * tokens / s / 1e12 / peak_tflops) if peak_tflops else None
+        over = mfu is not None and mfu > 1  # the peak was underestimated: no figure at all
         rows.append(dict(config=name, backend=k, label=label, ms=1000 * s, tok_s=tokens / s,
-                         mfu=(fpt * tokens / s / 1e12 / peak_tflops) if peak_tflops else None,
+                         mfu=None if over else mfu, mfu_over_peak=over, peak_tflops=peak_tflops,
                          peak=peak, traced=traced, loss=loss))
     return rows
 
@@ -318,7 +351,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
     ap.add_argument("--peak-tflops", type=float, help="for MFU; default: H100 table on a GPU, "
-                    "a measured SGEMM on the CPU")
+                    "on the CPU the fastest of 2048^3 SGEMMs timed in turns with the steps")
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None, help="for --backend torch")
     ap.add_argument("--torch-compile", action="store_true", default=None,
                     help="torch.compile the torch model (default on a GPU, off on the CPU)")
@@ -370,7 +403,7 @@ def main(argv=None):
             raise SystemExit(f"--backend cupy: {e}")
     peak = args.peak_tflops
     if peak is None:
-        peak = gpu_peak_tflops(args.precision) if on_gpu else cpu_peak_tflops()
+        peak = gpu_peak_tflops(args.precision) if on_gpu else CpuPeak()
 
     print(f"# gpt2np bench  python {sys.version.split()[0]}  numpy {np.__version__}  "
           f"BLAS: {blas_info()}  cores: {os.cpu_count()}")
@@ -380,7 +413,14 @@ def main(argv=None):
         if args.threads:
             torch.set_num_threads(args.threads)
         print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"# peak for MFU: {peak:.3f} TFLOP/s" if peak else "# peak for MFU: unknown")
+    if isinstance(peak, CpuPeak):
+        print(f"# peak for MFU: the fastest of {CpuPeak.N}^3 SGEMMs timed in turns with the "
+              f"steps (printed per config)")
+    elif peak:
+        print(f"# peak for MFU: {peak:.3f} TFLOP/s ("
+              f"{'--peak-tflops' if args.peak_tflops else 'the dense peak of this GPU by name'})")
+    else:
+        print("# peak for MFU: unknown (pass --peak-tflops)")
     print(f"# load average before: {os.getloadavg()[0]:.1f} (other jobs share these cores)")
     print(f"# {args.steps} timed steps per backend after {args.warmup} warmup, taken in turns; medians")
     all_rows = []
@@ -389,8 +429,14 @@ def main(argv=None):
         rows = run_config(name, cfg, args, kinds, peak)
         all_rows += rows
         desc = f"L{cfg.n_layer} H{cfg.n_head} C{cfg.n_embd} V{cfg.vocab_size} T{T} B{B}"
+        if isinstance(peak, CpuPeak):
+            print(f"{name:6s} peak {peak.describe()}")
         for r in rows:
             mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "    -"
+            if r["mfu_over_peak"]:
+                mfu = "  n/a"
+                print(f"{name:6s} MFU n/a for {r['label']}: its steps ran faster than the "
+                      f"measured peak allows (the load changed?); rerun, or pass --peak-tflops")
             print(f"{name:6s} {desc:34s} {r['label']:44s} {r['ms']:9.1f} ms {r['tok_s']:9.0f} tok/s "
                   f"MFU {mfu}  peak {fmt_bytes(r['peak']):>10s}  loss {r['loss']:.4f}")
         if len(rows) == 2:
