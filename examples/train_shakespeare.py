@@ -11,7 +11,9 @@ Data parallel (gloo on CPUs, NCCL on GPUs; see the README):
     torchrun --standalone --nproc_per_node=8 examples/train_shakespeare.py --backend cupy
     torchrun --standalone --nproc_per_node=8 examples/train_shakespeare.py --backend torch --device cuda
 
-See gpt2np/train.py for the loop and the README for what the defaults reach.
+The same command is `gpt2np train` and `python -m gpt2np.train`. See gpt2np/train.py for the
+loop (its parts: train_settings, engines, train_data, evaluators, run_outputs) and the README
+for what the defaults reach.
 """
 import os
 import sys
