@@ -19,6 +19,7 @@ REF = re.compile(r"`([\w./-]+\.py)::([\w.]+)`")
 # a quoted block: ```python title="path.py::name"  ...  ```  (or title="worked example...")
 FENCE = re.compile(r'^```python title="([^"]+)"\n(.*?)^```\s*$', re.M | re.S)
 ANCHOR = re.compile(r"\]\(#([^)]+)\)")
+FILE_LINK = re.compile(r"\]\(([^)#:]+)\)")  # relative links to files (no URLs, no anchors)
 
 
 def _norm(line: str) -> str:
@@ -94,6 +95,9 @@ def doc_problems(text: str, root: Path = ROOT) -> list[str]:
     for anchor in ANCHOR.findall(text):
         if anchor not in slugs:
             problems.append(f"link to #{anchor}: no such heading")
+    for target in FILE_LINK.findall(text):
+        if not (root / "docs" / target).resolve().exists():
+            problems.append(f"link to {target}: no such file")
     return problems
 
 
@@ -137,6 +141,7 @@ GOOD = "`gpt2np/layers.py::gelu_backward`\n"
     ('```python title="gpt2np/layers.py::gelu_backward"\ndx *= dout\ndu = x * x\n```\n', "after the line before"),
     ('```python title="gpt2np/layers.py::no_such"\ndx *= dout\n```\n', "quote titled"),
     ("see [here](#no-such-section)", "no such heading"),
+    ("see [the code](../gpt2np/layer.py)", "no such file"),
 ])
 def test_the_checker_rejects_rotten_references(bad, complaint):
     assert doc_problems(GOOD) == []
