@@ -1,0 +1,348 @@
+"""Check a model's hand-written gradients on real text: torch autograd and finite differences.
+
+    python -m gpt2np.gradcheck --model M [--text FILE | --data-shards DIR] [-B N] [-T N]
+                               [--fd K] [--seed S] [--json OUT]
+    gpt2np gradcheck ...                                                  (the same)
+
+M is anything `gpt2np.from_pretrained` takes: a Hugging Face name or folder, or a training
+run. One batch of real text (the first B*T+1 tokens of tiny Shakespeare by default, or of
+--text FILE, or of the token shards in --data-shards) goes through the model in float64:
+  1. the hand-written backward (gpt2np.GPT.backward);
+  2. PyTorch autograd on the same params and batch (backends.torch_backend.TorchGPT), the
+     oracle: every tensor's relative error max|ours - torch| / max|torch| must be <= 1e-9;
+  3. central finite differences of the loss on K sampled entries of every tensor, an oracle
+     independent of torch: error max|fd - ours| / max|ours| over the entries, <= 1e-5.
+A table gives both errors per tensor; the exit status is 1 if any tensor is over either
+tolerance, and the failing tensors are named. --json writes
+{"worst_rel_err", "tensors": {name: rel_err}, "fd": {name: err}} (and a little more).
+
+Cost: one float64 forward+backward each for gpt2np and torch, plus 2*K forwards per tensor
+for the finite differences. A perturbed entry of block i only changes blocks i.. onwards,
+so its forwards start from block i's cached input (half a model on average; wte and wpe
+need the whole). GPT-2 124M at the default B=1, T=32, K=1 (148 tensors): see the README.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import layers as L
+from .cli import ArgumentParser, UsageError, nonneg_int, positive_int, run_main, any_int
+
+TOLERANCE = 1e-9  # vs torch autograd, both float64: agreement near machine precision
+# Finite differences: the float64 loss (~10) is good to ~1e-14, so a step h = 1e-5 leaves a
+# rounding error ~1e-9 in each difference quotient, and a truncation error ~h^2 = 1e-10;
+# relative to a tensor's largest gradient (~1e-3 or more) that is < 1e-5 with margin.
+FD_STEP = 1e-5
+FD_TOLERANCE = 1e-5
+DEFAULT_B, DEFAULT_T = 1, 32
+
+
+@dataclass
+class GradcheckResult:
+    """What check_gradients found; errors are scale-free (relative to the tensor's largest)."""
+    loss: float  # gpt2np's float64 loss on the batch
+    torch_loss: float
+    tensors: dict[str, float]  # name -> relative error vs torch autograd
+    fd: dict[str, float]  # name -> worst finite-difference error (empty with fd=0)
+    shapes: dict[str, tuple]
+    fd_entries: int  # entries probed per tensor (fewer where a tensor is smaller)
+    seconds: dict[str, float] = field(default_factory=dict)
+    tolerance: float = TOLERANCE
+    fd_tolerance: float = FD_TOLERANCE
+
+    @property
+    def worst_rel_err(self) -> float:
+        return max(self.tensors.values())
+
+    @property
+    def worst_fd_err(self) -> float | None:
+        return max(self.fd.values()) if self.fd else None
+
+    def failures(self) -> list[str]:
+        """Names of the tensors over a tolerance (nan counts as over), in the params' order."""
+        bad = [k for k, e in self.tensors.items() if not e <= self.tolerance]
+        bad += [k for k, e in self.fd.items() if not e <= self.fd_tolerance and k not in bad]
+        return [k for k in self.tensors if k in bad]
+
+    def to_json(self) -> dict:
+        return {"worst_rel_err": self.worst_rel_err, "worst_fd_err": self.worst_fd_err,
+                "tolerance": self.tolerance, "fd_tolerance": self.fd_tolerance,
+                "loss": self.loss, "torch_loss": self.torch_loss,
+                "fd_entries": self.fd_entries, "failures": self.failures(),
+                "seconds": self.seconds, "tensors": self.tensors, "fd": self.fd}
+
+
+def rel_error(actual, expected) -> float:
+    """max |actual - expected| / max |expected| (absolute if expected is all zero)."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    err = float(np.max(np.abs(actual - expected))) if expected.size else 0.0
+    scale = float(np.max(np.abs(expected))) if expected.size else 0.0
+    return err / scale if scale > 0 else err
+
+
+# ------------------------------------------------------------------------ the batch
+
+
+def batch_from_text(path, B: int, T: int) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) int64 (B, T): the first B*T+1 GPT-2 tokens of a text file, y shifted by one.
+    Only as much of the file as needed is read and tokenized."""
+    from .tokenizer import encode
+
+    need = B * T + 1
+    path = Path(path)
+    size = path.stat().st_size
+    n_bytes = 8 * need + 4096  # English averages ~4 bytes per token: twice that, and more
+    while True:
+        with open(path, "rb") as f:
+            raw = f.read(n_bytes)
+        whole = len(raw) >= size
+        ids = encode(raw.decode("utf-8", errors="ignore"))
+        if not whole:
+            ids = ids[:-1]  # the cut may split the last word: drop its token
+        if len(ids) >= need or whole:
+            break
+        n_bytes *= 4
+    if len(ids) < need:
+        raise ValueError(f"{path} holds {len(ids)} GPT-2 tokens, fewer than B*T+1 = {need}: "
+                         f"use a smaller -B/-T or a longer text")
+    buf = np.asarray(ids[:need], dtype=np.int64)
+    return buf[:-1].reshape(B, T), buf[1:].reshape(B, T)
+
+
+def batch_from_shards(data_dir, B: int, T: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first batch of the shards' validation split (or of the train split if none)."""
+    from .shards import ShardLoader, list_shards
+
+    try:
+        list_shards(data_dir, "val")
+        split = "val"
+    except FileNotFoundError:
+        split = "train"  # list_shards below says clearly if there is none of either
+    return ShardLoader(str(data_dir), B, T, split=split).next_batch()
+
+
+def _check_batch(x, config):
+    B, T = x.shape
+    if T > config.block_size:
+        raise UsageError(f"-T {T} is longer than the model's block size {config.block_size}")
+    top = int(x.max())
+    if top >= config.vocab_size:
+        raise ValueError(f"the batch holds token id {top}, but the model's vocabulary has "
+                         f"{config.vocab_size} entries: it does not read GPT-2 tokens; pass "
+                         f"--data-shards with ids below {config.vocab_size}")
+
+
+# ------------------------------------------------------------------------ the checks
+
+
+def torch_reference(config, params: dict, x, y) -> tuple[float, dict[str, np.ndarray]]:
+    """Loss and gradients of backends.torch_backend.TorchGPT (autograd) in float64."""
+    try:
+        import torch
+
+        from backends.torch_backend import TorchGPT
+    except ImportError as e:
+        raise RuntimeError(f"gradcheck needs PyTorch, the autograd oracle ({e}): "
+                           f"pip install 'gpt2np[torch]'") from e
+    ref = TorchGPT.from_params(config, {k: np.asarray(v, dtype=np.float64)
+                                        for k, v in params.items()}, dtype=torch.float64)
+    _, loss = ref(torch.from_numpy(x), torch.from_numpy(y))
+    loss.backward()
+    return loss.item(), ref.grads()
+
+
+class _SuffixLoss:
+    """The float64 loss of the model's forward, restarted where a perturbation takes effect.
+
+    The inputs of every block and of ln_f are kept from one clean forward; a perturbed
+    entry of block i is then evaluated from block i's input on (the blocks before it do not
+    read it), one of ln_f from ln_f's input, and wte (embedding and lm_head) or wpe from the
+    start. Uses the model's params in place: perturb, call, restore.
+    """
+
+    def __init__(self, model, x, y):
+        self.p, self.cfg, self.x, self.y = model.params, model.config, x, y
+        self.inputs = [None] * (self.cfg.n_layer + 1)  # block inputs, then ln_f's
+        self.loss(-1, keep=True)
+
+    @staticmethod
+    def start_of(name: str, n_layer: int) -> int:
+        """-1: the embedding; i: block i; n_layer: ln_f."""
+        if name.startswith("transformer.h."):
+            return int(name.split(".")[2])
+        return n_layer if name.startswith("transformer.ln_f.") else -1
+
+    def loss(self, start: int, keep: bool = False) -> float:
+        p, cfg = self.p, self.cfg
+        if start < 0:
+            h, _ = L.embedding_forward(self.x, p["transformer.wte.weight"],
+                                       p["transformer.wpe.weight"])
+            start = 0
+        else:
+            h = self.inputs[start]
+        for i in range(start, cfg.n_layer):
+            if keep:
+                self.inputs[i] = h
+            h, _ = L.block_forward(h, L.sub_params(p, f"transformer.h.{i}."), cfg.n_head)
+        if keep:
+            self.inputs[cfg.n_layer] = h
+        h, _ = L.layernorm_forward(h, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
+        logits, _ = L.lm_head_forward(h, p["transformer.wte.weight"])
+        loss, _ = L.cross_entropy_forward(logits, self.y)
+        return float(loss)
+
+
+def finite_differences(model, x, y, grads: dict, k: int, seed: int = 0,
+                       h: float = FD_STEP) -> dict[str, float]:
+    """Per tensor: max over k sampled entries of |central difference - grads| / max|grads|."""
+    # The forwards see one short batch: their GEMMs are small, and on one BLAS thread they
+    # ran 5x faster than on two on the busy 2-core box (OpenBLAS's hand-off costs more)
+    with model.backend.serial_blas():
+        return _finite_differences(model, _SuffixLoss(model, x, y), grads, k, seed, h)
+
+
+def _finite_differences(model, f, grads, k, seed, h):
+    rng = np.random.default_rng(seed)
+    errors = {}
+    for name, p in model.params.items():
+        flat = p.reshape(-1)  # a view: perturbs the model's param in place
+        g = np.asarray(grads[name], dtype=np.float64).reshape(-1)
+        start = f.start_of(name, model.config.n_layer)
+        err = 0.0
+        for j in rng.choice(flat.size, min(k, flat.size), replace=False):
+            old = flat[j]
+            flat[j] = old + h
+            plus = f.loss(start)
+            flat[j] = old - h
+            minus = f.loss(start)
+            flat[j] = old  # restored exactly: the same float64 value
+            err = max(err, abs((plus - minus) / (2 * h) - g[j]))
+        scale = float(np.max(np.abs(g)))
+        errors[name] = err / scale if scale > 0 else err
+    return errors
+
+
+def check_gradients(model, x, y, fd: int = 1, seed: int = 0) -> GradcheckResult:
+    """Compare model's hand-written gradients on batch (x, y) with torch autograd and with
+    finite differences on `fd` entries per tensor; everything in float64 on the CPU."""
+    from .model import GPT
+
+    if model.backend.name != "numpy" or model.dtype != "float64":
+        model = GPT(model.config, backend="numpy", dtype="float64", params=model.state_dict())
+    x, y = np.asarray(x, dtype=np.int64), np.asarray(y, dtype=np.int64)
+    _check_batch(x, model.config)
+    seconds = {}
+    t0 = time.perf_counter()
+    _, loss = model.forward(x, y)
+    ours = {k: np.array(g) for k, g in model.backward().items()}  # copies: buffers get reused
+    seconds["gpt2np"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    torch_loss, expected = torch_reference(model.config, model.params, x, y)
+    seconds["torch"] = time.perf_counter() - t0
+    tensors = {k: rel_error(ours[k], expected[k]) for k in model.params}
+    fd_errors = {}
+    if fd > 0:
+        t0 = time.perf_counter()
+        fd_errors = finite_differences(model, x, y, ours, fd, seed)
+        seconds["finite_differences"] = time.perf_counter() - t0
+    return GradcheckResult(loss=float(loss), torch_loss=torch_loss, tensors=tensors,
+                           fd=fd_errors, shapes={k: tuple(p.shape) for k, p in model.params.items()},
+                           fd_entries=fd, seconds=seconds)
+
+
+# ------------------------------------------------------------------------ the report
+
+
+def format_table(r: GradcheckResult) -> str:
+    width = max(len(k) for k in r.tensors)
+    head = f"{'tensor':<{width}}  {'shape':>13}  {'rel err vs torch':>16}  {'fd err':>9}"
+    lines = [head, "-" * len(head)]
+    for name, err in r.tensors.items():
+        fd = r.fd.get(name)
+        bad = not err <= r.tolerance or (fd is not None and not fd <= r.fd_tolerance)
+        shape = "x".join(map(str, r.shapes[name]))
+        fd_text = "-" if fd is None else f"{fd:9.2e}"
+        lines.append(f"{name:<{width}}  {shape:>13}  {err:16.2e}  {fd_text:>9}"
+                     f"{'  FAIL' if bad else ''}")
+    return "\n".join(lines)
+
+
+def _write_json(path, obj):
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="gpt2np gradcheck", description=__doc__.split("\n\n")[0],
+                       epilog="Exit status 1 if any tensor is over tolerance (named on stderr).")
+    a = p.add_argument
+    a("--model", required=True, help="a Hugging Face name or folder, or a training run")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--text", metavar="FILE",
+                     help="a text file (default: tiny Shakespeare: $GPT2NP_DATA, cache, download)")
+    src.add_argument("--data-shards", metavar="DIR", help="token shards from gpt2np prepare")
+    a("-B", "--batch-size", type=positive_int, default=DEFAULT_B,
+      help=f"sequences in the batch (default {DEFAULT_B})")
+    a("-T", "--block-size", type=positive_int,
+      help=f"tokens per sequence (default {DEFAULT_T}, or the model's block size if smaller)")
+    a("--fd", type=nonneg_int, default=1, metavar="K",
+      help="finite-difference entries per tensor, 0 = none; each costs two forwards "
+           "(default 1)")
+    a("--seed", type=any_int, default=0, help="which entries --fd samples (default 0)")
+    a("--json", metavar="OUT", help="also write the errors as JSON to OUT")
+    return p
+
+
+def _main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from . import from_pretrained
+
+    t_start = time.perf_counter()
+    model = from_pretrained(args.model, dtype="float64")
+    T = args.block_size or min(DEFAULT_T, model.config.block_size)
+    if T > model.config.block_size:
+        raise UsageError(f"-T {T} is longer than the model's block size {model.config.block_size}")
+    if args.data_shards:
+        x, y = batch_from_shards(args.data_shards, args.batch_size, T)
+    else:
+        from .data import find_data
+
+        x, y = batch_from_text(find_data(args.text), args.batch_size, T)
+    n = model.num_params()
+    print(f"{args.model}: {n / 1e6:.1f}M params, {len(model.params)} tensors; batch "
+          f"B={args.batch_size} T={T}; float64; --fd {args.fd} entries per tensor "
+          f"({2 * args.fd * len(model.params)} forwards)", flush=True)
+    r = check_gradients(model, x, y, fd=args.fd, seed=args.seed)
+    r.seconds["total"] = time.perf_counter() - t_start
+    print(format_table(r))
+    fd_text = "" if r.worst_fd_err is None else f", worst fd err {r.worst_fd_err:.2e}"
+    print(f"loss {r.loss:.6f} (torch {r.torch_loss:.6f}); worst rel err vs torch "
+          f"{r.worst_rel_err:.2e} (tolerance {r.tolerance:.0e}){fd_text} (tolerance "
+          f"{r.fd_tolerance:.0e}); " + ", ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items()))
+    if args.json:
+        _write_json(args.json, r.to_json())
+    bad = r.failures()
+    if bad:
+        print(f"error: {len(bad)} tensor(s) over tolerance: {', '.join(bad[:10])}"
+              f"{' ...' if len(bad) > 10 else ''}", file=sys.stderr)
+        return 1
+    print("gradients OK")
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_main(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
