@@ -1,6 +1,6 @@
 """Tokenize text corpora into uint16 token shards, FineWeb-style (build-nanogpt's fineweb.py).
 
-    python -m gpt2np.prepare --input corpus/*.txt --out-dir data/mycorpus --shard-size 100000000
+    python -m gpt2np.prepare --input corpus/*.txt --out-dir data/mycorpus --shard-size 1e8
 
 Every document becomes `<|endoftext|>` (50256) followed by its GPT-2 tokens, so documents
 are separated (and the first one is delimited too, as fineweb.py does). Tokens stream into
@@ -9,12 +9,19 @@ validation split, the rest are training shards:
 
     out-dir/<prefix>_val_000000.npy, <prefix>_train_000001.npy, ..., meta.json
 
+What a shard folder holds, and how prepare and the loader agree on it, is gpt2np.shards'
+rule: meta.json lists the shards; a folder that already holds shards is refused unless
+`--overwrite` (which removes the old shards first).
+
 Documents are:
 - `.jsonl` / `.json` lines: one document per line, its `--text-field` (default "text");
 - any other file: the whole file is one document, or, with `--doc-sep STR`, the pieces
   between occurrences of STR (e.g. `--doc-sep '<|endoftext|>'` for text that already
   marks its document boundaries). Splitting inside a document would change the BPE merges
-  at the cut, so documents are never cut.
+  at the cut, so documents are never cut. Empty documents are dropped.
+- or, from Python, any iterable of strings: `prepare([], out_dir, documents=...)`.
+Text is read as UTF-8 with its line endings as they are (CRLF stays CRLF, as in `--data`);
+a binary or non-UTF-8 file is an error naming it.
 
 Tokenization runs in `--workers` processes (multiprocessing.Pool.imap keeps the document
 order, so the output is deterministic); a tqdm bar per shard shows progress. `--format bin`
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import os
 import sys
@@ -32,52 +40,91 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-BIN_MAGIC = 20240520  # llm.c's token-file magic
-BIN_VERSION = 1
-BIN_HEADER_INTS = 256
-
+from .cli import ArgumentParser, positive_int, run_main
+from .shards import (BIN_HEADER_INTS, BIN_MAGIC, BIN_MAX_TOKENS, BIN_VERSION,  # noqa: F401
+                     clear_folder, load_shard, parse_shard_name, shard_name, write_meta,
+                     write_shard)
 
 # ----------------------------------------------------------------------- documents
 
 
 def iter_documents(paths: Iterable[str], doc_sep: str | None = None,
                    text_field: str = "text", chunk_chars: int = 1 << 20) -> Iterator[str]:
-    """Yield the documents of the files, in order (see the module docstring)."""
+    """Yield the non-empty documents of the files, in order (see the module docstring)."""
     for path in paths:
         if path.endswith((".jsonl", ".json")):
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        yield json.loads(line)[text_field]
-                    except (ValueError, KeyError, TypeError) as e:
-                        raise ValueError(f"{path}:{lineno}: expected a JSON object with a "
-                                         f"{text_field!r} string ({e})") from e
+            yield from _json_lines(path, text_field)
         elif doc_sep is None:
-            with open(path, encoding="utf-8") as f:
-                yield f.read()
+            from .data import decode_text  # the tiny-Shakespeare path's reading, CRLF kept
+
+            with open(path, "rb") as f:
+                text = decode_text(f.read(), path)
+            if text:
+                yield text
         else:
             yield from _split_stream(path, doc_sep, chunk_chars)
+
+
+def _json_lines(path: str, text_field: str) -> Iterator[str]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            if b"\0" in raw:
+                raise ValueError(f"{where}: a NUL byte: this looks like a binary file, not "
+                                 "JSON lines")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 text (byte {raw[e.start]:#04x}): "
+                                 "convert the file to UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{where}: not a JSON object ({e})") from None
+            text = record.get(text_field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                got = (f"got a JSON {type(record).__name__}" if not isinstance(record, dict)
+                       else f"got {type(text).__name__}" if text_field in record
+                       else f"it has no such field (only {', '.join(list(record)[:5])})")
+                raise ValueError(f"{where}: expected a JSON object with a {text_field!r} "
+                                 f"string, {got} (--text-field names the field)")
+            if text:
+                yield text
 
 
 def _split_stream(path: str, sep: str, chunk_chars: int) -> Iterator[str]:
     """The pieces of a file between occurrences of sep, read in chunks (big files welcome).
     Empty pieces (a leading separator, two in a row) are dropped."""
     buf = ""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", newline="") as f:  # newline="": CRLF kept
         while True:
-            chunk = f.read(chunk_chars)
+            try:
+                chunk = f.read(chunk_chars)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x}): "
+                                 "convert it to UTF-8 first") from None
+            if "\0" in chunk:
+                raise ValueError(f"{path} looks like a binary file (a NUL byte), not text")
             buf += chunk
             parts = buf.split(sep)
             buf = parts.pop()  # may be an incomplete document (or a split separator)
-            for part in parts:
-                if part:
-                    yield part
+            yield from (part for part in parts if part)
             if not chunk:
                 break
     if buf:
         yield buf
+
+
+def _strings(documents: Iterable[str], seen: dict) -> Iterator[str]:
+    """The non-empty documents, checked to be strings; seen["text"]: any not blank?"""
+    for i, doc in enumerate(documents):
+        if not isinstance(doc, str):
+            raise TypeError(f"document {i} is a {type(doc).__name__}, not a string")
+        if doc:
+            seen["text"] = seen["text"] or not doc.isspace()
+            yield doc
 
 
 # ----------------------------------------------------------------------- tokenizing
@@ -115,164 +162,214 @@ def tokenize_document(doc: str, enc=None) -> np.ndarray:
     return tokens.astype(np.uint16)
 
 
-# ----------------------------------------------------------------------- shard files
+def _tokenized(documents: Iterable[str], encoding_factory: Callable, workers: int,
+               chunksize: int) -> Iterator[np.ndarray]:
+    """Each document's tokens, in document order, from `workers` processes."""
+    if workers == 1:
+        enc = encoding_factory()
+        yield from (tokenize_document(doc, enc) for doc in documents)
+        return
+    ctx = mp.get_context("spawn" if sys.platform == "darwin" else None)
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(encoding_factory,)) as pool:
+        yield from pool.imap(tokenize_document, documents, chunksize=chunksize)
 
 
-def shard_name(prefix: str, index: int, fmt: str = "npy") -> str:
-    split = "val" if index == 0 else "train"
-    return f"{prefix}_{split}_{index:06d}.{fmt}"
+# ----------------------------------------------------------------------- writing shards
 
 
-def write_shard(path: str, tokens: np.ndarray):
-    """Write uint16 tokens as .npy or llm.c .bin (by extension), atomically."""
-    tokens = np.ascontiguousarray(tokens, dtype=np.uint16)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        if path.endswith(".bin"):
-            header = np.zeros(BIN_HEADER_INTS, dtype=np.int32)
-            header[:3] = (BIN_MAGIC, BIN_VERSION, len(tokens))
-            f.write(header.tobytes())
-            f.write(tokens.tobytes())
-        else:
-            np.save(f, tokens)
-    os.replace(tmp, path)
+class ShardWriter:
+    """Streams token arrays into a folder's shards: shard 0 (val) of val_shard_size tokens,
+    then train shards of shard_size, the last one what is left.
+
+    A shard's tokens are kept as the arrays they came in and written one after the other,
+    so nothing of shard_size is allocated up front (a huge --shard-size costs only the
+    tokens there are). As a context manager it removes what it wrote if the block fails.
+    """
+
+    def __init__(self, out_dir: str, shard_size: int, val_shard_size: int, fmt: str = "npy",
+                 prefix: str = "shard", overwrite: bool = False, progress: bool = True):
+        _check_layout(shard_size, val_shard_size, fmt, prefix)
+        self.out_dir, self.fmt, self.prefix, self.progress = out_dir, fmt, prefix, progress
+        self.sizes = (val_shard_size, shard_size)
+        clear_folder(out_dir, overwrite)
+        self.shards: list[dict] = []
+        self.chunks: list[np.ndarray] = []
+        self.count, self.bar = 0, None
+        self.meta = {"complete": False, "format": fmt, "shard_size": shard_size,
+                     "val_shard_size": val_shard_size, "shards": self.shards}
+        write_meta(out_dir, self.meta)  # marks the folder as being written
+
+    @property
+    def capacity(self) -> int:
+        return self.sizes[min(len(self.shards), 1)]
+
+    def add(self, tokens: np.ndarray):
+        pos = 0
+        while pos < len(tokens):
+            if self.bar is None and self.progress:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=self.capacity, unit="tokens", file=sys.stderr,
+                                desc=f"shard {len(self.shards)}")
+            take = min(self.capacity - self.count, len(tokens) - pos)
+            self.chunks.append(tokens[pos:pos + take])
+            self.count += take
+            pos += take
+            if self.bar is not None:
+                self.bar.update(take)
+            if self.count == self.capacity:
+                self._flush()
+
+    def _flush(self):
+        index = len(self.shards)
+        name = shard_name(self.prefix, index, self.fmt)
+        write_shard(os.path.join(self.out_dir, name), self.chunks)
+        self.shards.append({"file": name, "split": "val" if index == 0 else "train",
+                            "tokens": self.count})
+        self.chunks, self.count = [], 0
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def finish(self, **info) -> dict:
+        """Write the last shard and the complete meta.json (with `info` first); return it."""
+        if self.count:
+            self._flush()
+        meta = {**info, "dtype": "uint16", "format": self.fmt,
+                "tokens": sum(s["tokens"] for s in self.shards),
+                **{k: self.meta[k] for k in ("shard_size", "val_shard_size")},
+                "shards": self.shards, "complete": True}
+        write_meta(self.out_dir, meta)
+        return meta
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if self.bar is not None:
+            self.bar.close()
+        if kind is not None:  # leave the folder without this corpus, never half of it
+            for name in [s["file"] for s in self.shards] + ["meta.json"]:
+                if os.path.exists(os.path.join(self.out_dir, name)):
+                    os.unlink(os.path.join(self.out_dir, name))
 
 
-def load_shard(path: str, mmap: bool = True) -> np.ndarray:
-    """A shard's uint16 tokens (memory-mapped by default: pretraining shards are large)."""
-    if path.endswith(".bin"):
-        header = np.fromfile(path, dtype=np.int32, count=BIN_HEADER_INTS)
-        if len(header) < 3 or header[0] != BIN_MAGIC:
-            raise ValueError(f"{path}: not an llm.c token file (bad magic)")
-        if header[1] != BIN_VERSION:
-            raise ValueError(f"{path}: unsupported version {header[1]}")
-        n = int(header[2])
-        offset = BIN_HEADER_INTS * 4
-        if mmap:
-            tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=offset, shape=(n,))
-        else:
-            tokens = np.fromfile(path, dtype=np.uint16, offset=offset, count=n)
-        if len(tokens) != n:
-            raise ValueError(f"{path}: header says {n} tokens, file holds {len(tokens)}")
-        return tokens
-    tokens = np.load(path, mmap_mode="r" if mmap else None)
-    if tokens.dtype != np.uint16 or tokens.ndim != 1:
-        raise ValueError(f"{path}: expected a 1-D uint16 array, got {tokens.dtype} {tokens.shape}")
-    return tokens
+def _check_layout(shard_size: int, val_shard_size: int, fmt: str, prefix: str):
+    """Refuse shard sizes, format and prefix that cannot work, before anything is read."""
+    for what, n in (("shard_size", shard_size), ("val_shard_size", val_shard_size)):
+        if not isinstance(n, (int, np.integer)) or n <= 0:
+            raise ValueError(f"{what} must be a positive whole number of tokens, got {n!r}")
+    if fmt not in ("npy", "bin"):
+        raise ValueError(f"format must be npy or bin, got {fmt!r}")
+    if fmt == "bin" and max(shard_size, val_shard_size) > BIN_MAX_TOKENS:
+        raise ValueError(f"--format bin holds at most {BIN_MAX_TOKENS:,} tokens per shard "
+                         f"(llm.c's header counts them in an int32), got --shard-size "
+                         f"{shard_size:,} / --val-shard-size {val_shard_size:,}: use smaller "
+                         "shards or --format npy")
+    parsed = parse_shard_name(shard_name(prefix, 1, fmt)) if prefix else None
+    if "/" in prefix or os.sep in prefix or not parsed or parsed["prefix"] != prefix:
+        raise ValueError(f"--prefix {prefix!r} cannot name shard files: use letters, digits, "
+                         "'_' or '-', no path separators")
 
 
 # ----------------------------------------------------------------------- the pipeline
+
+
+def _check_inputs(inputs) -> list[str]:
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    inputs = [os.fspath(p) for p in inputs]
+    if not inputs:
+        raise ValueError("no input files given: name the text or .jsonl files (--input)")
+    for path in inputs:
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"input {path} is a directory: give the files in it "
+                                    f"(e.g. --input {os.path.join(path, '*.txt')})")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"input file {path} does not exist: check the path "
+                                    "(--input)")
+    return inputs
 
 
 def prepare(inputs: list[str], out_dir: str, shard_size: int = 10 ** 8,
             val_shard_size: int | None = None, workers: int | None = None,
             fmt: str = "npy", prefix: str = "shard", doc_sep: str | None = None,
             text_field: str = "text", encoding_factory: Callable | None = None,
-            progress: bool = True, chunksize: int = 16, chunk_chars: int = 1 << 20) -> dict:
-    """Tokenize `inputs` into shards under `out_dir`; returns the metadata written to
-    out_dir/meta.json. Shard 0 (val) holds val_shard_size tokens (default shard_size)."""
-    if shard_size <= 0:
-        raise ValueError(f"shard_size must be positive, got {shard_size}")
+            progress: bool = True, chunksize: int = 16, chunk_chars: int = 1 << 20,
+            overwrite: bool = False, documents: Iterable[str] | None = None) -> dict:
+    """Tokenize `inputs` (files, see the module docstring) or `documents` (any iterable of
+    strings, with inputs empty) into shards under `out_dir`; returns the metadata written to
+    out_dir/meta.json. Shard 0 (val) holds val_shard_size tokens (default shard_size).
+    A folder that holds shards already is refused unless overwrite (they are removed first)."""
     val_shard_size = shard_size if val_shard_size is None else val_shard_size
-    if val_shard_size <= 0:
-        raise ValueError(f"val_shard_size must be positive, got {val_shard_size}")
-    if fmt not in ("npy", "bin"):
-        raise ValueError(f"format must be npy or bin, got {fmt!r}")
-    missing = [p for p in inputs if not os.path.isfile(p)]
-    if not inputs or missing:
-        raise FileNotFoundError(f"no such input file(s): {missing}" if missing else "no inputs")
+    _check_layout(shard_size, val_shard_size, fmt, prefix)
+    if documents is None:
+        inputs = _check_inputs(inputs)
+        documents = iter_documents(inputs, doc_sep=doc_sep, text_field=text_field,
+                                   chunk_chars=chunk_chars)
+        source = ", ".join(inputs[:3]) + (f" and {len(inputs) - 3} more" if len(inputs) > 3 else "")
+    elif inputs:
+        raise ValueError("give input files or documents, not both")
+    else:
+        source = "the documents"
     encoding_factory = encoding_factory or _default_encoding
     workers = max(1, (os.cpu_count() or 2) // 2) if workers is None else max(1, workers)
-    os.makedirs(out_dir, exist_ok=True)
-
-    from tqdm import tqdm
-
-    shards = []
-    n_docs = 0
-    state = {"index": 0, "count": 0, "bar": None}
-    buf = np.empty(val_shard_size, dtype=np.uint16)
-
-    def capacity(index):
-        return val_shard_size if index == 0 else shard_size
-
-    def flush():
-        nonlocal buf
-        index, count = state["index"], state["count"]
-        name = shard_name(prefix, index, fmt)
-        write_shard(os.path.join(out_dir, name), buf[:count])
-        shards.append({"file": name, "split": "val" if index == 0 else "train", "tokens": count})
-        if state["bar"] is not None:
-            state["bar"].close()
-        state.update(index=index + 1, count=0, bar=None)
-        if len(buf) != capacity(index + 1):
-            buf = np.empty(capacity(index + 1), dtype=np.uint16)
-
-    def consume(tokens):
-        pos = 0
-        while pos < len(tokens):
-            if state["bar"] is None and progress:
-                state["bar"] = tqdm(total=capacity(state["index"]), unit="tokens",
-                                    desc=f"shard {state['index']}", file=sys.stderr)
-            room = capacity(state["index"]) - state["count"]
-            take = min(room, len(tokens) - pos)
-            buf[state["count"]:state["count"] + take] = tokens[pos:pos + take]
-            state["count"] += take
-            pos += take
-            if state["bar"] is not None:
-                state["bar"].update(take)
-            if state["count"] == capacity(state["index"]):
-                flush()
-
-    docs = iter_documents(inputs, doc_sep=doc_sep, text_field=text_field,
-                          chunk_chars=chunk_chars)
-    if workers == 1:
-        enc = encoding_factory()
-        for doc in docs:
-            consume(tokenize_document(doc, enc))
+    with ShardWriter(out_dir, shard_size, val_shard_size, fmt, prefix, overwrite,
+                     progress) as writer:
+        n_docs, seen = 0, {"text": False}
+        docs = _strings(documents, seen)
+        for tokens in _tokenized(docs, encoding_factory, workers, chunksize):
+            writer.add(tokens)
             n_docs += 1
-    else:
-        ctx = mp.get_context("spawn" if sys.platform == "darwin" else None)
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(encoding_factory,)) as pool:
-            for tokens in pool.imap(tokenize_document, docs, chunksize=chunksize):
-                consume(tokens)
-                n_docs += 1
-    if state["count"] > 0:
-        flush()
-    if state["bar"] is not None:
-        state["bar"].close()
-
-    enc = encoding_factory()
-    meta = {
-        "encoding": getattr(enc, "name", type(enc).__name__),
-        "eot_token": _eot_of(enc),
-        "dtype": "uint16",
-        "format": fmt,
-        "documents": n_docs,
-        "tokens": sum(s["tokens"] for s in shards),
-        "shard_size": shard_size,
-        "val_shard_size": val_shard_size,
-        "shards": shards,
-    }
-    with open(os.path.join(out_dir, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-    if len(shards) < 2:
+        if not seen["text"]:  # (empty documents are dropped as they are read)
+            raise ValueError(f"{source}: no documents with any text ({n_docs} blank ones): "
+                             "check the input files (and --text-field for .jsonl records)")
+        enc = encoding_factory()
+        meta = writer.finish(encoding=getattr(enc, "name", type(enc).__name__),
+                             eot_token=_eot_of(enc), documents=n_docs)
+    if len(meta["shards"]) < 2:
         print(f"warning: {meta['tokens']} tokens filled only the val shard (shard 0); "
               f"lower --val-shard-size / --shard-size to get training shards", file=sys.stderr)
     return meta
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(
+# ----------------------------------------------------------------------- command line
+
+
+def token_count(text: str) -> int:
+    """A whole number of tokens > 0, written 100000000, 100_000_000 or 1e8."""
+    try:
+        value = int(text)
+    except ValueError:
+        try:
+            f = float(text)
+        except ValueError:
+            f = math.nan
+        value = int(f) if math.isfinite(f) and f == int(f) else 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of tokens > 0 (e.g. "
+                                         f"100000000 or 1e8), got {text!r}")
+    return value
+
+
+token_count.__name__ = "token count"
+
+
+def _parser() -> ArgumentParser:
+    ap = ArgumentParser(
         prog="python -m gpt2np.prepare",
         description="Tokenize text files into uint16 GPT-2 token shards (shard 0 = val).")
     ap.add_argument("--input", "-i", nargs="+", required=True,
                     help="text files (.txt: one document per file or per --doc-sep; "
                          ".jsonl: one document per line)")
     ap.add_argument("--out-dir", "-o", required=True, help="directory for the shards")
-    ap.add_argument("--shard-size", type=int, default=10 ** 8, help="tokens per shard (1e8)")
-    ap.add_argument("--val-shard-size", type=int, default=None,
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace the shards (and meta.json) already in --out-dir")
+    ap.add_argument("--shard-size", type=token_count, default=10 ** 8,
+                    help="tokens per shard (1e8)")
+    ap.add_argument("--val-shard-size", type=token_count, default=None,
                     help="tokens in shard 0, the val split (default: --shard-size)")
-    ap.add_argument("--workers", type=int, default=None,
+    ap.add_argument("--workers", type=positive_int, default=None,
                     help="tokenizer processes (default: half the CPU cores)")
     ap.add_argument("--format", choices=("npy", "bin"), default="npy",
                     help="npy (numpy) or bin (llm.c's header + uint16)")
@@ -281,15 +378,23 @@ def main(argv=None):
                     help="split plain-text files into documents at this string")
     ap.add_argument("--text-field", default="text", help="the text field of .jsonl records")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     meta = prepare(args.input, args.out_dir, shard_size=args.shard_size,
                    val_shard_size=args.val_shard_size, workers=args.workers, fmt=args.format,
                    prefix=args.prefix, doc_sep=args.doc_sep, text_field=args.text_field,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, overwrite=args.overwrite)
     print(f"{meta['documents']} documents, {meta['tokens']:,} tokens in "
           f"{len(meta['shards'])} shards -> {args.out_dir}")
-    return meta
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_main(_main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,7 +1,28 @@
-"""Stream (x, y) batches from token shards, each rank reading its own slice.
+"""Token shard folders: what one holds (one rule for writer and reader), and the loader.
 
-The order is build-nanogpt's DataLoaderLite: within a shard, rank r of `world_size` reads
-the B*T+1 tokens at offset B*T*r, then strides by B*T*world_size, so the ranks together
+A folder that `gpt2np.prepare` makes holds
+
+    meta.json                       the shards, in order: file, split, tokens; how they were made
+    <prefix>_val_000000.npy         shard 0, the validation split
+    <prefix>_train_000001.npy, ...  the training shards (or .bin: llm.c's header + uint16)
+
+What a folder holds, for prepare (ShardWriter) and the loader (folder_shards) alike:
+  - with meta.json, a split is exactly the shards meta.json lists for it, in its order. A
+    listed file that is missing or holds another token count, or a shard-named file that
+    meta.json does not list (an earlier corpus's, or the same tokens in the other format),
+    is an error: the folder is not what was prepared.
+  - without meta.json (shards made elsewhere, e.g. llm.c's fineweb .bin files), a split is
+    the files named `<prefix>_<split>[_<index>].npy|.bin`, sorted by index; one prefix and
+    one format per folder, else it is an error (two corpora, or every token twice).
+  - a name's split is the `_val` / `_train` right before the index and extension, so a
+    prefix such as `web_val_v2` does not make training shards count as validation.
+  - prepare refuses a folder that already holds shards or a meta.json unless told to
+    overwrite (then it removes those first, and only those); it writes meta.json marked
+    incomplete before the first shard and complete after the last, and removes what it
+    wrote if it fails, so a half-written folder is never read as a corpus.
+
+The loader's order is build-nanogpt's DataLoaderLite: within a shard, rank r of `world_size`
+reads the B*T+1 tokens at offset B*T*r, then strides by B*T*world_size, so the ranks together
 read the shard sequentially, one contiguous block of B*T*world_size tokens per step. When
 the next such block would run past the shard's end, every rank moves on to the next shard
 at the same step (the tail is skipped) and, after the last shard, back to the first.
@@ -11,37 +32,208 @@ at the same step (the tail is skipped) and, after the last shard, back to the fi
     state = loader.state()              # same on every rank: {"shard": i, "position": p}
     loader.set_state(state)             # resume (also with another rank's state)
 
-Shards are the files `gpt2np.prepare` writes (`*_val_*` / `*_train_*`, .npy or llm.c .bin),
-memory-mapped so only the tokens read are paged in.
+Shards are memory-mapped, so only the tokens read are paged in.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
+import warnings
 
 import numpy as np
 
-from .prepare import load_shard
+BIN_MAGIC = 20240520  # llm.c's token-file magic
+BIN_VERSION = 1
+BIN_HEADER_INTS = 256
+BIN_MAX_TOKENS = 2 ** 31 - 1  # the .bin header counts tokens in an int32
+META = "meta.json"
+SPLITS = ("train", "val")
+# <prefix>_<split>[_<index>].<ext>: the split is the last _val/_train before index and ext
+_NAME = re.compile(r"^(?P<prefix>.+?)_(?P<split>val|train)(?:_(?P<index>\d+))?\.(?P<ext>npy|bin)$")
 
-_EXTS = (".npy", ".bin")
+
+class ShardFolderError(OSError):
+    """A shard folder whose files are not what its meta.json (or its names) say it holds."""
 
 
-def list_shards(data_dir: str, split: str) -> list[str]:
-    """The shard files of a split ("train" or "val"), sorted (by their index)."""
-    if split not in ("train", "val"):
+# ----------------------------------------------------------------------- shard files
+
+
+def shard_name(prefix: str, index: int, fmt: str = "npy") -> str:
+    split = "val" if index == 0 else "train"
+    return f"{prefix}_{split}_{index:06d}.{fmt}"
+
+
+def parse_shard_name(name: str) -> dict | None:
+    """{"prefix", "split", "index", "ext"} of a shard file name, or None if it is not one."""
+    m = _NAME.match(name)
+    if m is None:
+        return None
+    d = m.groupdict()
+    d["index"] = -1 if d["index"] is None else int(d["index"])
+    return d
+
+
+def write_shard(path: str, tokens: np.ndarray | list):
+    """Write uint16 tokens (an array, or a list of arrays written one after the other, so a
+    shard is never copied into one piece) as .npy or llm.c .bin (by extension), atomically."""
+    chunks = [np.ascontiguousarray(c, dtype=np.uint16)
+              for c in (tokens if isinstance(tokens, list) else [tokens])]
+    n = sum(len(c) for c in chunks)
+    if path.endswith(".bin") and n > BIN_MAX_TOKENS:
+        raise ValueError(f"{path}: {n:,} tokens do not fit llm.c's .bin header (at most "
+                         f"{BIN_MAX_TOKENS:,}); use smaller shards or the npy format")
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            if path.endswith(".bin"):
+                header = np.zeros(BIN_HEADER_INTS, dtype=np.int32)
+                header[:3] = (BIN_MAGIC, BIN_VERSION, n)
+                f.write(header.tobytes())
+            else:
+                header = {"descr": "<u2", "fortran_order": False, "shape": (n,)}
+                np.lib.format.write_array_header_1_0(f, header)
+            for c in chunks:
+                f.write(c.astype("<u2", copy=False).tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_shard(path: str, mmap: bool = True) -> np.ndarray:
+    """A shard's uint16 tokens (memory-mapped by default: pretraining shards are large)."""
+    if path.endswith(".bin"):
+        header = np.fromfile(path, dtype=np.int32, count=BIN_HEADER_INTS)
+        if len(header) < 3 or header[0] != BIN_MAGIC:
+            raise ValueError(f"{path}: not an llm.c token file (bad magic)")
+        if header[1] != BIN_VERSION:
+            raise ValueError(f"{path}: unsupported version {header[1]}")
+        n = int(header[2])
+        offset = BIN_HEADER_INTS * 4
+        if os.path.getsize(path) < offset + 2 * n:
+            raise ValueError(f"{path}: header says {n} tokens, the file is shorter")
+        if mmap:
+            return np.memmap(path, dtype=np.uint16, mode="r", offset=offset, shape=(n,))
+        return np.fromfile(path, dtype=np.uint16, offset=offset, count=n)
+    tokens = np.load(path, mmap_mode="r" if mmap else None)
+    if tokens.dtype != np.uint16 or tokens.ndim != 1:
+        raise ValueError(f"{path}: expected a 1-D uint16 array, got {tokens.dtype} {tokens.shape}")
+    return tokens
+
+
+# ----------------------------------------------------------------------- what a folder holds
+
+
+def read_meta(data_dir: str) -> dict | None:
+    """The folder's meta.json, checked for the shard list the loader needs; None if absent."""
+    path = os.path.join(data_dir, META)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+        shards = meta["shards"]
+        for s in shards:
+            if not (isinstance(s["file"], str) and s["split"] in SPLITS
+                    and isinstance(s["tokens"], int)):
+                raise ValueError(f"bad entry {s!r}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ShardFolderError(f"{path} is unreadable ({e}): prepare the folder again "
+                               "with --overwrite") from e
+    return meta
+
+
+def _named_shards(data_dir: str) -> list[tuple[str, dict]]:
+    names = [(n, parse_shard_name(n)) for n in os.listdir(data_dir)]
+    return [(n, p) for n, p in names if p is not None]
+
+
+def folder_shards(data_dir: str, split: str) -> list[tuple[str, int | None]]:
+    """(path, tokens) of a split's shards, in order, by the rule in the module docstring
+    (tokens from meta.json; None without one)."""
+    if split not in SPLITS:
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"no shard directory {data_dir!r} (make one with "
                                 f"`python -m gpt2np.prepare --input ... --out-dir {data_dir}`)")
-    names = sorted(n for n in os.listdir(data_dir)
-                   if n.endswith(_EXTS) and f"_{split}_" in n and not n.endswith(".tmp"))
-    if not names:
-        raise FileNotFoundError(f"no {split} shards (*_{split}_*.npy / .bin) in {data_dir!r}")
-    return [os.path.join(data_dir, n) for n in names]
+    meta, named = read_meta(data_dir), _named_shards(data_dir)
+    redo = "prepare the folder again with --overwrite"
+    if meta is not None:
+        if meta.get("complete") is False:
+            raise ShardFolderError(f"{data_dir}: prepare did not finish writing these shards "
+                                   f"(interrupted?); {redo}")
+        listed = {s["file"] for s in meta["shards"]}
+        stray = sorted(n for n, _ in named if n not in listed)
+        if stray:
+            raise ShardFolderError(
+                f"{data_dir} holds shard files that its {META} does not list: "
+                f"{', '.join(stray[:5])}{' ...' if len(stray) > 5 else ''} (left from an "
+                f"earlier corpus?); remove them, or {redo}")
+        return [(os.path.join(data_dir, s["file"]), s["tokens"])
+                for s in meta["shards"] if s["split"] == split]
+    for key, what in (("prefix", "prefixes"), ("ext", "formats")):
+        kinds = sorted({p[key] for _, p in named})
+        if len(kinds) > 1:
+            raise ShardFolderError(f"{data_dir} has no {META} and holds shards of several "
+                                   f"{what} ({', '.join(kinds)}): keep one corpus per folder")
+    files = sorted((p["index"], n) for n, p in named if p["split"] == split)
+    return [(os.path.join(data_dir, n), None) for _, n in files]
+
+
+def list_shards(data_dir: str, split: str) -> list[str]:
+    """The shard files of a split ("train" or "val"), in order (see folder_shards)."""
+    paths = [p for p, _ in folder_shards(data_dir, split)]
+    if not paths:
+        raise _no_shards(data_dir, split)
+    return paths
+
+
+def _no_shards(data_dir: str, split: str) -> FileNotFoundError:
+    return FileNotFoundError(f"no {split} shards (*_{split}_*.npy / .bin) in {data_dir!r}")
+
+
+def clear_folder(data_dir: str, overwrite: bool):
+    """Make data_dir ready for a new corpus: refuse one that holds shards or a meta.json
+    unless overwrite, then remove those (meta.json first). Other files are left alone."""
+    os.makedirs(data_dir, exist_ok=True)
+    old = sorted(n for n, _ in _named_shards(data_dir))
+    old += sorted(n for n in os.listdir(data_dir)
+                  if n.endswith(".tmp") and parse_shard_name(n[:-4]))  # an interrupted write
+    has_meta = os.path.exists(os.path.join(data_dir, META))
+    if not (old or has_meta):
+        return
+    if not overwrite:
+        also = f" and a {META}" if has_meta else ""
+        raise FileExistsError(
+            f"{data_dir} already holds {len(old)} shard file(s){also}: pass --overwrite to "
+            "replace them (overwrite=True), or choose another --out-dir")
+    for name in [META] * has_meta + old:
+        os.unlink(os.path.join(data_dir, name))
+
+
+def write_meta(data_dir: str, meta: dict):
+    path = os.path.join(data_dir, META)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------- the loader
 
 
 class ShardLoader:
     """Sequential (x, y) batches over a split's shards with per-rank offsets; see the module
-    docstring."""
+    docstring.
+
+    Every shard must hold at least one step of all ranks (B*T*world_size + 1 tokens), but the
+    last: prepare ends a corpus with a shard of whatever is left, so a last shard shorter
+    than a step is skipped with a warning (at most one step's tokens, like the tail every
+    shard leaves when its length is no multiple of the step), unless it is the split's only
+    shard. `shards` and `lengths` list every shard of the split, a skipped one included.
+    """
 
     def __init__(self, data_dir: str, B: int, T: int, rank: int = 0, world_size: int = 1,
                  split: str = "train"):
@@ -51,17 +243,38 @@ class ShardLoader:
             raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
         self.data_dir, self.split = data_dir, split
         self.B, self.T, self.rank, self.world_size = B, T, rank, world_size
-        self.shards = list_shards(data_dir, split)
-        need = B * T * world_size + 1  # one step of every rank, plus the last target
-        self.lengths = []
-        for path in self.shards:
-            n = len(load_shard(path))
-            if n < need:
-                raise ValueError(
-                    f"{path} holds {n} tokens, fewer than one step of all ranks needs "
-                    f"(B*T*world_size + 1 = {need}): use smaller batches or bigger shards")
-            self.lengths.append(n)
+        found = folder_shards(data_dir, split)
+        if not found:
+            raise _no_shards(data_dir, split)
+        self.shards = [path for path, _ in found]
+        self.lengths = [self._length(path, listed) for path, listed in found]
+        self.n_used = self._usable(B * T * world_size + 1)
         self.reset()
+
+    @staticmethod
+    def _length(path: str, listed: int | None) -> int:
+        if not os.path.isfile(path):
+            raise ShardFolderError(f"{path} is listed in {META} but missing: prepare the "
+                                   "folder again with --overwrite")
+        n = len(load_shard(path))
+        if listed is not None and n != listed:
+            raise ShardFolderError(f"{path} holds {n} tokens, {META} says {listed}: the folder "
+                                   "changed after prepare; prepare it again with --overwrite")
+        return n
+
+    def _usable(self, need: int) -> int:
+        """How many shards, from the first, are read: all, or all but a short last one."""
+        for i, (path, n) in enumerate(zip(self.shards, self.lengths)):
+            if n >= need:
+                continue
+            if i == len(self.shards) - 1 and i > 0:
+                warnings.warn(f"{path} holds {n} tokens, fewer than one step of all ranks "
+                              f"(B*T*world_size + 1 = {need}): the last shard is skipped",
+                              stacklevel=3)
+                return i
+            raise ValueError(f"{path} holds {n} tokens, fewer than one step of all ranks needs "
+                             f"(B*T*world_size + 1 = {need}): use smaller batches or bigger shards")
+        return len(self.shards)
 
     @property
     def tokens_per_step(self) -> int:
@@ -85,7 +298,7 @@ class ShardLoader:
         self.position += self.tokens_per_step
         # all ranks advance together: move on when the next block of every rank won't fit
         if self.position - B * T * self.rank + self.tokens_per_step + 1 > len(self.tokens):
-            self._load((self.current_shard + 1) % len(self.shards))
+            self._load((self.current_shard + 1) % self.n_used)
             self.position = B * T * self.rank
         return x, y
 
@@ -101,11 +314,13 @@ class ShardLoader:
                              f"{len(self.shards)}")
         if position < 0:
             raise ValueError(f"loader state has a negative position {position}")
+        if shard >= self.n_used:  # saved with a smaller step, in the now skipped last shard
+            shard, position = 0, 0
         self._load(shard)
         if position + self.tokens_per_step + 1 > len(self.tokens):
             # saved with a smaller step (batch or world size) near the shard's end: the next
             # step would not fit, so it starts the next shard, as next_batch() would have
-            self._load((shard + 1) % len(self.shards))
+            self._load((shard + 1) % self.n_used)
             position = 0
         self.position = position + self.B * self.T * self.rank
 

@@ -180,13 +180,37 @@ def test_loader_val_split_reset_and_resume(tmp_path):
 
 
 def test_loader_refuses_shards_too_small_and_missing_dirs(tmp_path):
-    _write(str(tmp_path), [40, 50, 16])
+    _write(str(tmp_path / "a"), [40, 16, 50])  # a short shard that is not the last
     with pytest.raises(ValueError, match="fewer than one step"):
-        ShardLoader(str(tmp_path), 2, 4, 0, 2, "train")  # 17 tokens needed, shard 2 has 16
+        ShardLoader(str(tmp_path / "a"), 2, 4, 0, 2, "train")  # 17 tokens needed, shard 1 has 16
+    _write(str(tmp_path / "b"), [40, 16])  # the split's only shard
+    with pytest.raises(ValueError, match="fewer than one step"):
+        ShardLoader(str(tmp_path / "b"), 2, 4, 0, 2, "train")
     with pytest.raises(FileNotFoundError):
         ShardLoader(str(tmp_path / "nope"), 2, 4)
     with pytest.raises(ValueError):
-        ShardLoader(str(tmp_path), 2, 4, rank=2, world_size=2)
+        ShardLoader(str(tmp_path / "a"), 2, 4, rank=2, world_size=2)
+
+
+def test_short_last_shard_is_skipped_with_a_warning(tmp_path):
+    """prepare ends a corpus with whatever is left: a last shard shorter than one step is
+    skipped (with a warning), so the ranks cycle over the others, as one process does."""
+    B, T, W = 2, 4, 2
+    data = _write(str(tmp_path), [40, 50, 33, 16])  # 17 tokens per step: shard 3 is short
+    with pytest.warns(UserWarning, match="s_train_000003.npy holds 16 tokens.*skipped"):
+        loaders = [ShardLoader(str(tmp_path), B, T, r, W) for r in range(W)]
+    assert loaders[0].lengths == [50, 33, 16]  # every shard is listed (the data's identity)
+    blocks = [(1, 0), (1, 16), (1, 32), (2, 0), (2, 16), (1, 0), (1, 16)]  # never shard 3
+    for shard, base in blocks:
+        for r, ld in enumerate(loaders):
+            x, _ = ld.next_batch()
+            lo = base + r * B * T
+            np.testing.assert_array_equal(x.reshape(-1), data[shard][lo:lo + B * T])
+    # a state saved by a run with a smaller step, inside the skipped shard: the next step
+    # starts the first shard, as next_batch would have moved on
+    ld = loaders[0]
+    ld.set_state({"shard": 2, "position": 0})
+    np.testing.assert_array_equal(ld.next_batch()[0].reshape(-1), data[1][:B * T])
 
 
 # --------------------------------------------------------------------------- training on shards
@@ -258,4 +282,108 @@ def _other(shards, tmp_path):
     shutil.copytree(shards, other)
     name = sorted(n for n in os.listdir(other) if "_train_" in n)[0]
     write_shard(os.path.join(other, name), np.array(load_shard(os.path.join(other, name)))[:-1])
+    meta = json.load(open(os.path.join(other, "meta.json")))  # a consistent folder
+    for s in meta["shards"]:
+        s["tokens"] -= s["file"] == name
+    json.dump(meta, open(os.path.join(other, "meta.json"), "w"))
     return other
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+
+def _prep(inputs, out, **kw):
+    return prepare([str(p) for p in inputs], str(out), **dict(
+        dict(shard_size=64, val_shard_size=32, workers=1, progress=False), **kw))
+
+
+@pytest.mark.parametrize("record, got", [({"text": 7}, "got int"),
+                                         ({"body": "x"}, r"it has no such field \(only body\)"),
+                                         (["text"], "got a JSON list")])
+def test_jsonl_record_without_a_text_string_names_file_and_line(tmp_path, record, got):
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"text": "fine"}) + "\n\n" + json.dumps(record) + "\n")
+    with pytest.raises(ValueError, match=rf"docs.jsonl:3: expected a JSON object with a 'text' string, {got}"):
+        _prep([path], tmp_path / "out")
+
+
+@pytest.mark.parametrize("name, doc_sep", [("a.txt", None), ("a.txt", "\n\n"), ("a.jsonl", None)])
+@pytest.mark.parametrize("raw, match", [(b"caf\xe9 au lait", "not UTF-8 text"),
+                                        (b"\x7fELF\x02\x01\x00\x00", "looks like a binary file")])
+def test_non_utf8_or_binary_input_names_the_file(tmp_path, name, doc_sep, raw, match):
+    path = tmp_path / name
+    path.write_bytes(raw)
+    with pytest.raises(ValueError, match=match) as e:
+        _prep([path], tmp_path / "out", doc_sep=doc_sep)
+    assert str(path) in str(e.value)
+
+
+def test_crlf_kept_as_in_the_tiny_shakespeare_path(tmp_path):
+    """A CRLF text gives the tokens `--data` gives it (after the leading <|endoftext|>)."""
+    from gpt2np.data import load_tokens
+
+    path = tmp_path / "crlf.txt"
+    path.write_bytes(b"ROMEO:\r\nBut soft, what light\r\n\r\nthrough yonder window breaks?\r\n" * 3)
+    want = [EOT] + load_tokens(path, cache=tmp_path / "cache").tolist()
+    for doc_sep in (None, "<|endoftext|>"):  # whole file, and the streamed reader
+        meta, shards = read_all(_prep([path], tmp_path / f"out{doc_sep is None}",
+                                      doc_sep=doc_sep, chunk_chars=7) and
+                                tmp_path / f"out{doc_sep is None}")
+        assert np.concatenate(shards).tolist() == want
+
+
+def test_documents_from_any_iterable(tmp_path):
+    docs = ["First document.", "Second one,\r\nwith CRLF."]
+    meta, shards = read_all(_prep([], tmp_path / "o", documents=iter(docs)) and tmp_path / "o")
+    assert meta["documents"] == 2
+    np.testing.assert_array_equal(np.concatenate(shards), encode_docs(docs))
+    with pytest.raises(TypeError, match="document 1 is a bytes, not a string"):
+        _prep([], tmp_path / "p", documents=["ok", b"bytes"])
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"])
+def test_empty_corpus_is_an_error(tmp_path, content):
+    for name in ("empty.txt", "empty.jsonl"):
+        (tmp_path / name).write_text(content)
+        with pytest.raises(ValueError, match=f"{name}: no documents"):
+            _prep([tmp_path / name], tmp_path / "out")
+        assert not os.listdir(tmp_path / "out")  # nothing left behind
+
+
+def _prepare_cli(*args, cwd):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    env.pop("GPT2NP_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "gpt2np.prepare", *map(str, args)], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_bad_cases_are_one_error_line(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_text("To be, or not to be: that is the question. " * 20)
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "meta.json").write_text("{}")
+    out = ["--out-dir", tmp_path / "out", "--no-progress"]
+    cases = [  # (argv, what the error line must name, exit status)
+        (["--input", tmp_path / "nope.txt", *out], "nope.txt does not exist", 1),
+        (["--input", tmp_path / "latin1.txt", *out], "latin1.txt is not UTF-8", 1),
+        (["--input", tmp_path / "binary.txt", *out], "binary.txt looks like a binary file", 1),
+        (["--input", tmp_path / "empty.jsonl", *out], "empty.jsonl: no documents", 1),
+        (["--input", good, "--out-dir", tmp_path / "full"], "--overwrite", 1),
+        (["--input", good, *out, "--shard-size", "0"], "--shard-size", 2),
+        (["--input", good, *out, "--shard-size", "1.5e3x"], "--shard-size", 2),
+        (["--input", good, *out, "--workers", "0"], "--workers", 2),
+        (["--input", good, *out, "--val-shard-size", "-4"], "--val-shard-size", 2),
+    ]
+    for argv, needle, status in cases:
+        r = _prepare_cli(*argv, cwd=tmp_path)
+        last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+        assert r.returncode == status, (argv, r.stderr)
+        assert "Traceback" not in r.stderr and last.startswith("error:"), (argv, r.stderr)
+        assert needle in last, (needle, last)
+    ok = _prepare_cli("--input", good, *out, "--shard-size", "1e2", "--workers", "1", cwd=tmp_path)
+    assert ok.returncode == 0 and "1 documents" in ok.stdout, ok.stderr
+    assert json.load(open(tmp_path / "out" / "meta.json"))["shard_size"] == 100
