@@ -325,10 +325,11 @@ def _main(argv=None) -> int:
     r = check_gradients(model, x, y, fd=args.fd, seed=args.seed)
     r.seconds["total"] = time.perf_counter() - t_start
     print(format_table(r))
-    fd_text = "" if r.worst_fd_err is None else f", worst fd err {r.worst_fd_err:.2e}"
+    fd_text = "" if r.worst_fd_err is None else \
+        f", worst fd err {r.worst_fd_err:.2e} (tolerance {r.fd_tolerance:.0e})"
     print(f"loss {r.loss:.6f} (torch {r.torch_loss:.6f}); worst rel err vs torch "
-          f"{r.worst_rel_err:.2e} (tolerance {r.tolerance:.0e}){fd_text} (tolerance "
-          f"{r.fd_tolerance:.0e}); " + ", ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items()))
+          f"{r.worst_rel_err:.2e} (tolerance {r.tolerance:.0e}){fd_text}; "
+          + ", ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items()))
     if args.json:
         _write_json(args.json, r.to_json())
     bad = r.failures()

@@ -1,0 +1,122 @@
+"""`gpt2np gradcheck`: passes on a correct model, lists every tensor, fails naming the tensors
+whose backward a test perturbs, and says clearly what is wrong with bad input."""
+import json
+
+import numpy as np
+import pytest
+
+from gpt2np import GPT, GPTConfig, cli
+from gpt2np import gradcheck as G
+from gpt2np import layers as L
+
+TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
+        "\nFirst Citizen:\nYou are all resolved rather to die than to famish?\n") * 3
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    # GPT-2's vocabulary (real text's token ids), everything else tiny
+    cfg = GPTConfig(block_size=16, vocab_size=50257, n_layer=2, n_head=2, n_embd=16)
+    folder = tmp_path_factory.mktemp("model")
+    GPT(cfg, dtype="float64", seed=3).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "t.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def run(model_dir, text_file, tmp_path, *extra):
+    out = tmp_path / "gc.json"
+    code = G.main(["--model", str(model_dir), "--text", str(text_file), "-B", "2", "-T", "8",
+                   "--fd", "2", "--json", str(out), *extra])
+    return code, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def test_passes_and_lists_every_tensor(model_dir, text_file, tmp_path, capsys):
+    code, report = run(model_dir, text_file, tmp_path)
+    printed = capsys.readouterr().out
+    names = list(GPT(GPTConfig(block_size=16, vocab_size=50257, n_layer=2, n_head=2, n_embd=16)).params)
+    assert code == 0
+    assert list(report["tensors"]) == names and list(report["fd"]) == names
+    assert all(name in printed for name in names)
+    assert report["worst_rel_err"] <= 1e-9
+    assert report["worst_fd_err"] <= G.FD_TOLERANCE
+    assert report["worst_rel_err"] == max(report["tensors"].values())
+    assert report["failures"] == [] and "gradients OK" in printed
+    assert abs(report["loss"] - report["torch_loss"]) < 1e-12
+
+
+def test_fails_naming_the_tensors_whose_backward_is_wrong(model_dir, text_file, tmp_path,
+                                                          capsys, monkeypatch):
+    real = L.layernorm_backward
+
+    def off_by_a_millionth(dout, cache):  # the LayerNorm gain's gradient, slightly wrong
+        dx, dweight, dbias = real(dout, cache)
+        return dx, dweight * (1 + 1e-6), dbias
+
+    monkeypatch.setattr(L, "layernorm_backward", off_by_a_millionth)
+    code, report = run(model_dir, text_file, tmp_path)
+    err = capsys.readouterr().err
+    gains = ["transformer.h.0.ln_1.weight", "transformer.h.0.ln_2.weight",
+             "transformer.h.1.ln_1.weight", "transformer.h.1.ln_2.weight",
+             "transformer.ln_f.weight"]
+    assert code == 1
+    assert report["failures"] == gains  # exactly the perturbed tensors, nothing upstream
+    assert all(name in err for name in gains)
+    assert all(1e-7 < report["tensors"][g] < 1e-5 for g in gains)
+    assert all(report["fd"][g] > 1e-7 for g in gains)  # the finite differences see it too
+
+
+def test_finite_differences_alone_catch_a_wrong_gradient(model_dir, text_file):
+    # the torch comparison is not the only judge: a gradient off by 1% fails the fd check
+    m = GPT(GPTConfig(block_size=16, vocab_size=50257, n_layer=2, n_head=2, n_embd=16),
+            dtype="float64", seed=3)
+    x, y = G.batch_from_text(text_file, 1, 8)
+    m.forward(x, y)
+    grads = {k: np.array(g) for k, g in m.backward().items()}
+    grads["transformer.h.1.mlp.c_fc.weight"] *= 1.01
+    errors = G.finite_differences(m, x, y, grads, k=3)
+    assert errors["transformer.h.1.mlp.c_fc.weight"] > 1e-3
+    assert max(e for k, e in errors.items() if k != "transformer.h.1.mlp.c_fc.weight") \
+        < G.FD_TOLERANCE
+
+
+def test_shards_and_the_console_script(model_dir, tmp_path, capsys):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    ids = np.random.default_rng(0).integers(0, 50257, 200).astype(np.uint16)
+    np.save(shards / "tok_val_000000.npy", ids)
+    code = cli.main(["gradcheck", "--model", str(model_dir), "--data-shards", str(shards),
+                     "-T", "4", "--fd", "0"])
+    out = capsys.readouterr().out
+    assert code == 0 and "gradients OK" in out
+    x, y = G.batch_from_shards(shards, 2, 4)
+    assert np.array_equal(x.reshape(-1), ids[:8]) and np.array_equal(y.reshape(-1), ids[1:9])
+
+
+@pytest.mark.parametrize("extra, status, message", [
+    (["-T", "17"], 2, "longer than the model's block size 16"),
+    (["-B", "0"], 2, "expected an integer > 0"),
+    (["-B", "40", "-T", "16"], 1, "fewer than B*T+1"),
+    (["--data-shards", "x"], 2, "not allowed with argument"),
+])
+def test_bad_input_is_one_clear_line(model_dir, text_file, extra, status, message, capsys):
+    try:
+        code = G.main(["--model", str(model_dir), "--text", str(text_file), "--fd", "0", *extra])
+    except SystemExit as e:  # argparse's own exit for a bad flag
+        code = e.code
+    assert code == status
+    err = capsys.readouterr().err
+    assert message in err and err.strip().splitlines()[-1].startswith("error:")
+
+
+def test_a_vocabulary_that_cannot_read_gpt2_tokens(text_file, tmp_path, capsys):
+    small = tmp_path / "small"
+    GPT(GPTConfig(block_size=16, vocab_size=300, n_layer=1, n_head=2, n_embd=8)).save_pretrained(small)
+    assert G.main(["--model", str(small), "--text", str(text_file), "--fd", "0"]) == 1
+    assert "does not read GPT-2 tokens" in capsys.readouterr().err
+
