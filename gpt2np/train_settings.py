@@ -12,7 +12,10 @@ RunSettings. May touch: nothing but its arguments (no files, no arrays).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
+
+from .cli import UsageError
 
 # Settings that define a run. Chosen so the NumPy backend trains on a 2-core CPU in under
 # 10 minutes: measured 7 min 44 s to val loss 5.19 (torch: 5.20). lr 2e-3 beat 1e-3 and
@@ -29,8 +32,9 @@ MUST_MATCH = ("dtype", "n_layer", "n_head", "n_embd", "block_size", "vocab_size"
               "total_batch_size", "random_batches", "seed", "init_from")
 
 
-class TrainError(RuntimeError):
-    """A run that cannot start or go on; the message says why and what to do."""
+class TrainError(UsageError, RuntimeError):
+    """A run that cannot start or go on as asked; the message says why and what to do (on the
+    command line: one `error:` line, exit 2, as for a bad flag)."""
 
 
 @dataclass
@@ -60,6 +64,7 @@ class TrainConfig:
     # this invocation only
     data: str | None = None
     data_shards: str | None = None  # a gpt2np.prepare shard folder instead of tiny Shakespeare
+    hellaswag: str | None = None  # a HellaSwag val jsonl: acc / acc_norm at every eval
     device: str = "cpu"  # the torch engine's device: "cpu" or "cuda" (numpy/cupy imply theirs)
     dist_backend: str | None = None  # torch.distributed backend override: "gloo" or "nccl"
     cache_dir: str | None = None
@@ -134,7 +139,7 @@ def resolve(cfg: TrainConfig, stored: dict | None) -> RunSettings:
                              + "; ".join(clash) + "). Drop those flags to continue the "
                              "checkpointed run, or start a new one with another --out-dir or "
                              "--overwrite")
-    _check(run, cfg.world_size)
+    _check(run)
     tokens_per_micro = run["batch_size"] * run["block_size"] * cfg.world_size
     if run["total_batch_size"] is None:
         run["total_batch_size"] = tokens_per_micro
@@ -146,7 +151,7 @@ def resolve(cfg: TrainConfig, stored: dict | None) -> RunSettings:
     return RunSettings(**{f.name: run[f.name] for f in fields(RunSettings)})
 
 
-def _check(run: dict, world_size: int):
+def _check(run: dict):
     if run["backend"] not in ("numpy", "cupy", "torch"):
         raise TrainError(f"--backend must be numpy, cupy or torch, got {run['backend']!r}")
     if run["dtype"] not in ("float32", "float64"):
@@ -162,6 +167,34 @@ def _check(run: dict, world_size: int):
     if run["precision"] != "fp32" and run["backend"] == "torch":
         raise TrainError("--precision applies to the numpy and cupy engines; the torch "
                          "reference trains with full float32 or float64 matmuls")
-    for key in ("max_steps", "eval_interval", "batch_size", "block_size"):
-        if run[key] <= 0:
-            raise TrainError(f"--{key.replace('_', '-')} must be positive, got {run[key]}")
+    _in_range(run, POSITIVE, NON_NEGATIVE)
+
+
+# the ranges the command line enforces (gpt2np.cli types), checked again here for callers
+# of train() that build a TrainConfig themselves
+POSITIVE = ("max_steps", "eval_interval", "batch_size", "block_size", "n_layer", "n_head",
+            "n_embd", "total_batch_size", "eval_batches", "stop_after", "save_interval")
+NON_NEGATIVE = ("lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "seed",
+                "num_samples", "sample_tokens")
+
+
+def _in_range(values: dict, positive, non_negative):
+    for key, value in values.items():
+        if value is None or isinstance(value, (bool, str)) or key not in positive + non_negative:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise TrainError(f"{flag} must be a finite number, got {value}")
+        if key in positive and value <= 0:
+            raise TrainError(f"{flag} must be positive, got {value}")
+        if key in non_negative and value < 0:
+            raise TrainError(f"{flag} must be >= 0, got {value}")
+
+
+def check_invocation(cfg: TrainConfig):
+    """The flags of this invocation only (not stored in the checkpoint)."""
+    _in_range({k: getattr(cfg, k) for k in ("stop_after", "save_interval", "num_samples",
+                                              "sample_tokens")}, POSITIVE, NON_NEGATIVE)
+    if cfg.resume and cfg.overwrite:
+        raise TrainError("--resume continues the run in --out-dir and --overwrite starts it "
+                         "afresh: pass one of them")

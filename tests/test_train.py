@@ -355,3 +355,45 @@ def test_evaluators_and_step_probes_plug_in(tmp_path, token_cache, monkeypatch, 
     assert all(0 < r["update_ratio"] < 1 for r in log)
     assert probe.before == 8 and probe.hooks == 16  # 2 micro-steps a step
     assert drawn and drawn[-1] == 8  # the panel was drawn, with every record
+
+
+BAD_COMMAND_LINES = {
+    "batch-size 0": ["--batch-size", "0"],
+    "block-size 0": ["--block-size", "0"],
+    "negative lr": ["--lr", "-1e-3"],
+    "nan min-lr": ["--min-lr", "nan"],
+    "negative grad-clip": ["--grad-clip", "-1"],
+    "negative warmup": ["--warmup-steps", "-5"],
+    "total-batch-size 0": ["--total-batch-size", "0"],
+    "eval-batches -3": ["--eval-batches", "-3"],
+    "stop-after 0": ["--stop-after", "0"],
+    "max-steps x": ["--max-steps", "x"],
+    "negative seed": ["--seed", "-1"],
+    "resume and overwrite": ["--resume", "--overwrite"],
+    "device tpu": ["--device", "tpu"],
+    "binary data": ["--data", "{binary}"],
+    "not a multiple": ["--batch-size", "2", "--block-size", "8", "--total-batch-size", "20"],
+}
+
+
+@pytest.mark.parametrize("argv", list(BAD_COMMAND_LINES.values()), ids=list(BAD_COMMAND_LINES))
+def test_bad_command_line_is_one_error_line(tmp_path, argv):
+    binary = tmp_path / "data.bin"
+    binary.write_bytes(bytes(range(256)) * 8)  # not UTF-8
+    argv = [a.replace("{binary}", str(binary)) for a in argv]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("GPT2NP_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-m", "gpt2np.train", "--out-dir", str(tmp_path / "o"),
+                           "--cache-dir", str(tmp_path / "cache"), "--no-progress", *argv],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error:"), proc.stderr
+    assert not (tmp_path / "o" / "ckpt.safetensors").exists()
+
+
+def test_gpt2np_train_command(tmp_path):
+    # the console script's dispatcher reaches the same parser
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "gpt2np.cli", "train", "--help"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "usage: gpt2np train" in proc.stdout
