@@ -322,8 +322,9 @@ def prepare(inputs: list[str], out_dir: str, shard_size: int = 10 ** 8,
             writer.add(tokens)
             n_docs += 1
         if not seen["text"]:  # (empty documents are dropped as they are read)
-            raise ValueError(f"{source}: no documents with any text ({n_docs} blank ones): "
-                             "check the input files (and --text-field for .jsonl records)")
+            found = f"{n_docs} documents, all blank" if n_docs else "the input is empty"
+            raise ValueError(f"{source}: no documents with any text ({found}): check the "
+                             "input files (and --text-field for .jsonl records)")
         enc = encoding_factory()
         meta = writer.finish(encoding=getattr(enc, "name", type(enc).__name__),
                              eot_token=_eot_of(enc), documents=n_docs)
