@@ -30,6 +30,7 @@ own loaders; never the training data loader, the optimizer or the files of the r
 """
 from __future__ import annotations
 
+from .references import training_evaluators
 from .train_data import TrainData
 from .train_settings import RunSettings, TrainConfig
 
@@ -69,6 +70,7 @@ def val_batches(run: RunSettings, data: TrainData, world_size: int) -> int:
 def build_evaluators(cfg: TrainConfig, run: RunSettings, data: TrainData, ctx) -> list:
     """The evaluators a run's settings ask for (one line per optional one)."""
     evaluators = [ValLoss(data.val, val_batches(run, data, cfg.world_size), ctx)]
+    evaluators += training_evaluators(cfg, run, ctx)  # --hellaswag; GPT-2 124M reference lines
     return evaluators
 
 

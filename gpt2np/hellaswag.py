@@ -42,7 +42,8 @@ VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellas
 VAL_FILE = "hellaswag_val.jsonl"
 VAL_ITEMS = 10042
 GPT2_VOCAB = 50257  # the GPT-2 tokenizer's ids; a model needs at least this many rows
-DEFAULT_LOGITS_BUDGET = 256 * 2 ** 20  # bytes of float32 logits one forward may make
+DEFAULT_LOGITS_BUDGET = 256 * 2 ** 20  # bytes of float32 logits one CPU forward may make
+GPU_LOGITS_BUDGET = 2 * 2 ** 30  # the same on a GPU, where bigger batches pay off
 
 # Reference figures (build-nanogpt's README and its eval logs), scored this same way.
 REFERENCE_ACC_NORM = {"OpenAI GPT-2 124M": 0.2955, "OpenAI GPT-3 124M": 0.337}
@@ -314,8 +315,11 @@ class HellaSwag:
         return cls(load_items(path, limit, **find), block_size)
 
     def evaluate(self, model, *, ctx=None, progress: bool = True,
-                 logits_budget: int = DEFAULT_LOGITS_BUDGET) -> HellaSwagResult:
-        """Score this rank's share (items i % world == rank); counts summed over ranks."""
+                 logits_budget: int | None = None) -> HellaSwagResult:
+        """Score this rank's share (items i % world == rank); counts summed over ranks.
+        logits_budget: bytes of float32 logits per forward (default: 256 MiB, 2 GiB on a GPU)."""
+        if logits_budget is None:
+            logits_budget = GPU_LOGITS_BUDGET if _on_gpu(model) else DEFAULT_LOGITS_BUDGET
         vocab = _vocab_size(model)
         if vocab is not None and vocab < GPT2_VOCAB:
             raise ValueError(f"HellaSwag is tokenized with GPT-2's {GPT2_VOCAB} ids; the model "
@@ -338,13 +342,23 @@ class HellaSwag:
         return HellaSwagResult(*local)
 
 
+def _on_gpu(model) -> bool:
+    backend = getattr(model, "backend", None)
+    if backend is not None:
+        return getattr(backend, "name", "") == "cupy"
+    parameters = getattr(model, "parameters", None)
+    if parameters is not None:  # a torch module
+        return next(parameters()).device.type == "cuda"
+    return False
+
+
 def _vocab_size(model):
     config = getattr(model, "config", None)
     return getattr(config, "vocab_size", None)
 
 
 def evaluate(model, data=None, *, limit: int | None = None, ctx=None, progress: bool = True,
-             logits_budget: int = DEFAULT_LOGITS_BUDGET, block_size: int | None = None,
+             logits_budget: int | None = None, block_size: int | None = None,
              **find) -> HellaSwagResult:
     """HellaSwag acc / acc_norm of a model on the val split (see the module docstring).
 
@@ -358,3 +372,44 @@ def evaluate(model, data=None, *, limit: int | None = None, ctx=None, progress: 
         block_size = config.block_size
     hs = HellaSwag(load_items(data, limit, **find), block_size)
     return hs.evaluate(model, ctx=ctx, progress=progress, logits_budget=logits_budget)
+
+
+# ------------------------------------------------------------------------------ in training
+
+
+class HellaSwagEvaluator:
+    """HellaSwag at every eval step of a training run (gpt2np.evaluators' interface):
+    logs hellaswag_acc and hellaswag_acc_norm, of the params after that step's update.
+
+    The items are tokenized once; under data parallelism every rank scores its share and
+    the counts are summed (every rank returns the same fields). `references`: draw OpenAI
+    GPT-2 124M's and GPT-3 124M's acc_norm on the loss.png panel (for GPT-2-sized runs).
+    """
+
+    def __init__(self, path, block_size: int, ctx=None, references: bool = False,
+                 limit: int | None = None):
+        from .run_outputs import Panel
+
+        self.hs = HellaSwag.from_file(path, block_size, limit)
+        self.ctx = ctx
+        self.references = references
+        self.panels = [Panel(("hellaswag_acc_norm",), self.draw)]
+
+    def evaluate(self, step, engine) -> dict:
+        r = self.hs.evaluate(engine.model, ctx=self.ctx, progress=False)
+        return {"hellaswag_acc": r.acc, "hellaswag_acc_norm": r.acc_norm}
+
+    def draw(self, ax, records):
+        """loss.png's HellaSwag panel: acc_norm (and acc) against the step."""
+        for key, style in (("hellaswag_acc_norm", "o-"), ("hellaswag_acc", "x:")):
+            points = [(r["step"] + 1, r[key]) for r in records if key in r]
+            if points:
+                ax.plot(*zip(*points), style, label=key.replace("hellaswag_", ""))
+        ax.axhline(0.25, color="gray", lw=0.8, ls=":", label="chance (0.25)")
+        if self.references:
+            for (name, value), color in zip(REFERENCE_ACC_NORM.items(), ("tab:red", "tab:green")):
+                ax.axhline(value, color=color, lw=1, ls="--", label=f"{name} acc_norm ({value})")
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"HellaSwag accuracy ({len(self.hs.items)} items)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)

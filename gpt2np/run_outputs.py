@@ -42,10 +42,12 @@ class TrainResult:
 
 @dataclass
 class Panel:
-    """A panel of loss.png, drawn when any record has one of `keys`."""
+    """A panel of loss.png, drawn when any record has one of `keys`. An overlay draws on the
+    loss panel instead of a panel of its own (a reference line, say)."""
 
     keys: tuple[str, ...]
     draw: Callable  # draw(ax, records): a matplotlib Axes and the log records
+    overlay: bool = False
 
 
 def _draw_loss(ax, records):
@@ -75,7 +77,8 @@ def _replace_atomically(path: Path, write: Callable[[Path], None]):
 
 def plot(records: list, path: Path, panels=(LOSS_PANEL,)):
     """loss.png: one row per panel that has data."""
-    shown = [p for p in panels if any(k in r for r in records for k in p.keys)]
+    has_data = [p for p in panels if any(k in r for r in records for k in p.keys)]
+    shown = [p for p in has_data if not p.overlay]
     if not records or not shown:
         return
     # the object API with the Agg canvas: no pyplot, no global backend switch
@@ -84,8 +87,12 @@ def plot(records: list, path: Path, panels=(LOSS_PANEL,)):
 
     fig = Figure(figsize=(7, 4 * len(shown)), dpi=110)
     FigureCanvasAgg(fig)
-    for i, panel in enumerate(shown):
-        panel.draw(fig.add_subplot(len(shown), 1, i + 1), records)
+    axes = [fig.add_subplot(len(shown), 1, i + 1) for i in range(len(shown))]
+    for ax, panel in zip(axes, shown):
+        panel.draw(ax, records)
+    for panel in has_data:
+        if panel.overlay:
+            panel.draw(axes[0], records)  # the first panel: the loss panel
     fig.tight_layout()
     _replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
 

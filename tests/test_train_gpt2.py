@@ -1,0 +1,151 @@
+"""examples/train_gpt2.py (the 124M recipe) and HellaSwag during training, on tiny shapes.
+
+The dry run trains a 2-layer model on random token shards for 4 steps, scoring HellaSwag
+items the test writes at both evals; the last logged acc_norm must be what `gpt2np eval`
+says of the run's final checkpoint.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpt2np import eval as E
+from gpt2np import references as R
+from gpt2np.config import GPTConfig
+from gpt2np.run_outputs import LOSS_PANEL, Panel, plot
+from gpt2np.shards import write_shard
+from test_hellaswag import make_items, write_items
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_gpt2", ROOT / "examples" / "train_gpt2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def script():
+    return load_script()
+
+
+def make_shards(folder, seed=0):
+    rng = np.random.default_rng(seed)
+    folder.mkdir()
+    for i, n in enumerate((1000, 1500, 1500)):
+        split = "val" if i == 0 else "train"
+        write_shard(str(folder / f"tok_{split}_{i:06d}.npy"),
+                    rng.integers(0, 50257, n).astype(np.uint16))
+    return folder
+
+
+TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
+        "--batch-size", "2", "--total-batch-size", "128", "--max-steps", "4",
+        "--eval-interval", "2", "--eval-batches", "2", "--warmup-steps", "1",
+        "--num-samples", "0", "--backend", "numpy", "--no-progress"]
+
+
+def test_cpu_dry_run_logs_hellaswag_equal_to_a_standalone_eval(script, tmp_path):
+    data = make_shards(tmp_path / "shards")
+    hs = write_items(tmp_path / "hs.jsonl", make_items(12, seed=3))
+    out = tmp_path / "run"
+    assert script.main(["--data-shards", str(data), "--hellaswag", str(hs),
+                        "--out-dir", str(out), "--lr", "1e-2", *TINY]) == 0
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [1, 3]  # after steps 2 and 4
+    assert all(0 <= r["hellaswag_acc_norm"] <= 1 and 0 <= r["hellaswag_acc"] <= 1 for r in evals)
+    assert not any("hellaswag_acc_norm" in r for r in records if "val_loss" not in r)
+    # the recipe's defaults went through where the test set nothing: a padded vocabulary
+    from gpt2np import from_pretrained
+
+    assert from_pretrained(out).config.vocab_size == 50304
+    got = E.main(["--model", str(out), "--task", "hellaswag", "--data", str(hs), "--json",
+                  str(tmp_path / "hs.json"), "--no-progress"])
+    assert got == 0
+    standalone = json.loads((tmp_path / "hs.json").read_text())
+    assert standalone["n"] == 12
+    assert standalone["acc_norm"] == evals[-1]["hellaswag_acc_norm"]
+    assert standalone["acc"] == evals[-1]["hellaswag_acc"]
+    assert (out / "loss.png").stat().st_size > 0
+
+
+def test_recipe_defaults_fill_only_what_is_unset(script, tmp_path, monkeypatch):
+    monkeypatch.setattr(script, "has_gpu", lambda: False)
+    data = str(make_shards(tmp_path / "shards"))
+
+    def flags(argv):
+        args = script.recipe_argv(argv)
+        return {k: v for k, v in zip(args, args[1:]) if k.startswith("--")}
+
+    got = flags(["--data-shards", data, "--no-hellaswag"])
+    want = {"--n-layer": "12", "--n-head": "12", "--n-embd": "768", "--vocab-size": "50304",
+            "--block-size": "1024", "--batch-size": "64", "--total-batch-size": "524288",
+            "--lr": "0.0006", "--min-lr": "6e-05", "--warmup-steps": "715",
+            "--max-steps": "19073", "--weight-decay": "0.1", "--grad-clip": "1.0",
+            "--eval-interval": "250", "--eval-batches": "20", "--save-interval": "5000",
+            "--backend": "numpy", "--precision": "fp32", "--out-dir": "out/gpt2-124m"}
+    assert {k: got.get(k) for k in want} == want
+    assert "--hellaswag" not in got
+    # the user's flags win; a GPU means cupy with bf16 matmuls
+    monkeypatch.setattr(script, "has_gpu", lambda: True)
+    got = flags(["--data-shards", data, "--no-hellaswag", "--batch-size", "16", "--out-dir", "x"])
+    assert (got["--batch-size"], got["--out-dir"], got["--backend"], got["--precision"]) == \
+        ("16", "x", "cupy", "bf16")
+    assert script.recipe_argv(["--data-shards", data, "--no-hellaswag", "--batch-size", "16",
+                               "--out-dir", "x"]).count("--batch-size") == 1
+    got = flags(["--data-shards", data, "--no-hellaswag", "--backend", "numpy"])
+    assert got["--backend"] == "numpy" and "--precision" not in got
+    # a resumed run keeps its checkpoint's settings: the recipe adds none of them
+    got = flags(["--data-shards", data, "--no-hellaswag", "--resume"])
+    assert not set(got) & {"--n-layer", "--lr", "--batch-size", "--backend", "--max-steps"}
+    # the HellaSwag file: found in the cache when not given
+    cache = tmp_path / "gpt2np" / "hellaswag"
+    cache.mkdir(parents=True)
+    write_items(cache / "hellaswag_val.jsonl", make_items(2))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert flags(["--data-shards", data])["--hellaswag"] == \
+        str(tmp_path / "gpt2np" / "hellaswag" / "hellaswag_val.jsonl")
+
+
+def test_data_shards_is_required_and_the_error_shows_the_prepare_command(script, capsys):
+    with pytest.raises(SystemExit) as e:
+        script.main(["--no-hellaswag"])
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: --data-shards is required")
+    assert "python -m gpt2np.prepare --dataset HuggingFaceFW/fineweb-edu" in last
+
+
+def test_reference_lines_for_gpt2_sized_runs_on_fineweb_edu(tmp_path):
+    assert R.is_gpt2_124m(GPTConfig(vocab_size=50304))
+    assert not R.is_gpt2_124m(GPTConfig(n_layer=2))
+    plain = make_shards(tmp_path / "corpus")
+    assert not R.is_fineweb_edu(str(plain)) and not R.is_fineweb_edu(None)
+    assert R.is_fineweb_edu(str(make_shards(tmp_path / "edu_fineweb10B")))
+    (plain / "meta.json").write_text(json.dumps({"source": {"dataset": "HuggingFaceFW/fineweb-edu"},
+                                                 "shards": []}))
+    assert R.is_fineweb_edu(str(plain))
+
+
+def test_overlay_panels_draw_on_the_loss_panel(tmp_path):
+    seen = {}
+
+    def spy(ax, records):
+        seen["ylabel"] = ax.get_ylabel()
+        R.LossReference().draw(ax, records)
+        seen["lines"] = [tuple(line.get_ydata()) for line in ax.get_lines()]
+
+    records = [{"step": i, "train_loss": 5.0 - i, "lr": 1e-3, "val_loss": 5.5 - i} for i in range(3)]
+    hs_panel = Panel(("hellaswag_acc_norm",), lambda ax, recs: seen.setdefault("hs", True))
+    plot(records, tmp_path / "loss.png", [LOSS_PANEL, Panel(("val_loss",), spy, overlay=True),
+                                          hs_panel])
+    assert seen["ylabel"] == "cross-entropy loss" and "hs" not in seen  # no HellaSwag data yet
+    assert (3.2924, 3.2924) in seen["lines"]
+    assert (tmp_path / "loss.png").stat().st_size > 0
