@@ -174,6 +174,8 @@ def generate(model, idx, max_new_tokens: int, *, temperature: float = 1.0, top_k
     positions then shift, so from there on each token recomputes that window.
     use_cache=False recomputes the full context every token (the reference, and the
     benchmark's baseline); both give the same tokens.
+    A vocab_size past GPT-2's 50257 is taken as padding (train's --vocab-size 50304): ids from
+    50257 on are never sampled (see sampled_vocab).
     """
     ids = _check_args(model, idx, max_new_tokens, temperature, top_k)
     with L.matmul_precision(getattr(model, "precision", "fp32")):

@@ -421,3 +421,14 @@ def test_training_run_errors(tmp_path):
     for src in (run, run / "ckpt.safetensors"):
         with pytest.raises(CheckpointError, match="corrupt"):
             gpt2np.from_pretrained(src)
+
+
+def test_a_folder_with_a_checkpoint_and_hf_files_loads_the_checkpoint(tiny_run, tmp_path):
+    import shutil
+
+    folder = tmp_path / "both"
+    make_hf(n_layer=1, n_head=2, hs=4, vocab_size=40).save_pretrained(folder)
+    shutil.copyfile(tiny_run / "ckpt.safetensors", folder / "ckpt.safetensors")
+    assert gpt2np.from_pretrained(folder).config == gpt2np.from_pretrained(tiny_run).config
+    (folder / "ckpt.safetensors").unlink()
+    assert gpt2np.from_pretrained(folder).config.vocab_size == 40
