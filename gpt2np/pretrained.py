@@ -194,7 +194,8 @@ def resolve(name_or_path, *, revision=None, cache_dir=None, local_files_only=Fal
     name = str(name_or_path)
     repo_id = HUB_NAMES.get(name, name)
     if not _REPO_ID.match(repo_id):
-        raise OSError(f"no such folder: {name!r}; and it is not a hub id: pass a folder, one of "
+        raise OSError(f"no such folder: {name!r}; and it is not a hub id: pass a training "
+                      f"run's out-dir or {CKPT_NAME}, a model folder, one of "
                       f"{', '.join(HUB_NAMES)}, or 'owner/name'")
     try:
         return _hub_snapshot(repo_id, revision=revision, cache_dir=cache_dir,
