@@ -435,8 +435,10 @@ def main(argv=None):
             mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "    -"
             if r["mfu_over_peak"]:
                 mfu = "  n/a"
-                print(f"{name:6s} MFU n/a for {r['label']}: its steps ran faster than the "
-                      f"measured peak allows (the load changed?); rerun, or pass --peak-tflops")
+                print(f"{name:6s} MFU n/a for {r['label']}: its steps beat the peak for MFU "
+                      f"({r['peak_tflops']:.3f} TFLOP/s), so that peak is too low (a measured "
+                      f"one was taken at busier moments than the steps): rerun, or pass a "
+                      f"correct --peak-tflops")
             print(f"{name:6s} {desc:34s} {r['label']:44s} {r['ms']:9.1f} ms {r['tok_s']:9.0f} tok/s "
                   f"MFU {mfu}  peak {fmt_bytes(r['peak']):>10s}  loss {r['loss']:.4f}")
         if len(rows) == 2:
