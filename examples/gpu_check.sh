@@ -65,7 +65,8 @@ rm -rf "$WORK"
 mkdir -p "$WORK/logs" "$OUT" || exit 1
 rm -f "$OUT"/summary.txt "$OUT"/bench.json "$OUT"/logs.tar.gz "$OUT"/*.log
 export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 HF_HUB_OFFLINE=1 MPLBACKEND=Agg \
-    GPT2NP_CACHE="$WORK/cache" PYTHONDONTWRITEBYTECODE=1
+    GPT2NP_CACHE="$WORK/cache" PYTHONDONTWRITEBYTECODE=1 \
+    PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # the data: the carried copy, else $GPT2NP_DATA, else the shared copy beside the checkout
 for d in "$CARRY/data/tinyshakespeare.txt" "${GPT2NP_DATA:-}" ../shared/data/tinyshakespeare.txt; do
@@ -106,7 +107,8 @@ report
 
 wheels=("$CARRY"/wheels/*.whl)
 if [ -e "${wheels[0]}" ]; then
-    run_part install 90 "${PY[@]}" -m pip install --no-index --no-deps --no-compile \
+    # no pip configuration either (its find-links, index): exactly these files, offline
+    run_part install 90 env PIP_CONFIG_FILE=/dev/null "${PY[@]}" -m pip install --no-index --no-deps --no-compile \
         --no-cache-dir --upgrade --target "$WORK/site" "${wheels[@]}"
     export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 else

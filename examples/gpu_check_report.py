@@ -46,7 +46,7 @@ def env_report() -> tuple[list[str], bool]:
     for name in ("numpy", "cupy", "torch", "tiktoken"):
         try:
             mod = __import__(name)
-            simulated = name == "cupy" and not getattr(mod, "__file__", None)  # tests/cuda_sim
+            simulated = name == "cupy" and mod.__spec__ is None  # tests/cuda_sim's stand-in
             versions.append(f"{name} {'(CPU simulator)' if simulated else mod.__version__}")
         except Exception as e:  # noqa: BLE001 (a probe: report, go on)
             versions.append(f"{name} missing ({type(e).__name__})")
