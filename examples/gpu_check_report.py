@@ -148,7 +148,7 @@ def figures_train(log_jsonl: Path) -> tuple[list[str], bool | None]:
         return ["log.jsonl is empty"], None
     train = [r["train_loss"] for r in recs]
     val = [(r["step"] + 1, r["val_loss"]) for r in recs if "val_loss" in r]
-    tok = sorted(r["tokens_per_s"] for r in recs[1:]) or [recs[0]["tokens_per_s"]]
+    tok = sorted(r.get("tokens_per_s", 0.0) for r in recs[1:]) or [recs[0].get("tokens_per_s", 0.0)]
     late = train[-max(1, len(train) // 5):]
     fell = sum(late) / len(late) < train[0] - FALL  # not noise: the first loss is ~ln(V) on any batch
     out = [f"{len(recs)} steps; train loss {train[0]:.3f} -> {train[-1]:.3f} "
@@ -162,14 +162,14 @@ def figures_train(log_jsonl: Path) -> tuple[list[str], bool | None]:
 def figures_bench(rows) -> list[str]:
     if not isinstance(rows, list):
         return []
-    out = []
+    out, nan = [], float("nan")
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         peak = f"{r['peak'] / 2**30:.1f} GiB" if r.get("peak") else "-"
-        out.append(f"{r.get('label', '?'):44s} {r['ms']:8.1f} ms {r['tok_s']:10,.0f} tok/s "
-                   f"MFU {mfu:>6s} peak {peak:>9s} loss {r.get('loss', float('nan')):.3f}")
-    if len(rows) == 2 and rows[1].get("tok_s"):
-        out.append(f"ratio {rows[0]['backend']}/{rows[1]['backend']} tokens/s: "
+        out.append(f"{r.get('label', '?'):44s} {r.get('ms', nan):8.1f} ms {r.get('tok_s', nan):10,.0f} "
+                   f"tok/s MFU {mfu:>6s} peak {peak:>9s} loss {r.get('loss', nan):.3f}")
+    if len(rows) == 2 and rows[0].get("tok_s") and rows[1].get("tok_s"):
+        out.append(f"ratio {rows[0].get('backend')}/{rows[1].get('backend')} tokens/s: "
                    f"{rows[0]['tok_s'] / rows[1]['tok_s']:.2f}")
     return out
 
@@ -230,7 +230,11 @@ def summarize(work: Path) -> tuple[str, dict]:
     running = (work / "running.txt").read_text().strip() if (work / "running.txt").is_file() else ""
     details, verdicts = [], []
     for p in parts:
-        figs, verdict = part_figures(p, logs)
+        try:
+            figs, verdict = part_figures(p, logs)
+        except Exception as e:  # noqa: BLE001 (an output format changed: the summary must still be written)
+            figs = [f"(figures unreadable: {type(e).__name__}: {e})"] + _tail(logs / f"{p['name']}.txt")
+            verdict = p["verdict"]
         verdicts.append((p, verdict))
         details += [f"[{p['name']}] {verdict}" + (f" ({p['what']})" if verdict == "SKIP" else "")]
         details += ["  " + f for f in figs]

@@ -213,3 +213,26 @@ def test_check_end_to_end_on_the_gpu_or_its_simulator(tmp_path):
                                            "attention", "profile")} <= names
     assert [json.loads(line)["step"] for line in log] == list(range(6))
     assert (work / "train" / "ckpt.safetensors").is_file()  # training outputs stay in WORK
+
+
+def test_summary_fails_a_training_whose_loss_did_not_fall_and_survives_odd_logs(tmp_path):
+    spec = importlib.util.spec_from_file_location("gpu_check_report",
+                                                  ROOT / "examples" / "gpu_check_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    work, logs = tmp_path / "work", tmp_path / "work" / "logs"
+    logs.mkdir(parents=True)
+    (work / "plan.txt").write_text("install env train bench profile\n")
+    (work / "parts.tsv").write_text("train\tPASS\t0\t30\t180\tpython train\n"
+                                    "bench\tPASS\t0\t60\t240\tpython bench\n")
+    flat = [dict(step=i, train_loss=10.8 - 0.01 * i, lr=1e-3, grad_norm=1.0, tokens_per_s=1e5)
+            for i in range(10)]
+    (logs / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in flat))
+    (logs / "train.txt").write_text("done: 10 steps\n")
+    (logs / "bench.json").write_text(json.dumps({"rows": "a format this report does not know"}))
+    (work / "running.txt").write_text("profile\n")
+    text = report.write_outputs(work, tmp_path / "out")
+    assert verdicts(text) == {"train": "FAIL", "bench": "PASS"}, text
+    assert "loss fell: NO" in text and "the loss did not fall" in text
+    assert "running: profile" in text and "not reached: install env" in text
+    assert_three_files(tmp_path / "out")
