@@ -214,8 +214,12 @@ def _main(argv=None) -> int:
     files = prepare(dest, default_data(args.data), args.python_version)
     for f in files:
         print(f"{f.stat().st_size:>10,}  {f}")
-    where = dest.relative_to(ROOT) if dest.is_relative_to(ROOT) else dest
-    if dest.is_relative_to(ROOT) and _git_ignored(dest) is False:
+    if not dest.is_relative_to(ROOT):
+        print(f"note: the device tool carries folders of the checkout ({ROOT}) only: copy "
+              f"{dest} into it, or pass a --dest inside it")
+        return 0
+    where = dest.relative_to(ROOT)
+    if _git_ignored(dest) is False:
         print(f"note: {where} is not git-ignored; add it to .gitignore so it travels only when carried")
     command = "bash examples/gpu_check.sh"
     if where != Path(CARRY_DIR):
