@@ -86,6 +86,7 @@ def find_data(path=None, *, cache=None, download: bool = True) -> Path:
 
 def _download(target: Path) -> Path:
     """Fetch the val split, check it, and write it atomically (tmp file + rename)."""
+    print(f"downloading HellaSwag's val split from {VAL_URL} to {target}", file=sys.stderr)
     with urllib.request.urlopen(VAL_URL, timeout=60) as response:
         data = response.read()
     items = parse_items(data.decode("utf-8").splitlines(), where=VAL_URL)
