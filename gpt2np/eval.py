@@ -76,6 +76,8 @@ def token_loss(model, tokens, *, block_size: int | None = None, limit: int | Non
     """Mean cross-entropy of `tokens` (1-D ints) under the model, over non-overlapping
     block-size windows (the first `limit` of them). Rank r takes windows i % world == r."""
     config = getattr(model, "config", None)
+    if block_size is None and config is None:
+        raise ValueError("pass block_size= when the model is a plain logits function")
     block_size = block_size or config.block_size
     vocab = getattr(config, "vocab_size", None) or 50257
     tokens = np.asarray(tokens, dtype=np.int64)
