@@ -77,4 +77,7 @@ def build_evaluators(cfg: TrainConfig, run: RunSettings, data: TrainData, ctx) -
 def build_probes(cfg: TrainConfig, run: RunSettings, ctx) -> list[StepProbe]:
     """The step probes a run's settings ask for (one line per optional one)."""
     probes: list[StepProbe] = []
+    if cfg.diagnostics:  # --diagnostics N (imported here: gpt2np.diagnostics imports StepProbe)
+        from .diagnostics import probe_for
+        probes.append(probe_for(cfg, run, ctx))
     return probes

@@ -355,6 +355,9 @@ def build_parser() -> ArgumentParser:
     a("--num-samples", type=nonneg_int, default=3, help="samples printed at the end (default 3)")
     a("--sample-tokens", type=nonneg_int, default=80, help="tokens per sample (default 80)")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    a("--diagnostics", type=nonneg_int, default=0, metavar="N",
+      help="every N steps: grad and param norms, update ratios and activation figures in "
+           "diagnostics.jsonl and diagnostics.png (default 0: off)")
     return p
 
 

@@ -65,6 +65,7 @@ class TrainConfig:
     data: str | None = None
     data_shards: str | None = None  # a gpt2np.prepare shard folder instead of tiny Shakespeare
     hellaswag: str | None = None  # a HellaSwag val jsonl: acc / acc_norm at every eval
+    diagnostics: int = 0  # every N steps: gradient/activation diagnostics (gpt2np.diagnostics)
     device: str = "cpu"  # the torch engine's device: "cpu" or "cuda" (numpy/cupy imply theirs)
     dist_backend: str | None = None  # torch.distributed backend override: "gloo" or "nccl"
     cache_dir: str | None = None
