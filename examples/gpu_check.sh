@@ -89,6 +89,7 @@ run_part() {  # name limit command...: run it bounded, log it, record its verdic
     (( limit > left )) && limit=$left
     echo "== $name (limit $limit s): $*"
     echo "$name" > "$WORK/running.txt"
+    report  # a run killed from outside says which part it was in
     local t0=$SECONDS rc
     timeout -s INT -k 20 "$limit" "$@" > "$OUT/$name.log" 2>&1
     rc=$?

@@ -236,3 +236,31 @@ def test_summary_fails_a_training_whose_loss_did_not_fall_and_survives_odd_logs(
     assert "loss fell: NO" in text and "the loss did not fall" in text
     assert "running: profile" in text and "not reached: install env" in text
     assert_three_files(tmp_path / "out")
+
+
+def test_a_check_killed_from_outside_leaves_its_state_and_the_running_part_log(tmp_path):
+    # the device tool kills a command past its limit: what came back must say how far it got
+    import signal
+    import time
+
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/bin/sh\ncase "$*" in *" summary "*) exec {sys.executable} "$@" ;; esac\n'
+                    "echo started; exec sleep 120\n")
+    stub.chmod(0o755)
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = dict(os.environ, OUT=str(out), WORK=str(work), CARRY=str(tmp_path / "carry"),
+               PYTHON=str(stub), PARTS="tests")
+    proc = subprocess.Popen(["bash", str(CHECK)], env=env, cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not ((out / "env.log").is_file() and "started" in (out / "env.log").read_text()):
+            assert time.monotonic() < deadline and proc.poll() is None, "env never started"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert {p.name for p in out.iterdir()} == OUT_FILES | {"env.log"}  # within the 8 files
+    summary = (out / "summary.txt").read_text()
+    assert "running: env" in summary and "not reached: tests" in summary, summary
+    assert verdicts(summary) == {"install": "SKIP"}
