@@ -36,16 +36,22 @@ from .train_settings import RunSettings, TrainConfig
 
 
 class ValLoss:
-    """The mean loss over the same val batches each time; data parallel: the ranks' mean."""
+    """The mean loss over the first `batches` (B, T) batches of the val split, the same ones
+    each time and whatever the number of ranks: every rank reads them all from one
+    single-process loader and evaluates every world_size-th one (batch i on rank
+    i % world_size); the mean is the ranks' sum over all of them."""
 
     def __init__(self, loader, batches: int, ctx):
         self.loader, self.batches, self.ctx = loader, batches, ctx
 
     def evaluate(self, step, engine) -> dict:
         self.loader.reset()  # the same val batches every time
-        local = sum(engine.loss(*self.loader.next_batch())
-                    for _ in range(self.batches)) / self.batches
-        return {"val_loss": self.ctx.all_reduce_mean(local)}
+        local = 0.0
+        for i in range(self.batches):
+            x, y = self.loader.next_batch()  # (slicing only, for the batches of other ranks)
+            if i % self.ctx.world_size == self.ctx.rank:
+                local += engine.loss(x, y)
+        return {"val_loss": self.ctx.all_reduce_sum(local) / self.batches}
 
 
 class StepProbe:
@@ -61,15 +67,21 @@ class StepProbe:
         pass
 
 
-def val_batches(run: RunSettings, data: TrainData, world_size: int) -> int:
-    """Val batches per rank: --eval-batches, else as many as fit in the val split (<= 16)."""
-    B, T = run.batch_size, run.block_size
-    return run.eval_batches or max(1, min(16, (data.n_val - 1) // (B * T * world_size)))
+def val_batches(run: RunSettings, data: TrainData) -> int:
+    """(B, T) val batches per evaluation, all ranks together. --eval-batches counts global
+    batches (total_batch_size tokens: what one optimizer step reads), so the val set depends
+    on settings a resumed run must keep, never on the number of ranks. The default: as many
+    global batches as fit in the val split, and about 16 (B, T) batches at most, >= 1."""
+    micro = run.total_batch_size // (run.batch_size * run.block_size)  # (B, T) batches in one
+    if run.eval_batches:
+        return run.eval_batches * micro
+    fit = (data.n_val - 1) // run.total_batch_size
+    return max(1, min(16 // micro, fit)) * micro
 
 
 def build_evaluators(cfg: TrainConfig, run: RunSettings, data: TrainData, ctx) -> list:
     """The evaluators a run's settings ask for (one line per optional one)."""
-    evaluators = [ValLoss(data.val, val_batches(run, data, cfg.world_size), ctx)]
+    evaluators = [ValLoss(data.val, val_batches(run, data), ctx)]
     evaluators += training_evaluators(cfg, run, ctx)  # --hellaswag; GPT-2 124M reference lines
     return evaluators
 

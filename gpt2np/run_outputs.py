@@ -9,12 +9,15 @@
                  by listing Panel objects in its `panels` attribute (see gpt2np.evaluators),
                  or any code by passing panels=[...] to RunOutputs.
   sample_texts   a few top-k samples from the trained model, for samples.txt.
+  open_checkpoint, check_writable   what --resume / --overwrite find in --out-dir, and
+                 whether it can be written at all (checked before any work).
 
 May touch: the files of --out-dir and stdout/stderr; reads the engine (state, last_logits).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -24,7 +27,8 @@ from typing import Callable
 
 import numpy as np
 
-from .checkpoint import Checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from .train_settings import TrainConfig, TrainError
 
 CKPT_NAME = "ckpt.safetensors"
 LOG_NAME = "log.jsonl"
@@ -51,9 +55,9 @@ class Panel:
 
 
 def _draw_loss(ax, records):
-    ax.plot([r["step"] + 1 for r in records], [r["train_loss"] for r in records],
+    ax.plot([r["step"] + 1 for r in records], [_num(r["train_loss"]) for r in records],
             lw=0.8, alpha=0.7, label="train")
-    val = [(r["step"] + 1, r["val_loss"]) for r in records if "val_loss" in r]
+    val = [(r["step"] + 1, _num(r["val_loss"])) for r in records if "val_loss" in r]
     if val:
         ax.plot(*zip(*val), "o-", label="val")
     ax.set_xlabel("step")
@@ -150,9 +154,12 @@ class RunOutputs:
     def val_loss(self):
         return next((r["val_loss"] for r in reversed(self.records) if "val_loss" in r), None)
 
-    def _result(self, status, step, samples=()):
+    def close(self):
         if self.pbar is not None:
             self.pbar.close()
+
+    def _result(self, status, step, samples=()):
+        self.close()
         return TrainResult(status, step, self.val_loss, self.records,
                            time.perf_counter() - self.t_start, list(samples))
 
@@ -192,7 +199,16 @@ def _fmt(v):
 
 
 def _json_line(rec: dict) -> str:
-    return json.dumps(rec) + "\n"
+    """One strict-JSON line: a non-finite number is written as null and its key listed in
+    "non_finite" (json.dumps would write bare NaN / Infinity, which strict readers reject)."""
+    bad = [k for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        rec = {**rec, **dict.fromkeys(bad), "non_finite": bad}
+    return json.dumps(rec, allow_nan=False) + "\n"
+
+
+def _num(v):
+    return float("nan") if v is None else v  # (null in log.jsonl: a non-finite value)
 
 
 def _read_log(path: Path, before: int) -> list:
@@ -209,6 +225,10 @@ def _read_log(path: Path, before: int) -> list:
     return records
 
 
+class SaveError(RuntimeError):
+    """A checkpoint could not be written (disk full, ...); the previous one is intact."""
+
+
 class Checkpointer:
     """Writes ckpt.safetensors: the engine's params and AdamW state, the step, every rank's
     data position, and `state` (the run's settings, model config, data identity ...)."""
@@ -222,12 +242,20 @@ class Checkpointer:
             return
         # every rank's data position (a collective: all ranks come here), rank 0 writes
         data_ranks = self.ctx.all_gather_object(train_loader.state_dict())
-        self.last_saved = step
         if not self.ctx.is_main:
+            self.last_saved = step
             return
         p, m, v, t = engine.state()
         state = {"step": step, **self.state, "data": data_ranks[0], "data_ranks": data_ranks}
-        save_checkpoint(self.path, Checkpoint(params=p, m=m, v=v, t=t, state=state))
+        try:  # atomic: on any failure the file on disk is the previous checkpoint
+            save_checkpoint(self.path, Checkpoint(params=p, m=m, v=v, t=t, state=state))
+        except OSError as e:
+            kept = ("no checkpoint was written yet" if self.last_saved is None
+                    else f"the checkpoint of step {self.last_saved} is intact")
+            raise SaveError(f"cannot write the checkpoint {self.path} at step {step} "
+                            f"({e.strerror or e}); {kept}. Free space (or fix the folder) and "
+                            "continue with --resume") from e
+        self.last_saved = step
 
     def kept(self) -> str:
         """What a stopped-early run leaves, for its message."""
@@ -255,3 +283,30 @@ def sample_texts(engine, block_size: int, seed: int, num: int, tokens: int, prom
         idx = np.concatenate([idx, np.array(nxt, dtype=np.int64)[:, None]], axis=1)
     return [enc.decode(row.tolist()).strip() for row in idx]
 
+
+def open_checkpoint(cfg: TrainConfig, path: Path):
+    """The checkpoint to resume (--resume), else None; refuses to overwrite one silently."""
+    if not cfg.resume:
+        if path.exists() and not cfg.overwrite:  # every rank refuses, not only rank 0
+            raise TrainError(f"{path} already exists: pass --resume to continue that run, "
+                             "--overwrite to start again, or choose another --out-dir")
+        return None
+    if not path.exists():
+        raise TrainError(f"--resume: no checkpoint {path} to resume from")
+    ckpt = load_checkpoint(path)
+    if "run" not in ckpt.state or "step" not in ckpt.state:
+        raise CheckpointError(f"checkpoint {path} lacks the training state "
+                              "(was it written by gpt2np.train?)")
+    return ckpt
+
+
+def check_writable(out_dir: Path):
+    """Fail now, not after the first steps: --out-dir must be a folder we can write in."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise TrainError(f"--out-dir {out_dir}: cannot write there ({e.strerror or e}); "
+                         "choose another --out-dir") from e

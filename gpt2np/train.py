@@ -58,17 +58,19 @@ from pathlib import Path
 import numpy as np
 
 from . import distributed
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError
 from .cli import ArgumentParser, UsageError, nonneg_float, nonneg_int, positive_int, run_main
 from .data import BatchLoader, DataNotFoundError, load_tokens, split  # noqa: F401 (re-exported)
 from .engines import ArrayEngine, TorchEngine, initial_model, make_engine  # noqa: F401
-from .evaluators import StepProbe, build_evaluators, build_probes
+from .evaluators import StepProbe, ValLoss, build_evaluators, build_probes
 from .model import param_shapes
 from .optim import cosine_lr
-from .run_outputs import CKPT_NAME, LOG_NAME, Checkpointer, RunOutputs, TrainResult, sample_texts
+from .run_outputs import (CKPT_NAME, LOG_NAME, Checkpointer, RunOutputs, TrainResult,  # noqa: F401
+                          check_writable, open_checkpoint, sample_texts)
 from .train_data import TrainData, load_data, resume_position
 from .train_settings import (DEFAULTS, MUST_MATCH, RunSettings, TrainConfig,  # noqa: F401
-                             TrainError, check_invocation, resolve)
+                             TrainError, check_device, check_init_shape,
+                             check_invocation, resolve)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -81,10 +83,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     held = {}  # the process group, once joined, left in any case
     try:
         run = _setup(cfg, held)
-        run.out.start(run.step, resumed=run.ckpts.last_saved is not None,
-                      max_steps=run.settings.max_steps)
-        _banner(run)
-        return _loop(run)
+        try:
+            run.out.start(run.step, resumed=run.ckpts.last_saved is not None,
+                          max_steps=run.settings.max_steps)
+            _banner(run)
+            return _loop(run)
+        except _Diverged as d:  # nothing was saved since the value went non-finite
+            return run.diverged(*d.args)
+        finally:
+            run.out.close()  # the progress bar, before any error line
     finally:
         if "ctx" in held:
             held["ctx"].destroy()
@@ -105,9 +112,21 @@ class _Run:
     ckpts: Checkpointer
     model_cfg: object  # GPTConfig
     step: int  # optimizer steps done before this invocation (a resumed run's)
+    check: ValLoss  # one val batch: are params about to be saved still finite?
 
     def diverged(self, step, what, value) -> TrainResult:
         return self.out.diverged(step, what, value, self.ckpts.kept(), self.settings.lr)
+
+    def save(self, step, evaluated: dict):
+        """The checkpoint after `step` steps, only of params whose loss is finite (this
+        step's val loss, else one val batch): the checkpoint on disk is always a good one."""
+        if self.ckpts.last_saved == step:
+            return
+        loss = evaluated.get("val_loss")
+        if loss is None:
+            loss = self.check.evaluate(step - 1, self.engine)["val_loss"]
+        _finite(loss, "val loss", step - 1)
+        self.ckpts.save(step, self.engine, self.data.train)
 
     def evaluate(self, record) -> dict:
         fields = {}
@@ -123,7 +142,7 @@ class _Run:
 def _loop(r: _Run) -> TrainResult:
     cfg, run, engine, ctx, out = r.cfg, r.settings, r.engine, r.ctx, r.out
     accum = run.grad_accum(cfg.world_size)
-    step, steps_this_run = r.step, 0
+    step, steps_this_run, evaluated = r.step, 0, {}
     with _StopFlag() as stop:
         while step < run.max_steps:
             t0 = time.perf_counter()
@@ -135,19 +154,17 @@ def _loop(r: _Run) -> TrainResult:
                 x, y = r.data.train.next_batch()
                 engine.last_micro = micro == accum - 1  # (DDP syncs in its backward)
                 micro_loss = engine.forward_backward(x, y, 1.0 / accum)  # the micro-step
-                if not math.isfinite(micro_loss) and ctx.world_size == 1:
-                    return r.diverged(step, "loss", micro_loss)
+                if ctx.world_size == 1:  # (ranks stop together, after the mean below)
+                    _finite(micro_loss, "loss", step)
                 loss += micro_loss / accum
             engine.sync_grads()  # the all-reduce: the accumulated gradient's mean over ranks
             loss, stopping = _agree(ctx, loss, stop)
-            if not math.isfinite(loss):
-                return r.diverged(step, "loss", loss)
+            _finite(loss, "loss", step)
             for probe in r.probes:
                 probe.before_update(step, engine)
             lr = cosine_lr(step, run.lr, run.min_lr, run.warmup_steps, run.max_steps)
             norm = engine.clip_and_step(run.grad_clip, lr)  # clip the global norm, AdamW step
-            if not math.isfinite(norm):
-                return r.diverged(step, "gradient norm", norm)
+            _finite(norm, "gradient norm", step)
             rec = {"step": step, "train_loss": loss, "lr": lr, "grad_norm": norm,
                    "tokens_per_s": run.total_batch_size / (time.perf_counter() - t0)}
             for probe in r.probes:
@@ -158,23 +175,34 @@ def _loop(r: _Run) -> TrainResult:
             if step % run.eval_interval == 0 or step == run.max_steps:
                 evaluated = r.evaluate(rec)  # the eval, of the params after this update
             out.log_step(rec, evaluated)
+            _finite(evaluated.get("val_loss", 0.0), "val loss", rec["step"])
 
             if ctx.world_size == 1:
                 stopping = bool(stop.signal)  # a signal during this step stops after it
             asked = cfg.stop_after is not None and steps_this_run >= cfg.stop_after
             if (stopping or asked) and step < run.max_steps:
-                r.ckpts.save(step, engine, r.data.train)
+                r.save(step, evaluated)
                 why = (f"--stop-after {cfg.stop_after}" if not stopping
                        else f"signal {stop.signal}" if stop.signal else "a signal on another rank")
                 return out.stopped(step, why)
             if step % (cfg.save_interval or run.eval_interval) == 0:
-                r.ckpts.save(step, engine, r.data.train)  # the checkpoint
-    r.ckpts.save(step, engine, r.data.train)
+                r.save(step, evaluated)  # the checkpoint
+    r.save(step, evaluated)
     samples = []
     if ctx.is_main and cfg.num_samples > 0:
         samples = sample_texts(engine, min(run.block_size, r.model_cfg.block_size), run.seed,
                                cfg.num_samples, cfg.sample_tokens)
     return out.done(step, samples)
+
+
+class _Diverged(Exception):
+    """(step, what, value): a non-finite loss, val loss or gradient norm."""
+
+
+def _finite(value, what, step):
+    """Divergence stops the run here, before anything is saved."""
+    if not math.isfinite(value):
+        raise _Diverged(step, what, value)
 
 
 def _agree(ctx, loss, stop):
@@ -219,12 +247,11 @@ def _setup(cfg: TrainConfig, held: dict) -> _Run:
     t_start = time.perf_counter()
     check_invocation(cfg)
     out_dir = Path(cfg.out_dir)
-    ckpt = _open_checkpoint(cfg, out_dir / CKPT_NAME)
+    ckpt = open_checkpoint(cfg, out_dir / CKPT_NAME)
     run = resolve(cfg, ckpt.state["run"] if ckpt else None)
-    if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
-        raise TrainError(f"--device must be cpu or cuda, got {cfg.device!r}")
-    if cfg.device != "cpu" and run.backend != "torch":
-        raise TrainError("--device is for --backend torch (numpy runs on the CPU, cupy on the GPU)")
+    check_device(cfg, run)
+    if cfg.rank == 0:
+        check_writable(out_dir)
     # data parallel: join the process group (a no-op single process without torchrun)
     try:
         ctx = held["ctx"] = distributed.init(run.backend, torch_device=cfg.device,
@@ -241,6 +268,7 @@ def _setup(cfg: TrainConfig, held: dict) -> _Run:
     # model and optimizer: checkpoint, else pretrained (--init-from), else GPT-2's init
     model_cfg, params, pretrained = initial_model(run, ckpt)
     if pretrained is not None:  # record the shape the weights brought, not the flags'
+        check_init_shape(cfg, model_cfg)
         run = replace(run, n_layer=model_cfg.n_layer, n_head=model_cfg.n_head, n_embd=model_cfg.n_embd)
     if run.block_size > model_cfg.block_size:
         raise TrainError(f"--block-size {run.block_size} exceeds the model's block size "
@@ -263,23 +291,7 @@ def _setup(cfg: TrainConfig, held: dict) -> _Run:
         "run": run.to_dict(), "model_config": model_cfg.to_dict(), "world_size": cfg.world_size,
         "data_id": data.data_id, "backend": run.backend}, last_saved=step if ckpt else None)
     return _Run(cfg, run, ctx, engine, data, evaluators, build_probes(cfg, run, ctx), out,
-                ckpts, model_cfg, step)
-
-
-def _open_checkpoint(cfg: TrainConfig, path: Path):
-    """The checkpoint to resume (--resume), else None; refuses to overwrite one silently."""
-    if not cfg.resume:
-        if path.exists() and not cfg.overwrite:  # every rank refuses, not only rank 0
-            raise TrainError(f"{path} already exists: pass --resume to continue that run, "
-                             "--overwrite to start again, or choose another --out-dir")
-        return None
-    if not path.exists():
-        raise TrainError(f"--resume: no checkpoint {path} to resume from")
-    ckpt = load_checkpoint(path)
-    if "run" not in ckpt.state or "step" not in ckpt.state:
-        raise CheckpointError(f"checkpoint {path} lacks the training state "
-                              "(was it written by gpt2np.train?)")
-    return ckpt
+                ckpts, model_cfg, step, ValLoss(data.val, 1, ctx))
 
 
 def _banner(r: _Run):

@@ -34,7 +34,7 @@ class TrainData:
 
 def load_data(cfg: TrainConfig, run: RunSettings) -> TrainData:
     B, T, W = run.batch_size, run.block_size, cfg.world_size
-    if cfg.data_shards:
+    if run.data_shards:
         return _shards(cfg, run)
     # tiny Shakespeare: one tokenization, cached; 90/10 split
     source = find_data(cfg.data, cache=cfg.cache_dir)
@@ -44,7 +44,7 @@ def load_data(cfg: TrainConfig, run: RunSettings) -> TrainData:
     try:
         train = BatchLoader(train_tokens, B, T, rank=cfg.rank, world_size=W,
                             random=run.random_batches, seed=run.seed)
-        val = BatchLoader(val_tokens, B, T, rank=cfg.rank, world_size=W)
+        val = BatchLoader(val_tokens, B, T)  # every rank reads all (see evaluators.ValLoss)
     except ValueError as e:
         raise TrainError(f"the data are too small for these batches: {e}") from e
     return TrainData(train, val, data_id, str(source), "--data", len(train_tokens),
@@ -57,16 +57,17 @@ def _shards(cfg: TrainConfig, run: RunSettings) -> TrainData:
     if run.random_batches:
         raise TrainError("--random-batches is for tiny Shakespeare; shards are read in order")
     try:
-        train = ShardLoader(cfg.data_shards, B, T, cfg.rank, W, "train")
-        val = ShardLoader(cfg.data_shards, B, T, cfg.rank, W, "val")
+        train = ShardLoader(run.data_shards, B, T, cfg.rank, W, "train")
+        val = ShardLoader(run.data_shards, B, T, 0, 1, "val")  # all ranks: evaluators.ValLoss
     except FileNotFoundError as e:
-        raise TrainError(f"--data-shards: {e}") from e
+        given = "" if cfg.data_shards else " (the checkpoint's; pass --data-shards DIR if it moved)"
+        raise TrainError(f"--data-shards {run.data_shards}{given}: {e}") from e
     except ValueError as e:
         raise TrainError(f"the shards are too small for these batches: {e}") from e
     data_id = hashlib.sha256(json.dumps(
         [(os.path.basename(p), n) for loader in (val, train)
          for p, n in zip(loader.shards, loader.lengths)]).encode()).hexdigest()[:16]
-    return TrainData(train, val, data_id, cfg.data_shards, "--data-shards",
+    return TrainData(train, val, data_id, run.data_shards, "--data-shards",
                      sum(train.lengths), sum(val.lengths))
 
 

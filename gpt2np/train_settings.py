@@ -6,6 +6,9 @@ RunSettings   the run itself, resolved once by `resolve` and checked there: froz
               in every checkpoint (`state["run"]`, a plain dict of the same keys) and
               inherited by a resumed run unless a flag overrides it.
 
+check_invocation, check_device, check_init_shape: the other checks of flags that make no
+sense (together, or with this machine, or with --init-from's weights), all TrainError.
+
 Adding a flag: a field on TrainConfig, a line in gpt2np.train.build_parser, and (when it
 changes what a run *is*, so a resume must inherit it) a key in DEFAULTS and a field on
 RunSettings. May touch: nothing but its arguments (no files, no arrays).
@@ -13,6 +16,7 @@ RunSettings. May touch: nothing but its arguments (no files, no arrays).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 
 from .cli import UsageError
@@ -26,6 +30,7 @@ DEFAULTS = dict(
     total_batch_size=None,
     max_steps=600, lr=2e-3, min_lr=None, warmup_steps=30, weight_decay=0.1, grad_clip=1.0,
     eval_interval=100, eval_batches=None, random_batches=False, seed=0, init_from=None,
+    data_shards=None,
 )
 # Changing these on resume would change what the checkpointed state means: refuse.
 MUST_MATCH = ("dtype", "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size",
@@ -57,13 +62,13 @@ class TrainConfig:
     weight_decay: float | None = None
     grad_clip: float | None = None
     eval_interval: int | None = None
-    eval_batches: int | None = None  # None: as many as fit in the val split (at most 16)
+    eval_batches: int | None = None  # val batches of total_batch_size tokens, all ranks together
     random_batches: bool | None = None
     seed: int | None = None
     init_from: str | None = None
-    # this invocation only
-    data: str | None = None
     data_shards: str | None = None  # a gpt2np.prepare shard folder instead of tiny Shakespeare
+    # this invocation only
+    data: str | None = None  # tiny Shakespeare's file (else found: see gpt2np.data)
     hellaswag: str | None = None  # a HellaSwag val jsonl: acc / acc_norm at every eval
     diagnostics: int = 0  # every N steps: gradient/activation diagnostics (gpt2np.diagnostics)
     device: str = "cpu"  # the torch engine's device: "cpu" or "cuda" (numpy/cupy imply theirs)
@@ -104,10 +109,12 @@ class RunSettings:
     weight_decay: float
     grad_clip: float
     eval_interval: int
-    eval_batches: int | None  # None: as many as fit in the val split (at most 16)
+    eval_batches: int | None  # global batches (total_batch_size tokens each); None: see
+    #                           gpt2np.evaluators.val_batches
     random_batches: bool
     seed: int
     init_from: str | None
+    data_shards: str | None  # the shard folder (absolute), or None: tiny Shakespeare
 
     def __getitem__(self, key):  # read access as the plain dict it is stored as
         return getattr(self, key)
@@ -128,6 +135,8 @@ def resolve(cfg: TrainConfig, stored: dict | None) -> RunSettings:
         given = getattr(cfg, key)
         if given is not None:
             run[key] = given
+        elif key == "data_shards" and cfg.data is not None:
+            run[key] = None  # --data given on resume: tiny Shakespeare, not the stored shards
         elif stored is not None and key in stored:
             run[key] = stored[key]
         else:
@@ -149,6 +158,8 @@ def resolve(cfg: TrainConfig, stored: dict | None) -> RunSettings:
                          f"batch_size * block_size * world_size = {tokens_per_micro}")
     if run["min_lr"] is None:
         run["min_lr"] = run["lr"] / 10
+    if run["data_shards"] is not None:  # stored so that a resume finds it from anywhere
+        run["data_shards"] = os.path.abspath(run["data_shards"])
     return RunSettings(**{f.name: run[f.name] for f in fields(RunSettings)})
 
 
@@ -199,3 +210,28 @@ def check_invocation(cfg: TrainConfig):
     if cfg.resume and cfg.overwrite:
         raise TrainError("--resume continues the run in --out-dir and --overwrite starts it "
                          "afresh: pass one of them")
+
+
+def check_device(cfg: TrainConfig, run: RunSettings):
+    """--device: the torch engine's, and a GPU that torch can see."""
+    if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
+        raise TrainError(f"--device must be cpu or cuda, got {cfg.device!r}")
+    if cfg.device != "cpu" and run.backend != "torch":
+        raise TrainError("--device is for --backend torch (numpy runs on the CPU, cupy on the GPU)")
+    if cfg.device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise TrainError(f"--device {cfg.device}: this torch sees no CUDA GPU (torch "
+                             f"{torch.__version__}, torch.cuda.is_available() is False); use "
+                             "--device cpu, or a CUDA build of torch on a machine with a GPU")
+
+
+def check_init_shape(cfg: TrainConfig, model_cfg):
+    """--init-from brings its own shape: explicit shape flags must agree with it."""
+    clash = [f"--{k.replace('_', '-')} {getattr(cfg, k)} (the weights have "
+             f"{getattr(model_cfg, k)})" for k in ("n_layer", "n_head", "n_embd")
+             if getattr(cfg, k) is not None and getattr(cfg, k) != getattr(model_cfg, k)]
+    if clash:
+        raise TrainError(f"--init-from {cfg.init_from} fixes the model's shape; it disagrees with "
+                         + ", ".join(clash) + ": drop those flags")

@@ -415,6 +415,23 @@ def test_script_two_ranks_equal_one_process(script_runs):
     assert c2.state["world_size"] == 2 and len(c2.state["data_ranks"]) == 2
 
 
+def test_script_val_set_does_not_depend_on_the_number_of_ranks(script_runs):
+    """--eval-batches counts global batches (total_batch_size tokens), split over the ranks:
+    one process with the ranks' own batch size (so twice the micro-steps) evaluates the very
+    val batches the 2 ranks did, and trains the same steps (issue 19 item 9)."""
+    tmp = script_runs[0]
+    common = TINY + ["--data", SHAKESPEARE, "--cache-dir", str(tmp / "cache")]
+    one = subprocess.run([sys.executable, SCRIPT, *common, "--batch-size", "2", "--out-dir",
+                          str(tmp / "one-b2"), "--num-samples", "0"], cwd=ROOT,
+                         env=script_env(), capture_output=True, text=True, timeout=240)
+    assert one.returncode == 0, (one.stdout[-3000:], one.stderr[-3000:])
+    one, two = _log(tmp / "one-b2"), _log(tmp / "two")
+    for key in ("train_loss", "val_loss", "grad_norm"):
+        a = [r[key] for r in two if key in r]
+        b = [r[key] for r in one if key in r]
+        assert len(a) == len(b) and rel(a, b) < 1e-12, (key, a, b)
+
+
 def test_script_only_rank0_writes(script_runs):
     tmp, outs, _ = script_runs
     assert sorted(os.listdir(tmp / "two")) == ["ckpt.safetensors", "log.jsonl", "loss.png",

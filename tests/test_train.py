@@ -397,3 +397,119 @@ def test_gpt2np_train_command(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "gpt2np.cli", "train", "--help"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "usage: gpt2np train" in proc.stdout
+
+
+# ------------------------------------------------------------------ issue 19: training edges
+
+
+def _strict_log(out):
+    """log.jsonl read by a strict JSON reader (bare NaN / Infinity are errors)."""
+    def no_constants(name):
+        raise ValueError(f"bare {name} in log.jsonl")
+
+    return [json.loads(line, parse_constant=no_constants)
+            for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow is the point
+@pytest.mark.parametrize("when", ["eval", "save"])
+def test_divergence_never_leaves_a_broken_checkpoint(tmp_path, token_cache, capsys, when):
+    # item 1: a good checkpoint at step 4, then lr 1e30 blows the params up at step 4's
+    # update. Whether the next thing is an eval (val loss NaN) or a plain save, nothing is
+    # written: the checkpoint stays step 4's, and it resumes with a sane lr without a NaN.
+    assert train(tiny(tmp_path, token_cache, stop_after=4)).status == "stopped"
+    kw = dict(eval_interval=1) if when == "eval" else dict(save_interval=1, eval_interval=100)
+    res = train(tiny(tmp_path, token_cache, resume=True, lr=1e30, **kw))
+    assert res.status == "diverged" and res.step == 4
+    err = capsys.readouterr().err
+    assert "non-finite val loss" in err and "(step 4) is kept" in err
+    assert load_checkpoint(tmp_path / "ckpt.safetensors").state["step"] == 4
+    log = _strict_log(tmp_path)  # the diverged step's NaN is logged as null, flagged
+    if when == "eval":
+        assert log[-1]["val_loss"] is None and log[-1]["non_finite"] == ["val_loss"]
+    res = train(tiny(tmp_path, token_cache, resume=True))
+    assert res.status == "done" and res.step == 8
+    log = _strict_log(tmp_path)
+    assert [r["step"] for r in log] == list(range(8)) and "non_finite" not in str(log)
+    assert all(np.isfinite(r["train_loss"]) for r in log)
+    if when == "eval":  # the issue's command line: step 0's update diverges, nothing saved
+        assert main(_cli(tiny(tmp_path / "fresh", token_cache, lr=1e30, eval_interval=1))) == 1
+        assert "no checkpoint was written yet" in capsys.readouterr().err
+        assert not (tmp_path / "fresh" / "ckpt.safetensors").exists()
+
+
+def test_total_batch_size_zero_is_refused(tmp_path, token_cache):
+    # item 5: 0 is a multiple of everything; it would train on nothing
+    with pytest.raises(TrainError, match="--total-batch-size must be positive"):
+        train(tiny(tmp_path, token_cache, total_batch_size=0))
+    assert not (tmp_path / "ckpt.safetensors").exists()
+
+
+def test_shards_run_resumes_with_only_resume(tmp_path):
+    # item 6: the shard folder is in the checkpoint; a moved folder is named as --data-shards
+    from gpt2np.prepare import prepare
+
+    rng = np.random.default_rng(0)
+    words = ["thou", "art", "the", "king", "of", "night", "and", "day", "my", "lord"]
+    prepare([], str(tmp_path / "shards"), shard_size=300, val_shard_size=100, workers=1,
+            progress=False, documents=[" ".join(rng.choice(words, 40)) for _ in range(40)])
+    kw = dict(data=None, data_shards=str(tmp_path / "shards"), cache_dir=None, max_steps=6,
+              block_size=8, batch_size=2, eval_interval=3)
+    whole = train(tiny(tmp_path / "whole", None, **kw))
+    assert train(tiny(tmp_path / "part", None, stop_after=2, **kw)).status == "stopped"
+    rest = train(TrainConfig(out_dir=str(tmp_path / "part"), resume=True, num_samples=0,
+                             progress=False))  # as the stop message says: no data flags
+    assert rest.status == "done" and rest.records[-1]["val_loss"] == whole.val_loss
+    (tmp_path / "shards").rename(tmp_path / "moved")
+    with pytest.raises(TrainError, match=f"--data-shards {tmp_path / 'shards'}"):
+        train(TrainConfig(out_dir=str(tmp_path / "part"), resume=True, max_steps=7,
+                          num_samples=0, progress=False))
+    rest = train(TrainConfig(out_dir=str(tmp_path / "part"), resume=True, max_steps=7,
+                             data_shards=str(tmp_path / "moved"), num_samples=0, progress=False))
+    assert rest.status == "done" and rest.step == 7
+
+
+def test_init_from_with_disagreeing_shape_flags(tmp_path, token_cache):
+    # item 7: --init-from fixes the shape; flags that say otherwise are an error, not ignored
+    from gpt2np import GPT, GPTConfig
+
+    GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16), seed=7).save_pretrained(tmp_path / "pre")
+    with pytest.raises(TrainError, match="--n-layer 8 .the weights have 1.*--n-embd 256"):
+        train(tiny(tmp_path / "run", token_cache, init_from=str(tmp_path / "pre"), n_layer=8,
+                   n_head=2, n_embd=256))
+
+
+def test_torch_on_cuda_without_cuda(tmp_path, token_cache):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA works here")
+    with pytest.raises(TrainError, match="--device cuda: this torch sees no CUDA GPU"):
+        train(tiny(tmp_path, token_cache, backend="torch", device="cuda"))
+
+
+def test_unwritable_out_dir(tmp_path, token_cache):
+    (tmp_path / "file").write_text("x")  # a file where a folder should be (root can't write it either)
+    with pytest.raises(TrainError, match="--out-dir .*cannot write there"):
+        train(tiny(tmp_path / "file" / "run", token_cache))
+
+
+def test_disk_full_during_a_save(tmp_path, token_cache, monkeypatch, capsys):
+    # item 11: ENOSPC while writing a checkpoint: one error line, the previous one intact
+    import errno
+
+    from gpt2np import run_outputs
+
+    real, calls = run_outputs.save_checkpoint, []
+
+    def full_on_second(path, ckpt):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(path, ckpt)
+
+    monkeypatch.setattr(run_outputs, "save_checkpoint", full_on_second)
+    assert main(_cli(tiny(tmp_path, token_cache, save_interval=4))) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: cannot write the checkpoint") and "No space left" in last
+    assert "step 4 is intact" in last and "--resume" in last
+    assert load_checkpoint(tmp_path / "ckpt.safetensors").state["step"] == 4
