@@ -3,6 +3,7 @@ goes into one folder and installs from it offline; the check runs every part bou
 leaves exactly three files (summary, bench figures, logs) whatever happens. The default check
 runs end to end on the CUDA simulator with a tiny model (`gpu`: GPT2NP_SIM_GPU=1)."""
 import base64
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -245,7 +246,7 @@ def test_a_check_killed_from_outside_leaves_its_state_and_the_running_part_log(t
 
     stub = tmp_path / "python"
     stub.write_text(f'#!/bin/sh\ncase "$*" in *" summary "*) exec {sys.executable} "$@" ;; esac\n'
-                    "echo started; exec sleep 120\n")
+                    f"echo $$ > {tmp_path}/part.pid; echo started; exec sleep 120\n")
     stub.chmod(0o755)
     out, work = tmp_path / "out", tmp_path / "work"
     env = dict(os.environ, OUT=str(out), WORK=str(work), CARRY=str(tmp_path / "carry"),
@@ -260,6 +261,9 @@ def test_a_check_killed_from_outside_leaves_its_state_and_the_running_part_log(t
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        if (tmp_path / "part.pid").is_file():  # `timeout` made the part its own process group
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int((tmp_path / "part.pid").read_text()), signal.SIGKILL)
     assert {p.name for p in out.iterdir()} == OUT_FILES | {"env.log"}  # within the 8 files
     summary = (out / "summary.txt").read_text()
     assert "running: env" in summary and "not reached: tests" in summary, summary
