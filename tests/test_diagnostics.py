@@ -1,6 +1,7 @@
 """Training diagnostics (gpt2np.diagnostics): the logged gradient norms are torch autograd's,
 the update ratios are the params' measured change, the activation figures are those of a
 direct computation, for the array engine (from its caches) and the torch engine (hooks)."""
+import json
 import math
 
 import numpy as np
@@ -186,7 +187,7 @@ def test_entropy_from_lse_equals_entropy_without_it():
 def test_probe_logs_every_n_steps_and_keeps_a_resumed_runs_records(tmp_path):
     params, data = params64(), batches()
     engine = make_engine("numpy", params)
-    probe = D.DiagnosticsProbe(2, tmp_path, eval_interval=2, max_steps=5)
+    probe = D.DiagnosticsProbe(2, tmp_path, eval_interval=0, max_steps=5)  # drawn once
     for step in range(5):
         rec = {"step": step}
         probe.start_step(step, engine)
@@ -218,3 +219,29 @@ def test_plot_draws_partial_records(tmp_path):
     assert (tmp_path / "d.png").stat().st_size > 10_000
     with pytest.raises(ValueError, match="--diagnostics"):
         D.DiagnosticsProbe(0, tmp_path)
+
+
+def test_the_training_flag_logs_every_n_steps_and_resumes(tmp_path):
+    from gpt2np.train import main as train_main
+    from testdata import shakespeare_path
+
+    if not shakespeare_path().is_file():
+        pytest.skip(f"tiny Shakespeare not at {shakespeare_path()} (set GPT2NP_DATA)")
+    out = tmp_path / "run"
+    flags = ["--data", str(shakespeare_path()), "--cache-dir", str(tmp_path / "cache"),
+             "--out-dir", str(out), "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+             "--block-size", "16", "--batch-size", "2", "--total-batch-size", "64",
+             "--max-steps", "6", "--eval-interval", "3", "--eval-batches", "1",
+             "--num-samples", "0", "--no-progress", "--diagnostics", "2"]
+    assert train_main(flags + ["--stop-after", "3"]) == 0
+    assert [r["step"] for r in D.read_diagnostics(out)] == [0, 2]
+    assert train_main(flags + ["--resume"]) == 0
+    records = D.read_diagnostics(out)
+    assert [r["step"] for r in records] == [0, 2, 4]  # nothing lost or doubled by the resume
+    assert (out / D.PLOT_NAME).stat().st_size > 10_000
+    # the per-tensor norms make up the global norm that log.jsonl's clipping saw (float32)
+    log = {r["step"]: r for r in map(json.loads, (out / "log.jsonl").open())}
+    for r in records:
+        total = math.sqrt(sum(v * v for v in r["grad_norm"].values()))
+        assert total == pytest.approx(log[r["step"]]["grad_norm"], rel=1e-5)
+        assert len(r["activations"]) == 2 and r["cost_s"] > 0
