@@ -40,8 +40,7 @@ them over the ranks once, on the last micro-step (gpt2np.distributed: one flat-b
 all-reduce over torch.distributed, gloo on CPUs and NCCL on GPUs; DistributedDataParallel
 for the torch engine). --total-batch-size counts the tokens of all ranks. The logged
 losses are the ranks' means; rank 0 alone prints, logs, plots, samples and checkpoints.
---data-shards DIR trains on token shards written by `python -m gpt2np.prepare` instead of
-tiny Shakespeare.
+Divergence (a non-finite loss, val loss or grad norm) stops the run before anything is saved.
 """
 from __future__ import annotations
 
