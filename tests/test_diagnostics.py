@@ -245,3 +245,36 @@ def test_the_training_flag_logs_every_n_steps_and_resumes(tmp_path):
         total = math.sqrt(sum(v * v for v in r["grad_norm"].values()))
         assert total == pytest.approx(log[r["step"]]["grad_norm"], rel=1e-5)
         assert len(r["activations"]) == 2 and r["cost_s"] > 0
+
+
+@pytest.mark.parametrize("n_embd, precision, attention", [
+    (16, "fp32", "query blocks"), (16, "bf16", "query blocks"), (128, "bf16", "flash")])
+def test_cupy_caches_on_the_simulated_gpu(n_embd, precision, attention, monkeypatch):
+    """CuPy's fused layers (on the CUDA simulator; flash attention at head size 64): the
+    figures of the numpy model's, and the norms of device arrays summed on the device."""
+    import cuda_sim
+    from cuda_sim import fake_cupy
+
+    if not cuda_sim.available():
+        pytest.skip("the CUDA simulator needs g++")
+    cfg = GPTConfig(block_size=8, vocab_size=40, n_layer=1, n_head=2, n_embd=n_embd)
+    params = {k: v.astype(np.float32) for k, v in GPT(cfg, dtype="float64", seed=5).state_dict().items()}
+    x, y = (np.random.default_rng(1).integers(0, 40, (2, 8)) for _ in range(2))
+    figures = {}
+    for backend in ("numpy", "cupy"):
+        if backend == "cupy":
+            cp = fake_cupy.install(monkeypatch)
+        model = GPT(cfg, backend=backend, precision=precision, params=params)
+        model.forward(x, y)
+        figures[backend] = D.model_activations(model)
+        if backend == "cupy":
+            kept = model._cache[1][0][1][1].saved  # block 0's attention cache
+            assert len(kept) == (4 if attention == "flash" else 6)
+            assert (kept[0].dtype == np.uint16) == (precision == "bf16")  # bf16 bits
+            norms = D.tensor_norms(model.params)
+            assert type(model.params["transformer.wte.weight"]).__module__ == "cupy"
+            fake_cupy.clear_caches()
+    assert_figures_equal(figures["cupy"], figures["numpy"], rel=1e-2 if precision == "bf16" else 1e-5)
+    for k, p in params.items():
+        assert norms[k] == pytest.approx(np.linalg.norm(p.astype(np.float64)), rel=1e-12)
+    del cp
