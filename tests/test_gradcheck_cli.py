@@ -120,3 +120,20 @@ def test_a_vocabulary_that_cannot_read_gpt2_tokens(text_file, tmp_path, capsys):
     assert G.main(["--model", str(small), "--text", str(text_file), "--fd", "0"]) == 1
     assert "does not read GPT-2 tokens" in capsys.readouterr().err
 
+
+
+def test_a_training_run_is_a_model_too(text_file, tmp_path, capsys):
+    from gpt2np.train import main as train_main
+    from testdata import shakespeare_path
+
+    if not shakespeare_path().is_file():
+        pytest.skip(f"tiny Shakespeare not at {shakespeare_path()} (set GPT2NP_DATA)")
+    run = tmp_path / "run"
+    assert train_main(["--data", str(shakespeare_path()), "--cache-dir", str(tmp_path / "c"),
+                       "--out-dir", str(run), "--n-layer", "1", "--n-head", "2", "--n-embd", "8",
+                       "--block-size", "8", "--batch-size", "2", "--max-steps", "2",
+                       "--eval-batches", "1", "--num-samples", "0", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert G.main(["--model", str(run), "--text", str(text_file), "--fd", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "batch B=1 T=8" in out and "gradients OK" in out  # T: the run's block size
