@@ -304,7 +304,9 @@ class DiagnosticsProbe(StepProbe):
     def start_step(self, step, engine):
         if self.records is None:
             self._open(step)
-        self._active = step % self.every == 0
+        # rank 0 alone: the gradient is the same on every rank after the all-reduce, and the
+        # activations of rank 0's micro-batches stand for the step's
+        self._active = self.is_main and step % self.every == 0
         if not self._active:
             return
         t0 = time.perf_counter()
