@@ -5,10 +5,10 @@
 Left, a heatmap of log10 update ratio (tensor x step) on a diverging scale centred on the
 usual ~1e-3 guide: white is a step of about 1e-3 of the weight's norm, red is a tensor
 moving faster, dark red 1e-1 and more (a weight replaced in ten steps), blue one that barely
-moves. Biases are left out: they start at zero, so their ratio means little. Right, per layer over the
-steps: the gradient norm (the block's tensors together), the residual stream's std, the
-attention's mean entropy and the fraction of GELU inputs in the flat tail, lines coloured
-from the first layer (dark) to the last (yellow).
+moves. Biases are left out: they start at zero, so their ratio means little. Right, per
+layer over the steps: the gradient norm (the block's tensors together), the residual
+stream's std, the attention's mean entropy and the fraction of GELU inputs in the flat
+tail, lines coloured from the first layer (dark) to the last (yellow).
 """
 from __future__ import annotations
 
@@ -152,7 +152,8 @@ def _main(argv=None) -> int:
     from .cli import ArgumentParser
     from .diagnostics import PLOT_NAME, read_diagnostics
 
-    p = ArgumentParser(prog="python -m gpt2np.diagnostics_plot", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m gpt2np.diagnostics_plot",
+                       description=__doc__.split("\n\n")[0])
     p.add_argument("run", help="a training run's out-dir (or its diagnostics.jsonl)")
     p.add_argument("--out", help=f"the picture (default RUN/{PLOT_NAME})")
     args = p.parse_args(argv)

@@ -254,7 +254,8 @@ def check_gradients(model, x, y, fd: int = 1, seed: int = 0) -> GradcheckResult:
         fd_errors = finite_differences(model, x, y, ours, fd, seed)
         seconds["finite_differences"] = time.perf_counter() - t0
     return GradcheckResult(loss=float(loss), torch_loss=torch_loss, tensors=tensors,
-                           fd=fd_errors, shapes={k: tuple(p.shape) for k, p in model.params.items()},
+                           fd=fd_errors,
+                           shapes={k: tuple(p.shape) for k, p in model.params.items()},
                            fd_entries=fd, seconds=seconds)
 
 

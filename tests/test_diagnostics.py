@@ -88,7 +88,8 @@ def direct_activations(params, x):
     ref = TorchGPT.from_params(CFG, params, dtype=torch.float64)
     seen = {}
     hooks = [m.register_forward_hook(lambda mod, i, o, n=n: seen.__setitem__(n, (i[0], o)))
-             for n, m in ref.named_modules() if n.endswith(("ln_1", "ln_2", "ln_f", "c_fc", "c_attn"))]
+             for n, m in ref.named_modules()
+             if n.endswith(("ln_1", "ln_2", "ln_f", "c_fc", "c_attn"))]
     with torch.no_grad():
         ref(torch.from_numpy(x))
     for h in hooks:
@@ -139,7 +140,8 @@ def test_activation_figures_equal_a_direct_computation(kind, tmp_path):
 def test_the_fused_kernels_caches_give_the_same_figures():
     """CuPy's fused layers keep other caches (backends.KernelCache): the same figures."""
     rng = np.random.default_rng(0)
-    model = GPT(CFG, dtype="float32", params={k: v.astype(np.float32) for k, v in params64().items()})
+    model = GPT(CFG, dtype="float32",
+                params={k: v.astype(np.float32) for k, v in params64().items()})
     x, y = batches(1)[0]
     model.forward(x, y)
     ref = D.model_activations(model)
@@ -212,9 +214,11 @@ def test_probe_logs_every_n_steps_and_keeps_a_resumed_runs_records(tmp_path):
 
 
 def test_plot_draws_partial_records(tmp_path):
-    rec = {"step": 0, "grad_norm": {"transformer.wte.weight": 1.0, "transformer.h.0.ln_1.weight": 0.5},
+    rec = {"step": 0,
+           "grad_norm": {"transformer.wte.weight": 1.0, "transformer.h.0.ln_1.weight": 0.5},
            "update_ratio": {"transformer.wte.weight": 1e-3, "transformer.h.0.ln_1.weight": None},
-           "activations": {"transformer.h.0": {"resid_std": 1.0, "attn_entropy": 0.5, "gelu_tail": 0.1}}}
+           "activations": {"transformer.h.0": {"resid_std": 1.0, "attn_entropy": 0.5,
+                                               "gelu_tail": 0.1}}}
     plot_diagnostics([rec], tmp_path / "d.png")
     assert (tmp_path / "d.png").stat().st_size > 10_000
     with pytest.raises(ValueError, match="--diagnostics"):
@@ -258,7 +262,8 @@ def test_cupy_caches_on_the_simulated_gpu(n_embd, precision, attention, monkeypa
     if not cuda_sim.available():
         pytest.skip("the CUDA simulator needs g++")
     cfg = GPTConfig(block_size=8, vocab_size=40, n_layer=1, n_head=2, n_embd=n_embd)
-    params = {k: v.astype(np.float32) for k, v in GPT(cfg, dtype="float64", seed=5).state_dict().items()}
+    params = {k: v.astype(np.float32)
+              for k, v in GPT(cfg, dtype="float64", seed=5).state_dict().items()}
     x, y = (np.random.default_rng(1).integers(0, 40, (2, 8)) for _ in range(2))
     figures = {}
     for backend in ("numpy", "cupy"):
@@ -274,7 +279,8 @@ def test_cupy_caches_on_the_simulated_gpu(n_embd, precision, attention, monkeypa
             norms = D.tensor_norms(model.params)
             assert type(model.params["transformer.wte.weight"]).__module__ == "cupy"
             fake_cupy.clear_caches()
-    assert_figures_equal(figures["cupy"], figures["numpy"], rel=1e-2 if precision == "bf16" else 1e-5)
+    assert_figures_equal(figures["cupy"], figures["numpy"],
+                         rel=1e-2 if precision == "bf16" else 1e-5)
     for k, p in params.items():
         assert norms[k] == pytest.approx(np.linalg.norm(p.astype(np.float64)), rel=1e-12)
     del cp

@@ -13,12 +13,14 @@ TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\n
         "\nFirst Citizen:\nYou are all resolved rather to die than to famish?\n") * 3
 
 
+CFG = GPTConfig(block_size=16, vocab_size=50257, n_layer=2, n_head=2, n_embd=16)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     # GPT-2's vocabulary (real text's token ids), everything else tiny
-    cfg = GPTConfig(block_size=16, vocab_size=50257, n_layer=2, n_head=2, n_embd=16)
     folder = tmp_path_factory.mktemp("model")
-    GPT(cfg, dtype="float64", seed=3).save_pretrained(folder)
+    GPT(CFG, dtype="float64", seed=3).save_pretrained(folder)
     return folder
 
 
@@ -39,7 +41,7 @@ def run(model_dir, text_file, tmp_path, *extra):
 def test_passes_and_lists_every_tensor(model_dir, text_file, tmp_path, capsys):
     code, report = run(model_dir, text_file, tmp_path)
     printed = capsys.readouterr().out
-    names = list(GPT(GPTConfig(block_size=16, vocab_size=50257, n_layer=2, n_head=2, n_embd=16)).params)
+    names = list(GPT(CFG).params)
     assert code == 0
     assert list(report["tensors"]) == names and list(report["fd"]) == names
     assert all(name in printed for name in names)
@@ -73,8 +75,7 @@ def test_fails_naming_the_tensors_whose_backward_is_wrong(model_dir, text_file, 
 
 def test_finite_differences_alone_catch_a_wrong_gradient(model_dir, text_file):
     # the torch comparison is not the only judge: a gradient off by 1% fails the fd check
-    m = GPT(GPTConfig(block_size=16, vocab_size=50257, n_layer=2, n_head=2, n_embd=16),
-            dtype="float64", seed=3)
+    m = GPT(CFG, dtype="float64", seed=3)
     x, y = G.batch_from_text(text_file, 1, 8)
     m.forward(x, y)
     grads = {k: np.array(g) for k, g in m.backward().items()}
@@ -116,7 +117,7 @@ def test_bad_input_is_one_clear_line(model_dir, text_file, extra, status, messag
 
 def test_a_vocabulary_that_cannot_read_gpt2_tokens(text_file, tmp_path, capsys):
     small = tmp_path / "small"
-    GPT(GPTConfig(block_size=16, vocab_size=300, n_layer=1, n_head=2, n_embd=8)).save_pretrained(small)
+    GPT(CFG.replace(vocab_size=300)).save_pretrained(small)
     assert G.main(["--model", str(small), "--text", str(text_file), "--fd", "0"]) == 1
     assert "does not read GPT-2 tokens" in capsys.readouterr().err
 
