@@ -17,7 +17,8 @@ and they are the recipe of "Let's reproduce GPT-2 (124M)" (build-nanogpt's train
              the step stays 524,288 tokens, accumulation makes up the difference.
   optimizer  AdamW (0.9, 0.95), weight decay 0.1, clip 1.0; lr 6e-4 -> 6e-5 on a cosine after
              715 warmup steps; 19,073 steps (10B tokens)
-  evals      every 250 steps: val loss on 20 batches and HellaSwag (acc_norm; the cache,
+  evals      every 250 steps: val loss on 20 batches of 524,288 tokens (10.5M tokens, what
+             build-nanogpt's 8 GPUs x 20 val steps read) and HellaSwag (acc_norm; the cache,
              else a download of the val split; --hellaswag PATH, or --no-hellaswag); a
              checkpoint every 5,000 steps and at the end
   engine     --backend cupy --precision bf16 when CuPy sees a GPU, else numpy (fp32)
