@@ -242,3 +242,18 @@ def test_a_model_without_gpt2_vocab_is_refused(tmp_path):
     tiny = GPT(CFG.replace(vocab_size=64), seed=0)
     with pytest.raises(ValueError, match="50257"):
         H.evaluate(tiny, write_items(tmp_path / "hs.jsonl", make_items(2)), progress=False)
+
+
+@pytest.mark.gpu
+def test_cupy_model_scores_like_numpy(model):
+    """The CuPy engine (on a GPU, or the CUDA simulator with GPT2NP_SIM_GPU=1): the same
+    per-ending losses as the numpy model, gathered and reduced on the device."""
+    items = make_items(3, seed=6)
+    hs = H.HellaSwag(items, CFG.block_size)
+    gpu = GPT(CFG, backend="cupy", dtype="float32", params=model.state_dict())
+    cpu = GPT(CFG, dtype="float32", params=model.state_dict())
+    s_gpu, n_gpu = H.ending_losses(H.logits_function(gpu), hs.rendered)
+    s_cpu, n_cpu = H.ending_losses(H.logits_function(cpu), hs.rendered)
+    np.testing.assert_allclose(s_gpu, s_cpu, rtol=1e-4)
+    assert (n_gpu == n_cpu).all()
+    assert H.HellaSwag(items, CFG.block_size).evaluate(gpu, progress=False).n == 3
