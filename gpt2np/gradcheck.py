@@ -11,7 +11,8 @@ run. One batch of real text (the first B*T+1 tokens of tiny Shakespeare by defau
   2. PyTorch autograd on the same params and batch (backends.torch_backend.TorchGPT), the
      oracle: every tensor's relative error max|ours - torch| / max|torch| must be <= 1e-9;
   3. central finite differences of the loss on K sampled entries of every tensor, an oracle
-     independent of torch: error max|fd - ours| / max|ours| over the entries, <= 1e-5.
+     independent of torch: error max|fd - ours| / max|ours| over the entries, <= 1e-5
+     (max|ours| taken as at least 1e-4: finite differences resolve no finer).
 A table gives both errors per tensor; the exit status is 1 if any tensor is over either
 tolerance, and the failing tensors are named. --json writes
 {"worst_rel_err", "tensors": {name: rel_err}, "fd": {name: err}} (and a little more).
@@ -41,6 +42,10 @@ TOLERANCE = 1e-9  # vs torch autograd, both float64: agreement near machine prec
 # relative to a tensor's largest gradient (~1e-3 or more) that is < 1e-5 with margin.
 FD_STEP = 1e-5
 FD_TOLERANCE = 1e-5
+# A tensor whose gradients are all tiny is judged as if its largest were 1e-4: below an
+# absolute 1e-9 (FD_TOLERANCE * 1e-4) the difference quotient's own rounding cannot tell
+# a wrong gradient from a right one.
+FD_SCALE_FLOOR = 1e-4
 DEFAULT_B, DEFAULT_T = 1, 32
 
 
@@ -202,7 +207,8 @@ class _SuffixLoss:
 
 def finite_differences(model, x, y, grads: dict, k: int, seed: int = 0,
                        h: float = FD_STEP) -> dict[str, float]:
-    """Per tensor: max over k sampled entries of |central difference - grads| / max|grads|."""
+    """Per tensor: max over k sampled entries of |central difference - grads|, divided by
+    max|grads| (at least FD_SCALE_FLOOR)."""
     # The forwards see one short batch: their GEMMs are small, and on one BLAS thread they
     # ran 5x faster than on two on the busy 2-core box (OpenBLAS's hand-off costs more)
     with model.backend.serial_blas():
@@ -225,8 +231,7 @@ def _finite_differences(model, f, grads, k, seed, h):
             minus = f.loss(start)
             flat[j] = old  # restored exactly: the same float64 value
             err = max(err, abs((plus - minus) / (2 * h) - g[j]))
-        scale = float(np.max(np.abs(g)))
-        errors[name] = err / scale if scale > 0 else err
+        errors[name] = err / max(float(np.max(np.abs(g))), FD_SCALE_FLOOR)
     return errors
 
 
