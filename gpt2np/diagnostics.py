@@ -213,11 +213,14 @@ def model_activations(model) -> dict:
 
 
 def _from_torch(t):
-    """A torch tensor as a numpy (CPU) or cupy (CUDA) array sharing its memory."""
+    """A torch tensor as a numpy (CPU) or cupy (CUDA) array sharing its memory (without
+    CuPy, a CUDA tensor's host copy)."""
     t = t.detach()
     if t.is_cuda:
-        import cupy
-
+        try:
+            import cupy
+        except ImportError:  # torch on a GPU without CuPy: copy to the host instead
+            return t.cpu().numpy()
         return cupy.from_dlpack(t)
     return t.numpy()
 
