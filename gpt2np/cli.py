@@ -97,7 +97,7 @@ def run_main(impl, argv=None) -> int:
 
 def _message(e: BaseException) -> str:
     text = str(e) if not isinstance(e, KeyError) else (e.args[0] if e.args else "")
-    text = " ".join(str(text).split())  # one line
+    text = _one_line(str(text))
     if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
         text = f"{e.filename}: {e.strerror or text}"
     if not text:
@@ -105,6 +105,16 @@ def _message(e: BaseException) -> str:
     elif isinstance(e, (MemoryError, RecursionError, ZeroDivisionError, AttributeError, TypeError)):
         text = f"{type(e).__name__}: {text} (GPT2NP_DEBUG=1 shows where)"
     return text
+
+
+def _one_line(text: str) -> str:
+    """A multi-line message (e.g. a list of options) as one line: its lines joined by "; "
+    (after a line ending in ":" by a space), each line's runs of spaces collapsed."""
+    lines = [" ".join(line.split()) for line in text.splitlines()]
+    out = ""
+    for line in filter(None, lines):
+        out += line if not out else (" " if out.endswith(":") else "; ") + line
+    return out
 
 
 def main(argv=None) -> int:

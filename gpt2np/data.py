@@ -59,12 +59,13 @@ def download(dest: Path, url: str = DATA_URL, timeout: float = 60.0) -> Path:
 
 
 def find_data(path: str | os.PathLike | None = None, *, cache: str | os.PathLike | None = None,
-              allow_download: bool = True) -> Path:
-    """The path of the tiny Shakespeare text (see the module docstring for the search order)."""
+              allow_download: bool = True, flag: str = "--data") -> Path:
+    """The path of the tiny Shakespeare text (see the module docstring for the search order);
+    `flag` is the command's flag for a path, named in the errors."""
     if path is not None:
         p = Path(path).expanduser()
         if not p.is_file():
-            raise DataNotFoundError(f"--data {p}: no such file")
+            raise DataNotFoundError(f"{flag} {p}: no such file")
         return p
     env = os.environ.get("GPT2NP_DATA")
     if env:
@@ -83,7 +84,7 @@ def find_data(path: str | os.PathLike | None = None, *, cache: str | os.PathLike
             problem = f"downloading {DATA_URL} failed: {e}"
     raise DataNotFoundError(
         f"tiny Shakespeare not found, and {problem}. Provide it in one of these ways:\n"
-        f"  --data PATH                  a local copy of the text\n"
+        f"  {flag + ' PATH':<28} a local copy of the text\n"
         f"  GPT2NP_DATA=PATH             the same through the environment\n"
         f"  {cached}   put (or let us download) the file in the cache "
         f"($GPT2NP_CACHE overrides the folder)\n"

@@ -323,7 +323,7 @@ def _main(argv=None) -> int:
     else:
         from .data import find_data
 
-        x, y = batch_from_text(find_data(args.text), args.batch_size, T)
+        x, y = batch_from_text(find_data(args.text, flag="--text"), args.batch_size, T)
     n = model.num_params()
     print(f"{args.model}: {n / 1e6:.1f}M params, {len(model.params)} tensors; batch "
           f"B={args.batch_size} T={T}; float64; --fd {args.fd} entries per tensor "

@@ -98,3 +98,21 @@ def test_through_the_gpt2np_command(paths):
                            text=True, env=env, cwd=ROOT, timeout=300)
         assert p.returncode == code and "Traceback" not in p.stderr, p.stderr
         assert p.stderr.strip().splitlines()[-1].startswith("error:"), p.stderr
+
+
+def test_a_multi_line_library_message_becomes_one_readable_line(capsys, monkeypatch):
+    from gpt2np import cli
+    from gpt2np.data import DataNotFoundError, find_data
+
+    monkeypatch.delenv("GPT2NP_DATA", raising=False)
+
+    def impl(argv):
+        find_data(None, cache=argv[0], allow_download=False, flag="--text")
+
+    assert cli.run_main(impl, [str(Path("/nonexistent-cache"))]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: tiny Shakespeare not found")
+    # the options keep their separation, and the command's own flag is named
+    assert "ways: --text PATH a local copy of the text; GPT2NP_DATA=PATH" in err[0]
+    with pytest.raises(DataNotFoundError, match="--text nope: no such file"):
+        find_data("nope", flag="--text")
