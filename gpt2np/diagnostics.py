@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -45,6 +44,7 @@ from backends import KernelCache, backend_of
 
 from .evaluators import StepProbe
 from .model import GPT
+from .run_outputs import read_jsonl, replace_atomically
 
 GELU_TAIL = -3.0
 DIAG_NAME = "diagnostics.jsonl"
@@ -299,10 +299,11 @@ class DiagnosticsProbe(StepProbe):
 
     def _open(self, step):
         """The first step of this invocation: keep an earlier run's records before it."""
-        self.records = _read_records(self.path, before=step) if step > 0 else []
+        self.records = read_jsonl(self.path, before=step) if step > 0 else []
         if self.is_main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            _replace(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+            replace_atomically(self.path, lambda tmp: tmp.write_text(
+                "".join(json.dumps(r) + "\n" for r in self.records)))
 
     def start_step(self, step, engine):
         if self.records is None:
@@ -365,27 +366,6 @@ class DiagnosticsProbe(StepProbe):
         self._stale_plot = False
 
 
-def _replace(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _read_records(path: Path, before: int) -> list:
-    """The records of diagnostics.jsonl with step < before (a crash may cut the last line)."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if rec.get("step", before) < before:
-            records.append(rec)
-    return records
-
-
 def read_diagnostics(path) -> list[dict]:
     """Every record of a diagnostics.jsonl (or of a run folder's)."""
     path = Path(path)
@@ -393,7 +373,7 @@ def read_diagnostics(path) -> list[dict]:
         path = path / DIAG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {DIAG_NAME} at {path} (train with --diagnostics N)")
-    return _read_records(path, before=math.inf)
+    return read_jsonl(path)
 
 
 def probe_for(cfg, run, ctx) -> DiagnosticsProbe:

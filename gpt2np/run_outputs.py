@@ -69,7 +69,8 @@ def _draw_loss(ax, records):
 LOSS_PANEL = Panel(("train_loss",), _draw_loss)
 
 
-def _replace_atomically(path: Path, write: Callable[[Path], None]):
+def replace_atomically(path: Path, write: Callable[[Path], None]):
+    """write(tmp) then rename tmp over path: readers see the old file or the new, never half."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)
@@ -98,7 +99,7 @@ def plot(records: list, path: Path, panels=(LOSS_PANEL,)):
         if panel.overlay:
             panel.draw(axes[0], records)  # the first panel: the loss panel
     fig.tight_layout()
-    _replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
+    replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 class RunOutputs:
@@ -123,10 +124,10 @@ class RunOutputs:
         run may have logged steps after its checkpoint), and open the progress bar."""
         from tqdm import tqdm
 
-        self.records = _read_log(self.log_path, before=step) if resumed else []
+        self.records = read_jsonl(self.log_path, before=step) if resumed else []
         if self.master:
             self.out.mkdir(parents=True, exist_ok=True)
-            _replace_atomically(self.log_path, lambda tmp: tmp.write_text(
+            replace_atomically(self.log_path, lambda tmp: tmp.write_text(
                 "".join(_json_line(r) for r in self.records)))
         self.pbar = tqdm(total=max_steps, initial=step, disable=not (self.master and self.progress),
                          dynamic_ncols=True, unit="step")
@@ -184,7 +185,7 @@ class RunOutputs:
         self.plot()
         if self.master and samples:
             text = "\n\n".join(samples) + "\n"
-            _replace_atomically(self.out / "samples.txt", lambda tmp: tmp.write_text(text))
+            replace_atomically(self.out / "samples.txt", lambda tmp: tmp.write_text(text))
             for i, s in enumerate(samples):
                 self.say(f"--- sample {i + 1} ---\n{s}")
         result = self._result("done", step, samples)
@@ -211,7 +212,8 @@ def _num(v):
     return float("nan") if v is None else v  # (null in log.jsonl: a non-finite value)
 
 
-def _read_log(path: Path, before: int) -> list:
+def read_jsonl(path: Path, before: float = math.inf) -> list:
+    """The records of a run's .jsonl (log.jsonl, diagnostics.jsonl) with step < before."""
     if not path.exists():
         return []
     records = []
