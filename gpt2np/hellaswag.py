@@ -42,7 +42,7 @@ VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellas
 VAL_FILE = "hellaswag_val.jsonl"
 VAL_ITEMS = 10042
 GPT2_VOCAB = 50257  # the GPT-2 tokenizer's ids; a model needs at least this many rows
-DEFAULT_LOGITS_BUDGET = 256 * 2 ** 20  # bytes of float32 logits one CPU forward may make
+DEFAULT_LOGITS_BUDGET = 64 * 2 ** 20  # bytes of float32 logits per CPU forward (bigger: slower)
 GPU_LOGITS_BUDGET = 2 * 2 ** 30  # the same on a GPU, where bigger batches pay off
 
 # Reference figures (build-nanogpt's README and its eval logs), scored this same way.
@@ -318,7 +318,7 @@ class HellaSwag:
     def evaluate(self, model, *, ctx=None, progress: bool = True,
                  logits_budget: int | None = None) -> HellaSwagResult:
         """Score this rank's share (items i % world == rank); counts summed over ranks.
-        logits_budget: bytes of float32 logits per forward (default: 256 MiB, 2 GiB on a GPU)."""
+        logits_budget: bytes of float32 logits per forward (default: 64 MiB, 2 GiB on a GPU)."""
         if logits_budget is None:
             logits_budget = GPU_LOGITS_BUDGET if _on_gpu(model) else DEFAULT_LOGITS_BUDGET
         vocab = _vocab_size(model)
