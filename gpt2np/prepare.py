@@ -19,6 +19,10 @@ Documents are:
   between occurrences of STR (e.g. `--doc-sep '<|endoftext|>'` for text that already
   marks its document boundaries). Splitting inside a document would change the BPE merges
   at the cut, so documents are never cut. Empty documents are dropped.
+- or, with `--dataset NAME [--dataset-config CFG] [--split train] [--data-files F ...]`,
+  the `--text-field` of every record of a Hugging Face dataset, streamed in its order
+  (gpt2np.hf_datasets; e.g. HuggingFaceFW/fineweb-edu sample-10BT, or `--dataset parquet
+  --data-files *.parquet`); meta.json records the source;
 - or, from Python, any iterable of strings: `prepare([], out_dir, documents=...)`.
 Text is read as UTF-8 with its line endings as they are (CRLF stays CRLF, as in `--data`);
 a binary or non-UTF-8 file is an error naming it.
@@ -40,7 +44,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .cli import ArgumentParser, positive_int, run_main
+from .cli import ArgumentParser, UsageError, positive_int, run_main
 from .shards import (BIN_HEADER_INTS, BIN_MAGIC, BIN_MAX_TOKENS, BIN_VERSION,  # noqa: F401
                      clear_folder, load_shard, parse_shard_name, shard_name, write_meta,
                      write_shard)
@@ -359,10 +363,19 @@ token_count.__name__ = "token count"
 def _parser() -> ArgumentParser:
     ap = ArgumentParser(
         prog="python -m gpt2np.prepare",
-        description="Tokenize text files into uint16 GPT-2 token shards (shard 0 = val).")
-    ap.add_argument("--input", "-i", nargs="+", required=True,
-                    help="text files (.txt: one document per file or per --doc-sep; "
-                         ".jsonl: one document per line)")
+        description="Tokenize text files, or a Hugging Face dataset, into uint16 GPT-2 token "
+                    "shards (shard 0 = val).")
+    source = ap.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", "-i", nargs="+",
+                        help="text files (.txt: one document per file or per --doc-sep; "
+                             ".jsonl: one document per line)")
+    source.add_argument("--dataset", metavar="NAME", help=(
+        "a Hugging Face dataset, streamed (HuggingFaceFW/fineweb-edu), or a datasets builder "
+        "for local --data-files (json, parquet, csv, text); needs pip install datasets"))
+    ap.add_argument("--dataset-config", metavar="CFG", help="the dataset's config (sample-10BT)")
+    ap.add_argument("--split", default=None, help="the dataset's split (default train)")
+    ap.add_argument("--data-files", nargs="+", metavar="F",
+                    help="the dataset's files (local files for a builder, or paths in the repo)")
     ap.add_argument("--out-dir", "-o", required=True, help="directory for the shards")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace the shards (and meta.json) already in --out-dir")
@@ -377,20 +390,42 @@ def _parser() -> ArgumentParser:
     ap.add_argument("--prefix", default="shard", help="shard file name prefix")
     ap.add_argument("--doc-sep", default=None,
                     help="split plain-text files into documents at this string")
-    ap.add_argument("--text-field", default="text", help="the text field of .jsonl records")
+    ap.add_argument("--text-field", default="text",
+                    help="the text field of .jsonl records and --dataset records")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     return ap
 
 
 def _main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    meta = prepare(args.input, args.out_dir, shard_size=args.shard_size,
+    documents, source = _dataset(args)
+    meta = prepare(args.input or [], args.out_dir, shard_size=args.shard_size,
                    val_shard_size=args.val_shard_size, workers=args.workers, fmt=args.format,
                    prefix=args.prefix, doc_sep=args.doc_sep, text_field=args.text_field,
-                   progress=not args.no_progress, overwrite=args.overwrite)
+                   progress=not args.no_progress, overwrite=args.overwrite, documents=documents)
+    if source is not None:  # meta.json says where the documents came from
+        from .shards import write_meta
+
+        meta = {"source": source, **meta}
+        write_meta(args.out_dir, meta)
     print(f"{meta['documents']} documents, {meta['tokens']:,} tokens in "
           f"{len(meta['shards'])} shards -> {args.out_dir}")
     return 0
+
+
+def _dataset(args):
+    """--dataset's documents (gpt2np.hf_datasets, streamed) and its description, or (None, None)."""
+    if args.dataset is None:
+        if args.data_files or args.dataset_config or args.split:
+            raise UsageError("--data-files, --dataset-config and --split go with --dataset")
+        return None, None
+    from . import hf_datasets
+
+    split = args.split or "train"
+    docs = hf_datasets.dataset_documents(args.dataset, args.dataset_config, split,
+                                         args.data_files, args.text_field)
+    return docs, hf_datasets.describe(args.dataset, args.dataset_config, split,
+                                      args.data_files, args.text_field)
 
 
 def main(argv=None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
 import pytest
 
 from gpt2np import hf_datasets as D
@@ -66,3 +67,53 @@ def test_describe_records_the_source(files):
     d = D.describe("parquet", None, "train", files["parquet"], "text")
     assert d == {"dataset": "parquet", "config": None, "split": "train", "text_field": "text",
                  "data_files": files["parquet"]}
+
+
+# ----------------------------------------------------------------------- prepare --dataset
+
+
+def _shards(folder):
+    from gpt2np.shards import load_shard, read_meta
+
+    meta = read_meta(str(folder))
+    return meta, [np.asarray(load_shard(str(folder / s["file"]))) for s in meta["shards"]]
+
+
+@pytest.mark.parametrize("builder", ["json", "parquet"])
+def test_prepare_dataset_gives_the_shards_of_input(files, tmp_path, builder, capsys):
+    from gpt2np import prepare
+
+    common = ["--shard-size", "20", "--val-shard-size", "30", "--workers", "1", "--no-progress"]
+    assert prepare.main(["--input", *files["json"], "--out-dir", str(tmp_path / "a"), *common]) == 0
+    assert prepare.main(["--dataset", builder, "--data-files", *files[builder],
+                         "--out-dir", str(tmp_path / "b"), *common]) == 0
+    (meta_a, a), (meta_b, b) = _shards(tmp_path / "a"), _shards(tmp_path / "b")
+    assert len(a) == len(b) >= 3 and all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert meta_a["shards"] == meta_b["shards"] and meta_a["documents"] == meta_b["documents"] == 4
+    assert meta_b["source"]["dataset"] == builder and meta_b["source"]["split"] == "train"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--input", "x.txt", "--dataset", "json"], "not allowed with argument"),
+    (["--input", "x.txt", "--data-files", "x.jsonl"],
+     "--data-files, --dataset-config and --split go with --dataset"),
+    ([], "one of the arguments --input/-i --dataset is required"),
+])
+def test_prepare_dataset_flags_are_checked(tmp_path, capsys, argv, message):
+    from gpt2np import prepare
+
+    try:
+        code = prepare.main([*argv, "--out-dir", str(tmp_path / "out")])
+    except SystemExit as e:
+        code = e.code
+    assert code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_prepare_without_datasets_says_how_to_install(files, tmp_path, monkeypatch, capsys):
+    from gpt2np import prepare
+
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    assert prepare.main(["--dataset", "json", "--data-files", *files["json"],
+                         "--out-dir", str(tmp_path / "out"), "--no-progress"]) == 1
+    assert "pip install 'gpt2np[datasets]'" in capsys.readouterr().err
