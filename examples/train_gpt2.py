@@ -76,7 +76,7 @@ def build_parser(engine: dict | None = None):
             action.help = (re.sub(r"default:? [^)]*", text, action.help) if "default" in action.help
                            else f"{action.help} ({text})")
         if action.dest == "data_shards":
-            action.help += " (required)"
+            action.help += " (required for a new run)"
     p.set_defaults(**INVOCATION)
     p.add_argument("--no-hellaswag", action="store_true",
                    help="no HellaSwag at the evals (default: --hellaswag PATH, else the cached "
@@ -89,9 +89,9 @@ def recipe_argv(argv: list) -> list:
     engine = engine_defaults()
     parser = build_parser(engine)
     args = parser.parse_args(argv)
-    if args.data_shards is None:
-        parser.error("--data-shards is required: the token shards of FineWeb-Edu (or any "
-                     f"corpus); make them with: {PREPARE}")
+    if args.data_shards is None and not args.resume:  # (a resumed run knows its shards)
+        parser.error("--data-shards is required for a new run: the token shards of "
+                     f"FineWeb-Edu (or any corpus); make them with: {PREPARE}")
     argv = [a for a in argv if a != "--no-hellaswag"]
     extra = []
     if args.backend is not None:  # the user's engine; bf16 matmuls only for cupy

@@ -73,6 +73,7 @@ def training_evaluators(cfg, run, ctx) -> list:
     if cfg.hellaswag:
         extra.append(HellaSwagEvaluator(cfg.hellaswag, run.block_size, ctx,
                                         references=is_gpt2_124m(run)))
-    if is_gpt2_124m(run) and is_fineweb_edu(cfg.data_shards):
+    shards = getattr(run, "data_shards", None) or cfg.data_shards  # (a resumed run's too)
+    if is_gpt2_124m(run) and is_fineweb_edu(shards):
         extra.append(LossReference())
     return extra

@@ -103,7 +103,7 @@ def test_recipe_defaults_fill_only_what_is_unset(script, tmp_path, monkeypatch):
     got = flags(["--data-shards", data, "--no-hellaswag", "--backend", "numpy"])
     assert got["--backend"] == "numpy" and "--precision" not in got
     # a resumed run keeps its checkpoint's settings: the recipe adds none of them
-    got = flags(["--data-shards", data, "--no-hellaswag", "--resume"])
+    got = flags(["--no-hellaswag", "--resume"])  # (the checkpoint knows its shard folder)
     assert not set(got) & {"--n-layer", "--lr", "--batch-size", "--backend", "--max-steps"}
     # the HellaSwag file: found in the cache when not given
     cache = tmp_path / "gpt2np" / "hellaswag"
@@ -149,3 +149,20 @@ def test_overlay_panels_draw_on_the_loss_panel(tmp_path):
     assert seen["ylabel"] == "cross-entropy loss" and "hs" not in seen  # no HellaSwag data yet
     assert (3.2924, 3.2924) in seen["lines"]
     assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_training_evaluators_follow_the_run(tmp_path):
+    from types import SimpleNamespace
+
+    edu = str(make_shards(tmp_path / "edu_fineweb10B"))
+    hs = str(write_items(tmp_path / "hs.jsonl", make_items(2)))
+    cfg = SimpleNamespace(hellaswag=None, data_shards=None)
+    big = SimpleNamespace(n_layer=12, n_head=12, n_embd=768, block_size=64, data_shards=edu)
+    small = SimpleNamespace(n_layer=2, n_head=2, n_embd=32, block_size=64, data_shards=edu)
+    # a resumed GPT-2-sized run on FineWeb-Edu (the folder from its settings): the loss line
+    assert [type(e).__name__ for e in R.training_evaluators(cfg, big, None)] == ["LossReference"]
+    assert R.training_evaluators(cfg, small, None) == []
+    cfg.hellaswag = hs
+    evs = R.training_evaluators(cfg, small, None)
+    assert [type(e).__name__ for e in evs] == ["HellaSwagEvaluator"] and not evs[0].references
+    assert R.training_evaluators(cfg, big, None)[0].references
