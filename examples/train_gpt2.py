@@ -5,7 +5,8 @@
     python -m gpt2np.prepare --dataset HuggingFaceFW/fineweb-edu --dataset-config sample-10BT \\
         --out-dir data/edu_fineweb10B --shard-size 100000000 --prefix edufineweb
     # the run: 8 GPUs, 19,073 steps of 524,288 tokens (one epoch of the 10B tokens)
-    torchrun --standalone --nproc_per_node=8 examples/train_gpt2.py --data-shards data/edu_fineweb10B
+    torchrun --standalone --nproc_per_node=8 examples/train_gpt2.py \
+        --data-shards data/edu_fineweb10B
 
 Every flag of examples/train_shakespeare.py (gpt2np.train) is here; only the defaults differ,
 and they are the recipe of "Let's reproduce GPT-2 (124M)" (build-nanogpt's train_gpt2.py):

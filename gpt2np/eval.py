@@ -3,7 +3,8 @@
     python -m gpt2np.eval --model gpt2 --task hellaswag                  # (gpt2np eval ...)
     python -m gpt2np.eval --model runs/x --task loss --data input.txt --json loss.json
     python -m gpt2np.eval --model gpt2 --task loss --data data/fineweb_edu   # val shards
-    torchrun --standalone --nproc_per_node=8 -m gpt2np.eval --model gpt2 --task hellaswag --backend cupy
+    torchrun --standalone --nproc_per_node=8 -m gpt2np.eval --model gpt2 --task hellaswag \
+        --backend cupy
 
 --model is anything gpt2np.from_pretrained takes (a hub name, a folder, a training run).
 `loss` scores every token of the data once: non-overlapping windows of the block size, each

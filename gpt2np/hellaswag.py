@@ -116,7 +116,8 @@ def parse_items(lines: Iterable[str], where: str = "hellaswag") -> list[dict]:
               and isinstance(label, int) and not isinstance(label, bool) and 0 <= label < 4)
         if not ok:
             raise ValueError(f"{where}:{lineno}: 'ctx' must be a string, 'endings' 4 strings and "
-                             f"'label' an int in [0, 4), got {ctx!r:.40}, {endings!r:.80}, {label!r}")
+                             f"'label' an int in [0, 4), got {ctx!r:.40}, {endings!r:.80}, "
+                             f"{label!r}")
         items.append({"ctx": ctx, "endings": endings, "label": label})
     return items
 
@@ -335,8 +336,9 @@ class HellaSwag:
                   disable=not progress or (ctx is not None and not ctx.is_main)) as bar:
             sums, counts = ending_losses(logits_function(model), mine, max_tokens, bar.update)
         labels = np.array([r.label for r in mine], dtype=np.int64)
+        means = sums / np.maximum(counts, 1)  # (n, 4) loss per ending token
         local = [len(mine), int((sums.argmin(1) == labels).sum()) if len(mine) else 0,
-                 int(((sums / np.maximum(counts, 1)).argmin(1) == labels).sum()) if len(mine) else 0,
+                 int((means.argmin(1) == labels).sum()) if len(mine) else 0,
                  sum(r.cut for r in mine)]
         if ctx is not None and ctx.distributed:
             local = [int(round(v)) for v in ctx.all_reduce_sum(np.array(local, dtype=np.float64))]

@@ -107,7 +107,8 @@ def test_torch_backend_agrees(saved):
         a = run_json(args, tmp, "np")
         b = run_json([*args, "--backend", "torch", "--device", "cpu"], tmp, "torch")
         for key, value in a.items():
-            assert b[key] == (pytest.approx(value, rel=1e-10) if isinstance(value, float) else value)
+            want = pytest.approx(value, rel=1e-10) if isinstance(value, float) else value
+            assert b[key] == want
 
 
 @pytest.mark.parametrize("args, code, message", [

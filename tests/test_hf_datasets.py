@@ -25,7 +25,8 @@ def files(tmp_path):
     out = {"json": [], "parquet": []}
     for i, docs in enumerate(parts):
         path = tmp_path / f"part{i}.jsonl"
-        path.write_text("".join(json.dumps({"id": j, "text": d}) + "\n" for j, d in enumerate(docs)))
+        path.write_text("".join(json.dumps({"id": j, "text": d}) + "\n"
+                                for j, d in enumerate(docs)))
         out["json"].append(str(path))
         path = tmp_path / f"part{i}.parquet"
         pq.write_table(pa.table({"id": list(range(len(docs))), "text": docs}), path)
@@ -37,7 +38,8 @@ def files(tmp_path):
 def test_local_files_stream_in_order(files, builder):
     assert list(D.dataset_documents(builder, data_files=files[builder])) == DOCS
     # the files' order is the documents' order
-    assert list(D.dataset_documents(builder, data_files=files[builder][::-1])) == DOCS[3:] + DOCS[:3]
+    reordered = D.dataset_documents(builder, data_files=files[builder][::-1])
+    assert list(reordered) == DOCS[3:] + DOCS[:3]
 
 
 def test_a_missing_text_field_lists_the_columns(files):

@@ -142,7 +142,8 @@ def test_overlay_panels_draw_on_the_loss_panel(tmp_path):
         R.LossReference().draw(ax, records)
         seen["lines"] = [tuple(line.get_ydata()) for line in ax.get_lines()]
 
-    records = [{"step": i, "train_loss": 5.0 - i, "lr": 1e-3, "val_loss": 5.5 - i} for i in range(3)]
+    records = [{"step": i, "train_loss": 5.0 - i, "lr": 1e-3, "val_loss": 5.5 - i}
+               for i in range(3)]
     hs_panel = Panel(("hellaswag_acc_norm",), lambda ax, recs: seen.setdefault("hs", True))
     plot(records, tmp_path / "loss.png", [LOSS_PANEL, Panel(("val_loss",), spy, overlay=True),
                                           hs_panel])
