@@ -44,7 +44,8 @@ from backends import KernelCache, backend_of
 
 from .evaluators import StepProbe
 from .model import GPT
-from .run_outputs import read_jsonl, replace_atomically
+from .atomic import replace_atomically
+from .run_outputs import read_jsonl
 
 GELU_TAIL = -3.0
 DIAG_NAME = "diagnostics.jsonl"

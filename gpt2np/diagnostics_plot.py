@@ -13,12 +13,12 @@ tail, lines coloured from the first layer (dark) to the last (yellow).
 from __future__ import annotations
 
 import math
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import replace_atomically
 GUIDE = -3.0  # log10 of the ~1e-3 update ratio of a healthy run (Karpathy's rule of thumb)
 RANGE = (-6.0, 0.0)  # the heatmap's colour range in log10: 1e-6 (frozen) .. 1 (replaced)
 
@@ -138,14 +138,7 @@ def plot_diagnostics(records: list, path):
     axes[3].set_xlabel("step")
     axes[0].legend(fontsize=6, ncol=max(1, len(axes[0].lines) // 8), loc="best")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def _main(argv=None) -> int:

@@ -14,7 +14,6 @@ Under torchrun, items (or windows) are shared out by rank and the counts summed;
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import atomic
 from .cli import ArgumentParser, UsageError, positive_int, run_main
 from .hellaswag import DEFAULT_LOGITS_BUDGET, logits_function, token_losses
 
@@ -136,9 +136,7 @@ def write_json(path, record: dict):
     path = Path(path)
     if path.parent and not path.parent.is_dir():
         raise FileNotFoundError(f"no folder {str(path.parent)!r} for --json {str(path)!r}")
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic.write_json(path, record)
 
 
 def build_parser() -> ArgumentParser:

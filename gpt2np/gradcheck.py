@@ -24,8 +24,6 @@ need the whole). GPT-2 124M at the default B=1, T=32, K=1 (148 tensors): see the
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from . import layers as L
+from .atomic import write_json
 from .cli import ArgumentParser, UsageError, nonneg_int, positive_int, run_main, any_int
 
 TOLERANCE = 1e-9  # vs torch autograd, both float64: agreement near machine precision
@@ -281,13 +280,6 @@ def format_table(r: GradcheckResult) -> str:
     return "\n".join(lines)
 
 
-def _write_json(path, obj):
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="gpt2np gradcheck", description=__doc__.split("\n\n")[0],
                        epilog="Exit status 1 if any tensor is over tolerance (named on stderr).")
@@ -337,7 +329,7 @@ def _main(argv=None) -> int:
           f"{r.worst_rel_err:.2e} (tolerance {r.tolerance:.0e}){fd_text}; "
           + ", ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items()))
     if args.json:
-        _write_json(args.json, r.to_json())
+        write_json(args.json, r.to_json())
     bad = r.failures()
     if bad:
         print(f"error: {len(bad)} tensor(s) over tolerance: {', '.join(bad[:10])}"

@@ -38,6 +38,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from . import atomic
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 VAL_FILE = "hellaswag_val.jsonl"
 VAL_ITEMS = 10042
@@ -93,10 +94,7 @@ def _download(target: Path) -> Path:
     if len(items) != VAL_ITEMS:
         raise ValueError(f"{VAL_URL} holds {len(items)} items, expected {VAL_ITEMS}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, target)
-    return target
+    return atomic.write_bytes(target, data)
 
 
 def parse_items(lines: Iterable[str], where: str = "hellaswag") -> list[dict]:

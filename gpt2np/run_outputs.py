@@ -27,6 +27,7 @@ from typing import Callable
 
 import numpy as np
 
+from .atomic import replace_atomically
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .train_settings import TrainConfig, TrainError
 
@@ -67,17 +68,6 @@ def _draw_loss(ax, records):
 
 
 LOSS_PANEL = Panel(("train_loss",), _draw_loss)
-
-
-def replace_atomically(path: Path, write: Callable[[Path], None]):
-    """write(tmp) then rename tmp over path: readers see the old file or the new, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def plot(records: list, path: Path, panels=(LOSS_PANEL,)):
