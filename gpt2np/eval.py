@@ -59,9 +59,11 @@ def load_tokens(path) -> np.ndarray:
         raise FileNotFoundError(f"no such file or shard folder: {str(p)!r}")
     if p.suffix in (".npy", ".bin"):
         return np.asarray(load_shard(str(p)))
+    from .data import decode_text
     from .tokenizer import encode
 
-    return np.asarray(encode(p.read_text(encoding="utf-8")), dtype=np.int64)
+    # as training reads text: UTF-8 with its line endings kept, binary files refused
+    return np.asarray(encode(decode_text(p.read_bytes(), p)), dtype=np.int64)
 
 
 def windows(n_tokens: int, block_size: int) -> list[tuple[int, int]]:

@@ -98,6 +98,7 @@ def rel_error(actual, expected) -> float:
 def batch_from_text(path, B: int, T: int) -> tuple[np.ndarray, np.ndarray]:
     """(x, y) int64 (B, T): the first B*T+1 GPT-2 tokens of a text file, y shifted by one.
     Only as much of the file as needed is read and tokenized."""
+    from .data import decode_text
     from .tokenizer import encode
 
     need = B * T + 1
@@ -108,9 +109,9 @@ def batch_from_text(path, B: int, T: int) -> tuple[np.ndarray, np.ndarray]:
         with open(path, "rb") as f:
             raw = f.read(n_bytes)
         whole = len(raw) >= size
-        ids = encode(raw.decode("utf-8", errors="ignore"))
-        if not whole:
-            ids = ids[:-1]  # the cut may split the last word: drop its token
+        if not whole:  # end at a line: the cut may split a word or a UTF-8 character
+            raw = raw[:raw.rfind(b"\n") + 1]
+        ids = encode(decode_text(raw, path))  # as training reads text: binary refused
         if len(ids) >= need or whole:
             break
         n_bytes *= 4

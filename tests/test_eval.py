@@ -164,3 +164,23 @@ def test_two_gloo_ranks_equal_one_process(saved):
         for key, value in one.items():
             assert two[key] == (pytest.approx(value, rel=1e-12) if isinstance(value, float)
                                 else value), key
+
+
+def test_text_is_read_as_training_reads_it(tmp_path):
+    """CRLF kept (tokens equal gpt2np.data.load_tokens'), a binary file refused by name."""
+    from gpt2np.data import load_tokens
+
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(TEXT.replace("\n", "\r\n").encode())
+    ids = E.load_tokens(crlf)
+    assert np.array_equal(ids, load_tokens(crlf, cache=tmp_path / "cache"))
+    assert not np.array_equal(ids, E.load_tokens(_write(tmp_path / "lf.txt", TEXT)))
+    binary = tmp_path / "b.txt"
+    binary.write_bytes(b"abc\0def")
+    with pytest.raises(ValueError, match="b.txt looks like a binary file"):
+        E.load_tokens(binary)
+
+
+def _write(path, text):
+    path.write_bytes(text.encode())
+    return path

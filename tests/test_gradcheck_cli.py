@@ -138,3 +138,17 @@ def test_a_training_run_is_a_model_too(text_file, tmp_path, capsys):
     assert G.main(["--model", str(run), "--text", str(text_file), "--fd", "1"]) == 0
     out = capsys.readouterr().out
     assert "batch B=1 T=8" in out and "gradients OK" in out  # T: the run's block size
+
+
+def test_the_batch_is_the_texts_first_tokens_and_binary_is_refused(tmp_path):
+    from gpt2np.tokenizer import encode
+
+    long_text = tmp_path / "long.txt"
+    long_text.write_bytes((TEXT * 200 + "é\n").encode())  # longer than the prefix first read
+    x, y = G.batch_from_text(long_text, 2, 8)
+    ids = encode(TEXT * 200 + "é\n")[:17]
+    assert x.ravel().tolist() == ids[:16] and y.ravel().tolist() == ids[1:17]
+    binary = tmp_path / "b.txt"
+    binary.write_bytes(b"\0" * 50)
+    with pytest.raises(ValueError, match="looks like a binary file"):
+        G.batch_from_text(binary, 1, 4)
