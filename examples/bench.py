@@ -94,12 +94,12 @@ class GptRunner:
 
 
 class TorchRunner:
-    """backends.torch_backend.TorchGPT: eager on the CPU; on a GPU in its best form."""
+    """gpt2np.backends.torch_reference.TorchGPT: eager on the CPU; on a GPU in its best form."""
 
     def __init__(self, cfg, B, T, precision, device, seed=0, flash=True, compile=False):
         import torch
 
-        from backends.torch_backend import TorchGPT
+        from gpt2np.backends.torch_reference import TorchGPT
         from gpt2np import init_params
 
         self.torch = torch
@@ -395,7 +395,7 @@ def main(argv=None):
         kinds.append("torch")
     on_gpu = args.backend == "cupy" or args.device == "cuda"
     if args.backend == "cupy":
-        from backends import get_backend
+        from gpt2np.backends import get_backend
 
         try:
             get_backend("cupy")

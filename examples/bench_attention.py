@@ -1,7 +1,7 @@
 """Causal attention alone, forward and backward: ms and TFLOP/s of each implementation.
 
 On the GPU (--backend cupy) it compares, on the same qkv and in one run:
-  flash bf16      backends/cuda/flash_attention.cu (the bf16 default)
+  flash bf16      gpt2np/backends/cuda/flash_attention.cu (the bf16 default)
   blocks bf16     the query-block attention with bf16 cuBLAS GEMMs (GPT2NP_FLASH=0)
   blocks tf32     the same in TF32, and in fp32
   torch sdpa      torch's scaled_dot_product_attention(is_causal=True) in bf16 (flash
@@ -27,7 +27,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(_HERE, ".."))
 sys.path.insert(0, _HERE)
 
-from backends import get_backend  # noqa: E402
+from gpt2np.backends import get_backend  # noqa: E402
 from gpt2np import layers as L  # noqa: E402
 from profile_step import Timers  # noqa: E402  (CUDA events on the GPU, host clocks else)
 

@@ -67,7 +67,7 @@ def env_report() -> tuple[list[str], bool]:
                             "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
         lines.append(f"nvidia-smi: {q.stdout.strip() or q.stderr.strip()}")
     try:
-        from gpt2np import tokenizer
+        from gpt2np.data import tokenizer
 
         vocab, _ = tokenizer.bundled_bpe_files()
         ids = tokenizer.encode(HELLO[0])

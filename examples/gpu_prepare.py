@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from gpt2np.cli import ArgumentParser, run_main  # noqa: E402
-from gpt2np.data import DATA_BYTES, DATA_FILENAME, DATA_SHA256, find_data  # noqa: E402
+from gpt2np.data.shakespeare import DATA_BYTES, DATA_FILENAME, DATA_SHA256, find_data  # noqa: E402
 
 CARRY_DIR = ".gpu_carry"
 GPU_PYTHON = "3.12"

@@ -16,8 +16,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from gradcheck import rel_error, torch_grads  # noqa: E402
 
-from backends import torch_backend as R  # noqa: E402
-from backends.torch_backend import TorchGPT  # noqa: E402
+from gpt2np.backends import torch_reference as R  # noqa: E402
+from gpt2np.backends.torch_reference import TorchGPT  # noqa: E402
 from gpt2np import GPT, GPTConfig  # noqa: E402
 from gpt2np import layers as L  # noqa: E402
 

@@ -2,13 +2,13 @@
 """Reproduce GPT-2 (124M): build-nanogpt's recipe on FineWeb-Edu shards, with gpt2np.
 
     # the data: 10B tokens of FineWeb-Edu (sample-10BT) as 100 shards of 1e8 tokens
-    python -m gpt2np.prepare --dataset HuggingFaceFW/fineweb-edu --dataset-config sample-10BT \\
+    python -m gpt2np.data.prepare --dataset HuggingFaceFW/fineweb-edu --dataset-config sample-10BT \\
         --out-dir data/edu_fineweb10B --shard-size 100000000 --prefix edufineweb
     # the run: 8 GPUs, 19,073 steps of 524,288 tokens (one epoch of the 10B tokens)
     torchrun --standalone --nproc_per_node=8 examples/train_gpt2.py \
         --data-shards data/edu_fineweb10B
 
-Every flag of examples/train_shakespeare.py (gpt2np.train) is here; only the defaults differ,
+Every flag of examples/train_shakespeare.py (gpt2np.train.loop) is here; only the defaults differ,
 and they are the recipe of "Let's reproduce GPT-2 (124M)" (build-nanogpt's train_gpt2.py):
 
   model      12 layers, 12 heads, 768 dims, vocab 50304 (50257 padded to a multiple of 128),
@@ -34,7 +34,7 @@ import sys
 # run from a checkout without installing: put the repository root on the path
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from gpt2np import train  # noqa: E402
+from gpt2np.train import loop as train  # noqa: E402
 from gpt2np.cli import run_main  # noqa: E402
 
 # the run settings of the recipe (a fresh run's defaults; a resumed run keeps its own)
@@ -46,7 +46,7 @@ RECIPE = dict(
 )
 # this invocation's defaults (also on resume)
 INVOCATION = dict(out_dir="out/gpt2-124m", save_interval=5000, num_samples=4, sample_tokens=32)
-PREPARE = ("python -m gpt2np.prepare --dataset HuggingFaceFW/fineweb-edu --dataset-config "
+PREPARE = ("python -m gpt2np.data.prepare --dataset HuggingFaceFW/fineweb-edu --dataset-config "
            "sample-10BT --out-dir data/edu_fineweb10B --shard-size 100000000 --prefix edufineweb")
 
 
@@ -65,7 +65,7 @@ def engine_defaults() -> dict:
 
 
 def build_parser(engine: dict | None = None):
-    """gpt2np.train's parser with the recipe's defaults in its help, and --no-hellaswag."""
+    """gpt2np.train.loop's parser with the recipe's defaults in its help, and --no-hellaswag."""
     p = train.build_parser()
     p.prog = "examples/train_gpt2.py"
     p.description = "Reproduce GPT-2 (124M) on FineWeb-Edu shards: build-nanogpt's recipe."
@@ -86,7 +86,7 @@ def build_parser(engine: dict | None = None):
 
 
 def recipe_argv(argv: list) -> list:
-    """argv for gpt2np.train: the user's flags plus the recipe's for what they left unset."""
+    """argv for gpt2np.train.loop: the user's flags plus the recipe's for what they left unset."""
     engine = engine_defaults()
     parser = build_parser(engine)
     args = parser.parse_args(argv)
@@ -106,7 +106,7 @@ def recipe_argv(argv: list) -> list:
                    for a in argv):
             extra += [f"--{key.replace('_', '-')}", str(value)]
     if not args.no_hellaswag and getattr(args, "hellaswag", None) is None:
-        from gpt2np.hellaswag import find_data
+        from gpt2np.evals.hellaswag import find_data
 
         extra += ["--hellaswag", str(find_data())]  # the cache, else a download
     return argv + extra

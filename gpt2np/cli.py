@@ -21,12 +21,12 @@ import sys
 
 # command -> module with main(argv) -> int
 COMMANDS = {
-    "train": ("gpt2np.train", "train a GPT-2 (tiny Shakespeare or token shards)"),
+    "train": ("gpt2np.train.loop", "train a GPT-2 (tiny Shakespeare or token shards)"),
     "generate": ("gpt2np.generate", "sample from a model (HF name or folder, or a training run)"),
-    "prepare": ("gpt2np.prepare", "tokenize a corpus into token shards"),
-    "export": ("gpt2np.export", "write a model as a folder transformers loads"),
-    "eval": ("gpt2np.eval", "evaluate a model: HellaSwag, or the loss on a text"),
-    "gradcheck": ("gpt2np.gradcheck", "check a model's hand-written gradients against torch"),
+    "prepare": ("gpt2np.data.prepare", "tokenize a corpus into token shards"),
+    "export": ("gpt2np.io.export", "write a model as a folder transformers loads"),
+    "eval": ("gpt2np.evals.loss", "evaluate a model: HellaSwag, or the loss on a text"),
+    "gradcheck": ("gpt2np.evals.gradcheck", "check a model's hand-written gradients against torch"),
 }
 
 

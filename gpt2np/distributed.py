@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from backends import backend_of
+from gpt2np.backends import backend_of
 
 # torchrun exports these for every worker it starts
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")

@@ -21,9 +21,9 @@ import time
 
 import numpy as np
 
-from . import layers as L
-from .cli import ArgumentParser, any_int, nonneg_float, nonneg_int, positive_int, run_main
-from .tokenizer import N_VOCAB
+from gpt2np import layers as L
+from gpt2np.cli import ArgumentParser, any_int, nonneg_float, nonneg_int, positive_int, run_main
+from gpt2np.data.tokenizer import N_VOCAB
 
 
 def sampled_vocab(config) -> int:
@@ -240,8 +240,8 @@ def build_parser() -> ArgumentParser:
 
 
 def _main(argv) -> int:
-    from .pretrained import from_pretrained
-    from .tokenizer import get_encoding
+    from gpt2np.io.pretrained import from_pretrained
+    from gpt2np.data.tokenizer import get_encoding
 
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()

@@ -28,7 +28,7 @@ same rounding is emulated (round the operands, then a float32 GEMM), so the effe
 on every gradient can be studied and tested without a GPU. `matmul_operand(x)` prepares an
 operand that several products read (on the GPU in bf16: its bf16 copy, cast once).
 
-Fused kernels. A backend may offer fused kernels for some layers (CuPy: backends/cuda/*.cu).
+Fused kernels. A backend may offer fused kernels for some layers (CuPy: gpt2np/backends/cuda/*.cu).
 A layer's forward hands float32 work to them where they exist and returns their cache, a
 `backends.KernelCache`; the layer's backward recognises it and hands the backward over too.
 The code below is the reference they are tested against.
@@ -41,7 +41,7 @@ import math
 
 import numpy as np
 
-from backends import KernelCache, backend_of
+from gpt2np.backends import KernelCache, backend_of
 
 
 def get_xp(x):

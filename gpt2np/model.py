@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from backends import get_backend
+from gpt2np.backends import get_backend
 
-from . import layers as L
-from .config import GPTConfig
+from gpt2np import layers as L
+from gpt2np.config import GPTConfig
 
 _DTYPES = ("float32", "float64")
 
@@ -253,12 +253,12 @@ class GPT:
 
     def generate(self, idx, max_new_tokens, **kwargs):
         """Sample `max_new_tokens` after idx (B,T); see gpt2np.generate.generate."""
-        from .generate import generate
+        from gpt2np.generate import generate
 
         return generate(self, idx, max_new_tokens, **kwargs)
 
     def save_pretrained(self, folder):
         """Write model.safetensors + config.json that transformers can load."""
-        from .pretrained import save_pretrained
+        from gpt2np.io.pretrained import save_pretrained
 
         return save_pretrained(self, folder)

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from backends import backend_of
+from gpt2np.backends import backend_of
 
 # Elements per block of the CPU update: 4 arrays of 64K float32 = 1 MB, in L2/L3
 _ADAM_BLOCK = 1 << 16

@@ -1,9 +1,9 @@
-"""gpt2np.atomic: the target is the old file or the new one, never half of one."""
+"""gpt2np.files: the target is the old file or the new one, never half of one."""
 import json
 
 import pytest
 
-from gpt2np import atomic
+from gpt2np import files as atomic
 
 
 def test_write_replaces_whole_and_leaves_no_temporary(tmp_path):

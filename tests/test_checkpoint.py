@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save as st_save
 
-from gpt2np import checkpoint as C
-from gpt2np.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from gpt2np.io import checkpoint as C
+from gpt2np.io.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 
 
 def _ckpt(step=3):
@@ -98,7 +98,7 @@ def test_training_resumes_an_old_checkpoint(tmp_path):
     """A run whose checkpoint was written before the metadata was covered resumes."""
     from testdata import shakespeare_path
 
-    from gpt2np.train import TrainConfig, train
+    from gpt2np.train.loop import TrainConfig, train
 
     if not shakespeare_path().is_file():
         pytest.skip(f"tiny Shakespeare not at {shakespeare_path()} (set GPT2NP_DATA)")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gpt2np import GPT, GPTConfig
-from gpt2np import export as export_cmd
+from gpt2np.io import export as export_cmd
 from gpt2np import generate as generate_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def test_through_the_gpt2np_command(paths):
 
 def test_a_multi_line_library_message_becomes_one_readable_line(capsys, monkeypatch):
     from gpt2np import cli
-    from gpt2np.data import DataNotFoundError, find_data
+    from gpt2np.data.shakespeare import DataNotFoundError, find_data
 
     monkeypatch.delenv("GPT2NP_DATA", raising=False)
 

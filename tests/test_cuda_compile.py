@@ -1,10 +1,10 @@
-"""Every CUDA source in backends/cuda compiles, on the CPU: NVRTC needs no GPU.
+"""Every CUDA source in gpt2np/backends/cuda compiles, on the CPU: NVRTC needs no GPU.
 
-Each backends/cuda/*.cu (new files are picked up by the glob) is compiled as CuPy's
+Each gpt2np/backends/cuda/*.cu (new files are picked up by the glob) is compiled as CuPy's
 RawModule compiles it (NVRTC, CuPy's options, no include paths) to cubin for sm_80 (A100) and
 sm_90 (H100); a failure shows NVRTC's log. Then every kernel name the Python wrappers look
 up must be an entry point of the compiled code: the names in any module-level KERNEL_NAMES
-in backends/ (a tuple of names, or a dict of file name -> names), and any string literal
+in gpt2np/backends/ (a tuple of names, or a dict of file name -> names), and any string literal
 passed to get_kernel(...) or get_function(...). Kernels themselves run only in the GPU tests
 (tests/test_cupy_kernels.py).
 """
@@ -16,12 +16,12 @@ import re
 
 import pytest
 
-from backends.cupy_kernels import read_source
+from gpt2np.backends.cupy_kernels import read_source
 
 nvrtc = pytest.importorskip("cuda.bindings.nvrtc")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CUDA_DIR = os.path.join(ROOT, "backends", "cuda")
+CUDA_DIR = os.path.join(ROOT, "gpt2np", "backends", "cuda")
 CU_FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CUDA_DIR, "*.cu")))
 ARCHS = ("sm_80", "sm_90")
 # as CuPy's RawModule compiles: load_module's -std=c++17, and what CuPy adds (not the arch)
@@ -49,7 +49,7 @@ def _read(size_fn, get_fn, prog):
 
 @functools.lru_cache(maxsize=None)
 def compile_cu(filename, arch, extra=()):
-    """NVRTC-compile backends/cuda/<filename> for `arch`; return (cubin, ptx text, log).
+    """NVRTC-compile gpt2np/backends/cuda/<filename> for `arch`; return (cubin, ptx text, log).
     Fails the test with NVRTC's log when it does not compile."""
     src = read_source(filename).encode()  # as load_module hands it to CuPy
     try:
@@ -75,10 +75,10 @@ def entries(filename, arch="sm_90"):
 
 
 def wrapper_kernel_names():
-    """{.cu file name or None (any file): kernel names} that backends/ Python code looks up,
+    """{.cu file name or None (any file): kernel names} that gpt2np/backends/ Python code looks up,
     read from the source (no imports: the modules may need CuPy)."""
     wanted = {}
-    for path in sorted(glob.glob(os.path.join(ROOT, "backends", "**", "*.py"), recursive=True)):
+    for path in sorted(glob.glob(os.path.join(ROOT, "gpt2np", "backends", "**", "*.py"), recursive=True)):
         with open(path, encoding="utf-8") as f:
             src = f.read()
         for node in ast.parse(src).body:
@@ -108,12 +108,12 @@ def test_cuda_source_compiles(filename, arch):
 
 def test_every_kernel_the_wrappers_use_is_defined():
     wanted = wrapper_kernel_names()
-    assert wanted.get(None), "found no KERNEL_NAMES or get_kernel(...) names in backends/"
+    assert wanted.get(None), "found no KERNEL_NAMES or get_kernel(...) names in gpt2np/backends/"
     everywhere = set().union(*(entries(cu) for cu in CU_FILES))
     missing = sorted(wanted.pop(None) - everywhere)
-    assert not missing, f"kernels looked up but defined in no backends/cuda/*.cu: {missing}"
+    assert not missing, f"kernels looked up but defined in no gpt2np/backends/cuda/*.cu: {missing}"
     for cu, names in wanted.items():
-        assert cu in CU_FILES, f"KERNEL_NAMES names {cu}, which is not in backends/cuda"
+        assert cu in CU_FILES, f"KERNEL_NAMES names {cu}, which is not in gpt2np/backends/cuda"
         missing = sorted(names - entries(cu))
         assert not missing, f"kernels looked up but not defined in {cu}: {missing}"
 

@@ -127,7 +127,7 @@ def test_short_training_on_cupy_tracks_numpy():
 @pytest.fixture
 def unfused():
     """The reference layer code on CuPy arrays, fused kernels off, for this test only."""
-    from backends import get_backend
+    from gpt2np.backends import get_backend
 
     be = get_backend("cupy")
     old, be.fused = be.fused, False
@@ -158,8 +158,8 @@ def test_cublas_matmul_in_every_layout_and_precision(precision, rtol):
     # bf16: exactly the float64 product of the bf16-rounded operands, up to float32
     # accumulation; tf32: the hardware's own rounding of the operands, within 2^-11 each
     cp = _cp()
-    from backends import get_backend
-    from backends.numpy_backend import round_mantissa
+    from gpt2np.backends import get_backend
+    from gpt2np.backends.numpy_backend import round_mantissa
 
     be = get_backend("cupy")
     rng = np.random.default_rng(0)
@@ -179,7 +179,7 @@ def test_cublas_matmul_in_every_layout_and_precision(precision, rtol):
 @pytest.mark.gpu
 def test_attention_kernels_match_their_numpy_specification():
     cp = _cp()
-    from backends.cupy_attention import gpu_ops, numpy_ops
+    from gpt2np.backends.cupy_attention import gpu_ops, numpy_ops
 
     rng = np.random.default_rng(0)
     gpu, ref = gpu_ops(), numpy_ops()
@@ -206,7 +206,7 @@ def test_attention_kernels_match_their_numpy_specification():
 # ------------------------------------------------------------------ flash attention (bf16)
 
 def _bf16(a):
-    from backends.numpy_backend import round_mantissa
+    from gpt2np.backends.numpy_backend import round_mantissa
 
     return round_mantissa(np.asarray(a, dtype=np.float32), 7).astype(np.float64)
 
@@ -267,7 +267,7 @@ def _flash_backward_emulation(qkv, dout, y, lse, n_head):
 def test_flash_attention_in_bf16(B, NH, T, hs):
     # T not a multiple of the 64-row tiles, shorter than one tile, and several tiles
     cp = _cp()
-    from backends import cupy_attention
+    from gpt2np.backends import cupy_attention
 
     rng = np.random.default_rng(T)
     qkv = rng.standard_normal((B, T, 3 * NH * hs))
@@ -321,7 +321,7 @@ def test_attention_adds_the_c_attn_bias_itself(n_head, precision):
 @pytest.mark.gpu
 def test_flash_attention_is_used_only_where_it_applies(monkeypatch):
     cp = _cp()
-    from backends import cupy_attention
+    from gpt2np.backends import cupy_attention
 
     rng = np.random.default_rng(0)
 
@@ -421,7 +421,7 @@ def test_embedding_backward_is_deterministic_on_gpu():
 def test_train_shakespeare_on_cupy_end_to_end(tmp_path, precision):
     from testdata import shakespeare_path
 
-    from gpt2np.train import main
+    from gpt2np.train.loop import main
 
     data = shakespeare_path()
     if not data.exists():

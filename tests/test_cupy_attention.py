@@ -1,4 +1,4 @@
-"""backends.cupy_attention, the GPU's attention, checked on the CPU: its orchestration (query
+"""gpt2np.backends.cupy_attention, the GPU's attention, checked on the CPU: its orchestration (query
 blocks, batched GEMMs, the row operations) run with NumPy stand-ins for the kernels must
 equal the reference attention of gpt2np.layers, forward and backward. The kernels
 themselves are checked against the same stand-ins on a GPU (tests/test_cupy.py) and on the
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from backends import KernelCache
-from backends.cupy_attention import attention_backward, attention_forward, numpy_ops
+from gpt2np.backends import KernelCache
+from gpt2np.backends.cupy_attention import attention_backward, attention_forward, numpy_ops
 from gpt2np import layers as L
 from gradcheck import assert_close
 

@@ -1,4 +1,4 @@
-"""The fused CUDA kernels (backends/cupy_kernels.py) against the reference layers and AdamW.
+"""The fused CUDA kernels (gpt2np/backends/cupy_kernels.py) against the reference layers and AdamW.
 
 Every test needs CuPy and a GPU (marked `gpu`: skipped without them, as in CI). Inputs are
 rounded to float32 first, so the float64 reference sees exactly what the kernels see and
@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from backends import KernelCache
+from gpt2np.backends import KernelCache
 from gpt2np import layers as L
 from gpt2np.optim import AdamW
 from gradcheck import assert_close
@@ -24,7 +24,7 @@ def _cp():
 
 
 def _K():
-    from backends import cupy_kernels
+    from gpt2np.backends import cupy_kernels
 
     return cupy_kernels
 
@@ -346,7 +346,7 @@ def _same_bf16(got, expected, name):
 def test_kernels_write_bf16_operands():
     # bf16=True must equal the float32 kernel's output cast by to_bf16 (to_bf16: round to
     # nearest even, as torch), and leave the same state for the backward
-    from backends import get_backend
+    from gpt2np.backends import get_backend
 
     cp, K, be = _cp(), _K(), get_backend("cupy")
     rng = np.random.default_rng(0)
@@ -398,7 +398,7 @@ def test_mma_fragment_layout_is_the_hardwares():
     # flash_attention.cu loads mma.m16n8k16's fragments with ldmatrix as the PTX ISA lays
     # them out (and tests/cuda_sim emulates both instructions from that text): on a GPU
     # this checks the hardware agrees, for both ways the kernels stage the b operand
-    from backends.numpy_backend import round_mantissa
+    from gpt2np.backends.numpy_backend import round_mantissa
 
     cp = _cp()
     rng = np.random.default_rng(0)

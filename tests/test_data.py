@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpt2np import data
-from gpt2np.data import BatchLoader, DataNotFoundError, find_data, load_tokens, split
+from gpt2np.data import shakespeare as data
+from gpt2np.data.shakespeare import BatchLoader, DataNotFoundError, find_data, load_tokens, split
 from testdata import shakespeare_path
 
 
@@ -95,7 +95,7 @@ def test_tokens_cached_once(tmp_path, monkeypatch):
     text.write_text("To be, or not to be, that is the question.")
     ids = load_tokens(text, cache=tmp_path / "c")
     assert ids.dtype == np.uint16
-    from gpt2np import tokenizer
+    from gpt2np.data import tokenizer
 
     assert ids.tolist() == tokenizer.encode(text.read_text())
     monkeypatch.setattr(tokenizer, "encode", lambda s: pytest.fail("tokenized twice"))
@@ -117,7 +117,7 @@ def test_non_utf8_or_binary_text_is_a_clear_error(tmp_path, raw, match):
 
 def test_crlf_is_kept(tmp_path):
     """Line endings are tokens like any other: CRLF text is not turned into LF."""
-    from gpt2np import tokenizer
+    from gpt2np.data import tokenizer
 
     path = tmp_path / "crlf.txt"
     path.write_bytes(b"ROMEO:\r\nO, she doth teach the torches to burn bright!\r\n")

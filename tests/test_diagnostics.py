@@ -1,4 +1,4 @@
-"""Training diagnostics (gpt2np.diagnostics): the logged gradient norms are torch autograd's,
+"""Training diagnostics (gpt2np.train.diagnostics): the logged gradient norms are torch autograd's,
 the update ratios are the params' measured change, the activation figures are those of a
 direct computation, for the array engine (from its caches) and the torch engine (hooks)."""
 import json
@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from backends import KernelCache
-from backends.torch_backend import TorchGPT
+from gpt2np.backends import KernelCache
+from gpt2np.backends.torch_reference import TorchGPT
 from gpt2np import GPT, GPTConfig
-from gpt2np import diagnostics as D
-from gpt2np.diagnostics_plot import plot_diagnostics
-from gpt2np.engines import ArrayEngine, TorchEngine
+from gpt2np.train import diagnostics as D
+from gpt2np.train.diagnostics_plot import plot_diagnostics
+from gpt2np.train.engines import ArrayEngine, TorchEngine
 
 CFG = GPTConfig(block_size=12, vocab_size=97, n_layer=2, n_head=2, n_embd=16)
 LR = 1e-2
@@ -33,7 +33,7 @@ def params64(seed=1):
 
 
 def one_step(engine, probe, data, max_norm=0.05, step=0):
-    """One optimizer step with two micro-steps, as gpt2np.train's loop drives a probe."""
+    """One optimizer step with two micro-steps, as gpt2np.train.loop's loop drives a probe."""
     rec = {"step": step}
     probe.start_step(step, engine)
     engine.zero_grad()
@@ -84,7 +84,7 @@ def test_grad_norms_are_autograds_and_update_ratios_the_change(kind, tmp_path):
 
 def direct_activations(params, x):
     """The figures computed directly from the float64 forward's tensors (torch hooks keep
-    them whole; nothing of gpt2np.diagnostics' arithmetic is used)."""
+    them whole; nothing of gpt2np.train.diagnostics' arithmetic is used)."""
     ref = TorchGPT.from_params(CFG, params, dtype=torch.float64)
     seen = {}
     hooks = [m.register_forward_hook(lambda mod, i, o, n=n: seen.__setitem__(n, (i[0], o)))
@@ -226,7 +226,7 @@ def test_plot_draws_partial_records(tmp_path):
 
 
 def test_the_training_flag_logs_every_n_steps_and_resumes(tmp_path):
-    from gpt2np.train import main as train_main
+    from gpt2np.train.loop import main as train_main
     from testdata import shakespeare_path
 
     if not shakespeare_path().is_file():

@@ -29,8 +29,8 @@ if ROOT not in sys.path:  # when run as a worker script
 from gpt2np import GPT, AdamW, GPTConfig, clip_grad_norm, cosine_lr  # noqa: E402
 from gpt2np import distributed  # noqa: E402
 from gpt2np.distributed import DistContext, GradBucket  # noqa: E402
-from gpt2np.prepare import write_shard  # noqa: E402
-from gpt2np.shards import ShardLoader  # noqa: E402
+from gpt2np.data.prepare import write_shard  # noqa: E402
+from gpt2np.data.shards import ShardLoader  # noqa: E402
 from testdata import shakespeare_path
 
 CFG = GPTConfig(block_size=8, vocab_size=64, n_layer=2, n_head=2, n_embd=16)
@@ -130,7 +130,7 @@ def train_torch(ctx: DistContext, data_dir, batch, accum, steps):
 def _train_torch(ctx, data_dir, batch, accum, steps):
     import torch
 
-    from backends.torch_backend import TorchGPT
+    from gpt2np.backends.torch_reference import TorchGPT
 
     model = TorchGPT.from_params(CFG, GPT(CFG, dtype="float64", seed=1).state_dict(),
                                  dtype=torch.float64)
@@ -329,10 +329,10 @@ TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "4"
 
 
 def train_has_data_parallel():
-    """Whether gpt2np.train is wired to gpt2np.distributed (torchrun, --data-shards)."""
+    """Whether gpt2np.train.loop is wired to gpt2np.distributed (torchrun, --data-shards)."""
     from dataclasses import fields
 
-    from gpt2np.train import TrainConfig
+    from gpt2np.train.loop import TrainConfig
 
     return "data_shards" in {f.name for f in fields(TrainConfig)}
 
@@ -371,7 +371,7 @@ def script_runs(tmp_path_factory):
     if not os.path.isfile(SHAKESPEARE):
         pytest.skip(f"tiny Shakespeare not at {SHAKESPEARE} (set GPT2NP_DATA)")
     if not train_has_data_parallel():
-        pytest.skip("gpt2np.train is not wired to gpt2np.distributed yet")
+        pytest.skip("gpt2np.train.loop is not wired to gpt2np.distributed yet")
     tmp = tmp_path_factory.mktemp("script")
     common = TINY + ["--data", SHAKESPEARE, "--cache-dir", str(tmp / "cache")]
     # one process (plain python, no torchrun) on the combined batch, first: it tokenizes
@@ -398,7 +398,7 @@ def _log(out):
 
 def test_script_two_ranks_equal_one_process(script_runs):
     tmp = script_runs[0]
-    from gpt2np.checkpoint import load_checkpoint
+    from gpt2np.io.checkpoint import load_checkpoint
 
     one, two = _log(tmp / "one"), _log(tmp / "two")
     assert [r["step"] for r in two] == [0, 1, 2]
@@ -444,7 +444,7 @@ def test_script_only_rank0_writes(script_runs):
 
 def test_script_resume_under_torchrun_is_bit_identical(script_runs):
     tmp = script_runs[0]
-    from gpt2np.checkpoint import load_checkpoint
+    from gpt2np.io.checkpoint import load_checkpoint
 
     a = load_checkpoint(tmp / "two" / "ckpt.safetensors")
     b = load_checkpoint(tmp / "resumed" / "ckpt.safetensors")
@@ -460,7 +460,7 @@ def test_script_torch_backend_ddp_matches_numpy(script_runs):
     """--backend torch under torchrun: DistributedDataParallel, the same steps as gpt2np's
     hand-written backward on 2 ranks (float64, to the numpy == torch tolerance)."""
     tmp, _, outs = script_runs
-    from gpt2np.checkpoint import load_checkpoint
+    from gpt2np.io.checkpoint import load_checkpoint
 
     assert "torch float64" in outs[0] and "2 ranks (gloo)" in outs[0]
     assert outs[1].strip() == ""

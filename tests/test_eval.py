@@ -1,4 +1,4 @@
-"""`python -m gpt2np.eval`: HellaSwag and loss over a tiny saved model, 2 gloo ranks == one."""
+"""`python -m gpt2np.evals.loss`: HellaSwag and loss over a tiny saved model, 2 gloo ranks == one."""
 from __future__ import annotations
 
 import json
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from gpt2np import GPT, GPTConfig
-from gpt2np import eval as E
-from gpt2np import hellaswag as H
-from gpt2np.shards import write_shard
-from gpt2np.tokenizer import encode
+from gpt2np.evals import loss as E
+from gpt2np.evals import hellaswag as H
+from gpt2np.data.shards import write_shard
+from gpt2np.data.tokenizer import encode
 from test_hellaswag import make_items, write_items
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,7 +155,7 @@ def test_two_gloo_ranks_equal_one_process(saved):
                        WORLD_SIZE="2", LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="2",
                        GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "gpt2np.eval", *args, "--json", str(out), "--no-progress"],
+                [sys.executable, "-m", "gpt2np.evals.loss", *args, "--json", str(out), "--no-progress"],
                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         outs = [p.communicate(timeout=240)[0] for p in procs]
         assert [p.returncode for p in procs] == [0, 0], outs
@@ -167,8 +167,8 @@ def test_two_gloo_ranks_equal_one_process(saved):
 
 
 def test_text_is_read_as_training_reads_it(tmp_path):
-    """CRLF kept (tokens equal gpt2np.data.load_tokens'), a binary file refused by name."""
-    from gpt2np.data import load_tokens
+    """CRLF kept (tokens equal gpt2np.data.shakespeare.load_tokens'), a binary file refused by name."""
+    from gpt2np.data.shakespeare import load_tokens
 
     crlf = tmp_path / "crlf.txt"
     crlf.write_bytes(TEXT.replace("\n", "\r\n").encode())

@@ -1,4 +1,4 @@
-"""python -m gpt2np.export: a training run (or any model source) as a folder transformers
+"""python -m gpt2np.io.export: a training run (or any model source) as a folder transformers
 loads with the same logits and GPT-2's tokenizer; dtypes; a padded vocabulary; atomic DEST."""
 import json
 import os
@@ -13,8 +13,8 @@ from transformers import AutoTokenizer, GPT2LMHeadModel
 
 import gpt2np
 from gpt2np import GPT, GPTConfig
-from gpt2np.export import export, main
-from gpt2np.tokenizer import N_VOCAB, get_encoding
+from gpt2np.io.export import export, main
+from gpt2np.data.tokenizer import N_VOCAB, get_encoding
 from tiny_run import tiny_run  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,10 +27,10 @@ def hf_logits(folder, idx, dtype=torch.float32):
 
 
 def test_exported_run_loads_in_transformers(tiny_run, tmp_path):
-    """The README's step: `python -m gpt2np.export OUT_DIR DEST`, then transformers."""
+    """The README's step: `python -m gpt2np.io.export OUT_DIR DEST`, then transformers."""
     dest = tmp_path / "hf"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.run([sys.executable, "-m", "gpt2np.export", str(tiny_run), str(dest)],
+    p = subprocess.run([sys.executable, "-m", "gpt2np.io.export", str(tiny_run), str(dest)],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert p.returncode == 0, p.stderr
     assert sorted(os.listdir(dest)) == ["config.json", "generation_config.json", "merges.txt",
@@ -91,7 +91,7 @@ def test_dest_is_written_atomically_and_never_clobbered(tmp_path, monkeypatch):
     _, src = _padded_folder(tmp_path)
     dest = tmp_path / "out"
     # a failure while writing leaves no DEST and no temporary folder
-    import gpt2np.export as ex
+    import gpt2np.io.export as ex
 
     def boom(*a, **k):
         raise OSError("disk full")

@@ -1,9 +1,9 @@
-"""backends.gemm: the mapping of row-major (batched) matmuls onto cuBLAS's column-major GEMM,
+"""gpt2np.backends.gemm: the mapping of row-major (batched) matmuls onto cuBLAS's column-major GEMM,
 checked on the CPU against a numpy model of cublasGemmStridedBatchedEx over raw memory."""
 import numpy as np
 import pytest
 
-from backends import gemm
+from gpt2np.backends import gemm
 
 
 def cublas_gemm_strided_batched(call: gemm.GemmCall, mem, a_off, b_off):

@@ -203,7 +203,7 @@ def test_argument_checks():
 def test_padded_vocabulary_is_never_sampled():
     """With vocab 50304 the rows past GPT-2's 50257 tokens are no tokens: made the most likely
     logits on purpose here, they are still never sampled, by any sampler, cache or not."""
-    from gpt2np.tokenizer import N_VOCAB
+    from gpt2np.data.tokenizer import N_VOCAB
 
     cfg = GPTConfig(block_size=8, vocab_size=50304, n_layer=1, n_head=1, n_embd=4)
     model = GPT(cfg, seed=0)
@@ -243,7 +243,7 @@ def test_generate_command_samples_a_training_run(tiny_run):
     samples = p.stdout.split("--- sample ")[1:]
     assert len(samples) == 2 and all(s.split("\n", 1)[1].startswith("ROMEO:") for s in samples)
     # the same tokens as model.generate with that seed (the prompt, then 6 new ones)
-    from gpt2np.tokenizer import get_encoding
+    from gpt2np.data.tokenizer import get_encoding
 
     enc = get_encoding()
     model = gpt2np.from_pretrained(tiny_run)

@@ -44,7 +44,7 @@ def _check_layer(cp, fwd, bwd, inputs, rng, tol=(1e-5, 1e-4), name=""):
 
 
 def test_fused_layers_match_the_reference(cp):
-    from backends import KernelCache
+    from gpt2np.backends import KernelCache
 
     rng = np.random.default_rng(0)
     B, T, C = 2, 9, 37  # C odd and not a multiple of a warp
@@ -114,8 +114,8 @@ def test_fused_embedding_backward_accumulates_deterministically(cp):
 def test_cublas_matmul_layouts(cp, precision, rtol):
     # the backend's cuBLAS calls on the cuBLAS model: every layout the layers make, every
     # precision, against float64 math on the operands rounded as the tensor cores see them
-    from backends import get_backend
-    from backends.numpy_backend import round_mantissa
+    from gpt2np.backends import get_backend
+    from gpt2np.backends.numpy_backend import round_mantissa
 
     be = get_backend("cupy")
     rng = np.random.default_rng(3)
@@ -211,8 +211,8 @@ def test_training_script_on_the_simulated_gpu(cp, tmp_path):
     # fused AdamW, evaluation, a checkpoint of device arrays, resume, sampling
     from testdata import shakespeare_path
 
-    from gpt2np.checkpoint import load_checkpoint
-    from gpt2np.train import TrainConfig, train
+    from gpt2np.io.checkpoint import load_checkpoint
+    from gpt2np.train.loop import TrainConfig, train
 
     if not shakespeare_path().is_file():
         pytest.skip(f"no tiny Shakespeare at {shakespeare_path()}")
@@ -267,7 +267,7 @@ def test_matmul_reads_alpha_and_beta_from_the_host_whatever_the_handle_says(cp):
     # alpha/beta would be read as device addresses. The backend sets host mode and restores.
     import sys
 
-    from backends import get_backend
+    from gpt2np.backends import get_backend
 
     cublas = sys.modules["cupy_backends.cuda.libs.cublas"]
     cublas.setPointerMode(0, 1)
@@ -280,7 +280,7 @@ def test_matmul_reads_alpha_and_beta_from_the_host_whatever_the_handle_says(cp):
 
 
 def test_matmul_takes_operands_already_cast_to_bf16(cp):
-    from backends import get_backend
+    from gpt2np.backends import get_backend
 
     be = get_backend("cupy")
     rng = np.random.default_rng(9)
@@ -296,7 +296,7 @@ def test_matmul_takes_operands_already_cast_to_bf16(cp):
 
 
 def test_mlp_with_the_bias_fused_into_gelu(cp):
-    from backends import KernelCache
+    from gpt2np.backends import KernelCache
 
     rng = np.random.default_rng(10)
     C = 12
@@ -318,7 +318,7 @@ def test_bf16_step_casts_each_operand_once(cp, monkeypatch):
     # every float32 array that a bf16 training step hands to the GEMMs is cast to bf16 at
     # most once (weights, activations, dlogits, attention's operands): a second cast of the
     # same data is a wasted pass over memory
-    from backends import get_backend
+    from gpt2np.backends import get_backend
 
     be = get_backend("cupy")
     cast, seen = be.to_bf16, []

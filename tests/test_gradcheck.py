@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from backends.torch_backend import TorchGPT
+from gpt2np.backends.torch_reference import TorchGPT
 from gpt2np import GPT, GPTConfig
 from gradcheck import assert_close, assert_grads_close, rel_error
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gpt2np import GPT, GPTConfig, cli
-from gpt2np import gradcheck as G
+from gpt2np.evals import gradcheck as G
 from gpt2np import layers as L
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
@@ -124,7 +124,7 @@ def test_a_vocabulary_that_cannot_read_gpt2_tokens(text_file, tmp_path, capsys):
 
 
 def test_a_training_run_is_a_model_too(text_file, tmp_path, capsys):
-    from gpt2np.train import main as train_main
+    from gpt2np.train.loop import main as train_main
     from testdata import shakespeare_path
 
     if not shakespeare_path().is_file():
@@ -141,7 +141,7 @@ def test_a_training_run_is_a_model_too(text_file, tmp_path, capsys):
 
 
 def test_the_batch_is_the_texts_first_tokens_and_binary_is_refused(tmp_path):
-    from gpt2np.tokenizer import encode
+    from gpt2np.data.tokenizer import encode
 
     long_text = tmp_path / "long.txt"
     long_text.write_bytes((TEXT * 200 + "é\n").encode())  # longer than the prefix first read

@@ -1,4 +1,4 @@
-"""HellaSwag scoring (gpt2np.hellaswag) against an independent torch implementation.
+"""HellaSwag scoring (gpt2np.evals.hellaswag) against an independent torch implementation.
 
 The reference below is build-nanogpt's hellaswag.py in outline (render_example +
 F.cross_entropy(reduction="none") over the shifted, masked rows), written here again on the
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from gpt2np import GPT, GPTConfig
-from gpt2np import hellaswag as H
-from gpt2np.tokenizer import get_encoding
+from gpt2np.evals import hellaswag as H
+from gpt2np.data.tokenizer import get_encoding
 
 CFG = GPTConfig(block_size=48, vocab_size=50257, n_layer=2, n_head=2, n_embd=16)
 WORDS = ("the a cat dog man woman runs jumps over quickly slowly then and ball kitchen knife "
@@ -43,7 +43,7 @@ def torch_reference(params, items, config=CFG):
     import torch
     import torch.nn.functional as F
 
-    from backends.torch_backend import TorchGPT
+    from gpt2np.backends.torch_reference import TorchGPT
 
     model = TorchGPT.from_params(config, params, dtype=torch.float64)
     enc = get_encoding()
@@ -92,7 +92,7 @@ def test_random_model_matches_torch_reference(model, tmp_path):
         assert (result.n, result.correct, result.correct_norm, result.cut) == (12, ref_c, ref_cn, 0)
     import torch
 
-    from backends.torch_backend import TorchGPT
+    from gpt2np.backends.torch_reference import TorchGPT
 
     torch_model = TorchGPT.from_params(CFG, model.state_dict(), dtype=torch.float64)
     tsums, _ = H.ending_losses(H.logits_function(torch_model), hs.rendered)

@@ -1,4 +1,4 @@
-"""Documents from Hugging Face `datasets` (gpt2np.hf_datasets) over local files the test writes."""
+"""Documents from Hugging Face `datasets` (gpt2np.data.hf_datasets) over local files the test writes."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from gpt2np import hf_datasets as D
+from gpt2np.data import hf_datasets as D
 
 pytest.importorskip("datasets")
 
@@ -75,7 +75,7 @@ def test_describe_records_the_source(files):
 
 
 def _shards(folder):
-    from gpt2np.shards import load_shard, read_meta
+    from gpt2np.data.shards import load_shard, read_meta
 
     meta = read_meta(str(folder))
     return meta, [np.asarray(load_shard(str(folder / s["file"]))) for s in meta["shards"]]
@@ -83,7 +83,7 @@ def _shards(folder):
 
 @pytest.mark.parametrize("builder", ["json", "parquet"])
 def test_prepare_dataset_gives_the_shards_of_input(files, tmp_path, builder, capsys):
-    from gpt2np import prepare
+    from gpt2np.data import prepare
 
     common = ["--shard-size", "20", "--val-shard-size", "30", "--workers", "1", "--no-progress"]
     assert prepare.main(["--input", *files["json"], "--out-dir", str(tmp_path / "a"), *common]) == 0
@@ -102,7 +102,7 @@ def test_prepare_dataset_gives_the_shards_of_input(files, tmp_path, builder, cap
     ([], "one of the arguments --input/-i --dataset is required"),
 ])
 def test_prepare_dataset_flags_are_checked(tmp_path, capsys, argv, message):
-    from gpt2np import prepare
+    from gpt2np.data import prepare
 
     try:
         code = prepare.main([*argv, "--out-dir", str(tmp_path / "out")])
@@ -113,7 +113,7 @@ def test_prepare_dataset_flags_are_checked(tmp_path, capsys, argv, message):
 
 
 def test_prepare_without_datasets_says_how_to_install(files, tmp_path, monkeypatch, capsys):
-    from gpt2np import prepare
+    from gpt2np.data import prepare
 
     monkeypatch.setitem(sys.modules, "datasets", None)
     assert prepare.main(["--dataset", "json", "--data-files", *files["json"],

@@ -9,7 +9,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from backends import torch_backend as R
+from gpt2np.backends import torch_reference as R
 from gpt2np import layers as L
 from gradcheck import assert_close, finite_diff, torch_grads
 

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from backends.torch_backend import TorchGPT
+from gpt2np.backends.torch_reference import TorchGPT
 from gpt2np import GPT, GPTConfig, param_shapes
 from gradcheck import assert_close, assert_grads_close, finite_diff
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from backends.numpy_backend import round_mantissa
-from backends.torch_backend import TorchGPT
+from gpt2np.backends.numpy_backend import round_mantissa
+from gpt2np.backends.torch_reference import TorchGPT
 from gpt2np import GPT, AdamW, GPTConfig
 from gpt2np import layers as L
 from gradcheck import assert_close, rel_error

@@ -1,4 +1,4 @@
-"""Sharded token datasets: `python -m gpt2np.prepare` and the per-rank ShardLoader.
+"""Sharded token datasets: `python -m gpt2np.data.prepare` and the per-rank ShardLoader.
 
 A small generated corpus goes through prepare (with 2 tokenizer processes) and comes back:
 the shards hold exactly [<|endoftext|>] + tokens of every document in order, shard 0 is
@@ -15,9 +15,9 @@ import sys
 import numpy as np
 import pytest
 
-from gpt2np.prepare import load_shard, main, prepare, write_shard
-from gpt2np.shards import ShardLoader, list_shards
-from gpt2np.tokenizer import get_encoding
+from gpt2np.data.prepare import load_shard, main, prepare, write_shard
+from gpt2np.data.shards import ShardLoader, list_shards
+from gpt2np.data.tokenizer import get_encoding
 
 EOT = 50256
 WORDS = ["the", "king", "queen", "ROMEO:", "thou", "art", "naïve", "café", "42", "—", "\n",
@@ -217,13 +217,13 @@ def test_short_last_shard_is_skipped_with_a_warning(tmp_path):
 
 
 def _train_cli(*args):
-    """python -m gpt2np.train in a child with one BLAS thread (tiny matrices; on shared
+    """python -m gpt2np.train.loop in a child with one BLAS thread (tiny matrices; on shared
     cores, BLAS threads only spin against each other)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root, MPLBACKEND="Agg")
     for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(v, None)
-    return subprocess.run([sys.executable, "-m", "gpt2np.train", *map(str, args)], cwd=root,
+    return subprocess.run([sys.executable, "-m", "gpt2np.train.loop", *map(str, args)], cwd=root,
                           env=env, capture_output=True, text=True, timeout=240)
 
 
@@ -232,11 +232,11 @@ def test_training_on_shards_and_resume(tmp_path):
     of an uninterrupted one (the shard loader's position is in the checkpoint)."""
     from dataclasses import fields
 
-    from gpt2np.checkpoint import load_checkpoint
-    from gpt2np.train import TrainConfig
+    from gpt2np.io.checkpoint import load_checkpoint
+    from gpt2np.train.loop import TrainConfig
 
     if "data_shards" not in {f.name for f in fields(TrainConfig)}:
-        pytest.skip("gpt2np.train has no --data-shards yet")
+        pytest.skip("gpt2np.train.loop has no --data-shards yet")
     paths, _ = make_corpus(str(tmp_path / "corpus"), seed=5)
     more = tmp_path / "corpus" / "more.jsonl"
     rng = np.random.default_rng(6)
@@ -320,7 +320,7 @@ def test_non_utf8_or_binary_input_names_the_file(tmp_path, name, doc_sep, raw, m
 
 def test_crlf_kept_as_in_the_tiny_shakespeare_path(tmp_path):
     """A CRLF text gives the tokens `--data` gives it (after the leading <|endoftext|>)."""
-    from gpt2np.data import load_tokens
+    from gpt2np.data.shakespeare import load_tokens
 
     path = tmp_path / "crlf.txt"
     path.write_bytes(b"ROMEO:\r\nBut soft, what light\r\n\r\nthrough yonder window breaks?\r\n" * 3)
@@ -354,7 +354,7 @@ def _prepare_cli(*args, cwd):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root)
     env.pop("GPT2NP_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "gpt2np.prepare", *map(str, args)], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "gpt2np.data.prepare", *map(str, args)], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=120)
 
 

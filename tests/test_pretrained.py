@@ -22,7 +22,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import gpt2np
 from gpt2np import GPT, GPTConfig
-from gpt2np.pretrained import load_config
+from gpt2np.io.pretrained import load_config
 from gradcheck import assert_close, rel_error
 
 transformers.logging.set_verbosity_error()
@@ -357,7 +357,7 @@ from tiny_run import tiny_run  # noqa: E402,F401 (a fixture)
 
 def _rebuilt(ckpt_path, dtype):
     """The model rebuilt by hand from a checkpoint's tensors and the config in its metadata."""
-    from gpt2np.checkpoint import load_checkpoint
+    from gpt2np.io.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(ckpt_path)
     return GPT(GPTConfig.from_dict(ckpt.state["model_config"]), dtype=dtype, params=ckpt.params)
@@ -378,7 +378,7 @@ def test_training_run_is_a_model(tiny_run, dtype):
 
 
 def test_training_checkpoint_of_another_dtype_is_cast(tmp_path):
-    from gpt2np.checkpoint import Checkpoint, save_checkpoint
+    from gpt2np.io.checkpoint import Checkpoint, save_checkpoint
 
     cfg = GPTConfig(block_size=8, vocab_size=30, n_layer=1, n_head=2, n_embd=8)
     params = GPT(cfg, dtype="float64", seed=3).state_dict()
@@ -391,7 +391,7 @@ def test_training_checkpoint_of_another_dtype_is_cast(tmp_path):
 
 
 def test_training_run_errors(tmp_path):
-    from gpt2np.checkpoint import Checkpoint, CheckpointError, save_checkpoint
+    from gpt2np.io.checkpoint import Checkpoint, CheckpointError, save_checkpoint
 
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -1,4 +1,4 @@
-"""What a shard folder holds: prepare and the loader share one rule (gpt2np.shards).
+"""What a shard folder holds: prepare and the loader share one rule (gpt2np.data.shards).
 
 meta.json lists the shards and the loader reads exactly those; a folder whose files and
 meta.json disagree is refused; prepare into a folder that holds shards needs overwrite;
@@ -13,9 +13,9 @@ import shutil
 import numpy as np
 import pytest
 
-from gpt2np import shards as S
-from gpt2np.prepare import load_shard, prepare, write_shard
-from gpt2np.shards import ShardFolderError, ShardLoader, list_shards
+from gpt2np.data import shards as S
+from gpt2np.data.prepare import load_shard, prepare, write_shard
+from gpt2np.data.shards import ShardFolderError, ShardLoader, list_shards
 
 WORDS = ["the", "king", "queen", "thou", "art", "café", "\n", "to be", "or", "not", "🙂"]
 
@@ -187,10 +187,10 @@ def test_corpus_with_a_short_last_shard_trains(tmp_path):
     training warns, skips it, and runs through the other shards and past their wrap."""
     from dataclasses import fields
 
-    from gpt2np.train import TrainConfig, train
+    from gpt2np.train.loop import TrainConfig, train
 
     if "data_shards" not in {f.name for f in fields(TrainConfig)}:
-        pytest.skip("gpt2np.train has no --data-shards yet")
+        pytest.skip("gpt2np.train.loop has no --data-shards yet")
     docs = ["a" + " a" * 99] * 5  # 5 x (100 + <|endoftext|>) tokens: 50 val, 4 x 110 + 15 train
     meta = prepare([], str(tmp_path / "shards"), shard_size=110, val_shard_size=50, workers=1,
                    progress=False, documents=docs)

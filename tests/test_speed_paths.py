@@ -250,7 +250,7 @@ def test_attention_in_query_blocks_matches_torch(monkeypatch, block):
     gradient, with the softmax recomputed in the backward."""
     import torch
 
-    from backends.torch_backend import ref_attention
+    from gpt2np.backends.torch_reference import ref_attention
 
     monkeypatch.setattr(L, "_ATT_BLOCK", block)
     rng = np.random.default_rng(11)
@@ -270,7 +270,7 @@ def test_attention_in_query_blocks_matches_torch(monkeypatch, block):
 
 def test_serial_blas_limits_and_restores_the_blas_threads():
     threadpoolctl = pytest.importorskip("threadpoolctl")
-    from backends.numpy_backend import NumpyBackend
+    from gpt2np.backends.numpy_backend import NumpyBackend
 
     def blas_threads():  # numpy's own BLAS (torch, imported by other tests, brings its own)
         return [i["num_threads"] for i in threadpoolctl.threadpool_info()

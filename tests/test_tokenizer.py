@@ -6,7 +6,7 @@ import tiktoken
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpt2np import tokenizer
+from gpt2np.data import tokenizer
 from testdata import shakespeare_path
 
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from gpt2np import train as T
-from gpt2np.checkpoint import CheckpointError, load_checkpoint
-from gpt2np.train import TrainConfig, TrainError, main, train
+from gpt2np.train import loop as T
+from gpt2np.io.checkpoint import CheckpointError, load_checkpoint
+from gpt2np.train.loop import TrainConfig, TrainError, main, train
 from testdata import shakespeare_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -311,11 +311,11 @@ def test_bad_vocab_size_and_precision(tmp_path, token_cache):
 
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
 def test_evaluators_and_step_probes_plug_in(tmp_path, token_cache, monkeypatch, backend):
-    # the extension points of gpt2np.train: an evaluator's fields land in the eval steps'
+    # the extension points of gpt2np.train.loop: an evaluator's fields land in the eval steps'
     # records, a probe sees the all-reduced grads before the update and the params around it
     # (an update ratio), the forward hook runs once per micro-step, a panel joins loss.png
-    from gpt2np import evaluators as E
-    from gpt2np.run_outputs import Panel
+    from gpt2np.train import evaluators as E
+    from gpt2np.train.outputs import Panel
 
     drawn = []
 
@@ -383,7 +383,7 @@ def test_bad_command_line_is_one_error_line(tmp_path, argv):
     argv = [a.replace("{binary}", str(binary)) for a in argv]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("GPT2NP_DEBUG", None)
-    proc = subprocess.run([sys.executable, "-m", "gpt2np.train", "--out-dir", str(tmp_path / "o"),
+    proc = subprocess.run([sys.executable, "-m", "gpt2np.train.loop", "--out-dir", str(tmp_path / "o"),
                            "--cache-dir", str(tmp_path / "cache"), "--no-progress", *argv],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
@@ -447,7 +447,7 @@ def test_total_batch_size_zero_is_refused(tmp_path, token_cache):
 
 def test_shards_run_resumes_with_only_resume(tmp_path):
     # item 6: the shard folder is in the checkpoint; a moved folder is named as --data-shards
-    from gpt2np.prepare import prepare
+    from gpt2np.data.prepare import prepare
 
     rng = np.random.default_rng(0)
     words = ["thou", "art", "the", "king", "of", "night", "and", "day", "my", "lord"]
@@ -497,7 +497,7 @@ def test_disk_full_during_a_save(tmp_path, token_cache, monkeypatch, capsys):
     # item 11: ENOSPC while writing a checkpoint: one error line, the previous one intact
     import errno
 
-    from gpt2np import run_outputs
+    from gpt2np.train import outputs as run_outputs
 
     real, calls = run_outputs.save_checkpoint, []
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpt2np import eval as E
-from gpt2np import references as R
+from gpt2np.evals import loss as E
+from gpt2np.evals import references as R
 from gpt2np.config import GPTConfig
-from gpt2np.run_outputs import LOSS_PANEL, Panel, plot
-from gpt2np.shards import write_shard
+from gpt2np.train.outputs import LOSS_PANEL, Panel, plot
+from gpt2np.data.shards import write_shard
 from test_hellaswag import make_items, write_items
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +120,7 @@ def test_data_shards_is_required_and_the_error_shows_the_prepare_command(script,
     assert e.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: --data-shards is required")
-    assert "python -m gpt2np.prepare --dataset HuggingFaceFW/fineweb-edu" in last
+    assert "python -m gpt2np.data.prepare --dataset HuggingFaceFW/fineweb-edu" in last
 
 
 def test_reference_lines_for_gpt2_sized_runs_on_fineweb_edu(tmp_path):

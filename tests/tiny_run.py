@@ -1,6 +1,6 @@
 """A tiny training run (1 layer, 16 dims, 8 steps on tiny Shakespeare, ~1 s) for the tests
 of what a run's out-dir is used for: loading, sampling, exporting. Only the stable surface of
-gpt2np.train is used (TrainConfig, train)."""
+gpt2np.train.loop is used (TrainConfig, train)."""
 from pathlib import Path
 
 import pytest
@@ -9,7 +9,7 @@ from testdata import shakespeare_path
 
 
 def train_tiny(out: Path, cache: Path, **kw) -> Path:
-    from gpt2np.train import TrainConfig, train
+    from gpt2np.train.loop import TrainConfig, train
 
     data = shakespeare_path()
     if not data.is_file():

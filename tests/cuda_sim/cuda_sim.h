@@ -1,4 +1,4 @@
-// A CPU simulator for the CUDA kernels of backends/cuda/*.cu, for tests on machines without
+// A CPU simulator for the CUDA kernels of gpt2np/backends/cuda/*.cu, for tests on machines without
 // a GPU (CI has none). Each kernel is compiled as plain C++ with this header force-included;
 // a launch runs the blocks one after another, and the threads of a block as coroutines
 // (ucontext) on one OS thread, switched at every barrier:

@@ -17,7 +17,7 @@ import types
 
 import numpy as np
 
-from backends.numpy_backend import round_mantissa
+from gpt2np.backends.numpy_backend import round_mantissa
 
 from . import SimModule
 
@@ -121,7 +121,7 @@ def _build():
 def install(monkeypatch):
     """Make `import cupy` (and the backend's other CuPy imports) give the CPU stand-ins
     for this test, with a fresh CuPy backend; undone by monkeypatch at the test's end."""
-    import backends.cupy_backend as cb
+    import gpt2np.backends.cupy_backend as cb
 
     if not _modules:
         _modules.update(_build())
@@ -135,8 +135,8 @@ def install(monkeypatch):
 def clear_caches():
     """Forget kernels built so far: those of the simulator must not outlive it, nor the
     real GPU's leak into it."""
-    import backends.cupy_attention as att
-    import backends.cupy_kernels as ck
+    import gpt2np.backends.cupy_attention as att
+    import gpt2np.backends.cupy_kernels as ck
 
     for module in (ck, att):
         for name, value in vars(module).items():

@@ -1,6 +1,6 @@
 """Atomic file writes: a reader (or a crash) sees the old file or the new one, never half of one.
 
-Every output the project writes outside checkpoints (gpt2np.checkpoint also fsyncs) goes
+Every output the project writes outside checkpoints (gpt2np.io.checkpoint also fsyncs) goes
 through `replace_atomically`: the content is written to a temporary file beside the target
 (same filesystem, so the rename is atomic), then renamed over it; on any failure the target
 is left as it was and the temporary file is removed. The temporary name carries the process

@@ -1,6 +1,6 @@
 """Tokenize text corpora into uint16 token shards, FineWeb-style (build-nanogpt's fineweb.py).
 
-    python -m gpt2np.prepare --input corpus/*.txt --out-dir data/mycorpus --shard-size 1e8
+    python -m gpt2np.data.prepare --input corpus/*.txt --out-dir data/mycorpus --shard-size 1e8
 
 Every document becomes `<|endoftext|>` (50256) followed by its GPT-2 tokens, so documents
 are separated (and the first one is delimited too, as fineweb.py does). Tokens stream into
@@ -9,7 +9,7 @@ validation split, the rest are training shards:
 
     out-dir/<prefix>_val_000000.npy, <prefix>_train_000001.npy, ..., meta.json
 
-What a shard folder holds, and how prepare and the loader agree on it, is gpt2np.shards'
+What a shard folder holds, and how prepare and the loader agree on it, is gpt2np.data.shards'
 rule: meta.json lists the shards; a folder that already holds shards is refused unless
 `--overwrite` (which removes the old shards first).
 
@@ -21,7 +21,7 @@ Documents are:
   at the cut, so documents are never cut. Empty documents are dropped.
 - or, with `--dataset NAME [--dataset-config CFG] [--split train] [--data-files F ...]`,
   the `--text-field` of every record of a Hugging Face dataset, streamed in its order
-  (gpt2np.hf_datasets; e.g. HuggingFaceFW/fineweb-edu sample-10BT, or `--dataset parquet
+  (gpt2np.data.hf_datasets; e.g. HuggingFaceFW/fineweb-edu sample-10BT, or `--dataset parquet
   --data-files *.parquet`); meta.json records the source;
 - or, from Python, any iterable of strings: `prepare([], out_dir, documents=...)`.
 Text is read as UTF-8 with its line endings as they are (CRLF stays CRLF, as in `--data`);
@@ -30,7 +30,7 @@ a binary or non-UTF-8 file is an error naming it.
 Tokenization runs in `--workers` processes (multiprocessing.Pool.imap keeps the document
 order, so the output is deterministic); a tqdm bar per shard shows progress. `--format bin`
 writes llm.c's .bin layout instead (a 256 x int32 header: magic 20240520, version 1, token
-count; then the uint16 tokens). `gpt2np.shards.ShardLoader` reads both.
+count; then the uint16 tokens). `gpt2np.data.shards.ShardLoader` reads both.
 """
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .cli import ArgumentParser, UsageError, positive_int, run_main
-from .shards import (BIN_HEADER_INTS, BIN_MAGIC, BIN_MAX_TOKENS, BIN_VERSION,  # noqa: F401
+from gpt2np.cli import ArgumentParser, UsageError, positive_int, run_main
+from gpt2np.data.shards import (BIN_HEADER_INTS, BIN_MAGIC, BIN_MAX_TOKENS, BIN_VERSION,  # noqa: F401
                      clear_folder, load_shard, parse_shard_name, shard_name, write_meta,
                      write_shard)
 
@@ -59,7 +59,7 @@ def iter_documents(paths: Iterable[str], doc_sep: str | None = None,
         if path.endswith((".jsonl", ".json")):
             yield from _json_lines(path, text_field)
         elif doc_sep is None:
-            from .data import decode_text  # the tiny-Shakespeare path's reading, CRLF kept
+            from gpt2np.data.shakespeare import decode_text  # the tiny-Shakespeare path's reading, CRLF kept
 
             with open(path, "rb") as f:
                 text = decode_text(f.read(), path)
@@ -135,7 +135,7 @@ def _strings(documents: Iterable[str], seen: dict) -> Iterator[str]:
 
 
 def _default_encoding():
-    from .tokenizer import get_encoding
+    from gpt2np.data.tokenizer import get_encoding
 
     return get_encoding()
 
@@ -362,7 +362,7 @@ token_count.__name__ = "token count"
 
 def _parser() -> ArgumentParser:
     ap = ArgumentParser(
-        prog="python -m gpt2np.prepare",
+        prog="python -m gpt2np.data.prepare",
         description="Tokenize text files, or a Hugging Face dataset, into uint16 GPT-2 token "
                     "shards (shard 0 = val).")
     source = ap.add_mutually_exclusive_group(required=True)
@@ -404,7 +404,7 @@ def _main(argv=None) -> int:
                    prefix=args.prefix, doc_sep=args.doc_sep, text_field=args.text_field,
                    progress=not args.no_progress, overwrite=args.overwrite, documents=documents)
     if source is not None:  # meta.json says where the documents came from
-        from .shards import write_meta
+        from gpt2np.data.shards import write_meta
 
         meta = {"source": source, **meta}
         write_meta(args.out_dir, meta)
@@ -414,12 +414,12 @@ def _main(argv=None) -> int:
 
 
 def _dataset(args):
-    """--dataset's documents (gpt2np.hf_datasets, streamed) and its description, or (None, None)."""
+    """--dataset's documents (gpt2np.data.hf_datasets, streamed) and its description, or (None, None)."""
     if args.dataset is None:
         if args.data_files or args.dataset_config or args.split:
             raise UsageError("--data-files, --dataset-config and --split go with --dataset")
         return None, None
-    from . import hf_datasets
+    from gpt2np.data import hf_datasets
 
     split = args.split or "train"
     docs = hf_datasets.dataset_documents(args.dataset, args.dataset_config, split,

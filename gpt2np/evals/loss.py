@@ -1,9 +1,9 @@
 """Evaluate a model: HellaSwag accuracy, or the loss (and perplexity) on a text or shards.
 
-    python -m gpt2np.eval --model gpt2 --task hellaswag                  # (gpt2np eval ...)
-    python -m gpt2np.eval --model runs/x --task loss --data input.txt --json loss.json
-    python -m gpt2np.eval --model gpt2 --task loss --data data/fineweb_edu   # val shards
-    torchrun --standalone --nproc_per_node=8 -m gpt2np.eval --model gpt2 --task hellaswag \
+    python -m gpt2np.evals.loss --model gpt2 --task hellaswag                  # (gpt2np eval ...)
+    python -m gpt2np.evals.loss --model runs/x --task loss --data input.txt --json loss.json
+    python -m gpt2np.evals.loss --model gpt2 --task loss --data data/fineweb_edu   # val shards
+    torchrun --standalone --nproc_per_node=8 -m gpt2np.evals.loss --model gpt2 --task hellaswag \
         --backend cupy
 
 --model is anything gpt2np.from_pretrained takes (a hub name, a folder, a training run).
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic
-from .cli import ArgumentParser, UsageError, positive_int, run_main
-from .hellaswag import DEFAULT_LOGITS_BUDGET, logits_function, token_losses
+from gpt2np import files as atomic
+from gpt2np.cli import ArgumentParser, UsageError, positive_int, run_main
+from gpt2np.evals.hellaswag import DEFAULT_LOGITS_BUDGET, logits_function, token_losses
 
 TASKS = ("hellaswag", "loss")
 BACKENDS = ("numpy", "cupy", "torch")
@@ -50,7 +50,7 @@ class LossResult:
 def load_tokens(path) -> np.ndarray:
     """The tokens to score: a shard folder's val split (all its shards, in order), one shard
     file (.npy / .bin), or a text file (GPT-2 tokens)."""
-    from .shards import list_shards, load_shard
+    from gpt2np.data.shards import list_shards, load_shard
 
     p = Path(os.path.expanduser(str(path)))
     if p.is_dir():
@@ -59,8 +59,8 @@ def load_tokens(path) -> np.ndarray:
         raise FileNotFoundError(f"no such file or shard folder: {str(p)!r}")
     if p.suffix in (".npy", ".bin"):
         return np.asarray(load_shard(str(p)))
-    from .data import decode_text
-    from .tokenizer import encode
+    from gpt2np.data.shakespeare import decode_text
+    from gpt2np.data.tokenizer import encode
 
     # as training reads text: UTF-8 with its line endings kept, binary files refused
     return np.asarray(encode(decode_text(p.read_bytes(), p)), dtype=np.int64)
@@ -116,7 +116,7 @@ def token_loss(model, tokens, *, block_size: int | None = None, limit: int | Non
 def load_model(name, backend: str = "numpy", dtype: str = "float32", device: str | None = None):
     """A model to evaluate: a gpt2np.GPT (numpy/cupy), or for backend "torch" the torch
     reference holding the same weights (on `device`, default cuda when there is one)."""
-    from . import from_pretrained
+    from gpt2np import from_pretrained
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -124,7 +124,7 @@ def load_model(name, backend: str = "numpy", dtype: str = "float32", device: str
         return from_pretrained(name, backend=backend, dtype=dtype)
     import torch
 
-    from backends.torch_backend import TorchGPT
+    from gpt2np.backends.torch_reference import TorchGPT
 
     host = from_pretrained(name, backend="numpy", dtype=dtype)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -168,14 +168,14 @@ def _main(argv=None) -> int:
         raise UsageError("--task loss needs --data: a text file, a shard file or a shard folder")
     if args.device is not None and args.backend != "torch":
         raise UsageError("--device is for --backend torch (numpy runs on the CPU, cupy on the GPU)")
-    from . import distributed
+    from gpt2np import distributed
 
     ctx = distributed.init(args.backend, torch_device=args.device)
     try:
         model = load_model(args.model, args.backend, args.dtype, args.device)
         progress = not args.no_progress
         if args.task == "hellaswag":
-            from .hellaswag import evaluate
+            from gpt2np.evals.hellaswag import evaluate
 
             result = evaluate(model, args.data, limit=args.limit, ctx=ctx, progress=progress)
             record = {"task": "hellaswag", "n": result.n, "acc": result.acc,

@@ -1,8 +1,8 @@
 """Export any model source as a folder that transformers loads.
 
-    python -m gpt2np.export out/shakespeare out/hf                  # a training run (or `gpt2np export`)
-    python -m gpt2np.export out/shakespeare out/hf-bf16 --dtype bfloat16
-    python -m gpt2np.export gpt2 out/gpt2-fp16 --dtype float16     # any model source
+    python -m gpt2np.io.export out/shakespeare out/hf                  # a training run (or `gpt2np export`)
+    python -m gpt2np.io.export out/shakespeare out/hf-bf16 --dtype bfloat16
+    python -m gpt2np.io.export gpt2 out/gpt2-fp16 --dtype float16     # any model source
 
 then `transformers.GPT2LMHeadModel.from_pretrained("out/hf")` gives the same logits, and
 `AutoTokenizer.from_pretrained("out/hf")` GPT-2's tokenizer. SRC is anything
@@ -31,9 +31,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .cli import ArgumentParser, UsageError, run_main
-from .pretrained import CKPT_NAME, CONFIG_NAME, from_pretrained, save_pretrained
-from .tokenizer import EOT_TOKEN, N_VOCAB, bundled_bpe_files
+from gpt2np.cli import ArgumentParser, UsageError, run_main
+from gpt2np.io.pretrained import CKPT_NAME, CONFIG_NAME, from_pretrained, save_pretrained
+from gpt2np.data.tokenizer import EOT_TOKEN, N_VOCAB, bundled_bpe_files
 
 DTYPES = ("float32", "float16", "bfloat16")
 

@@ -4,9 +4,9 @@ The model code is the same `gpt2np` layer code as on the CPU; only the primitive
 array API lacks live here, with two ways to go faster than plain CuPy:
   - every matmul is one cuBLAS GEMM (strided-batched for attention's per-head products) in
     the precision asked for: float32, TF32, or bfloat16 operands with float32 accumulation
-    and a float32 result, on the tensor cores (backends/gemm.py maps the layouts);
+    and a float32 result, on the tensor cores (gpt2np/backends/gemm.py maps the layouts);
   - fused kernels for LayerNorm, GELU, the softmax cross-entropy, the embedding backward
-    and AdamW (backends/cupy_kernels.py, backends/cuda/*.cu), which the layers use for
+    and AdamW (gpt2np/backends/cupy_kernels.py, gpt2np/backends/cuda/*.cu), which the layers use for
     float32 work. GPT2NP_FUSED=0 in the environment (or `backend.fused = False`) turns
     them off, leaving the reference layer code on CuPy arrays.
 """
@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from . import gemm
+from gpt2np.backends import gemm
 
 _INSTALL_HINT = (
     "the cupy backend needs CuPy and an NVIDIA GPU with a working CUDA driver; install the "
@@ -78,12 +78,13 @@ class CupyBackend:
     # ------------------------------------------------------------------ fused kernels
 
     def kernels(self):
-        """The fused kernels (backends.cupy_kernels, and attention from backends.cupy_attention)
+        """The fused kernels (gpt2np.backends.cupy_kernels, and attention from gpt2np.backends.cupy_attention)
         as one namespace, or None when they are turned off."""
         if not self.fused:
             return None
         if self._kernels is None:
-            from . import cupy_attention, cupy_kernels
+            from gpt2np.backends import cupy_attention
+            from gpt2np.backends import cupy_kernels
 
             ops = {k: v for k, v in vars(cupy_kernels).items() if not k.startswith("_")}
             ops["attention_forward"] = cupy_attention.attention_forward
@@ -188,7 +189,7 @@ class CupyBackend:
 
 
 def _load(filename):
-    from .cupy_kernels import load_module
+    from gpt2np.backends.cupy_kernels import load_module
 
     return load_module(filename)
 

@@ -1,6 +1,6 @@
 """Token shard folders: what one holds (one rule for writer and reader), and the loader.
 
-A folder that `gpt2np.prepare` makes holds
+A folder that `gpt2np.data.prepare` makes holds
 
     meta.json                       the shards, in order: file, split, tokens; how they were made
     <prefix>_val_000000.npy         shard 0, the validation split
@@ -158,7 +158,7 @@ def folder_shards(data_dir: str, split: str) -> list[tuple[str, int | None]]:
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"no shard directory {data_dir!r} (make one with "
-                                f"`python -m gpt2np.prepare --input ... --out-dir {data_dir}`)")
+                                f"`python -m gpt2np.data.prepare --input ... --out-dir {data_dir}`)")
     meta, named = read_meta(data_dir), _named_shards(data_dir)
     redo = "prepare the folder again with --overwrite"
     if meta is not None:
@@ -324,6 +324,6 @@ class ShardLoader:
             position = 0
         self.position = position + self.B * self.T * self.rank
 
-    # the names gpt2np.data.BatchLoader and torch use, for the checkpoint code
+    # the names gpt2np.data.shakespeare.BatchLoader and torch use, for the checkpoint code
     state_dict = state
     load_state_dict = set_state

@@ -7,7 +7,7 @@ A backend is a small object with
   to_host(a)      -> numpy.ndarray
   scatter_add(out, idx, vals)   out[idx] += vals, accumulating repeated indices
 
-The PyTorch reference model (backends.torch_backend) is not an array backend: it is the
+The PyTorch reference model (gpt2np.backends.torch_reference) is not an array backend: it is the
 gradient oracle, a separate nn.Module that loads and exports the same params dict.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ import importlib
 
 # name -> module that defines `BACKEND`; imported lazily so numpy users never touch cupy
 _ARRAY_BACKENDS = {
-    "numpy": "backends.numpy_backend",
-    "cupy": "backends.cupy_backend",
+    "numpy": "gpt2np.backends.numpy_backend",
+    "cupy": "gpt2np.backends.cupy_backend",
 }
 KNOWN_BACKENDS = tuple(_ARRAY_BACKENDS)
 
@@ -28,7 +28,7 @@ def get_backend(name: str):
         hint = ""
         if name == "torch":
             hint = (" ('torch' is the PyTorch reference model: use "
-                    "backends.torch_backend.TorchGPT, or --backend torch in the training script)")
+                    "gpt2np.backends.torch_reference.TorchGPT, or --backend torch in the training script)")
         raise ValueError(
             f"unknown backend {name!r}; known array backends: {', '.join(KNOWN_BACKENDS)}{hint}")
     return importlib.import_module(_ARRAY_BACKENDS[name]).get()

@@ -1,4 +1,4 @@
-"""Fused CUDA kernels for float32 CuPy arrays: the wrappers around backends/cuda/kernels.cu.
+"""Fused CUDA kernels for float32 CuPy arrays: the wrappers around gpt2np/backends/cuda/kernels.cu.
 
 Each function computes what its reference in gpt2np.layers (or gpt2np.optim) computes, in
 fewer passes over memory. A forward returns (out, KernelCache(<its backward>, *saved)); the
@@ -19,7 +19,7 @@ import re
 
 import numpy as np
 
-from backends import KernelCache
+from gpt2np.backends import KernelCache
 
 _CUDA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda")
 
@@ -54,7 +54,7 @@ _INCLUDE = re.compile(r'^#include "(\w+\.cuh)"[^\n]*$', re.M)
 
 
 def read_source(filename):
-    """The text of backends/cuda/<filename> with its `#include "x.cuh"` lines replaced by
+    """The text of gpt2np/backends/cuda/<filename> with its `#include "x.cuh"` lines replaced by
     those headers (once each): one self-contained source for NVRTC, whose cache (CuPy's,
     keyed by the source text) then also sees changes to the headers."""
     seen = set()
@@ -79,7 +79,7 @@ def _read(filename):
 
 @functools.lru_cache(maxsize=None)
 def load_module(filename="kernels.cu"):
-    """The cupy.RawModule of backends/cuda/<filename>, built once per process.
+    """The cupy.RawModule of gpt2np/backends/cuda/<filename>, built once per process.
 
     NVRTC compiles it at the first get_function, for the current device's architecture.
     """
@@ -92,7 +92,7 @@ def _function(name, filename, device):
 
 
 def get_kernel(name, filename="kernels.cu"):
-    """Kernel `name` of backends/cuda/<filename>, loaded on the current device."""
+    """Kernel `name` of gpt2np/backends/cuda/<filename>, loaded on the current device."""
     return _function(name, filename, _cupy().cuda.runtime.getDevice())
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import GPTConfig
-from .model import GPT, param_shapes
+from gpt2np.config import GPTConfig
+from gpt2np.model import GPT, param_shapes
 
 # Short names of the four OpenAI releases; on the hub they live under openai-community/.
 HUB_NAMES = {
@@ -36,8 +36,8 @@ WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"  # sharded checkpoints
 PICKLE_NAME = "pytorch_model.bin"
 CONFIG_NAME = "config.json"
-CKPT_NAME = "ckpt.safetensors"  # what gpt2np.train writes into its --out-dir
-_CKPT_FORMAT = "gpt2np-checkpoint"  # the prefix of gpt2np.checkpoint's format tag
+CKPT_NAME = "ckpt.safetensors"  # what gpt2np.train.loop writes into its --out-dir
+_CKPT_FORMAT = "gpt2np-checkpoint"  # the prefix of gpt2np.io.checkpoint's format tag
 
 # Non-parameter buffers that older GPT-2 checkpoints carry: the causal mask ("attn.bias",
 # (1,1,n_pos,n_pos)) and the masking constant ("attn.masked_bias"). We build the mask ourselves.
@@ -57,7 +57,7 @@ def from_pretrained(name_or_path, *, backend: str = "numpy", dtype: str = "float
       - a gpt2np training run: its out-dir (which holds `ckpt.safetensors`) or that checkpoint
         file itself; the checkpoint's metadata has the GPTConfig, its SHA-256 is checked;
       - a local folder with `model.safetensors` (or a sharded `model.safetensors.index.json`)
-        and `config.json`, as transformers' save_pretrained (or `python -m gpt2np.export`) writes;
+        and `config.json`, as transformers' save_pretrained (or `python -m gpt2np.io.export`) writes;
       - a hub id: "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "openai-community/gpt2", or
         any "owner/name" GPT-2 repo. Hub files go through huggingface_hub's cache (HF_HOME /
         HF_HUB_CACHE, or `cache_dir`); with HF_HUB_OFFLINE=1 or `local_files_only=True` only
@@ -278,16 +278,16 @@ def _is_training_checkpoint(path: Path) -> bool:
 
 
 def load_run(path) -> tuple[GPTConfig, dict[str, np.ndarray]]:
-    """(GPTConfig, params) of a training checkpoint, checked (gpt2np.checkpoint) and matched
-    against the config its metadata records (gpt2np.train saves it as "model_config")."""
-    from .checkpoint import CheckpointError, load_checkpoint
+    """(GPTConfig, params) of a training checkpoint, checked (gpt2np.io.checkpoint) and matched
+    against the config its metadata records (gpt2np.train.loop saves it as "model_config")."""
+    from gpt2np.io.checkpoint import CheckpointError, load_checkpoint
 
     ckpt = load_checkpoint(path)
     try:
         config = GPTConfig.from_dict(ckpt.state["model_config"])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path} has no usable model_config in its metadata ({e}); "
-                              f"was it written by gpt2np.train?") from e
+                              f"was it written by gpt2np.train.loop?") from e
     expected = param_shapes(config)
     wrong = [k for k in expected if k not in ckpt.params or ckpt.params[k].shape != expected[k]]
     extra = [k for k in ckpt.params if k not in expected]

@@ -1,7 +1,7 @@
 """Training engines: one small interface over gpt2np's model and over the PyTorch oracle.
 
   ArrayEngine   gpt2np.GPT on numpy or cupy (hand-written backward) + gpt2np.AdamW
-  TorchEngine   backends.torch_backend.TorchGPT (autograd) + torch.optim.AdamW, to compare
+  TorchEngine   gpt2np.backends.torch_reference.TorchGPT (autograd) + torch.optim.AdamW, to compare
 
 What the training loop calls, in the order of a step:
   zero_grad()                       forget the previous step's gradient
@@ -14,7 +14,7 @@ What the training loop calls, in the order of a step:
   state(), load_state(m, v, t)      (params, m, v, t) for a checkpoint, and back
   distribute(ctx)                   join the data-parallel ranks (gpt2np.distributed)
 
-For evaluators and step probes (gpt2np.evaluators), every engine also has
+For evaluators and step probes (gpt2np.train.evaluators), every engine also has
   params        name -> array, names as model.params (TorchEngine: host numpy copies)
   grads         name -> array, the accumulated gradient (after sync_grads: all-reduced;
                 TorchEngine: host numpy copies)
@@ -31,12 +31,12 @@ import os
 
 import numpy as np
 
-from . import distributed
-from .checkpoint import CheckpointError
-from .config import GPTConfig
-from .model import init_params
-from .optim import AdamW, clip_grad_norm, global_grad_norm
-from .train_settings import RunSettings, TrainError
+from gpt2np import distributed
+from gpt2np.io.checkpoint import CheckpointError
+from gpt2np.config import GPTConfig
+from gpt2np.model import init_params
+from gpt2np.optim import AdamW, clip_grad_norm, global_grad_norm
+from gpt2np.train.settings import RunSettings, TrainError
 
 BETAS, EPS = (0.9, 0.95), 1e-8
 
@@ -71,7 +71,7 @@ class ArrayEngine:
 
     @classmethod
     def create(cls, backend, model_cfg, params, dtype, lr, weight_decay, precision="fp32"):
-        from .model import GPT
+        from gpt2np.model import GPT
 
         return cls(GPT(model_cfg, backend=backend, dtype=dtype, precision=precision,
                        params=params), lr, weight_decay)
@@ -132,7 +132,7 @@ class TorchEngine:
     def __init__(self, model_cfg, params, dtype, lr, weight_decay, device="cpu"):
         import torch
 
-        from backends.torch_backend import TorchGPT
+        from gpt2np.backends.torch_reference import TorchGPT
 
         self.torch = torch
         self.device = torch.device(device)
@@ -259,10 +259,10 @@ def initial_model(run: RunSettings, ckpt):
 
 def _from_pretrained(name, run: RunSettings):
     try:
-        from .pretrained import from_pretrained
+        from gpt2np.io.pretrained import from_pretrained
     except ModuleNotFoundError as e:
         if e.name and e.name.endswith("pretrained"):
-            raise TrainError("--init-from needs gpt2np.pretrained (Hugging Face loading), which "
+            raise TrainError("--init-from needs gpt2np.io.pretrained (Hugging Face loading), which "
                              "this version of gpt2np does not have yet") from e
         raise
     backend = "numpy" if run.backend == "torch" else run.backend

@@ -1,6 +1,6 @@
 """Gradient and activation diagnostics of a training step: what a person checks when a run
 misbehaves, logged every N optimizer steps (`--diagnostics N`) to diagnostics.jsonl and drawn
-in diagnostics.png (gpt2np.diagnostics_plot).
+in diagnostics.png (gpt2np.train.diagnostics_plot).
 
 One JSON line per diagnostic step:
   step          the 0-based optimizer step, as log.jsonl's
@@ -40,12 +40,12 @@ from pathlib import Path
 
 import numpy as np
 
-from backends import KernelCache, backend_of
+from gpt2np.backends import KernelCache, backend_of
 
-from .evaluators import StepProbe
-from .model import GPT
-from .atomic import replace_atomically
-from .run_outputs import read_jsonl
+from gpt2np.train.evaluators import StepProbe
+from gpt2np.model import GPT
+from gpt2np.files import replace_atomically
+from gpt2np.train.outputs import read_jsonl
 
 GELU_TAIL = -3.0
 DIAG_NAME = "diagnostics.jsonl"
@@ -227,7 +227,7 @@ def _from_torch(t):
 
 
 class TorchActivationHooks:
-    """Forward hooks on a backends.torch_backend.TorchGPT collecting model_activations'
+    """Forward hooks on a gpt2np.backends.torch_reference.TorchGPT collecting model_activations'
     figures for every forward while registered; remove() takes them off again."""
 
     def __init__(self, model):
@@ -361,7 +361,7 @@ class DiagnosticsProbe(StepProbe):
 
     def _plot(self):
         if self.is_main:
-            from .diagnostics_plot import plot_diagnostics
+            from gpt2np.train.diagnostics_plot import plot_diagnostics
 
             plot_diagnostics(self.records, self.plot_path)
         self._stale_plot = False
@@ -378,6 +378,6 @@ def read_diagnostics(path) -> list[dict]:
 
 
 def probe_for(cfg, run, ctx) -> DiagnosticsProbe:
-    """The probe of a training run's `--diagnostics N` (gpt2np.evaluators.build_probes)."""
+    """The probe of a training run's `--diagnostics N` (gpt2np.train.evaluators.build_probes)."""
     return DiagnosticsProbe(cfg.diagnostics, cfg.out_dir, ctx.is_main, run.eval_interval,
                             run.max_steps)

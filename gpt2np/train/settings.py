@@ -9,7 +9,7 @@ RunSettings   the run itself, resolved once by `resolve` and checked there: froz
 check_invocation, check_device, check_init_shape: the other checks of flags that make no
 sense (together, or with this machine, or with --init-from's weights), all TrainError.
 
-Adding a flag: a field on TrainConfig, a line in gpt2np.train.build_parser, and (when it
+Adding a flag: a field on TrainConfig, a line in gpt2np.train.loop.build_parser, and (when it
 changes what a run *is*, so a resume must inherit it) a key in DEFAULTS and a field on
 RunSettings. May touch: nothing but its arguments (no files, no arrays).
 """
@@ -19,7 +19,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, fields
 
-from .cli import UsageError
+from gpt2np.cli import UsageError
 
 # Settings that define a run. Chosen so the NumPy backend trains on a 2-core CPU in under
 # 10 minutes: measured 7 min 44 s to val loss 5.19 (torch: 5.20). lr 2e-3 beat 1e-3 and
@@ -66,11 +66,11 @@ class TrainConfig:
     random_batches: bool | None = None
     seed: int | None = None
     init_from: str | None = None
-    data_shards: str | None = None  # a gpt2np.prepare shard folder instead of tiny Shakespeare
+    data_shards: str | None = None  # a gpt2np.data.prepare shard folder instead of tiny Shakespeare
     # this invocation only
-    data: str | None = None  # tiny Shakespeare's file (else found: see gpt2np.data)
+    data: str | None = None  # tiny Shakespeare's file (else found: see gpt2np.data.shakespeare)
     hellaswag: str | None = None  # a HellaSwag val jsonl: acc / acc_norm at every eval
-    diagnostics: int = 0  # every N steps: gradient/activation diagnostics (gpt2np.diagnostics)
+    diagnostics: int = 0  # every N steps: gradient/activation diagnostics (gpt2np.train.diagnostics)
     device: str = "cpu"  # the torch engine's device: "cpu" or "cuda" (numpy/cupy imply theirs)
     dist_backend: str | None = None  # torch.distributed backend override: "gloo" or "nccl"
     cache_dir: str | None = None
@@ -110,7 +110,7 @@ class RunSettings:
     grad_clip: float
     eval_interval: int
     eval_batches: int | None  # global batches (total_batch_size tokens each); None: see
-    #                           gpt2np.evaluators.val_batches
+    #                           gpt2np.train.evaluators.val_batches
     random_batches: bool
     seed: int
     init_from: str | None

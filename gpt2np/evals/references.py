@@ -1,6 +1,6 @@
 """What a GPT-2 (124M) reproduction is compared with: the reference figures and their lines.
 
-  OpenAI GPT-2 124M  HellaSwag acc_norm 0.2955, scored as gpt2np.hellaswag scores it
+  OpenAI GPT-2 124M  HellaSwag acc_norm 0.2955, scored as gpt2np.evals.hellaswag scores it
                      (build-nanogpt's README: 2,967 / 10,042), and val loss 3.2924 on
                      FineWeb-Edu's val shard (build-nanogpt's plot)
   OpenAI GPT-3 124M  HellaSwag acc_norm 0.337 (the GPT-3 paper's table, its "Small" model)
@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import os
 
-from .hellaswag import REFERENCE_ACC_NORM  # noqa: F401 (the HellaSwag figures live there)
+from gpt2np.evals.hellaswag import REFERENCE_ACC_NORM  # noqa: F401 (the HellaSwag figures live there)
 
 FINEWEB_EDU_VAL_LOSS = {"OpenAI GPT-2 124M": 3.2924}
 GPT2_124M_SHAPE = (12, 12, 768)  # n_layer, n_head, n_embd
 # names FineWeb-Edu shard folders go by: build-nanogpt's (edu_fineweb10B, edufineweb_*.npy),
-# the hub's (fineweb-edu), and what `gpt2np.prepare --dataset` records in meta.json
+# the hub's (fineweb-edu), and what `gpt2np.data.prepare --dataset` records in meta.json
 _FINEWEB_EDU_NAMES = ("fineweb-edu", "fineweb_edu", "edu_fineweb", "edufineweb")
 
 
@@ -29,10 +29,10 @@ def is_gpt2_124m(settings) -> bool:
 
 def is_fineweb_edu(data_dir) -> bool:
     """Whether a shard folder holds FineWeb-Edu: its meta.json's source dataset (written by
-    `gpt2np.prepare --dataset`), else its folder or shard names."""
+    `gpt2np.data.prepare --dataset`), else its folder or shard names."""
     if not data_dir or not os.path.isdir(data_dir):
         return False
-    from .shards import read_meta
+    from gpt2np.data.shards import read_meta
 
     try:
         meta = read_meta(data_dir) or {}
@@ -49,7 +49,7 @@ class LossReference:
     loss.png's loss panel (a run_outputs.Panel overlay)."""
 
     def __init__(self, lines: dict = FINEWEB_EDU_VAL_LOSS):
-        from .run_outputs import Panel
+        from gpt2np.train.outputs import Panel
 
         self.lines = lines
         self.panels = [Panel(("val_loss",), self.draw, overlay=True)]
@@ -66,8 +66,8 @@ class LossReference:
 
 def training_evaluators(cfg, run, ctx) -> list:
     """The evaluators a training run adds for its reference lines and HellaSwag (in
-    gpt2np.evaluators.build_evaluators)."""
-    from .hellaswag import HellaSwagEvaluator
+    gpt2np.train.evaluators.build_evaluators)."""
+    from gpt2np.evals.hellaswag import HellaSwagEvaluator
 
     extra = []
     if cfg.hellaswag:

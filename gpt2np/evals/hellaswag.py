@@ -21,7 +21,7 @@ A context too long for the block size is cut from the left (the same cut for the
 so that they still share their context), and the count of cut items is reported.
 
 Models: anything `logits_function` accepts: a gpt2np.GPT (numpy or cupy), the torch
-reference (backends.torch_backend.TorchGPT), or a plain function idx (B, T) int64 ->
+reference (gpt2np.backends.torch_reference.TorchGPT), or a plain function idx (B, T) int64 ->
 logits (B, T, V). Under torch.distributed, rank r scores items i % world == r and the
 counts are summed over ranks.
 """
@@ -38,7 +38,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from . import atomic
+from gpt2np import files as atomic
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 VAL_FILE = "hellaswag_val.jsonl"
 VAL_ITEMS = 10042
@@ -154,7 +154,7 @@ def render(item: dict, block_size: int, enc=None) -> Rendered:
         raise ValueError(f"HellaSwag needs a block size >= 2 (a context token and an ending "
                          f"token), got {block_size}")
     if enc is None:
-        from .tokenizer import get_encoding
+        from gpt2np.data.tokenizer import get_encoding
 
         enc = get_encoding()
     ctx = enc.encode_ordinary(item["ctx"])
@@ -178,11 +178,11 @@ def logits_function(model) -> Callable:
     """A function idx (B, T) int64 numpy -> logits (B, T, V) (numpy, cupy or torch) for the
     model: a gpt2np.GPT, a torch module returning (logits, loss) (TorchGPT), or a callable
     that already is one."""
-    from .model import GPT
+    from gpt2np.model import GPT
 
     if isinstance(model, GPT):
         return lambda idx: model.forward(idx)[0]  # no targets: no cache, a fresh array
-    if type(model).__module__.startswith(("torch", "backends.torch_backend")) or \
+    if type(model).__module__.startswith(("torch", "gpt2np.backends.torch_reference")) or \
             hasattr(model, "named_parameters"):
         import torch
 
@@ -211,7 +211,7 @@ def token_losses(logits, rows, cols, targets) -> np.ndarray:
         t = torch.as_tensor(targets, device=dev)
         nll = torch.logsumexp(sel, dim=-1) - sel[torch.arange(len(t), device=dev), t]
         return nll.cpu().numpy()
-    from backends import backend_of
+    from gpt2np.backends import backend_of
 
     be = backend_of(logits)
     xp = be.xp
@@ -379,7 +379,7 @@ def evaluate(model, data=None, *, limit: int | None = None, ctx=None, progress: 
 
 
 class HellaSwagEvaluator:
-    """HellaSwag at every eval step of a training run (gpt2np.evaluators' interface):
+    """HellaSwag at every eval step of a training run (gpt2np.train.evaluators' interface):
     logs hellaswag_acc and hellaswag_acc_norm, of the params after that step's update.
 
     The items are tokenized once; under data parallelism every rank scores its share and
@@ -389,7 +389,7 @@ class HellaSwagEvaluator:
 
     def __init__(self, path, block_size: int, ctx=None, references: bool = False,
                  limit: int | None = None):
-        from .run_outputs import Panel
+        from gpt2np.train.outputs import Panel
 
         self.hs = HellaSwag.from_file(path, block_size, limit)
         self.ctx = ctx

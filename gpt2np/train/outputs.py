@@ -3,10 +3,10 @@
   RunOutputs     log.jsonl (one JSON record per optimizer step), loss.png, samples.txt,
                  the progress bar and messages, and the run's endings (done, stopped,
                  diverged) as a TrainResult. Only rank 0 writes or prints.
-  Checkpointer   ckpt.safetensors (gpt2np.checkpoint), written by rank 0 with every rank's
+  Checkpointer   ckpt.safetensors (gpt2np.io.checkpoint), written by rank 0 with every rank's
                  data position (a collective: every rank calls save()).
   Panel          one panel of loss.png: the loss panel is built in; an evaluator adds its own
-                 by listing Panel objects in its `panels` attribute (see gpt2np.evaluators),
+                 by listing Panel objects in its `panels` attribute (see gpt2np.train.evaluators),
                  or any code by passing panels=[...] to RunOutputs.
   sample_texts   a few top-k samples from the trained model, for samples.txt.
   open_checkpoint, check_writable   what --resume / --overwrite find in --out-dir, and
@@ -27,9 +27,9 @@ from typing import Callable
 
 import numpy as np
 
-from .atomic import replace_atomically
-from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from .train_settings import TrainConfig, TrainError
+from gpt2np.files import replace_atomically
+from gpt2np.io.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from gpt2np.train.settings import TrainConfig, TrainError
 
 CKPT_NAME = "ckpt.safetensors"
 LOG_NAME = "log.jsonl"
@@ -259,7 +259,7 @@ class Checkpointer:
 def sample_texts(engine, block_size: int, seed: int, num: int, tokens: int, prompt="\n",
                  temperature=1.0, top_k=50) -> list[str]:
     """A few continuations of `prompt`, top-k sampled (a fixed seed: the same every time)."""
-    from .tokenizer import get_encoding
+    from gpt2np.data.tokenizer import get_encoding
 
     enc = get_encoding()
     rng = np.random.default_rng(seed)
@@ -288,7 +288,7 @@ def open_checkpoint(cfg: TrainConfig, path: Path):
     ckpt = load_checkpoint(path)
     if "run" not in ckpt.state or "step" not in ckpt.state:
         raise CheckpointError(f"checkpoint {path} lacks the training state "
-                              "(was it written by gpt2np.train?)")
+                              "(was it written by gpt2np.train.loop?)")
     return ckpt
 
 

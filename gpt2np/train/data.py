@@ -5,7 +5,7 @@
   resume_position(...)    this rank's train-loader state from a checkpoint, also when the
                           number of ranks changed
 
-May touch: the data files and the token cache (gpt2np.data, gpt2np.shards); nothing else.
+May touch: the data files and the token cache (gpt2np.data.shakespeare, gpt2np.data.shards); nothing else.
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import BatchLoader, find_data, load_tokens, split
-from .shards import ShardLoader
-from .train_settings import RunSettings, TrainConfig, TrainError
+from gpt2np.data.shakespeare import BatchLoader, find_data, load_tokens, split
+from gpt2np.data.shards import ShardLoader
+from gpt2np.train.settings import RunSettings, TrainConfig, TrainError
 
 
 @dataclass
@@ -52,7 +52,7 @@ def load_data(cfg: TrainConfig, run: RunSettings) -> TrainData:
 
 
 def _shards(cfg: TrainConfig, run: RunSettings) -> TrainData:
-    # token shards (python -m gpt2np.prepare): shard 0 is val, the rest train
+    # token shards (python -m gpt2np.data.prepare): shard 0 is val, the rest train
     B, T, W = run.batch_size, run.block_size, cfg.world_size
     if run.random_batches:
         raise TrainError("--random-batches is for tiny Shakespeare; shards are read in order")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic
+from gpt2np import files as atomic
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DATA_BYTES = 1_115_394
@@ -94,7 +94,7 @@ def load_tokens(path: str | os.PathLike, *, cache: str | os.PathLike | None = No
             return np.load(cached)
         except (ValueError, OSError):
             pass  # a damaged cache file: tokenize again and overwrite it
-    from .tokenizer import encode
+    from gpt2np.data.tokenizer import encode
 
     ids = np.asarray(encode(decode_text(raw, path)), dtype=np.uint16)  # GPT-2's ids fit 16 bits
     try:
@@ -137,7 +137,7 @@ class BatchLoader:
       position) would run past the end. That decision is the same on every rank (unlike
       DataLoaderLite's, where each rank tests its own chunk and a later rank can wrap a step
       early), so W ranks of B rows read exactly what one process of W*B rows reads, also
-      across the wrap; gpt2np.shards.ShardLoader moves between shards by the same rule.
+      across the wrap; gpt2np.data.shards.ShardLoader moves between shards by the same rule.
     random: each row starts at an offset drawn uniformly from the whole array (nanoGPT's
       get_batch), from a generator seeded by (seed, rank).
 

@@ -4,7 +4,7 @@ Evaluators run at every eval step (every --eval-interval steps, and the last ste
 that step's update, in list order:
 
     class MyEval:
-        panels = [...]  # optional: gpt2np.run_outputs.Panel(s) to add to loss.png
+        panels = [...]  # optional: gpt2np.train.outputs.Panel(s) to add to loss.png
         def evaluate(self, step, engine) -> dict:
             return {"my_metric": 0.5}  # merged into the step's log.jsonl record
 
@@ -17,22 +17,22 @@ Step probes watch every step from inside it (e.g. gradient diagnostics every N s
 probe subclasses StepProbe and overrides what it needs:
 
     start_step(step, engine)            before the micro-steps (it may set
-                                        engine.forward_hook, see gpt2np.engines)
+                                        engine.forward_hook, see gpt2np.train.engines)
     before_update(step, engine)         grads accumulated and all-reduced, before clipping:
                                         engine.grads and engine.params, name -> array
     after_update(step, engine, record)  after the AdamW step; `record` is the step's log
                                         record so far: add fields to it to log them
 
 Adding one behind a flag: a field on train_settings.TrainConfig, a line in
-gpt2np.train.build_parser, and one line in build_evaluators or build_probes below.
+gpt2np.train.loop.build_parser, and one line in build_evaluators or build_probes below.
 May touch: the engine's params/grads read-only (a probe may set engine.forward_hook), its
 own loaders; never the training data loader, the optimizer or the files of the run.
 """
 from __future__ import annotations
 
-from .references import training_evaluators
-from .train_data import TrainData
-from .train_settings import RunSettings, TrainConfig
+from gpt2np.evals.references import training_evaluators
+from gpt2np.train.data import TrainData
+from gpt2np.train.settings import RunSettings, TrainConfig
 
 
 class ValLoss:
@@ -89,7 +89,7 @@ def build_evaluators(cfg: TrainConfig, run: RunSettings, data: TrainData, ctx) -
 def build_probes(cfg: TrainConfig, run: RunSettings, ctx) -> list[StepProbe]:
     """The step probes a run's settings ask for (one line per optional one)."""
     probes: list[StepProbe] = []
-    if cfg.diagnostics:  # --diagnostics N (imported here: gpt2np.diagnostics imports StepProbe)
-        from .diagnostics import probe_for
+    if cfg.diagnostics:  # --diagnostics N (imported here: gpt2np.train.diagnostics imports StepProbe)
+        from gpt2np.train.diagnostics import probe_for
         probes.append(probe_for(cfg, run, ctx))
     return probes

@@ -1,6 +1,6 @@
-"""diagnostics.png: the records of diagnostics.jsonl (gpt2np.diagnostics) in one picture.
+"""diagnostics.png: the records of diagnostics.jsonl (gpt2np.train.diagnostics) in one picture.
 
-    python -m gpt2np.diagnostics_plot RUN_DIR [--out PNG]     (redraw it from the jsonl)
+    python -m gpt2np.train.diagnostics_plot RUN_DIR [--out PNG]     (redraw it from the jsonl)
 
 Left, a heatmap of log10 update ratio (tensor x step) on a diverging scale centred on the
 usual ~1e-3 guide: white is a step of about 1e-3 of the weight's norm, red is a tensor
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import replace_atomically
+from gpt2np.files import replace_atomically
 GUIDE = -3.0  # log10 of the ~1e-3 update ratio of a healthy run (Karpathy's rule of thumb)
 RANGE = (-6.0, 0.0)  # the heatmap's colour range in log10: 1e-6 (frozen) .. 1 (replaced)
 
@@ -142,10 +142,10 @@ def plot_diagnostics(records: list, path):
 
 
 def _main(argv=None) -> int:
-    from .cli import ArgumentParser
-    from .diagnostics import PLOT_NAME, read_diagnostics
+    from gpt2np.cli import ArgumentParser
+    from gpt2np.train.diagnostics import PLOT_NAME, read_diagnostics
 
-    p = ArgumentParser(prog="python -m gpt2np.diagnostics_plot",
+    p = ArgumentParser(prog="python -m gpt2np.train.diagnostics_plot",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("run", help="a training run's out-dir (or its diagnostics.jsonl)")
     p.add_argument("--out", help=f"the picture (default RUN/{PLOT_NAME})")
@@ -159,7 +159,7 @@ def _main(argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    from .cli import run_main
+    from gpt2np.cli import run_main
 
     return run_main(_main, argv)
 

@@ -1,20 +1,20 @@
 """The training loop: tiny Shakespeare or token shards, AdamW, cosine LR, gradient
 accumulation, data parallelism, checkpoints that resume bit-identically.
 
-    python examples/train_shakespeare.py --help    (or python -m gpt2np.train, gpt2np train)
+    python examples/train_shakespeare.py --help    (or python -m gpt2np.train.loop, gpt2np train)
 
 The loop (`_loop`, below) reads as nanoGPT's: per optimizer step, the micro-steps (forward
 and backward, gradients accumulated), the all-reduce, the clip and the AdamW step, the log,
 the evaluation (every --eval-interval steps and at the end), the checkpoint. Each is a call
 into a small part beside this file:
 
-  gpt2np.train_settings  TrainConfig (one invocation's flags), RunSettings (the resolved run,
+  gpt2np.train.settings  TrainConfig (one invocation's flags), RunSettings (the resolved run,
                          frozen, stored in checkpoints), resolve, DEFAULTS, MUST_MATCH
-  gpt2np.engines         ArrayEngine (gpt2np.GPT on numpy/cupy + gpt2np.AdamW) and TorchEngine
+  gpt2np.train.engines         ArrayEngine (gpt2np.GPT on numpy/cupy + gpt2np.AdamW) and TorchEngine
                          (the PyTorch autograd oracle) behind one interface
-  gpt2np.train_data      load_data: tiny Shakespeare or shards -> train/val loaders, data_id
-  gpt2np.evaluators      evaluators (val loss, ...) and step probes, built from the settings
-  gpt2np.run_outputs     RunOutputs (log.jsonl, loss.png and its panels, samples.txt, the
+  gpt2np.train.data      load_data: tiny Shakespeare or shards -> train/val loaders, data_id
+  gpt2np.train.evaluators      evaluators (val loss, ...) and step probes, built from the settings
+  gpt2np.train.outputs     RunOutputs (log.jsonl, loss.png and its panels, samples.txt, the
                          endings) and Checkpointer (ckpt.safetensors)
 
 Extension points (new features plug in there; this file need not change):
@@ -25,10 +25,10 @@ Extension points (new features plug in there; this file need not change):
     forward_hook sees each micro-step's forward;
   - a flag: a field on TrainConfig, a line in build_parser, a line in
     evaluators.build_evaluators or build_probes.
-See gpt2np.evaluators and gpt2np.engines for the exact contracts.
+See gpt2np.train.evaluators and gpt2np.train.engines for the exact contracts.
 
 A run writes to --out-dir: log.jsonl (one JSON object per optimizer step), loss.png,
-ckpt.safetensors (see gpt2np.checkpoint) and samples.txt. --resume continues from
+ckpt.safetensors (see gpt2np.io.checkpoint) and samples.txt. --resume continues from
 ckpt.safetensors and ends bit-identical to a run that was never interrupted: the
 checkpoint holds the params, AdamW's moments and step count, the data position and RNG,
 and the run's settings (which a resumed run inherits unless a flag overrides them).
@@ -56,18 +56,18 @@ from pathlib import Path
 
 import numpy as np
 
-from . import distributed
-from .checkpoint import CheckpointError
-from .cli import ArgumentParser, UsageError, nonneg_float, nonneg_int, positive_int, run_main
-from .data import BatchLoader, DataNotFoundError, load_tokens, split  # noqa: F401 (re-exported)
-from .engines import ArrayEngine, TorchEngine, initial_model, make_engine  # noqa: F401
-from .evaluators import StepProbe, ValLoss, build_evaluators, build_probes
-from .model import param_shapes
-from .optim import cosine_lr
-from .run_outputs import (CKPT_NAME, LOG_NAME, Checkpointer, RunOutputs, TrainResult,  # noqa: F401
+from gpt2np import distributed
+from gpt2np.io.checkpoint import CheckpointError
+from gpt2np.cli import ArgumentParser, UsageError, nonneg_float, nonneg_int, positive_int, run_main
+from gpt2np.data.shakespeare import BatchLoader, DataNotFoundError, load_tokens, split  # noqa: F401 (re-exported)
+from gpt2np.train.engines import ArrayEngine, TorchEngine, initial_model, make_engine  # noqa: F401
+from gpt2np.train.evaluators import StepProbe, ValLoss, build_evaluators, build_probes
+from gpt2np.model import param_shapes
+from gpt2np.optim import cosine_lr
+from gpt2np.train.outputs import (CKPT_NAME, LOG_NAME, Checkpointer, RunOutputs, TrainResult,  # noqa: F401
                           check_writable, open_checkpoint, sample_texts)
-from .train_data import TrainData, load_data, resume_position
-from .train_settings import (DEFAULTS, MUST_MATCH, RunSettings, TrainConfig,  # noqa: F401
+from gpt2np.train.data import TrainData, load_data, resume_position
+from gpt2np.train.settings import (DEFAULTS, MUST_MATCH, RunSettings, TrainConfig,  # noqa: F401
                              TrainError, check_device, check_init_shape,
                              check_invocation, resolve)
 
@@ -319,7 +319,7 @@ def build_parser() -> ArgumentParser:
     a("--backend", choices=["numpy", "cupy", "torch"], help=f"engine (default {d['backend']})")
     a("--data", help="tiny Shakespeare text (else $GPT2NP_DATA, the cache, a download)")
     a("--data-shards", metavar="DIR",
-      help="train on token shards from `python -m gpt2np.prepare` (shard 0 = val) instead")
+      help="train on token shards from `python -m gpt2np.data.prepare` (shard 0 = val) instead")
     a("--hellaswag", metavar="PATH", help="also score HellaSwag at every eval (this val jsonl): "
                                           "hellaswag_acc, hellaswag_acc_norm in log.jsonl")
     a("--device", default="cpu", type=_device, help="the torch engine's device: cpu or cuda[:N]")
@@ -391,7 +391,7 @@ def _main(argv) -> int:
 
 
 def main(argv=None) -> int:
-    """`gpt2np train` / `python -m gpt2np.train`: exit 0 done or stopped, 1 diverged or a
+    """`gpt2np train` / `python -m gpt2np.train.loop`: exit 0 done or stopped, 1 diverged or a
     failure, 2 a bad command line (flags, settings, --resume's checkpoint, --data)."""
     return run_main(_main, argv)
 

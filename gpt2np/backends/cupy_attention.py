@@ -7,7 +7,7 @@ scores and the stored log-sum-exp, and D = rowsum(dy * y) instead of the (T, T) 
 of P * dP. What differs on the GPU: every product of a block, over all heads and the
 batch, is one strided-batched cuBLAS GEMM in the current matmul precision (tensor cores
 for tf32/bf16; bf16 operands cast once, not per product), and the causal softmax, its
-recomputation and its gradient are one fused kernel each (backends/cuda/attention.cu)
+recomputation and its gradient are one fused kernel each (gpt2np/backends/cuda/attention.cu)
 instead of the reference's six elementwise passes.
 
 The row operations come in an `ops` object, so that the same orchestration runs on the
@@ -23,7 +23,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from . import KernelCache
+from gpt2np.backends import KernelCache
 
 _THREADS = 256
 # Queries per block on the GPU: 256 skips 37.5% of the (T,T) scores at T = 1024 (the masked
@@ -197,7 +197,7 @@ def _flash_grid(B, n_head, T):
 
 
 def _flash_kernel(kind, hs=None):
-    from .cupy_kernels import get_kernel
+    from gpt2np.backends.cupy_kernels import get_kernel
 
     return get_kernel(f"flash_{kind}" + (f"_d{hs}" if hs else ""), "flash_attention.cu")
 
@@ -243,12 +243,12 @@ def numpy_ops(block=GPU_BLOCK):
 
 @functools.lru_cache(maxsize=1)
 def gpu_ops():
-    """The row operations as the kernels of backends/cuda/attention.cu."""
+    """The row operations as the kernels of gpt2np/backends/cuda/attention.cu."""
     import cupy as cp
 
     from gpt2np import layers
 
-    from .cupy_kernels import load_module
+    from gpt2np.backends.cupy_kernels import load_module
 
     mod = load_module("attention.cu")
     fwd = mod.get_function("causal_softmax_forward")

@@ -1,6 +1,6 @@
 """Check a model's hand-written gradients on real text: torch autograd and finite differences.
 
-    python -m gpt2np.gradcheck --model M [--text FILE | --data-shards DIR] [-B N] [-T N]
+    python -m gpt2np.evals.gradcheck --model M [--text FILE | --data-shards DIR] [-B N] [-T N]
                                [--fd K] [--seed S] [--json OUT]
     gpt2np gradcheck ...                                                  (the same)
 
@@ -8,7 +8,7 @@ M is anything `gpt2np.from_pretrained` takes: a Hugging Face name or folder, or 
 run. One batch of real text (the first B*T+1 tokens of tiny Shakespeare by default, or of
 --text FILE, or of the token shards in --data-shards) goes through the model in float64:
   1. the hand-written backward (gpt2np.GPT.backward);
-  2. PyTorch autograd on the same params and batch (backends.torch_backend.TorchGPT), the
+  2. PyTorch autograd on the same params and batch (gpt2np.backends.torch_reference.TorchGPT), the
      oracle: every tensor's relative error max|ours - torch| / max|torch| must be <= 1e-9;
   3. central finite differences of the loss on K sampled entries of every tensor, an oracle
      independent of torch: error max|fd - ours| / max|ours| over the entries, <= 1e-5
@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import layers as L
-from .atomic import write_json
-from .cli import ArgumentParser, UsageError, nonneg_int, positive_int, run_main, any_int
+from gpt2np import layers as L
+from gpt2np.files import write_json
+from gpt2np.cli import ArgumentParser, UsageError, nonneg_int, positive_int, run_main, any_int
 
 TOLERANCE = 1e-9  # vs torch autograd, both float64: agreement near machine precision
 # Finite differences: the float64 loss (~10) is good to ~1e-14, so a step h = 1e-5 leaves a
@@ -98,8 +98,8 @@ def rel_error(actual, expected) -> float:
 def batch_from_text(path, B: int, T: int) -> tuple[np.ndarray, np.ndarray]:
     """(x, y) int64 (B, T): the first B*T+1 GPT-2 tokens of a text file, y shifted by one.
     Only as much of the file as needed is read and tokenized."""
-    from .data import decode_text
-    from .tokenizer import encode
+    from gpt2np.data.shakespeare import decode_text
+    from gpt2np.data.tokenizer import encode
 
     need = B * T + 1
     path = Path(path)
@@ -124,7 +124,7 @@ def batch_from_text(path, B: int, T: int) -> tuple[np.ndarray, np.ndarray]:
 
 def batch_from_shards(data_dir, B: int, T: int) -> tuple[np.ndarray, np.ndarray]:
     """The first batch of the shards' validation split (or of the train split if none)."""
-    from .shards import ShardLoader, list_shards
+    from gpt2np.data.shards import ShardLoader, list_shards
 
     try:
         list_shards(data_dir, "val")
@@ -149,11 +149,11 @@ def _check_batch(x, config):
 
 
 def torch_reference(config, params: dict, x, y) -> tuple[float, dict[str, np.ndarray]]:
-    """Loss and gradients of backends.torch_backend.TorchGPT (autograd) in float64."""
+    """Loss and gradients of gpt2np.backends.torch_reference.TorchGPT (autograd) in float64."""
     try:
         import torch
 
-        from backends.torch_backend import TorchGPT
+        from gpt2np.backends.torch_reference import TorchGPT
     except ImportError as e:
         raise RuntimeError(f"gradcheck needs PyTorch, the autograd oracle ({e}): "
                            f"pip install 'gpt2np[torch]'") from e
@@ -238,7 +238,7 @@ def _finite_differences(model, f, grads, k, seed, h):
 def check_gradients(model, x, y, fd: int = 1, seed: int = 0) -> GradcheckResult:
     """Compare model's hand-written gradients on batch (x, y) with torch autograd and with
     finite differences on `fd` entries per tensor; everything in float64 on the CPU."""
-    from .model import GPT
+    from gpt2np.model import GPT
 
     if model.backend.name != "numpy" or model.dtype != "float64":
         model = GPT(model.config, backend="numpy", dtype="float64", params=model.state_dict())
@@ -304,7 +304,7 @@ def build_parser() -> ArgumentParser:
 
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from . import from_pretrained
+    from gpt2np import from_pretrained
 
     t_start = time.perf_counter()
     model = from_pretrained(args.model, dtype="float64")
@@ -314,7 +314,7 @@ def _main(argv=None) -> int:
     if args.data_shards:
         x, y = batch_from_shards(args.data_shards, args.batch_size, T)
     else:
-        from .data import find_data
+        from gpt2np.data.shakespeare import find_data
 
         x, y = batch_from_text(find_data(args.text, flag="--text"), args.batch_size, T)
     n = model.num_params()

@@ -4,7 +4,7 @@
     docs = dataset_documents("parquet", data_files=["a.parquet", "b.parquet"])
     docs = dataset_documents("json", data_files=["a.jsonl"], text_field="content")
 
-`gpt2np.prepare --dataset NAME [--dataset-config CFG] [--split train] [--data-files F ...]
+`gpt2np.data.prepare --dataset NAME [--dataset-config CFG] [--split train] [--data-files F ...]
 [--text-field text]` tokenizes these documents into the same shards as `--input` (build-
 nanogpt's fineweb.py does this for FineWeb-Edu's sample-10BT: 100 shards of 1e8 tokens).
 The dataset is read with `streaming=True`: records arrive as they are downloaded (or read),

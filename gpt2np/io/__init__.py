@@ -1,0 +1,1 @@
+"""Models in and out: Hugging Face folders and hub ids, training runs, checkpoints, export."""
