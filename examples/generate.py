@@ -1,4 +1,4 @@
-"""Sample from GPT-2 with the NumPy (or CuPy) model: a thin wrapper of `python -m gpt2np.generate`.
+"""Sample from GPT-2 with the NumPy (or CuPy) model: a thin wrapper of `gpt2np generate`.
 
     python examples/generate.py                                   # gpt2 from the Hugging Face cache
     python examples/generate.py --model out/shakespeare --prompt "ROMEO:"   # a training run
@@ -12,7 +12,7 @@ import sys
 # run from a checkout without installing: put the repository root on the path
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from gpt2np.generate import main  # noqa: E402
+from gpt2np.commands.generate import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

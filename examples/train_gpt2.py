@@ -2,7 +2,7 @@
 """Reproduce GPT-2 (124M): build-nanogpt's recipe on FineWeb-Edu shards, with gpt2np.
 
     # the data: 10B tokens of FineWeb-Edu (sample-10BT) as 100 shards of 1e8 tokens
-    python -m gpt2np.data.prepare --dataset HuggingFaceFW/fineweb-edu --dataset-config sample-10BT \\
+    gpt2np prepare --dataset HuggingFaceFW/fineweb-edu --dataset-config sample-10BT \\
         --out-dir data/edu_fineweb10B --shard-size 100000000 --prefix edufineweb
     # the run: 8 GPUs, 19,073 steps of 524,288 tokens (one epoch of the 10B tokens)
     torchrun --standalone --nproc_per_node=8 examples/train_gpt2.py \
@@ -34,7 +34,7 @@ import sys
 # run from a checkout without installing: put the repository root on the path
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from gpt2np.train import loop as train  # noqa: E402
+from gpt2np.commands import train  # noqa: E402
 from gpt2np.cli import run_main  # noqa: E402
 
 # the run settings of the recipe (a fresh run's defaults; a resumed run keeps its own)
@@ -46,7 +46,7 @@ RECIPE = dict(
 )
 # this invocation's defaults (also on resume)
 INVOCATION = dict(out_dir="out/gpt2-124m", save_interval=5000, num_samples=4, sample_tokens=32)
-PREPARE = ("python -m gpt2np.data.prepare --dataset HuggingFaceFW/fineweb-edu --dataset-config "
+PREPARE = ("gpt2np prepare --dataset HuggingFaceFW/fineweb-edu --dataset-config "
            "sample-10BT --out-dir data/edu_fineweb10B --shard-size 100000000 --prefix edufineweb")
 
 

@@ -11,7 +11,7 @@ Data parallel (gloo on CPUs, NCCL on GPUs; see the README):
     torchrun --standalone --nproc_per_node=8 examples/train_shakespeare.py --backend cupy
     torchrun --standalone --nproc_per_node=8 examples/train_shakespeare.py --backend torch --device cuda
 
-The same command is `gpt2np train` and `python -m gpt2np.train.loop`. See gpt2np/train.py for the
+The same command is `gpt2np train` and `gpt2np train`. See gpt2np/train.py for the
 loop (its parts: train_settings, engines, train_data, evaluators, run_outputs) and the README
 for what the defaults reach.
 """
@@ -21,7 +21,7 @@ import sys
 # run from a checkout without installing: put the repository root on the path
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from gpt2np.train.loop import main  # noqa: E402
+from gpt2np.commands.train import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,7 +1,7 @@
 """The command line: one `gpt2np` console script, and the one place where errors become lines.
 
     gpt2np train | generate | prepare | export | eval | gradcheck  [flags]   (--help on each)
-    python -m gpt2np.<command> [flags]                                   (the same)
+    python -m gpt2np <command> [flags]                                   (the same)
 
 Every command is a thin `main(argv=None) -> int` over library functions, built with this
 module's `ArgumentParser` and wrapped by `run_main`:
@@ -21,12 +21,14 @@ import sys
 
 # command -> module with main(argv) -> int
 COMMANDS = {
-    "train": ("gpt2np.train.loop", "train a GPT-2 (tiny Shakespeare or token shards)"),
-    "generate": ("gpt2np.generate", "sample from a model (HF name or folder, or a training run)"),
-    "prepare": ("gpt2np.data.prepare", "tokenize a corpus into token shards"),
-    "export": ("gpt2np.io.export", "write a model as a folder transformers loads"),
-    "eval": ("gpt2np.evals.loss", "evaluate a model: HellaSwag, or the loss on a text"),
-    "gradcheck": ("gpt2np.evals.gradcheck", "check a model's hand-written gradients against torch"),
+    "train": ("gpt2np.commands.train", "train a GPT-2 (tiny Shakespeare or token shards)"),
+    "generate": ("gpt2np.commands.generate", "sample from a model (HF name or folder, or a training run)"),
+    "prepare": ("gpt2np.commands.prepare", "tokenize a corpus into token shards"),
+    "export": ("gpt2np.commands.export", "write a model as a folder transformers loads"),
+    "eval": ("gpt2np.commands.eval", "evaluate a model: HellaSwag, or the loss on a text"),
+    "gradcheck": ("gpt2np.commands.gradcheck", "check a model's hand-written gradients against torch"),
+    "plot-diagnostics": ("gpt2np.commands.plot_diagnostics",
+                         "redraw a run's diagnostics.png from its diagnostics.jsonl"),
 }
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from gpt2np import GPT, GPTConfig
-from gpt2np.io import export as export_cmd
-from gpt2np import generate as generate_cmd
+from gpt2np.commands import export as export_cmd
+from gpt2np.commands import generate as generate_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,12 +89,12 @@ def test_export_bad_inputs(paths, src, dest, key, capsys):
 
 
 def test_through_the_gpt2np_command(paths):
-    """The same through `python -m gpt2np.cli` (the gpt2np console script) in a fresh process."""
+    """The same through `python -m gpt2np` (the gpt2np console script) in a fresh process."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("GPT2NP_DEBUG", None)
     for argv, code in ((["generate", "--top-k", "-1"], 2),
                        (["export", str(paths / "empty"), str(paths / "x2")], 1)):
-        p = subprocess.run([sys.executable, "-m", "gpt2np.cli", *argv], capture_output=True,
+        p = subprocess.run([sys.executable, "-m", "gpt2np", *argv], capture_output=True,
                            text=True, env=env, cwd=ROOT, timeout=300)
         assert p.returncode == code and "Traceback" not in p.stderr, p.stderr
         assert p.stderr.strip().splitlines()[-1].startswith("error:"), p.stderr

@@ -421,7 +421,7 @@ def test_embedding_backward_is_deterministic_on_gpu():
 def test_train_shakespeare_on_cupy_end_to_end(tmp_path, precision):
     from testdata import shakespeare_path
 
-    from gpt2np.train.loop import main
+    from gpt2np.commands.train import main
 
     data = shakespeare_path()
     if not data.exists():

@@ -226,7 +226,7 @@ def test_plot_draws_partial_records(tmp_path):
 
 
 def test_the_training_flag_logs_every_n_steps_and_resumes(tmp_path):
-    from gpt2np.train.loop import main as train_main
+    from gpt2np.commands.train import main as train_main
     from testdata import shakespeare_path
 
     if not shakespeare_path().is_file():

@@ -29,7 +29,7 @@ if ROOT not in sys.path:  # when run as a worker script
 from gpt2np import GPT, AdamW, GPTConfig, clip_grad_norm, cosine_lr  # noqa: E402
 from gpt2np import distributed  # noqa: E402
 from gpt2np.distributed import DistContext, GradBucket  # noqa: E402
-from gpt2np.data.prepare import write_shard  # noqa: E402
+from gpt2np.data.shards import write_shard  # noqa: E402
 from gpt2np.data.shards import ShardLoader  # noqa: E402
 from testdata import shakespeare_path
 

@@ -1,4 +1,4 @@
-"""`python -m gpt2np.evals.loss`: HellaSwag and loss over a tiny saved model, 2 gloo ranks == one."""
+"""`gpt2np eval`: HellaSwag and loss over a tiny saved model, 2 gloo ranks == one."""
 from __future__ import annotations
 
 import json
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from gpt2np import GPT, GPTConfig
+from gpt2np.commands import eval as eval_cmd
 from gpt2np.evals import loss as E
 from gpt2np.evals import hellaswag as H
 from gpt2np.data.shards import write_shard
@@ -52,7 +53,7 @@ def reference_loss(model, tokens, T):
 
 def run_json(args, tmp, name):
     out = tmp / f"{name}.json"
-    assert E.main([*args, "--json", str(out), "--no-progress"]) == 0
+    assert eval_cmd.main([*args, "--json", str(out), "--no-progress"]) == 0
     return json.loads(out.read_text())
 
 
@@ -120,7 +121,7 @@ def test_torch_backend_agrees(saved):
 def test_bad_command_lines_end_in_one_error_line(saved, capsys, args, code, message):
     tmp, _ = saved
     try:
-        got = E.main(["--model", str(tmp / "model"), *args])
+        got = eval_cmd.main(["--model", str(tmp / "model"), *args])
     except SystemExit as e:  # argparse rejects a bad flag value itself
         got = e.code
     assert got == code
@@ -129,7 +130,7 @@ def test_bad_command_lines_end_in_one_error_line(saved, capsys, args, code, mess
 
 
 def test_missing_model_is_one_error_line(tmp_path, capsys):
-    assert E.main(["--model", str(tmp_path / "nothing"), "--task", "hellaswag"]) == 1
+    assert eval_cmd.main(["--model", str(tmp_path / "nothing"), "--task", "hellaswag"]) == 1
     assert capsys.readouterr().err.startswith("error: ")
 
 
@@ -155,7 +156,7 @@ def test_two_gloo_ranks_equal_one_process(saved):
                        WORLD_SIZE="2", LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="2",
                        GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "gpt2np.evals.loss", *args, "--json", str(out), "--no-progress"],
+                [sys.executable, "-m", "gpt2np", "eval", *args, "--json", str(out), "--no-progress"],
                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         outs = [p.communicate(timeout=240)[0] for p in procs]
         assert [p.returncode for p in procs] == [0, 0], outs

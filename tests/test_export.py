@@ -1,4 +1,4 @@
-"""python -m gpt2np.io.export: a training run (or any model source) as a folder transformers
+"""gpt2np export: a training run (or any model source) as a folder transformers
 loads with the same logits and GPT-2's tokenizer; dtypes; a padded vocabulary; atomic DEST."""
 import json
 import os
@@ -13,7 +13,8 @@ from transformers import AutoTokenizer, GPT2LMHeadModel
 
 import gpt2np
 from gpt2np import GPT, GPTConfig
-from gpt2np.io.export import export, main
+from gpt2np.commands.export import main
+from gpt2np.io.export import export
 from gpt2np.data.tokenizer import N_VOCAB, get_encoding
 from tiny_run import tiny_run  # noqa: F401 (a fixture)
 
@@ -27,10 +28,10 @@ def hf_logits(folder, idx, dtype=torch.float32):
 
 
 def test_exported_run_loads_in_transformers(tiny_run, tmp_path):
-    """The README's step: `python -m gpt2np.io.export OUT_DIR DEST`, then transformers."""
+    """The README's step: `gpt2np export OUT_DIR DEST`, then transformers."""
     dest = tmp_path / "hf"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.run([sys.executable, "-m", "gpt2np.io.export", str(tiny_run), str(dest)],
+    p = subprocess.run([sys.executable, "-m", "gpt2np", "export", str(tiny_run), str(dest)],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert p.returncode == 0, p.stderr
     assert sorted(os.listdir(dest)) == ["config.json", "generation_config.json", "merges.txt",

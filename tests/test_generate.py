@@ -228,7 +228,7 @@ from tiny_run import tiny_run  # noqa: E402,F401 (a fixture)
 
 
 def test_generate_command_samples_a_training_run(tiny_run):
-    """`python -m gpt2np.generate --model OUT_DIR` (the README's command) on a fresh run."""
+    """`gpt2np generate --model OUT_DIR` (the README's command) on a fresh run."""
     import os
     import subprocess
     import sys
@@ -236,7 +236,7 @@ def test_generate_command_samples_a_training_run(tiny_run):
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
-    cmd = [sys.executable, "-m", "gpt2np.generate", "--model", str(tiny_run), "--prompt", "ROMEO:",
+    cmd = [sys.executable, "-m", "gpt2np", "generate", "--model", str(tiny_run), "--prompt", "ROMEO:",
            "--num-samples", "2", "--max-new-tokens", "6", "--seed", "7"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=300)
     assert p.returncode == 0, p.stderr

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from gpt2np import GPT, GPTConfig, cli
+from gpt2np.commands import gradcheck as gradcheck_cmd
 from gpt2np.evals import gradcheck as G
 from gpt2np import layers as L
 
@@ -33,7 +34,7 @@ def text_file(tmp_path_factory):
 
 def run(model_dir, text_file, tmp_path, *extra):
     out = tmp_path / "gc.json"
-    code = G.main(["--model", str(model_dir), "--text", str(text_file), "-B", "2", "-T", "8",
+    code = gradcheck_cmd.main(["--model", str(model_dir), "--text", str(text_file), "-B", "2", "-T", "8",
                    "--fd", "2", "--json", str(out), *extra])
     return code, (json.loads(out.read_text()) if out.exists() else None)
 
@@ -107,7 +108,7 @@ def test_shards_and_the_console_script(model_dir, tmp_path, capsys):
 ])
 def test_bad_input_is_one_clear_line(model_dir, text_file, extra, status, message, capsys):
     try:
-        code = G.main(["--model", str(model_dir), "--text", str(text_file), "--fd", "0", *extra])
+        code = gradcheck_cmd.main(["--model", str(model_dir), "--text", str(text_file), "--fd", "0", *extra])
     except SystemExit as e:  # argparse's own exit for a bad flag
         code = e.code
     assert code == status
@@ -118,13 +119,13 @@ def test_bad_input_is_one_clear_line(model_dir, text_file, extra, status, messag
 def test_a_vocabulary_that_cannot_read_gpt2_tokens(text_file, tmp_path, capsys):
     small = tmp_path / "small"
     GPT(CFG.replace(vocab_size=300)).save_pretrained(small)
-    assert G.main(["--model", str(small), "--text", str(text_file), "--fd", "0"]) == 1
+    assert gradcheck_cmd.main(["--model", str(small), "--text", str(text_file), "--fd", "0"]) == 1
     assert "does not read GPT-2 tokens" in capsys.readouterr().err
 
 
 
 def test_a_training_run_is_a_model_too(text_file, tmp_path, capsys):
-    from gpt2np.train.loop import main as train_main
+    from gpt2np.commands.train import main as train_main
     from testdata import shakespeare_path
 
     if not shakespeare_path().is_file():
@@ -135,7 +136,7 @@ def test_a_training_run_is_a_model_too(text_file, tmp_path, capsys):
                        "--block-size", "8", "--batch-size", "2", "--max-steps", "2",
                        "--eval-batches", "1", "--num-samples", "0", "--no-progress"]) == 0
     capsys.readouterr()
-    assert G.main(["--model", str(run), "--text", str(text_file), "--fd", "1"]) == 0
+    assert gradcheck_cmd.main(["--model", str(run), "--text", str(text_file), "--fd", "1"]) == 0
     out = capsys.readouterr().out
     assert "batch B=1 T=8" in out and "gradients OK" in out  # T: the run's block size
 

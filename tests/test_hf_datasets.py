@@ -83,7 +83,7 @@ def _shards(folder):
 
 @pytest.mark.parametrize("builder", ["json", "parquet"])
 def test_prepare_dataset_gives_the_shards_of_input(files, tmp_path, builder, capsys):
-    from gpt2np.data import prepare
+    from gpt2np.commands import prepare
 
     common = ["--shard-size", "20", "--val-shard-size", "30", "--workers", "1", "--no-progress"]
     assert prepare.main(["--input", *files["json"], "--out-dir", str(tmp_path / "a"), *common]) == 0
@@ -102,7 +102,7 @@ def test_prepare_dataset_gives_the_shards_of_input(files, tmp_path, builder, cap
     ([], "one of the arguments --input/-i --dataset is required"),
 ])
 def test_prepare_dataset_flags_are_checked(tmp_path, capsys, argv, message):
-    from gpt2np.data import prepare
+    from gpt2np.commands import prepare
 
     try:
         code = prepare.main([*argv, "--out-dir", str(tmp_path / "out")])
@@ -113,7 +113,7 @@ def test_prepare_dataset_flags_are_checked(tmp_path, capsys, argv, message):
 
 
 def test_prepare_without_datasets_says_how_to_install(files, tmp_path, monkeypatch, capsys):
-    from gpt2np.data import prepare
+    from gpt2np.commands import prepare
 
     monkeypatch.setitem(sys.modules, "datasets", None)
     assert prepare.main(["--dataset", "json", "--data-files", *files["json"],

@@ -1,4 +1,4 @@
-"""Sharded token datasets: `python -m gpt2np.data.prepare` and the per-rank ShardLoader.
+"""Sharded token datasets: `gpt2np prepare` and the per-rank ShardLoader.
 
 A small generated corpus goes through prepare (with 2 tokenizer processes) and comes back:
 the shards hold exactly [<|endoftext|>] + tokens of every document in order, shard 0 is
@@ -15,7 +15,9 @@ import sys
 import numpy as np
 import pytest
 
-from gpt2np.data.prepare import load_shard, main, prepare, write_shard
+from gpt2np.commands.prepare import main
+from gpt2np.data.prepare import prepare
+from gpt2np.data.shards import load_shard, write_shard
 from gpt2np.data.shards import ShardLoader, list_shards
 from gpt2np.data.tokenizer import get_encoding
 
@@ -217,13 +219,13 @@ def test_short_last_shard_is_skipped_with_a_warning(tmp_path):
 
 
 def _train_cli(*args):
-    """python -m gpt2np.train.loop in a child with one BLAS thread (tiny matrices; on shared
+    """gpt2np train in a child with one BLAS thread (tiny matrices; on shared
     cores, BLAS threads only spin against each other)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root, MPLBACKEND="Agg")
     for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(v, None)
-    return subprocess.run([sys.executable, "-m", "gpt2np.train.loop", *map(str, args)], cwd=root,
+    return subprocess.run([sys.executable, "-m", "gpt2np", "train", *map(str, args)], cwd=root,
                           env=env, capture_output=True, text=True, timeout=240)
 
 
@@ -354,7 +356,7 @@ def _prepare_cli(*args, cwd):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root)
     env.pop("GPT2NP_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "gpt2np.data.prepare", *map(str, args)], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "gpt2np", "prepare", *map(str, args)], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=120)
 
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from gpt2np.data import shards as S
-from gpt2np.data.prepare import load_shard, prepare, write_shard
+from gpt2np.data.prepare import prepare
+from gpt2np.data.shards import load_shard, write_shard
 from gpt2np.data.shards import ShardFolderError, ShardLoader, list_shards
 
 WORDS = ["the", "king", "queen", "thou", "art", "café", "\n", "to be", "or", "not", "🙂"]

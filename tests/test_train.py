@@ -14,7 +14,10 @@ from safetensors.numpy import load_file
 
 from gpt2np.train import loop as T
 from gpt2np.io.checkpoint import CheckpointError, load_checkpoint
-from gpt2np.train.loop import TrainConfig, TrainError, main, train
+from gpt2np.commands.train import build_parser, main
+from gpt2np.data.shakespeare import BatchLoader, load_tokens, split
+from gpt2np.train.engines import ArrayEngine
+from gpt2np.train.loop import TrainConfig, TrainError, train
 from testdata import shakespeare_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,7 +133,7 @@ def test_resume_is_bit_identical(tmp_path, token_cache, backend, kw):
 
 
 def test_sigint_saves_and_stops_after_the_step(tmp_path, token_cache, monkeypatch):
-    real = T.ArrayEngine.clip_and_step
+    real = ArrayEngine.clip_and_step
     calls = []
 
     def step_then_interrupt(self, *a):
@@ -140,7 +143,7 @@ def test_sigint_saves_and_stops_after_the_step(tmp_path, token_cache, monkeypatc
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of step 3
         return norm
 
-    monkeypatch.setattr(T.ArrayEngine, "clip_and_step", step_then_interrupt)
+    monkeypatch.setattr(ArrayEngine, "clip_and_step", step_then_interrupt)
     res = train(tiny(tmp_path, token_cache))
     assert res.status == "stopped" and res.step == 3
     assert load_checkpoint(tmp_path / "ckpt.safetensors").state["step"] == 3
@@ -171,7 +174,7 @@ def test_sigterm_on_the_command_line(tmp_path, token_cache):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, token_cache,
                                                                    monkeypatch, capsys):
-    real = T.ArrayEngine.forward_backward
+    real = ArrayEngine.forward_backward
     calls = []
 
     def nan_at_step_6(self, x, y, scale):
@@ -179,18 +182,18 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, toke
         loss = real(self, x, y, scale)
         return float("nan") if len(calls) == 7 else loss
 
-    monkeypatch.setattr(T.ArrayEngine, "forward_backward", nan_at_step_6)
+    monkeypatch.setattr(ArrayEngine, "forward_backward", nan_at_step_6)
     res = train(tiny(tmp_path, token_cache, save_interval=4))
     assert res.status == "diverged" and res.step == 6
     err = capsys.readouterr().err
     assert "non-finite loss" in err and "step 6" in err and "step 4" in err
     assert load_checkpoint(tmp_path / "ckpt.safetensors").state["step"] == 4
     assert [r["step"] for r in _log(tmp_path)] == [0, 1, 2, 3, 4, 5]
-    monkeypatch.setattr(T.ArrayEngine, "forward_backward", real)
+    monkeypatch.setattr(ArrayEngine, "forward_backward", real)
     # a resume from the good checkpoint drops the diverged run's later log lines
     res = train(tiny(tmp_path, token_cache, resume=True))
     assert res.status == "done" and [r["step"] for r in _log(tmp_path)] == list(range(8))
-    monkeypatch.setattr(T.ArrayEngine, "forward_backward", lambda self, x, y, s: float("inf"))
+    monkeypatch.setattr(ArrayEngine, "forward_backward", lambda self, x, y, s: float("inf"))
     assert main(_cli(tiny(tmp_path / "cli", token_cache))) == 1  # the CLI exits non-zero
     assert "no checkpoint was written yet" in capsys.readouterr().err
 
@@ -257,7 +260,7 @@ def test_cupy_backend_without_cupy_is_a_clear_error(tmp_path, token_cache):
 
 
 def test_every_issue_flag_parses():
-    args = T.build_parser().parse_args(
+    args = build_parser().parse_args(
         "--backend torch --data d --out-dir o --max-steps 7 --batch-size 2 --block-size 8 "
         "--n-layer 3 --n-head 2 --n-embd 8 --dtype float64 --lr 0.5 --min-lr 0.1 "
         "--warmup-steps 1 --weight-decay 0.2 --grad-clip 0.5 --total-batch-size 32 "
@@ -280,7 +283,7 @@ def test_init_from_pretrained(tmp_path, token_cache):
     src.save_pretrained(tmp_path / "pre")
     res = train(tiny(tmp_path / "run", token_cache, init_from=str(tmp_path / "pre"), max_steps=1,
                      n_layer=None, n_head=None, n_embd=None))
-    x, y = T.BatchLoader(T.split(T.load_tokens(shakespeare_path(), cache=token_cache))[0], 4, 16).next_batch()
+    x, y = BatchLoader(split(load_tokens(shakespeare_path(), cache=token_cache))[0], 4, 16).next_batch()
     _, loss = src.forward(x, y)
     assert res.records[0]["train_loss"] == pytest.approx(float(loss), rel=1e-6)  # started from it
 
@@ -383,7 +386,7 @@ def test_bad_command_line_is_one_error_line(tmp_path, argv):
     argv = [a.replace("{binary}", str(binary)) for a in argv]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("GPT2NP_DEBUG", None)
-    proc = subprocess.run([sys.executable, "-m", "gpt2np.train.loop", "--out-dir", str(tmp_path / "o"),
+    proc = subprocess.run([sys.executable, "-m", "gpt2np", "train", "--out-dir", str(tmp_path / "o"),
                            "--cache-dir", str(tmp_path / "cache"), "--no-progress", *argv],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
@@ -394,7 +397,7 @@ def test_bad_command_line_is_one_error_line(tmp_path, argv):
 def test_gpt2np_train_command(tmp_path):
     # the console script's dispatcher reaches the same parser
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "gpt2np.cli", "train", "--help"], env=env,
+    proc = subprocess.run([sys.executable, "-m", "gpt2np", "train", "--help"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "usage: gpt2np train" in proc.stdout
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpt2np.evals import loss as E
+from gpt2np.commands import eval as eval_cmd
 from gpt2np.evals import references as R
 from gpt2np.config import GPTConfig
 from gpt2np.train.outputs import LOSS_PANEL, Panel, plot
@@ -66,7 +66,7 @@ def test_cpu_dry_run_logs_hellaswag_equal_to_a_standalone_eval(script, tmp_path)
     from gpt2np import from_pretrained
 
     assert from_pretrained(out).config.vocab_size == 50304
-    got = E.main(["--model", str(out), "--task", "hellaswag", "--data", str(hs), "--json",
+    got = eval_cmd.main(["--model", str(out), "--task", "hellaswag", "--data", str(hs), "--json",
                   str(tmp_path / "hs.json"), "--no-progress"])
     assert got == 0
     standalone = json.loads((tmp_path / "hs.json").read_text())
@@ -120,7 +120,7 @@ def test_data_shards_is_required_and_the_error_shows_the_prepare_command(script,
     assert e.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: --data-shards is required")
-    assert "python -m gpt2np.data.prepare --dataset HuggingFaceFW/fineweb-edu" in last
+    assert "gpt2np prepare --dataset HuggingFaceFW/fineweb-edu" in last
 
 
 def test_reference_lines_for_gpt2_sized_runs_on_fineweb_edu(tmp_path):

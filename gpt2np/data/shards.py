@@ -158,7 +158,7 @@ def folder_shards(data_dir: str, split: str) -> list[tuple[str, int | None]]:
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"no shard directory {data_dir!r} (make one with "
-                                f"`python -m gpt2np.data.prepare --input ... --out-dir {data_dir}`)")
+                                f"`gpt2np prepare --input ... --out-dir {data_dir}`)")
     meta, named = read_meta(data_dir), _named_shards(data_dir)
     redo = "prepare the folder again with --overwrite"
     if meta is not None:

@@ -1,8 +1,8 @@
 """Evaluate a model: HellaSwag accuracy, or the loss (and perplexity) on a text or shards.
 
-    python -m gpt2np.evals.loss --model gpt2 --task hellaswag                  # (gpt2np eval ...)
-    python -m gpt2np.evals.loss --model runs/x --task loss --data input.txt --json loss.json
-    python -m gpt2np.evals.loss --model gpt2 --task loss --data data/fineweb_edu   # val shards
+    gpt2np eval --model gpt2 --task hellaswag                  # (gpt2np eval ...)
+    gpt2np eval --model runs/x --task loss --data input.txt --json loss.json
+    gpt2np eval --model gpt2 --task loss --data data/fineweb_edu   # val shards
     torchrun --standalone --nproc_per_node=8 -m gpt2np.evals.loss --model gpt2 --task hellaswag \
         --backend cupy
 
@@ -22,8 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2np import files as atomic
-from gpt2np.cli import ArgumentParser, UsageError, positive_int, run_main
 from gpt2np.evals.hellaswag import DEFAULT_LOGITS_BUDGET, logits_function, token_losses
 
 TASKS = ("hellaswag", "loss")
@@ -108,96 +106,3 @@ def token_loss(model, tokens, *, block_size: int | None = None, limit: int | Non
     if ctx is not None and ctx.distributed:
         total, count = ctx.all_reduce_sum(np.array([total, count], dtype=np.float64))
     return LossResult(int(round(count)), float(total))
-
-
-# ------------------------------------------------------------------------------ the command
-
-
-def load_model(name, backend: str = "numpy", dtype: str = "float32", device: str | None = None):
-    """A model to evaluate: a gpt2np.GPT (numpy/cupy), or for backend "torch" the torch
-    reference holding the same weights (on `device`, default cuda when there is one)."""
-    from gpt2np import from_pretrained
-
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend != "torch":
-        return from_pretrained(name, backend=backend, dtype=dtype)
-    import torch
-
-    from gpt2np.backends.torch_reference import TorchGPT
-
-    host = from_pretrained(name, backend="numpy", dtype=dtype)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    module = TorchGPT.from_params(host.config, host.state_dict(), dtype=getattr(torch, dtype),
-                                  device=device)
-    return module.eval()
-
-
-def write_json(path, record: dict):
-    """Write a JSON file atomically (tmp file + rename)."""
-    path = Path(path)
-    if path.parent and not path.parent.is_dir():
-        raise FileNotFoundError(f"no folder {str(path.parent)!r} for --json {str(path)!r}")
-    atomic.write_json(path, record)
-
-
-def build_parser() -> ArgumentParser:
-    ap = ArgumentParser(prog="gpt2np eval", description=(
-        "Evaluate a model: HellaSwag acc / acc_norm (completion style, as build-nanogpt), or "
-        "the mean cross-entropy and perplexity of a text file or a shard folder's val split."))
-    ap.add_argument("--model", required=True,
-                    help="anything gpt2np.from_pretrained takes: gpt2, a folder, a training run")
-    ap.add_argument("--task", required=True, choices=TASKS)
-    ap.add_argument("--data", default=None, help=(
-        "hellaswag: the val jsonl (default: ~/.cache/gpt2np/hellaswag, else downloaded); "
-        "loss: a text file, a shard file, or a shard folder (its val split) - required"))
-    ap.add_argument("--limit", type=positive_int, default=None,
-                    help="only the first N items (hellaswag) or windows (loss)")
-    ap.add_argument("--backend", choices=BACKENDS, default="numpy")
-    ap.add_argument("--device", default=None, help="torch backend: cpu or cuda (default: cuda "
-                                                  "when available)")
-    ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    ap.add_argument("--json", default=None, metavar="OUT", help="also write the result as JSON")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return ap
-
-
-def _main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.task == "loss" and args.data is None:
-        raise UsageError("--task loss needs --data: a text file, a shard file or a shard folder")
-    if args.device is not None and args.backend != "torch":
-        raise UsageError("--device is for --backend torch (numpy runs on the CPU, cupy on the GPU)")
-    from gpt2np import distributed
-
-    ctx = distributed.init(args.backend, torch_device=args.device)
-    try:
-        model = load_model(args.model, args.backend, args.dtype, args.device)
-        progress = not args.no_progress
-        if args.task == "hellaswag":
-            from gpt2np.evals.hellaswag import evaluate
-
-            result = evaluate(model, args.data, limit=args.limit, ctx=ctx, progress=progress)
-            record = {"task": "hellaswag", "n": result.n, "acc": result.acc,
-                      "acc_norm": result.acc_norm, "correct": result.correct,
-                      "correct_norm": result.correct_norm, "cut": result.cut}
-        else:
-            result = token_loss(model, load_tokens(args.data), limit=args.limit, ctx=ctx,
-                                progress=progress)
-            record = {"task": "loss", "n_tokens": result.n_tokens, "loss": result.loss,
-                      "ppl": result.ppl}
-        if ctx.is_main:
-            print(f"{args.model}: {result}")
-            if args.json:
-                write_json(args.json, {**record, "model": str(args.model)})
-    finally:
-        ctx.destroy()
-    return 0
-
-
-def main(argv=None) -> int:
-    return run_main(_main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,8 @@
 """Export any model source as a folder that transformers loads.
 
-    python -m gpt2np.io.export out/shakespeare out/hf                  # a training run (or `gpt2np export`)
-    python -m gpt2np.io.export out/shakespeare out/hf-bf16 --dtype bfloat16
-    python -m gpt2np.io.export gpt2 out/gpt2-fp16 --dtype float16     # any model source
+    gpt2np export out/shakespeare out/hf                  # a training run (or `gpt2np export`)
+    gpt2np export out/shakespeare out/hf-bf16 --dtype bfloat16
+    gpt2np export gpt2 out/gpt2-fp16 --dtype float16     # any model source
 
 then `transformers.GPT2LMHeadModel.from_pretrained("out/hf")` gives the same logits, and
 `AutoTokenizer.from_pretrained("out/hf")` GPT-2's tokenizer. SRC is anything
@@ -27,11 +27,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-from gpt2np.cli import ArgumentParser, UsageError, run_main
 from gpt2np.io.pretrained import CKPT_NAME, CONFIG_NAME, from_pretrained, save_pretrained
 from gpt2np.data.tokenizer import EOT_TOKEN, N_VOCAB, bundled_bpe_files
 
@@ -115,45 +113,3 @@ def _write_tokenizer(folder: Path, block_size: int):
     config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": block_size,
               "bos_token": eot, "eos_token": eot, "unk_token": eot, "add_prefix_space": False}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-# ------------------------------------------------------------------------------ the command
-
-
-def build_parser() -> ArgumentParser:
-    ap = ArgumentParser(prog="gpt2np export", description=(
-        "Write a model as a folder transformers.GPT2LMHeadModel.from_pretrained loads "
-        "(model.safetensors, config.json, generation_config.json, GPT-2's tokenizer files)."))
-    a = ap.add_argument
-    a("src", metavar="SRC", help="a training run's out-dir or its ckpt.safetensors, a folder with "
-      "model.safetensors + config.json, or a hub id (gpt2, ...)")
-    a("dest", metavar="DEST", help="the folder to write (must not exist, or be empty)")
-    a("--dtype", default="float32", choices=DTYPES, help="of the saved weights (default float32)")
-    a("--keep-padded-vocab", action="store_true",
-      help=f"keep a padded vocabulary's rows past GPT-2's {N_VOCAB} tokens (default: crop them)")
-    a("--overwrite", action="store_true", help="replace DEST if it holds an earlier export")
-    return ap
-
-
-def _main(argv) -> int:
-    args = build_parser().parse_args(argv)
-    if not str(args.src).strip() or not str(args.dest).strip():
-        raise UsageError("SRC and DEST must not be empty")
-    r = export(args.src, args.dest, dtype=args.dtype, keep_padded_vocab=args.keep_padded_vocab,
-               overwrite=args.overwrite)
-    cfg = r["config"]
-    cropped = (f"; vocabulary cropped from {cfg.vocab_size} to {r['vocab_size']}"
-               if r["vocab_size"] != cfg.vocab_size else "")
-    print(f"exported {args.src} ({r['params'] / 1e6:.2f}M params, {cfg.n_layer} layers, "
-          f"{cfg.n_head} heads, {cfg.n_embd} dims, block {cfg.block_size}) as {r['dtype']} to "
-          f"{r['dest']}/: {', '.join(r['files'])}{cropped}")
-    print(f"load it with: transformers.GPT2LMHeadModel.from_pretrained({str(r['dest'])!r})")
-    return 0
-
-
-def main(argv=None) -> int:
-    return run_main(_main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -57,7 +57,7 @@ def from_pretrained(name_or_path, *, backend: str = "numpy", dtype: str = "float
       - a gpt2np training run: its out-dir (which holds `ckpt.safetensors`) or that checkpoint
         file itself; the checkpoint's metadata has the GPTConfig, its SHA-256 is checked;
       - a local folder with `model.safetensors` (or a sharded `model.safetensors.index.json`)
-        and `config.json`, as transformers' save_pretrained (or `python -m gpt2np.io.export`) writes;
+        and `config.json`, as transformers' save_pretrained (or `gpt2np export`) writes;
       - a hub id: "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "openai-community/gpt2", or
         any "owner/name" GPT-2 repo. Hub files go through huggingface_hub's cache (HF_HOME /
         HF_HUB_CACHE, or `cache_dir`); with HF_HUB_OFFLINE=1 or `local_files_only=True` only

@@ -52,7 +52,7 @@ def load_data(cfg: TrainConfig, run: RunSettings) -> TrainData:
 
 
 def _shards(cfg: TrainConfig, run: RunSettings) -> TrainData:
-    # token shards (python -m gpt2np.data.prepare): shard 0 is val, the rest train
+    # token shards (gpt2np prepare): shard 0 is val, the rest train
     B, T, W = run.batch_size, run.block_size, cfg.world_size
     if run.random_batches:
         raise TrainError("--random-batches is for tiny Shakespeare; shards are read in order")

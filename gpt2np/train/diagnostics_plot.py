@@ -1,6 +1,6 @@
 """diagnostics.png: the records of diagnostics.jsonl (gpt2np.train.diagnostics) in one picture.
 
-    python -m gpt2np.train.diagnostics_plot RUN_DIR [--out PNG]     (redraw it from the jsonl)
+    gpt2np plot-diagnostics RUN_DIR [--out PNG]     (redraw it from the jsonl)
 
 Left, a heatmap of log10 update ratio (tensor x step) on a diverging scale centred on the
 usual ~1e-3 guide: white is a step of about 1e-3 of the weight's norm, red is a tensor
@@ -13,8 +13,6 @@ tail, lines coloured from the first layer (dark) to the last (yellow).
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -139,30 +137,3 @@ def plot_diagnostics(records: list, path):
     axes[0].legend(fontsize=6, ncol=max(1, len(axes[0].lines) // 8), loc="best")
     fig.tight_layout()
     replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
-
-
-def _main(argv=None) -> int:
-    from gpt2np.cli import ArgumentParser
-    from gpt2np.train.diagnostics import PLOT_NAME, read_diagnostics
-
-    p = ArgumentParser(prog="python -m gpt2np.train.diagnostics_plot",
-                       description=__doc__.split("\n\n")[0])
-    p.add_argument("run", help="a training run's out-dir (or its diagnostics.jsonl)")
-    p.add_argument("--out", help=f"the picture (default RUN/{PLOT_NAME})")
-    args = p.parse_args(argv)
-    records = read_diagnostics(args.run)
-    run = Path(args.run)
-    out = args.out or ((run if run.is_dir() else run.parent) / PLOT_NAME)
-    plot_diagnostics(records, out)
-    print(f"wrote {out} ({len(records)} diagnostic steps)")
-    return 0
-
-
-def main(argv=None) -> int:
-    from gpt2np.cli import run_main
-
-    return run_main(_main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
