@@ -19,6 +19,8 @@ import math
 import os
 import sys
 
+from gpt2np.errors import UsageError
+
 # command -> module with main(argv) -> int
 COMMANDS = {
     "train": ("gpt2np.commands.train", "train a GPT-2 (tiny Shakespeare or token shards)"),
@@ -30,10 +32,6 @@ COMMANDS = {
     "plot-diagnostics": ("gpt2np.commands.plot_diagnostics",
                          "redraw a run's diagnostics.png from its diagnostics.jsonl"),
 }
-
-
-class UsageError(ValueError):
-    """A command line that makes no sense together (exit status 2, like a bad flag)."""
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2np import layers as L
-from gpt2np.cli import UsageError
+from gpt2np.errors import UsageError
 
 TOLERANCE = 1e-9  # vs torch autograd, both float64: agreement near machine precision
 # Finite differences: the float64 loss (~10) is good to ~1e-14, so a step h = 1e-5 leaves a

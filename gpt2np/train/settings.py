@@ -19,7 +19,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, fields
 
-from gpt2np.cli import UsageError
+from gpt2np.errors import UsageError
 
 # Settings that define a run. Chosen so the NumPy backend trains on a 2-core CPU in under
 # 10 minutes: measured 7 min 44 s to val loss 5.19 (torch: 5.20). lr 2e-3 beat 1e-3 and
