@@ -3,6 +3,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+# GPT-2's tokenizer: 50,000 BPE merges + 256 bytes + <|endoftext|>. A model may have more
+# embedding rows (padding, e.g. 50304 = 393 * 128), never fewer.
+GPT2_VOCAB_SIZE = 50257
+
 # The four released GPT-2 sizes (block 1024, vocab 50257 for all of them).
 PRESETS = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
@@ -15,7 +19,7 @@ PRESETS = {
 @dataclass(frozen=True)
 class GPTConfig:
     block_size: int = 1024  # longest sequence the position table holds
-    vocab_size: int = 50257  # 50,000 BPE merges + 256 bytes + <|endoftext|>
+    vocab_size: int = GPT2_VOCAB_SIZE
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768

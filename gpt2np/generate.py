@@ -20,13 +20,13 @@ import math
 import numpy as np
 
 from gpt2np import layers as L
-from gpt2np.data.tokenizer import N_VOCAB
+from gpt2np.config import GPT2_VOCAB_SIZE
 
 
 def sampled_vocab(config) -> int:
     """How many leading logits are tokens: all of them, unless the vocabulary is padded past
     GPT-2's 50257 BPE tokens (train's --vocab-size 50304), whose extra rows are no tokens."""
-    return min(config.vocab_size, N_VOCAB)
+    return min(config.vocab_size, GPT2_VOCAB_SIZE)
 
 
 class KVCache:

@@ -15,7 +15,8 @@ import gpt2np
 from gpt2np import GPT, GPTConfig
 from gpt2np.commands.export import main
 from gpt2np.io.export import export
-from gpt2np.data.tokenizer import N_VOCAB, get_encoding
+from gpt2np.config import GPT2_VOCAB_SIZE
+from gpt2np.data.tokenizer import get_encoding
 from tiny_run import tiny_run  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ def test_exported_run_loads_in_transformers(tiny_run, tmp_path):
     assert sorted(os.listdir(dest)) == ["config.json", "generation_config.json", "merges.txt",
                                         "model.safetensors", "tokenizer_config.json", "vocab.json"]
     model = gpt2np.from_pretrained(tiny_run)
-    idx = np.random.default_rng(0).integers(0, N_VOCAB, (2, model.config.block_size))
+    idx = np.random.default_rng(0).integers(0, GPT2_VOCAB_SIZE, (2, model.config.block_size))
     ours, _ = model.forward(idx)
     theirs = hf_logits(dest, idx)
     assert theirs.shape == ours.shape
@@ -63,12 +64,12 @@ def _padded_folder(tmp_path):
 
 def test_padded_vocabulary_is_cropped_unless_kept(tmp_path):
     model, src = _padded_folder(tmp_path)
-    idx = np.random.default_rng(0).integers(0, N_VOCAB, (2, 8))
+    idx = np.random.default_rng(0).integers(0, GPT2_VOCAB_SIZE, (2, 8))
     ours, _ = model.forward(idx)
     r = export(src, tmp_path / "cropped")
-    assert r["vocab_size"] == N_VOCAB
-    assert json.loads((tmp_path / "cropped" / "config.json").read_text())["vocab_size"] == N_VOCAB
-    np.testing.assert_allclose(hf_logits(tmp_path / "cropped", idx), ours[..., :N_VOCAB], atol=1e-5)
+    assert r["vocab_size"] == GPT2_VOCAB_SIZE
+    assert json.loads((tmp_path / "cropped" / "config.json").read_text())["vocab_size"] == GPT2_VOCAB_SIZE
+    np.testing.assert_allclose(hf_logits(tmp_path / "cropped", idx), ours[..., :GPT2_VOCAB_SIZE], atol=1e-5)
     export(src, tmp_path / "kept", keep_padded_vocab=True)
     assert not (tmp_path / "kept" / "vocab.json").exists()  # not GPT-2's tokenizer's size
     np.testing.assert_allclose(hf_logits(tmp_path / "kept", idx), ours, atol=1e-5)
@@ -82,7 +83,7 @@ def test_half_precision_exports(tmp_path, dtype, torch_dtype):
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / dtype, dtype=torch_dtype)
     back = gpt2np.from_pretrained(tmp_path / dtype)  # widened to float32
     for name, want in model.state_dict().items():
-        want = torch.from_numpy(want[:N_VOCAB] if "wte" in name else want).to(torch_dtype)
+        want = torch.from_numpy(want[:GPT2_VOCAB_SIZE] if "wte" in name else want).to(torch_dtype)
         assert hf.state_dict()[name].dtype == torch_dtype
         assert torch.equal(hf.state_dict()[name], want), name
         np.testing.assert_array_equal(back.params[name], want.float().numpy())

@@ -203,7 +203,7 @@ def test_argument_checks():
 def test_padded_vocabulary_is_never_sampled():
     """With vocab 50304 the rows past GPT-2's 50257 tokens are no tokens: made the most likely
     logits on purpose here, they are still never sampled, by any sampler, cache or not."""
-    from gpt2np.data.tokenizer import N_VOCAB
+    from gpt2np.config import GPT2_VOCAB_SIZE
 
     cfg = GPTConfig(block_size=8, vocab_size=50304, n_layer=1, n_head=1, n_embd=4)
     model = GPT(cfg, seed=0)
@@ -211,15 +211,15 @@ def test_padded_vocabulary_is_never_sampled():
     # against it, the real rows at most ~0.3: the padded ids carry nearly all the mass
     model.params["transformer.ln_f.weight"][:] = 0
     model.params["transformer.ln_f.bias"][:] = 1
-    model.params["transformer.wte.weight"][N_VOCAB:] = 10
+    model.params["transformer.wte.weight"][GPT2_VOCAB_SIZE:] = 10
     idx = np.array([[1, 2, 3], [50, 60, 70]])
     logits, _ = model.forward(idx)
-    assert (logits.argmax(-1) >= N_VOCAB).all()  # what an unguarded sampler would pick
+    assert (logits.argmax(-1) >= GPT2_VOCAB_SIZE).all()  # what an unguarded sampler would pick
     for use_cache in (True, False):
         for kw in (dict(temperature=0), dict(temperature=1.0, top_k=5), dict(temperature=1.0),
                    dict(temperature=3.0, top_k=None)):
             out = model.generate(idx, 12, seed=1, use_cache=use_cache, **kw)
-            assert out.shape == (2, 15) and out.max() < N_VOCAB, (use_cache, kw)
+            assert out.shape == (2, 15) and out.max() < GPT2_VOCAB_SIZE, (use_cache, kw)
 
 
 # ------------------------------------------------------------------------------ the command

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 from gpt2np.cli import ArgumentParser, UsageError, run_main
-from gpt2np.data.tokenizer import N_VOCAB
+from gpt2np.config import GPT2_VOCAB_SIZE
 from gpt2np.io.export import DTYPES, export
 
 # ------------------------------------------------------------------------------ the command
@@ -20,7 +20,7 @@ def build_parser() -> ArgumentParser:
     a("dest", metavar="DEST", help="the folder to write (must not exist, or be empty)")
     a("--dtype", default="float32", choices=DTYPES, help="of the saved weights (default float32)")
     a("--keep-padded-vocab", action="store_true",
-      help=f"keep a padded vocabulary's rows past GPT-2's {N_VOCAB} tokens (default: crop them)")
+      help=f"keep a padded vocabulary's rows past GPT-2's {GPT2_VOCAB_SIZE} tokens (default: crop them)")
     a("--overwrite", action="store_true", help="replace DEST if it holds an earlier export")
     return ap
 

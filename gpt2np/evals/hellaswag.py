@@ -39,10 +39,10 @@ from typing import Callable, Iterable
 import numpy as np
 
 from gpt2np import files as atomic
+from gpt2np.config import GPT2_VOCAB_SIZE
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 VAL_FILE = "hellaswag_val.jsonl"
 VAL_ITEMS = 10042
-GPT2_VOCAB = 50257  # the GPT-2 tokenizer's ids; a model needs at least this many rows
 DEFAULT_LOGITS_BUDGET = 64 * 2 ** 20  # bytes of float32 logits per CPU forward (bigger: slower)
 GPU_LOGITS_BUDGET = 2 * 2 ** 30  # the same on a GPU, where bigger batches pay off
 
@@ -321,13 +321,13 @@ class HellaSwag:
         if logits_budget is None:
             logits_budget = GPU_LOGITS_BUDGET if _on_gpu(model) else DEFAULT_LOGITS_BUDGET
         vocab = _vocab_size(model)
-        if vocab is not None and vocab < GPT2_VOCAB:
-            raise ValueError(f"HellaSwag is tokenized with GPT-2's {GPT2_VOCAB} ids; the model "
+        if vocab is not None and vocab < GPT2_VOCAB_SIZE:
+            raise ValueError(f"HellaSwag is tokenized with GPT-2's {GPT2_VOCAB_SIZE} ids; the model "
                              f"has only {vocab} rows in its vocabulary")
         rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
         mine = self.rendered[rank::world]
         # the logits (R, T, V) float32 are the biggest array of the forward: fit them in budget
-        max_tokens = max(1, logits_budget // (4 * (vocab or GPT2_VOCAB)))
+        max_tokens = max(1, logits_budget // (4 * (vocab or GPT2_VOCAB_SIZE)))
         from tqdm import tqdm
 
         with tqdm(total=len(mine), unit="item", desc="hellaswag", file=sys.stderr, leave=False,

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2np.config import GPT2_VOCAB_SIZE
 from gpt2np.evals.hellaswag import DEFAULT_LOGITS_BUDGET, logits_function, token_losses
 
 TASKS = ("hellaswag", "loss")
@@ -80,7 +81,7 @@ def token_loss(model, tokens, *, block_size: int | None = None, limit: int | Non
     if block_size is None and config is None:
         raise ValueError("pass block_size= when the model is a plain logits function")
     block_size = block_size or config.block_size
-    vocab = getattr(config, "vocab_size", None) or 50257
+    vocab = getattr(config, "vocab_size", None) or GPT2_VOCAB_SIZE
     tokens = np.asarray(tokens, dtype=np.int64)
     wins = windows(len(tokens), block_size)[:limit]
     rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)

@@ -29,6 +29,8 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+CKPT_NAME = "ckpt.safetensors"  # a training run's checkpoint, in its out-dir
+
 FORMAT = "gpt2np-checkpoint-1"
 _M, _V = "optimizer.m.", "optimizer.v."
 

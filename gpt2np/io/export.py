@@ -30,8 +30,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from gpt2np.io.pretrained import CKPT_NAME, CONFIG_NAME, from_pretrained, save_pretrained
-from gpt2np.data.tokenizer import EOT_TOKEN, N_VOCAB, bundled_bpe_files
+from gpt2np.io.checkpoint import CKPT_NAME
+from gpt2np.io.pretrained import CONFIG_NAME, from_pretrained, save_pretrained
+from gpt2np.config import GPT2_VOCAB_SIZE
+from gpt2np.data.tokenizer import EOT_TOKEN, bundled_bpe_files
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -49,7 +51,7 @@ def export(src, dest, *, dtype: str = "float32", keep_padded_vocab: bool = False
     model = from_pretrained(src, dtype="float64" if dtype == "float64" else "float32",
                             **load_kwargs)
     V = model.config.vocab_size
-    vocab = V if keep_padded_vocab else min(V, N_VOCAB)
+    vocab = V if keep_padded_vocab else min(V, GPT2_VOCAB_SIZE)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
     try:
@@ -57,7 +59,7 @@ def export(src, dest, *, dtype: str = "float32", keep_padded_vocab: bool = False
         if vocab > EOT_TOKEN:  # the vocabulary has <|endoftext|>
             gen = {"_from_model_config": True, "bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        if vocab == N_VOCAB:  # GPT-2's BPE: ship its tokenizer, so the folder is self-contained
+        if vocab == GPT2_VOCAB_SIZE:  # GPT-2's BPE: ship its tokenizer, so the folder is self-contained
             _write_tokenizer(tmp, model.config.block_size)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; an export is an ordinary folder
         _move_into_place(tmp, dest)

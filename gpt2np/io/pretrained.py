@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2np.config import GPTConfig
+from gpt2np.io.checkpoint import CKPT_NAME
 from gpt2np.model import GPT, param_shapes
 
 # Short names of the four OpenAI releases; on the hub they live under openai-community/.
@@ -36,7 +37,6 @@ WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"  # sharded checkpoints
 PICKLE_NAME = "pytorch_model.bin"
 CONFIG_NAME = "config.json"
-CKPT_NAME = "ckpt.safetensors"  # what gpt2np.train.loop writes into its --out-dir
 _CKPT_FORMAT = "gpt2np-checkpoint"  # the prefix of gpt2np.io.checkpoint's format tag
 
 # Non-parameter buffers that older GPT-2 checkpoints carry: the causal mask ("attn.bias",

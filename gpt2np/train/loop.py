@@ -60,7 +60,8 @@ from gpt2np.train.engines import ArrayEngine, TorchEngine, initial_model, make_e
 from gpt2np.train.evaluators import StepProbe, ValLoss, build_evaluators, build_probes
 from gpt2np.model import param_shapes
 from gpt2np.optim import cosine_lr
-from gpt2np.train.outputs import (CKPT_NAME, LOG_NAME, Checkpointer, RunOutputs, TrainResult,  # noqa: F401
+from gpt2np.io.checkpoint import CKPT_NAME
+from gpt2np.train.outputs import (LOG_NAME, Checkpointer, RunOutputs, TrainResult,  # noqa: F401
                           check_writable, open_checkpoint, sample_texts)
 from gpt2np.train.data import TrainData, load_data, resume_position
 from gpt2np.train.settings import (DEFAULTS, MUST_MATCH, RunSettings, TrainConfig,  # noqa: F401

@@ -28,10 +28,9 @@ from typing import Callable
 import numpy as np
 
 from gpt2np.files import replace_atomically
-from gpt2np.io.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from gpt2np.io.checkpoint import CKPT_NAME, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from gpt2np.train.settings import TrainConfig, TrainError
 
-CKPT_NAME = "ckpt.safetensors"
 LOG_NAME = "log.jsonl"
 
 

@@ -19,6 +19,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, fields
 
+from gpt2np.config import GPT2_VOCAB_SIZE
 from gpt2np.errors import UsageError
 
 # Settings that define a run. Chosen so the NumPy backend trains on a 2-core CPU in under
@@ -26,7 +27,7 @@ from gpt2np.errors import UsageError
 # 4e-3 on val loss at step 60 of this model.
 DEFAULTS = dict(
     backend="numpy", dtype="float32", precision="fp32",
-    n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=50257, batch_size=16,
+    n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=GPT2_VOCAB_SIZE, batch_size=16,
     total_batch_size=None,
     max_steps=600, lr=2e-3, min_lr=None, warmup_steps=30, weight_decay=0.1, grad_clip=1.0,
     eval_interval=100, eval_batches=None, random_batches=False, seed=0, init_from=None,
@@ -168,8 +169,8 @@ def _check(run: dict):
         raise TrainError(f"--backend must be numpy, cupy or torch, got {run['backend']!r}")
     if run["dtype"] not in ("float32", "float64"):
         raise TrainError(f"--dtype must be float32 or float64, got {run['dtype']!r}")
-    if run["vocab_size"] < 50257:
-        raise TrainError(f"--vocab-size {run['vocab_size']} is smaller than GPT-2's 50257 "
+    if run["vocab_size"] < GPT2_VOCAB_SIZE:
+        raise TrainError(f"--vocab-size {run['vocab_size']} is smaller than GPT-2's {GPT2_VOCAB_SIZE} "
                          "tokens; pad it up (50304 is a multiple of 128), never down")
     if run["precision"] not in ("fp32", "tf32", "bf16"):
         raise TrainError(f"--precision must be fp32, tf32 or bf16, got {run['precision']!r}")
