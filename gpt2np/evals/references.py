@@ -71,8 +71,10 @@ def training_evaluators(cfg, run, ctx) -> list:
 
     extra = []
     if cfg.hellaswag:
+        on_gpu = run.backend == "cupy" or cfg.device != "cpu"  # (cfg.device: the torch engine's)
         extra.append(HellaSwagEvaluator(cfg.hellaswag, run.block_size, ctx,
-                                        references=is_gpt2_124m(run)))
+                                        references=is_gpt2_124m(run), on_gpu=on_gpu,
+                                        vocab_size=run.vocab_size))
     shards = getattr(run, "data_shards", None) or cfg.data_shards  # (a resumed run's too)
     if is_gpt2_124m(run) and is_fineweb_edu(shards):
         extra.append(LossReference())
