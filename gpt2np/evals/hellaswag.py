@@ -51,9 +51,6 @@ VAL_ITEMS = 10042
 DEFAULT_LOGITS_BUDGET = 64 * 2 ** 20  # bytes of float32 logits per CPU forward (bigger: slower)
 GPU_LOGITS_BUDGET = 2 * 2 ** 30  # the same on a GPU, where bigger batches pay off
 
-# Reference figures (build-nanogpt's README and its eval logs), scored this same way.
-REFERENCE_ACC_NORM = {"OpenAI GPT-2 124M": 0.2955, "OpenAI GPT-3 124M": 0.337}
-
 
 # ------------------------------------------------------------------------------ the data
 
@@ -397,18 +394,18 @@ class HellaSwagEvaluator:
     The items are tokenized once; under data parallelism every rank scores its share and
     the counts are summed (every rank returns the same fields). It scores through the
     engine's `logits` (host numpy); on_gpu: the engine computes on a GPU (bigger batches
-    pay off there). `references`: draw OpenAI GPT-2 124M's and GPT-3 124M's acc_norm on the
-    loss.png panel (for GPT-2-sized runs).
+    pay off there). `references`: {name: acc_norm} lines to draw on the loss.png panel
+    (gpt2np.evals.references' figures, for GPT-2-sized runs).
     """
 
-    def __init__(self, path, block_size: int, ctx=None, references: bool = False,
+    def __init__(self, path, block_size: int, ctx=None, references: dict | None = None,
                  limit: int | None = None, on_gpu: bool = False, vocab_size: int | None = None):
         from gpt2np.train.outputs import Panel
 
         self.vocab_size = check_vocab(vocab_size)
         self.hs = HellaSwag.from_file(path, block_size, limit)
         self.ctx = ctx
-        self.references = references
+        self.references = references or {}
         self.logits_budget = GPU_LOGITS_BUDGET if on_gpu else DEFAULT_LOGITS_BUDGET
         self.panels = [Panel(("hellaswag_acc_norm",), self.draw)]
 
@@ -427,9 +424,8 @@ class HellaSwagEvaluator:
             if points:
                 ax.plot(*zip(*points), style, label=key.replace("hellaswag_", ""))
         ax.axhline(0.25, color="gray", lw=0.8, ls=":", label="chance (0.25)")
-        if self.references:
-            for (name, value), color in zip(REFERENCE_ACC_NORM.items(), ("tab:red", "tab:green")):
-                ax.axhline(value, color=color, lw=1, ls="--", label=f"{name} acc_norm ({value})")
+        for (name, value), color in zip(self.references.items(), ("tab:red", "tab:green")):
+            ax.axhline(value, color=color, lw=1, ls="--", label=f"{name} acc_norm ({value})")
         ax.set_xlabel("step")
         ax.set_ylabel(f"HellaSwag accuracy ({len(self.hs.items)} items)")
         ax.grid(alpha=0.3)

@@ -19,8 +19,9 @@ of the 50257 real ids are unchanged (the softmax over them only loses the padded
 which training drives to ~0). --keep-padded-vocab exports every row (vocab_size 50304).
 
 The folder is written atomically (gpt2np.files.replace_folder): it is built in a temporary
-folder beside DEST and renamed to DEST, so DEST never exists half-written. DEST must not exist or be empty; --overwrite
-replaces an earlier export (a folder with config.json), never a training run.
+folder beside DEST and renamed to DEST, so DEST never exists half-written. DEST must not
+exist or be empty; --overwrite replaces an earlier export (a folder with config.json), never
+a training run.
 """
 from __future__ import annotations
 

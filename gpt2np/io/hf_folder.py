@@ -1,7 +1,7 @@
 """A Hugging Face GPT-2 model folder: its file names, its config.json both ways, and writing one.
 
-    save_pretrained(model, "out/")     # transformers.GPT2LMHeadModel.from_pretrained("out/") loads it
-    load_config("folder/config.json")  # -> GPTConfig, refusing settings gpt2np does not compute
+    save_pretrained(model, "out/")   # GPT2LMHeadModel.from_pretrained("out/") loads it
+    load_config("out/config.json")   # -> GPTConfig, refusing settings gpt2np does not compute
 
 A folder holds config.json and model.safetensors (or model.safetensors.index.json and its
 shards, or, from older releases, pytorch_model.bin). Reading one, with hub ids and training
