@@ -219,8 +219,8 @@ def test_short_last_shard_is_skipped_with_a_warning(tmp_path):
 
 
 def _train_cli(*args):
-    """gpt2np train in a child with one BLAS thread (tiny matrices; on shared
-    cores, BLAS threads only spin against each other)."""
+    """gpt2np train in a child with one BLAS thread (tiny matrices: more BLAS threads
+    would only spin against each other)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root, MPLBACKEND="Agg")
     for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
