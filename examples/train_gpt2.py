@@ -106,9 +106,9 @@ def recipe_argv(argv: list) -> list:
                    for a in argv):
             extra += [f"--{key.replace('_', '-')}", str(value)]
     if not args.no_hellaswag and getattr(args, "hellaswag", None) is None:
-        from gpt2np.evals.hellaswag import find_data
+        from gpt2np.evals.hellaswag import find_hellaswag
 
-        extra += ["--hellaswag", str(find_data())]  # the cache, else a download
+        extra += ["--hellaswag", str(find_hellaswag())]  # the cache, else a download
     return argv + extra
 
 

@@ -259,6 +259,6 @@ class GPT:
 
     def save_pretrained(self, folder):
         """Write model.safetensors + config.json that transformers can load."""
-        from gpt2np.io.pretrained import save_pretrained
+        from gpt2np.io.hf_folder import save_pretrained
 
         return save_pretrained(self, folder)

@@ -212,3 +212,24 @@ def test_random_offsets_differ_by_seed_and_rank():
 def test_too_few_tokens():
     with pytest.raises(ValueError, match="too few"):
         BatchLoader(np.arange(64, dtype=np.uint16), 4, 16)
+
+
+@pytest.mark.parametrize("B, T, world, extra", [(2, 3, 1, 0), (2, 3, 2, 5), (1, 4, 3, 11)])
+def test_one_array_is_read_as_one_shard_is(tmp_path, B, T, world, extra):
+    """BatchLoader and gpt2np.data.shards.ShardLoader share one DataLoaderLite order: tokens
+    as an array and as a folder's only training shard give the same batches on every rank,
+    across wraps, while each keeps its own state format (checkpoints store both)."""
+    from gpt2np.data.shards import ShardLoader, write_shard
+
+    tokens = np.random.default_rng(extra).integers(0, 50257, B * T * world * 3 + 1 + extra)
+    tokens = tokens.astype(np.uint16)
+    write_shard(str(tmp_path / "t_train_000001.npy"), tokens)
+    for rank in range(world):
+        array = BatchLoader(tokens, B, T, rank=rank, world_size=world)
+        shards = ShardLoader(str(tmp_path), B, T, rank, world)
+        for _ in range(8):  # 3 steps per pass: wraps twice
+            (xa, ya), (xs, ys) = array.next_batch(), shards.next_batch()
+            assert np.array_equal(xa, xs) and np.array_equal(ya, ys)
+        step = B * T * world
+        assert array.state_dict()["position"] == 2 * step + B * T * rank  # this rank's
+        assert shards.state_dict() == {"shard": 0, "position": 2 * step}  # rank 0's

@@ -173,13 +173,13 @@ def test_text_is_read_as_training_reads_it(tmp_path):
 
     crlf = tmp_path / "crlf.txt"
     crlf.write_bytes(TEXT.replace("\n", "\r\n").encode())
-    ids = E.load_tokens(crlf)
+    ids = E.load_eval_tokens(crlf)
     assert np.array_equal(ids, load_tokens(crlf, cache=tmp_path / "cache"))
-    assert not np.array_equal(ids, E.load_tokens(_write(tmp_path / "lf.txt", TEXT)))
+    assert not np.array_equal(ids, E.load_eval_tokens(_write(tmp_path / "lf.txt", TEXT)))
     binary = tmp_path / "b.txt"
     binary.write_bytes(b"abc\0def")
     with pytest.raises(ValueError, match="b.txt looks like a binary file"):
-        E.load_tokens(binary)
+        E.load_eval_tokens(binary)
 
 
 def _write(path, text):

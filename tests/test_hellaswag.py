@@ -168,33 +168,34 @@ def test_an_ending_longer_than_the_block_still_scores_its_last_tokens():
         H.render(item, 1)
 
 
-def test_find_data_order_and_offline_error(tmp_path, monkeypatch):
+def test_find_hellaswag_order_and_offline_error(tmp_path, monkeypatch):
     items = make_items(3)
     given = write_items(tmp_path / "given.jsonl", items)
-    assert H.find_data(given) == given
+    assert H.find_hellaswag(given) == given
     folder = tmp_path / "folder"
     folder.mkdir()
     write_items(folder / H.VAL_FILE, items)
-    assert H.find_data(folder) == folder / H.VAL_FILE
+    assert H.find_hellaswag(folder) == folder / H.VAL_FILE
     with pytest.raises(FileNotFoundError, match="no HellaSwag file"):
-        H.find_data(tmp_path / "missing.jsonl")
+        H.find_hellaswag(tmp_path / "missing.jsonl")
 
     def offline(*a, **k):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(H.urllib.request, "urlopen", offline)
     cache = tmp_path / "cache"
+    cached = cache / "hellaswag" / H.VAL_FILE  # in gpt2np's one cache folder
     with pytest.raises(FileNotFoundError) as e:
-        H.find_data(cache=cache)
+        H.find_hellaswag(cache=cache)
     msg = str(e.value)
-    assert "--data" in msg and str(cache / H.VAL_FILE) in msg and "no network" in msg
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert H.cache_dir() == tmp_path / "xdg" / "gpt2np" / "hellaswag"
-    # the cache is used once present
-    cache.mkdir()
-    write_items(cache / H.VAL_FILE, items)
+    assert "--data" in msg and str(cached) in msg and "no network" in msg
+    # the cache is used once present: given, or gpt2np's ($GPT2NP_CACHE)
+    cached.parent.mkdir(parents=True)
+    write_items(cached, items)
     assert H.load_items(cache=cache) == [{k: i[k] for k in ("ctx", "endings", "label")}
                                          for i in items]
+    monkeypatch.setenv("GPT2NP_CACHE", str(cache))
+    assert H.find_hellaswag() == cached
 
 
 def test_download_is_checked_and_written_atomically(tmp_path, monkeypatch):
@@ -216,12 +217,13 @@ def test_download_is_checked_and_written_atomically(tmp_path, monkeypatch):
     payload = {"data": ("\n".join(lines[:10]) + "\n").encode()}
     monkeypatch.setattr(H.urllib.request, "urlopen", lambda url, timeout: Response(payload["data"]))
     with pytest.raises(FileNotFoundError, match=f"holds 10 items, expected {H.VAL_ITEMS}"):
-        H.find_data(cache=tmp_path)
+        H.find_hellaswag(cache=tmp_path)
     assert list(tmp_path.iterdir()) == []  # nothing half-written
     payload["data"] = ("\n".join(lines) + "\n").encode()
-    assert H.find_data(cache=tmp_path) == tmp_path / H.VAL_FILE
-    assert sorted(p.name for p in tmp_path.iterdir()) == [H.VAL_FILE]
-    assert len(H.load_items(tmp_path / H.VAL_FILE)) == H.VAL_ITEMS
+    folder = tmp_path / "hellaswag"
+    assert H.find_hellaswag(cache=tmp_path) == folder / H.VAL_FILE
+    assert sorted(p.name for p in folder.iterdir()) == [H.VAL_FILE]
+    assert len(H.load_items(folder / H.VAL_FILE)) == H.VAL_ITEMS
 
 
 @pytest.mark.parametrize("line, what", [
@@ -240,8 +242,30 @@ def test_bad_items_are_named(tmp_path, line, what):
 
 def test_a_model_without_gpt2_vocab_is_refused(tmp_path):
     tiny = GPT(CFG.replace(vocab_size=64), seed=0)
+    path = write_items(tmp_path / "hs.jsonl", make_items(2))
     with pytest.raises(ValueError, match="50257"):
-        H.evaluate(tiny, write_items(tmp_path / "hs.jsonl", make_items(2)), progress=False)
+        H.evaluate(tiny, path, progress=False)
+    with pytest.raises(ValueError, match="50257"):  # in training: before the first step
+        H.HellaSwagEvaluator(path, CFG.block_size, vocab_size=64)
+
+
+class LogitsOnlyEngine:
+    """A training engine as the evaluator may see it: logits(idx) -> host numpy, nothing else."""
+
+    def __init__(self, model):
+        self.logits = lambda idx: np.asarray(model.forward(idx)[0])
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the evaluator read engine.{name}")
+
+
+def test_training_evaluator_scores_through_the_engines_logits(model, tmp_path):
+    items = make_items(7, seed=8)
+    path = write_items(tmp_path / "hs.jsonl", items)
+    evaluator = H.HellaSwagEvaluator(path, CFG.block_size, vocab_size=CFG.vocab_size)
+    got = evaluator.evaluate(0, LogitsOnlyEngine(model))
+    _, _, ref_c, ref_cn = torch_reference(model.state_dict(), items)
+    assert got == {"hellaswag_acc": ref_c / 7, "hellaswag_acc_norm": ref_cn / 7}
 
 
 @pytest.mark.gpu
@@ -252,7 +276,7 @@ def test_cupy_model_scores_like_numpy(model):
     hs = H.HellaSwag(items, CFG.block_size)
     gpu = GPT(CFG, backend="cupy", dtype="float32", params=model.state_dict())
     cpu = GPT(CFG, dtype="float32", params=model.state_dict())
-    s_gpu, n_gpu = H.ending_losses(H.logits_function(gpu), hs.rendered)
+    s_gpu, n_gpu = H.ending_losses(H.logits_function(gpu), hs.rendered, backend=gpu.backend)
     s_cpu, n_cpu = H.ending_losses(H.logits_function(cpu), hs.rendered)
     np.testing.assert_allclose(s_gpu, s_cpu, rtol=1e-4)
     assert (n_gpu == n_cpu).all()

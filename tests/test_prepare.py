@@ -219,8 +219,8 @@ def test_short_last_shard_is_skipped_with_a_warning(tmp_path):
 
 
 def _train_cli(*args):
-    """gpt2np train in a child with one BLAS thread (tiny matrices; on shared
-    cores, BLAS threads only spin against each other)."""
+    """gpt2np train in a child with one BLAS thread (tiny matrices: more BLAS threads
+    would only spin against each other)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root, MPLBACKEND="Agg")
     for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
@@ -389,3 +389,20 @@ def test_cli_bad_cases_are_one_error_line(tmp_path):
     ok = _prepare_cli("--input", good, *out, "--shard-size", "1e2", "--workers", "1", cwd=tmp_path)
     assert ok.returncode == 0 and "1 documents" in ok.stdout, ok.stderr
     assert json.load(open(tmp_path / "out" / "meta.json"))["shard_size"] == 100
+
+
+def test_overwrite_also_removes_what_a_killed_writer_left(tmp_path):
+    """Shards are written through gpt2np.files (temporary name, then rename): a killed
+    prepare leaves `<shard>.<pid>.tmp`, which --overwrite removes with the old shards; other
+    files stay."""
+    out = tmp_path / "out"
+    _prep([make_corpus(tmp_path / "in")[0][0]], out)
+    left = ["shard_train_000002.npy.4242.tmp", "shard_val_000000.bin.tmp"]
+    for name in left + ["notes.tmp", "README"]:
+        (out / name).write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        _prep([make_corpus(tmp_path / "in")[0][1]], out)
+    _prep([make_corpus(tmp_path / "in")[0][1]], out, overwrite=True)
+    names = sorted(os.listdir(out))
+    assert not set(left) & set(names) and {"notes.tmp", "README", "meta.json"} <= set(names)
+    assert not any(n.endswith(".tmp") and n != "notes.tmp" for n in names)

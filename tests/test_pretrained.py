@@ -22,7 +22,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import gpt2np
 from gpt2np import GPT, GPTConfig
-from gpt2np.io.pretrained import load_config
+from gpt2np.io.hf_folder import load_config
 from gradcheck import assert_close, rel_error
 
 transformers.logging.set_verbosity_error()

@@ -109,7 +109,7 @@ def test_recipe_defaults_fill_only_what_is_unset(script, tmp_path, monkeypatch):
     cache = tmp_path / "gpt2np" / "hellaswag"
     cache.mkdir(parents=True)
     write_items(cache / "hellaswag_val.jsonl", make_items(2))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("GPT2NP_CACHE", str(tmp_path / "gpt2np"))
     assert flags(["--data-shards", data])["--hellaswag"] == \
         str(tmp_path / "gpt2np" / "hellaswag" / "hellaswag_val.jsonl")
 
@@ -157,9 +157,10 @@ def test_training_evaluators_follow_the_run(tmp_path):
 
     edu = str(make_shards(tmp_path / "edu_fineweb10B"))
     hs = str(write_items(tmp_path / "hs.jsonl", make_items(2)))
-    cfg = SimpleNamespace(hellaswag=None, data_shards=None)
-    big = SimpleNamespace(n_layer=12, n_head=12, n_embd=768, block_size=64, data_shards=edu)
-    small = SimpleNamespace(n_layer=2, n_head=2, n_embd=32, block_size=64, data_shards=edu)
+    cfg = SimpleNamespace(hellaswag=None, data_shards=None, device="cpu")
+    run = dict(block_size=64, data_shards=edu, backend="numpy", vocab_size=50304)
+    big = SimpleNamespace(n_layer=12, n_head=12, n_embd=768, **run)
+    small = SimpleNamespace(n_layer=2, n_head=2, n_embd=32, **run)
     # a resumed GPT-2-sized run on FineWeb-Edu (the folder from its settings): the loss line
     assert [type(e).__name__ for e in R.training_evaluators(cfg, big, None)] == ["LossReference"]
     assert R.training_evaluators(cfg, small, None) == []

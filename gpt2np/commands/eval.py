@@ -4,9 +4,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from gpt2np import files as atomic
+from gpt2np import files
 from gpt2np.cli import ArgumentParser, UsageError, positive_int, run_main
-from gpt2np.evals.loss import BACKENDS, TASKS, load_tokens, token_loss
+from gpt2np.evals.loss import BACKENDS, TASKS, load_eval_tokens, token_loss
 
 # ------------------------------------------------------------------------------ the command
 
@@ -36,7 +36,7 @@ def write_json(path, record: dict):
     path = Path(path)
     if path.parent and not path.parent.is_dir():
         raise FileNotFoundError(f"no folder {str(path.parent)!r} for --json {str(path)!r}")
-    atomic.write_json(path, record)
+    files.write_json(path, record)
 
 
 def build_parser() -> ArgumentParser:
@@ -47,7 +47,8 @@ def build_parser() -> ArgumentParser:
                     help="anything gpt2np.from_pretrained takes: gpt2, a folder, a training run")
     ap.add_argument("--task", required=True, choices=TASKS)
     ap.add_argument("--data", default=None, help=(
-        "hellaswag: the val jsonl (default: ~/.cache/gpt2np/hellaswag, else downloaded); "
+        "hellaswag: the val jsonl (default: in gpt2np's cache, $GPT2NP_CACHE or "
+        "~/.cache/gpt2np, else downloaded there); "
         "loss: a text file, a shard file, or a shard folder (its val split) - required"))
     ap.add_argument("--limit", type=positive_int, default=None,
                     help="only the first N items (hellaswag) or windows (loss)")
@@ -80,7 +81,7 @@ def _main(argv=None) -> int:
                       "acc_norm": result.acc_norm, "correct": result.correct,
                       "correct_norm": result.correct_norm, "cut": result.cut}
         else:
-            result = token_loss(model, load_tokens(args.data), limit=args.limit, ctx=ctx,
+            result = token_loss(model, load_eval_tokens(args.data), limit=args.limit, ctx=ctx,
                                 progress=progress)
             record = {"task": "loss", "n_tokens": result.n_tokens, "loss": result.loss,
                       "ppl": result.ppl}

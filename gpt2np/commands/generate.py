@@ -31,7 +31,7 @@ def build_parser() -> ArgumentParser:
 
 
 def _main(argv) -> int:
-    from gpt2np.data.tokenizer import get_encoding
+    from gpt2np.data.tokenizer import EOT_TEXT, get_encoding
     from gpt2np.io.pretrained import from_pretrained
 
     args = build_parser().parse_args(argv)
@@ -40,7 +40,7 @@ def _main(argv) -> int:
     print(f"loaded {args.model} ({model.num_params() / 1e6:.2f}M params, {model.config}) "
           f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     enc = get_encoding()
-    tokens = enc.encode(args.prompt, allowed_special={"<|endoftext|>"}) or [enc.eot_token]
+    tokens = enc.encode(args.prompt, allowed_special={EOT_TEXT}) or [enc.eot_token]
     if max(tokens) >= model.config.vocab_size:
         raise ValueError(f"the prompt encodes to token ids up to {max(tokens)}, beyond this "
                          f"model's vocab_size {model.config.vocab_size}: it was not trained on "

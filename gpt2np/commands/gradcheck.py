@@ -4,10 +4,10 @@ from __future__ import annotations
 import sys
 import time
 
+from gpt2np import files
 from gpt2np.cli import ArgumentParser, UsageError, any_int, nonneg_int, positive_int, run_main
 from gpt2np.evals.gradcheck import (DEFAULT_B, DEFAULT_T, GradcheckResult, batch_from_shards,
                                     batch_from_text, check_gradients)
-from gpt2np.files import write_json
 
 
 def format_table(r: GradcheckResult) -> str:
@@ -73,7 +73,7 @@ def _main(argv=None) -> int:
           f"{r.worst_rel_err:.2e} (tolerance {r.tolerance:.0e}){fd_text}; "
           + ", ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items()))
     if args.json:
-        write_json(args.json, r.to_json())
+        files.write_json(args.json, r.to_json())
     bad = r.failures()
     if bad:
         print(f"error: {len(bad)} tensor(s) over tolerance: {', '.join(bad[:10])}"

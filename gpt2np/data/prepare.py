@@ -42,9 +42,9 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from gpt2np.data.shards import (BIN_HEADER_INTS, BIN_MAGIC, BIN_MAX_TOKENS, BIN_VERSION,  # noqa: F401
-                     clear_folder, load_shard, parse_shard_name, shard_name, write_meta,
-                     write_shard)
+from gpt2np.data.shards import (BIN_MAX_TOKENS, META, clear_folder, parse_shard_name, shard_name,
+                                write_meta, write_shard)
+from gpt2np.data.tokenizer import EOT_TEXT
 
 # ----------------------------------------------------------------------- documents
 
@@ -146,10 +146,8 @@ def _init_worker(encoding_factory: Callable):
 
 
 def _eot_of(enc) -> int:
-    eot = getattr(enc, "eot_token", None)
-    if eot is None:
-        eot = enc._special_tokens["<|endoftext|>"]
-    return int(eot)
+    eot = getattr(enc, "eot_token", None)  # tiktoken's name; else ask for the token itself
+    return int(enc.encode_single_token(EOT_TEXT) if eot is None else eot)
 
 
 def tokenize_document(doc: str, enc=None) -> np.ndarray:
@@ -250,7 +248,7 @@ class ShardWriter:
         if self.bar is not None:
             self.bar.close()
         if kind is not None:  # leave the folder without this corpus, never half of it
-            for name in [s["file"] for s in self.shards] + ["meta.json"]:
+            for name in [s["file"] for s in self.shards] + [META]:
                 if os.path.exists(os.path.join(self.out_dir, name)):
                     os.unlink(os.path.join(self.out_dir, name))
 

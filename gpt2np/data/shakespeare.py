@@ -3,7 +3,8 @@
 Where the text comes from, first hit wins:
   1. an explicit path (the training script's --data),
   2. $GPT2NP_DATA,
-  3. the cache: $GPT2NP_CACHE or ~/.cache/gpt2np, file tinyshakespeare.txt,
+  3. gpt2np's cache (gpt2np.files.cache_dir: --cache-dir, $GPT2NP_CACHE or ~/.cache/gpt2np),
+     file tinyshakespeare.txt,
   4. a download from the char-rnn repository into that cache, checked by SHA-256.
 """
 from __future__ import annotations
@@ -16,27 +17,23 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2np import files as atomic
+from gpt2np import files
+from gpt2np.data.loader import StridedLoader
+
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DATA_BYTES = 1_115_394
 DATA_FILENAME = "tinyshakespeare.txt"
+DATA_ENV = "GPT2NP_DATA"
 
 
 class DataNotFoundError(FileNotFoundError):
     """No tiny Shakespeare anywhere we looked; the message lists the ways to provide it."""
 
 
-def cache_dir(path: str | os.PathLike | None = None) -> Path:
-    """Where downloads and token caches live: `path`, else $GPT2NP_CACHE, else ~/.cache/gpt2np."""
-    if path is None:
-        path = os.environ.get("GPT2NP_CACHE") or Path.home() / ".cache" / "gpt2np"
-    return Path(path).expanduser()
-
-
-def _atomic_write_bytes(path: Path, data: bytes):
+def _write_to_cache(path: Path, data: bytes):
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic.write_bytes(path, data)
+    files.write_bytes(path, data)
 
 
 def download(dest: Path, url: str = DATA_URL, timeout: float = 60.0) -> Path:
@@ -47,7 +44,7 @@ def download(dest: Path, url: str = DATA_URL, timeout: float = 60.0) -> Path:
     if len(data) != DATA_BYTES or digest != DATA_SHA256:
         raise ValueError(f"downloaded {url} is {len(data)} bytes with SHA-256 {digest}; "
                          f"expected {DATA_BYTES} bytes, {DATA_SHA256}")
-    _atomic_write_bytes(dest, data)
+    _write_to_cache(dest, data)
     return dest
 
 
@@ -60,13 +57,13 @@ def find_data(path: str | os.PathLike | None = None, *, cache: str | os.PathLike
         if not p.is_file():
             raise DataNotFoundError(f"{flag} {p}: no such file")
         return p
-    env = os.environ.get("GPT2NP_DATA")
+    env = os.environ.get(DATA_ENV)
     if env:
         p = Path(env).expanduser()
         if not p.is_file():
-            raise DataNotFoundError(f"$GPT2NP_DATA={env}: no such file")
+            raise DataNotFoundError(f"${DATA_ENV}={env}: no such file")
         return p
-    cached = cache_dir(cache) / DATA_FILENAME
+    cached = files.cache_dir(cache) / DATA_FILENAME
     if cached.is_file():
         return cached
     problem = "downloading is disabled"
@@ -78,9 +75,9 @@ def find_data(path: str | os.PathLike | None = None, *, cache: str | os.PathLike
     raise DataNotFoundError(
         f"tiny Shakespeare not found, and {problem}. Provide it in one of these ways:\n"
         f"  {flag + ' PATH':<28} a local copy of the text\n"
-        f"  GPT2NP_DATA=PATH             the same through the environment\n"
+        f"  {DATA_ENV}=PATH             the same through the environment\n"
         f"  {cached}   put (or let us download) the file in the cache "
-        f"($GPT2NP_CACHE overrides the folder)\n"
+        f"(${files.CACHE_ENV} overrides the folder)\n"
         f"  the file is {DATA_URL} ({DATA_BYTES:,} bytes, sha256 {DATA_SHA256})")
 
 
@@ -88,7 +85,7 @@ def load_tokens(path: str | os.PathLike, *, cache: str | os.PathLike | None = No
     """GPT-2 token ids (uint16) of the whole file, tokenized once and cached by content hash."""
     raw = Path(path).read_bytes()
     key = hashlib.sha256(raw).hexdigest()[:16]
-    cached = cache_dir(cache) / f"tokens-gpt2-{key}.npy"
+    cached = files.cache_dir(cache) / f"tokens-gpt2-{key}.npy"
     if cached.is_file():
         try:
             return np.load(cached)
@@ -100,7 +97,7 @@ def load_tokens(path: str | os.PathLike, *, cache: str | os.PathLike | None = No
     try:
         buf = io.BytesIO()
         np.save(buf, ids)
-        _atomic_write_bytes(cached, buf.getvalue())
+        _write_to_cache(cached, buf.getvalue())
     except OSError:
         pass  # an unwritable cache only costs tokenizing again next time
     return ids
@@ -128,54 +125,42 @@ def split(tokens: np.ndarray, val_fraction: float = 0.1) -> tuple[np.ndarray, np
     return tokens[:n], tokens[n:]
 
 
-class BatchLoader:
+class BatchLoader(StridedLoader):
     """(x, y) batches of shape (B, T) from one token array; y is x shifted by one.
 
-    sequential (default): build-nanogpt's DataLoaderLite. Rank r of `world_size` starts at
-      B*T*r and strides B*T*world_size, so ranks read disjoint chunks; back to the start
-      when the next step's block of *all* ranks (B*T*world_size + 1 tokens from rank 0's
-      position) would run past the end. That decision is the same on every rank (unlike
-      DataLoaderLite's, where each rank tests its own chunk and a later rank can wrap a step
-      early), so W ranks of B rows read exactly what one process of W*B rows reads, also
-      across the wrap; gpt2np.data.shards.ShardLoader moves between shards by the same rule.
+    sequential (default): build-nanogpt's DataLoaderLite, rank r of `world_size` reading at
+      offset B*T*r and striding B*T*world_size, back to the start when the next step of all
+      ranks would run past the end (gpt2np.data.loader: the same order as the shard loader's,
+      the array being one shard).
     random: each row starts at an offset drawn uniformly from the whole array (nanoGPT's
       get_batch), from a generator seeded by (seed, rank).
 
-    state_dict()/load_state_dict() carry the position and the generator, so a resumed run
-    reads exactly the batches the uninterrupted one would have.
+    state_dict()/load_state_dict() carry this rank's position and the generator, so a
+    resumed run reads exactly the batches the uninterrupted one would have.
     """
 
     def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, *, rank: int = 0,
                  world_size: int = 1, random: bool = False, seed: int = 0):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} must lie in [0, world_size={world_size})")
-        need = batch_size * block_size * world_size + 1
+        super().__init__(batch_size, block_size, rank, world_size)
+        need = self.tokens_per_step + 1
         if len(tokens) < need:
             raise ValueError(f"{len(tokens):,} tokens are too few for batches of "
                              f"{batch_size}x{block_size} on {world_size} rank(s): need {need:,}")
-        self.tokens = tokens
-        self.B, self.T = batch_size, block_size
-        self.rank, self.world_size = rank, world_size
+        self._array = tokens
         self.random = random
         self.rng = np.random.default_rng([seed, rank])
         self.reset()
 
-    def reset(self):
-        self.position = self.B * self.T * self.rank
+    def _open(self, shard: int):
+        return self._array
 
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self.random:
+            return super().next_batch()
         B, T = self.B, self.T
-        if self.random:
-            starts = self.rng.integers(0, len(self.tokens) - T, size=B)
-            rows = np.stack([self.tokens[s:s + T + 1] for s in starts]).astype(np.int64)
-            return rows[:, :-1], rows[:, 1:]
-        buf = self.tokens[self.position:self.position + B * T + 1].astype(np.int64)
-        step = B * T * self.world_size  # tokens all ranks together read per step
-        self.position += step
-        # rank-independent: does the next block of every rank fit (rank 0's position)?
-        if self.position - B * T * self.rank + step + 1 > len(self.tokens):
-            self.reset()
-        return buf[:-1].reshape(B, T), buf[1:].reshape(B, T)
+        starts = self.rng.integers(0, len(self.tokens) - T, size=B)
+        rows = np.stack([self.tokens[s:s + T + 1] for s in starts]).astype(np.int64)
+        return rows[:, :-1], rows[:, 1:]
 
     def state_dict(self) -> dict:
         return {"position": self.position, "rng": self.rng.bit_generator.state}

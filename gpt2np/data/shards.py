@@ -21,11 +21,8 @@ What a folder holds, for prepare (ShardWriter) and the loader (folder_shards) al
     incomplete before the first shard and complete after the last, and removes what it
     wrote if it fails, so a half-written folder is never read as a corpus.
 
-The loader's order is build-nanogpt's DataLoaderLite: within a shard, rank r of `world_size`
-reads the B*T+1 tokens at offset B*T*r, then strides by B*T*world_size, so the ranks together
-read the shard sequentially, one contiguous block of B*T*world_size tokens per step. When
-the next such block would run past the shard's end, every rank moves on to the next shard
-at the same step (the tail is skipped) and, after the last shard, back to the first.
+The loader reads a split's shards in build-nanogpt's DataLoaderLite order, with per-rank
+offsets (gpt2np.data.loader):
 
     loader = ShardLoader("data/fineweb", B=16, T=1024, rank=r, world_size=w, split="train")
     x, y = loader.next_batch()          # int64 (B, T); y is x shifted by one token
@@ -42,6 +39,9 @@ import re
 import warnings
 
 import numpy as np
+
+from gpt2np import files
+from gpt2np.data.loader import StridedLoader
 
 BIN_MAGIC = 20240520  # llm.c's token-file magic
 BIN_VERSION = 1
@@ -84,8 +84,8 @@ def write_shard(path: str, tokens: np.ndarray | list):
     if path.endswith(".bin") and n > BIN_MAX_TOKENS:
         raise ValueError(f"{path}: {n:,} tokens do not fit llm.c's .bin header (at most "
                          f"{BIN_MAX_TOKENS:,}); use smaller shards or the npy format")
-    tmp = path + ".tmp"
-    try:
+
+    def write(tmp):
         with open(tmp, "wb") as f:
             if path.endswith(".bin"):
                 header = np.zeros(BIN_HEADER_INTS, dtype=np.int32)
@@ -96,11 +96,8 @@ def write_shard(path: str, tokens: np.ndarray | list):
                 np.lib.format.write_array_header_1_0(f, header)
             for c in chunks:
                 f.write(c.astype("<u2", copy=False).tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    files.replace_atomically(path, write)
 
 
 def load_shard(path: str, mmap: bool = True) -> np.ndarray:
@@ -200,8 +197,8 @@ def clear_folder(data_dir: str, overwrite: bool):
     unless overwrite, then remove those (meta.json first). Other files are left alone."""
     os.makedirs(data_dir, exist_ok=True)
     old = sorted(n for n, _ in _named_shards(data_dir))
-    old += sorted(n for n in os.listdir(data_dir)
-                  if n.endswith(".tmp") and parse_shard_name(n[:-4]))  # an interrupted write
+    old += sorted(n for n in os.listdir(data_dir)  # what an interrupted write left
+                  if parse_shard_name(files.temp_target(n) or ""))
     has_meta = os.path.exists(os.path.join(data_dir, META))
     if not (old or has_meta):
         return
@@ -215,16 +212,13 @@ def clear_folder(data_dir: str, overwrite: bool):
 
 
 def write_meta(data_dir: str, meta: dict):
-    path = os.path.join(data_dir, META)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(path + ".tmp", path)
+    files.write_json(os.path.join(data_dir, META), meta)
 
 
 # ----------------------------------------------------------------------- the loader
 
 
-class ShardLoader:
+class ShardLoader(StridedLoader):
     """Sequential (x, y) batches over a split's shards with per-rank offsets; see the module
     docstring.
 
@@ -233,22 +227,19 @@ class ShardLoader:
     than a step is skipped with a warning (at most one step's tokens, like the tail every
     shard leaves when its length is no multiple of the step), unless it is the split's only
     shard. `shards` and `lengths` list every shard of the split, a skipped one included.
+    Its state, {"shard", "position"}, is rank 0's: the same on every rank.
     """
 
     def __init__(self, data_dir: str, B: int, T: int, rank: int = 0, world_size: int = 1,
                  split: str = "train"):
-        if B <= 0 or T <= 0:
-            raise ValueError(f"B and T must be positive, got B={B}, T={T}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
+        super().__init__(B, T, rank, world_size)
         self.data_dir, self.split = data_dir, split
-        self.B, self.T, self.rank, self.world_size = B, T, rank, world_size
         found = folder_shards(data_dir, split)
         if not found:
             raise _no_shards(data_dir, split)
         self.shards = [path for path, _ in found]
         self.lengths = [self._length(path, listed) for path, listed in found]
-        self.n_used = self._usable(B * T * world_size + 1)
+        self.n_used = self._usable(self.tokens_per_step + 1)
         self.reset()
 
     @staticmethod
@@ -276,36 +267,12 @@ class ShardLoader:
                              f"(B*T*world_size + 1 = {need}): use smaller batches or bigger shards")
         return len(self.shards)
 
-    @property
-    def tokens_per_step(self) -> int:
-        """Tokens all ranks together consume per next_batch()."""
-        return self.B * self.T * self.world_size
-
-    def reset(self):
-        """Back to the start of the first shard (e.g. before every validation pass)."""
-        self._load(0)
-        self.position = self.B * self.T * self.rank
-
-    def _load(self, shard: int):
-        self.current_shard = shard
-        self.tokens = load_shard(self.shards[shard])
-
-    def next_batch(self):
-        B, T = self.B, self.T
-        buf = np.asarray(self.tokens[self.position:self.position + B * T + 1], dtype=np.int64)
-        x = buf[:-1].reshape(B, T)
-        y = buf[1:].reshape(B, T)
-        self.position += self.tokens_per_step
-        # all ranks advance together: move on when the next block of every rank won't fit
-        if self.position - B * T * self.rank + self.tokens_per_step + 1 > len(self.tokens):
-            self._load((self.current_shard + 1) % self.n_used)
-            self.position = B * T * self.rank
-        return x, y
+    def _open(self, shard: int):
+        return load_shard(self.shards[shard])
 
     def state(self) -> dict:
         """Where the next batch starts, independent of the rank (rank 0's offset)."""
-        return {"shard": int(self.current_shard),
-                "position": int(self.position - self.B * self.T * self.rank)}
+        return {"shard": int(self.current_shard), "position": int(self.position - self.rank_offset)}
 
     def set_state(self, state: dict):
         shard, position = int(state["shard"]), int(state["position"])
@@ -317,12 +284,12 @@ class ShardLoader:
         if shard >= self.n_used:  # saved with a smaller step, in the now skipped last shard
             shard, position = 0, 0
         self._load(shard)
-        if position + self.tokens_per_step + 1 > len(self.tokens):
+        if not self.step_fits(position):
             # saved with a smaller step (batch or world size) near the shard's end: the next
             # step would not fit, so it starts the next shard, as next_batch() would have
             self._load((shard + 1) % self.n_used)
             position = 0
-        self.position = position + self.B * self.T * self.rank
+        self.position = position + self.rank_offset
 
     # the names gpt2np.data.shakespeare.BatchLoader and torch use, for the checkpoint code
     state_dict = state

@@ -24,7 +24,8 @@ VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 # GPT-2's pre-tokenizer regex as tiktoken writes it (equivalent to the 2019 release's)
 PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-EOT_TOKEN = 50256  # <|endoftext|>
+EOT_TEXT = "<|endoftext|>"  # GPT-2's one special token, between documents
+EOT_TOKEN = 50256  # its id
 
 
 def _sha256(path: str) -> str:
@@ -54,7 +55,7 @@ def _offline_encoding() -> tiktoken.Encoding:
     # hashes checked above; tiktoken re-reads the files (and copies them into its tmp cache)
     ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=vocab, encoder_json_file=encoder)
     return tiktoken.Encoding(name="gpt2", pat_str=PAT_STR, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": EOT_TOKEN},
+                             special_tokens={EOT_TEXT: EOT_TOKEN},
                              explicit_n_vocab=GPT2_VOCAB_SIZE)
 
 

@@ -82,9 +82,12 @@ class GradcheckResult:
 
 
 def rel_error(actual, expected) -> float:
-    """max |actual - expected| / max |expected| (absolute if expected is all zero)."""
+    """max |actual - expected| / max |expected|: one scale-free number per tensor (absolute if
+    expected is all zero). The shapes must be equal: a ValueError names them otherwise."""
     actual = np.asarray(actual, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
+    if actual.shape != expected.shape:
+        raise ValueError(f"shape {actual.shape} != expected {expected.shape}")
     err = float(np.max(np.abs(actual - expected))) if expected.size else 0.0
     scale = float(np.max(np.abs(expected))) if expected.size else 0.0
     return err / scale if scale > 0 else err
@@ -207,8 +210,8 @@ def finite_differences(model, x, y, grads: dict, k: int, seed: int = 0,
                        h: float = FD_STEP) -> dict[str, float]:
     """Per tensor: max over k sampled entries of |central difference - grads|, divided by
     max|grads| (at least FD_SCALE_FLOOR)."""
-    # The forwards see one short batch: their GEMMs are small, and on one BLAS thread they
-    # ran 5x faster than on two on the busy 2-core box (OpenBLAS's hand-off costs more)
+    # The forwards see one short batch: their GEMMs are small, so one BLAS thread runs them
+    # faster than several (handing such small products to other threads costs more)
     with model.backend.serial_blas():
         return _finite_differences(model, _SuffixLoss(model, x, y), grads, k, seed, h)
 

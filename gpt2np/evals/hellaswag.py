@@ -22,8 +22,11 @@ so that they still share their context), and the count of cut items is reported.
 
 Models: anything `logits_function` accepts: a gpt2np.GPT (numpy or cupy), the torch
 reference (gpt2np.backends.torch_reference.TorchGPT), or a plain function idx (B, T) int64 ->
-logits (B, T, V). Under torch.distributed, rank r scores items i % world == r and the
-counts are summed over ranks.
+logits (B, T, V), such as a training engine's `logits` (host numpy). Under torch.distributed,
+rank r scores items i % world == r and the counts are summed over ranks.
+
+The val split is found at a given path, else in gpt2np's cache (gpt2np.files.cache_dir, in
+its hellaswag/ folder), else downloaded there.
 """
 from __future__ import annotations
 
@@ -38,30 +41,24 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from gpt2np import files as atomic
+from gpt2np import files
 from gpt2np.config import GPT2_VOCAB_SIZE
+
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 VAL_FILE = "hellaswag_val.jsonl"
+CACHE_FOLDER = "hellaswag"  # in gpt2np's cache
 VAL_ITEMS = 10042
 DEFAULT_LOGITS_BUDGET = 64 * 2 ** 20  # bytes of float32 logits per CPU forward (bigger: slower)
 GPU_LOGITS_BUDGET = 2 * 2 ** 30  # the same on a GPU, where bigger batches pay off
-
-# Reference figures (build-nanogpt's README and its eval logs), scored this same way.
-REFERENCE_ACC_NORM = {"OpenAI GPT-2 124M": 0.2955, "OpenAI GPT-3 124M": 0.337}
-
-
-def cache_dir() -> Path:
-    """Where the downloaded split is kept: $XDG_CACHE_HOME (or ~/.cache)/gpt2np/hellaswag."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "gpt2np" / "hellaswag"
 
 
 # ------------------------------------------------------------------------------ the data
 
 
-def find_data(path=None, *, cache=None, download: bool = True) -> Path:
+def find_hellaswag(path=None, *, cache=None, download: bool = True) -> Path:
     """The val split's jsonl: `path` (a file, or a folder holding hellaswag_val.jsonl), else
-    the cache, else a download into the cache. Raises FileNotFoundError naming all three."""
+    the cache (`cache`: the cache folder instead of gpt2np.files.cache_dir()), else a download
+    into the cache. Raises FileNotFoundError naming all three."""
     if path is not None:
         p = Path(os.path.expanduser(str(path)))
         if p.is_dir():
@@ -70,7 +67,7 @@ def find_data(path=None, *, cache=None, download: bool = True) -> Path:
             raise FileNotFoundError(f"no HellaSwag file at {str(p)!r} (expected the val split, "
                                     f"{VAL_FILE}, as in {VAL_URL})")
         return p
-    target = Path(cache or cache_dir()) / VAL_FILE
+    target = files.cache_dir(cache) / CACHE_FOLDER / VAL_FILE
     if target.is_file():
         return target
     why = "downloading is off"
@@ -94,7 +91,7 @@ def _download(target: Path) -> Path:
     if len(items) != VAL_ITEMS:
         raise ValueError(f"{VAL_URL} holds {len(items)} items, expected {VAL_ITEMS}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    return atomic.write_bytes(target, data)
+    return files.write_bytes(target, data)
 
 
 def parse_items(lines: Iterable[str], where: str = "hellaswag") -> list[dict]:
@@ -121,8 +118,8 @@ def parse_items(lines: Iterable[str], where: str = "hellaswag") -> list[dict]:
 
 
 def load_items(path=None, limit: int | None = None, **find) -> list[dict]:
-    """The first `limit` items (all without it) of the split `find_data` finds."""
-    p = find_data(path, **find)
+    """The first `limit` items (all without it) of the split `find_hellaswag` finds."""
+    p = find_hellaswag(path, **find)
     with open(p, encoding="utf-8") as f:
         items = parse_items(f, where=str(p))
     if not items:
@@ -175,9 +172,9 @@ def render(item: dict, block_size: int, enc=None) -> Rendered:
 
 
 def logits_function(model) -> Callable:
-    """A function idx (B, T) int64 numpy -> logits (B, T, V) (numpy, cupy or torch) for the
-    model: a gpt2np.GPT, a torch module returning (logits, loss) (TorchGPT), or a callable
-    that already is one."""
+    """A function idx (B, T) int64 numpy -> logits (B, T, V) for the model: a gpt2np.GPT
+    (its backend's arrays: score them with backend=model.backend), a torch module returning
+    (logits, loss) (TorchGPT; torch tensors), or a callable that already is one."""
     from gpt2np.model import GPT
 
     if isinstance(model, GPT):
@@ -199,10 +196,12 @@ def logits_function(model) -> Callable:
                     f"a function idx (B, T) -> logits (B, T, V)")
 
 
-def token_losses(logits, rows, cols, targets) -> np.ndarray:
+def token_losses(logits, rows, cols, targets, backend=None) -> np.ndarray:
     """-log softmax(logits[rows, cols])[targets] in float64, as a host array (N,).
 
-    Only the N scored positions are gathered (N, V) and promoted, not the whole logits."""
+    Only the N scored positions are gathered (N, V) and promoted, not the whole logits, on
+    the device that holds them. logits: torch tensors, or arrays of `backend` (a gpt2np
+    backend: its xp and to_host; None: numpy arrays)."""
     if hasattr(logits, "detach"):  # torch
         import torch
 
@@ -211,15 +210,12 @@ def token_losses(logits, rows, cols, targets) -> np.ndarray:
         t = torch.as_tensor(targets, device=dev)
         nll = torch.logsumexp(sel, dim=-1) - sel[torch.arange(len(t), device=dev), t]
         return nll.cpu().numpy()
-    from gpt2np.backends import backend_of
-
-    be = backend_of(logits)
-    xp = be.xp
+    xp = np if backend is None else backend.xp
     sel = logits[xp.asarray(rows), xp.asarray(cols)].astype(xp.float64)  # (N, V)
     m = sel.max(axis=-1, keepdims=True)
     lse = m[:, 0] + xp.log(xp.exp(sel - m).sum(axis=-1))
     nll = lse - sel[xp.arange(len(targets)), xp.asarray(targets)]
-    return np.asarray(be.to_host(nll), dtype=np.float64)
+    return np.asarray(nll if backend is None else backend.to_host(nll), dtype=np.float64)
 
 
 # ------------------------------------------------------------------------------ scoring
@@ -242,10 +238,11 @@ def batches(rendered: list[Rendered], max_tokens: int) -> Iterable[list[int]]:
 
 
 def ending_losses(logits_fn, rendered: list[Rendered], max_tokens: int = 4096,
-                  on_batch: Callable | None = None):
+                  on_batch: Callable | None = None, backend=None):
     """Summed loss and scored-token count of every ending: two (n, 4) arrays (float64, int).
 
-    logits_fn: idx (R, T) -> logits (R, T, V); on_batch(n_items) is called after each forward.
+    logits_fn: idx (R, T) -> logits (R, T, V), arrays of `backend` (see token_losses);
+    on_batch(n_items) is called after each forward.
     """
     n = len(rendered)
     sums, counts = np.zeros((n, 4)), np.zeros((n, 4), dtype=np.int64)
@@ -262,7 +259,7 @@ def ending_losses(logits_fn, rendered: list[Rendered], max_tokens: int = 4096,
             c_sel.append(j - 1)  # the logits at j-1 predict the token at j
             t_sel.append(row[j])
         r_sel, c_sel, t_sel = (np.concatenate(a) for a in (r_sel, c_sel, t_sel))
-        nll = token_losses(logits_fn(idx), r_sel, c_sel, t_sel)
+        nll = token_losses(logits_fn(idx), r_sel, c_sel, t_sel, backend)
         row_sum = np.bincount(r_sel, weights=nll, minlength=len(rows))  # (R,)
         row_count = np.bincount(r_sel, minlength=len(rows))
         sums[batch] = row_sum.reshape(len(batch), 4)
@@ -315,24 +312,27 @@ class HellaSwag:
         return cls(load_items(path, limit, **find), block_size)
 
     def evaluate(self, model, *, ctx=None, progress: bool = True,
-                 logits_budget: int | None = None) -> HellaSwagResult:
+                 logits_budget: int | None = None, backend=None,
+                 vocab_size: int | None = None) -> HellaSwagResult:
         """Score this rank's share (items i % world == rank); counts summed over ranks.
-        logits_budget: bytes of float32 logits per forward (default: 64 MiB, 2 GiB on a GPU)."""
+        model: anything logits_function takes. backend, vocab_size: those of a plain
+        function's model (default: the model's `backend` and `config`, else numpy arrays and
+        GPT-2's vocabulary). logits_budget: bytes of float32 logits per forward (default:
+        64 MiB, 2 GiB on a GPU)."""
         if logits_budget is None:
             logits_budget = GPU_LOGITS_BUDGET if _on_gpu(model) else DEFAULT_LOGITS_BUDGET
-        vocab = _vocab_size(model)
-        if vocab is not None and vocab < GPT2_VOCAB_SIZE:
-            raise ValueError(f"HellaSwag is tokenized with GPT-2's {GPT2_VOCAB_SIZE} ids; the model "
-                             f"has only {vocab} rows in its vocabulary")
+        backend = backend or getattr(model, "backend", None)
+        vocab = check_vocab(vocab_size or _vocab_size(model))
         rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
         mine = self.rendered[rank::world]
         # the logits (R, T, V) float32 are the biggest array of the forward: fit them in budget
-        max_tokens = max(1, logits_budget // (4 * (vocab or GPT2_VOCAB_SIZE)))
+        max_tokens = max(1, logits_budget // (4 * vocab))
         from tqdm import tqdm
 
         with tqdm(total=len(mine), unit="item", desc="hellaswag", file=sys.stderr, leave=False,
                   disable=not progress or (ctx is not None and not ctx.is_main)) as bar:
-            sums, counts = ending_losses(logits_function(model), mine, max_tokens, bar.update)
+            sums, counts = ending_losses(logits_function(model), mine, max_tokens, bar.update,
+                                         backend)
         labels = np.array([r.label for r in mine], dtype=np.int64)
         means = sums / np.maximum(counts, 1)  # (n, 4) loss per ending token
         local = [len(mine), int((sums.argmin(1) == labels).sum()) if len(mine) else 0,
@@ -358,8 +358,16 @@ def _vocab_size(model):
     return getattr(config, "vocab_size", None)
 
 
+def check_vocab(vocab_size: int | None) -> int:
+    """The model's vocabulary size (GPT-2's when unknown), if it has GPT-2's tokens."""
+    if vocab_size is not None and vocab_size < GPT2_VOCAB_SIZE:
+        raise ValueError(f"HellaSwag is tokenized with GPT-2's {GPT2_VOCAB_SIZE} ids; the model "
+                         f"has only {vocab_size} rows in its vocabulary")
+    return vocab_size or GPT2_VOCAB_SIZE
+
+
 def evaluate(model, data=None, *, limit: int | None = None, ctx=None, progress: bool = True,
-             logits_budget: int | None = None, block_size: int | None = None,
+             logits_budget: int | None = None, block_size: int | None = None, backend=None,
              **find) -> HellaSwagResult:
     """HellaSwag acc / acc_norm of a model on the val split (see the module docstring).
 
@@ -372,7 +380,8 @@ def evaluate(model, data=None, *, limit: int | None = None, ctx=None, progress: 
             raise ValueError("pass block_size= when the model is a plain logits function")
         block_size = config.block_size
     hs = HellaSwag(load_items(data, limit, **find), block_size)
-    return hs.evaluate(model, ctx=ctx, progress=progress, logits_budget=logits_budget)
+    return hs.evaluate(model, ctx=ctx, progress=progress, logits_budget=logits_budget,
+                       backend=backend)
 
 
 # ------------------------------------------------------------------------------ in training
@@ -383,21 +392,29 @@ class HellaSwagEvaluator:
     logs hellaswag_acc and hellaswag_acc_norm, of the params after that step's update.
 
     The items are tokenized once; under data parallelism every rank scores its share and
-    the counts are summed (every rank returns the same fields). `references`: draw OpenAI
-    GPT-2 124M's and GPT-3 124M's acc_norm on the loss.png panel (for GPT-2-sized runs).
+    the counts are summed (every rank returns the same fields). It scores through the
+    engine's `logits` (host numpy); on_gpu: the engine computes on a GPU (bigger batches
+    pay off there). `references`: {name: acc_norm} lines to draw on the loss.png panel
+    (gpt2np.evals.references' figures, for GPT-2-sized runs).
     """
 
-    def __init__(self, path, block_size: int, ctx=None, references: bool = False,
-                 limit: int | None = None):
+    def __init__(self, path, block_size: int, ctx=None, references: dict | None = None,
+                 limit: int | None = None, on_gpu: bool = False, vocab_size: int | None = None):
         from gpt2np.train.outputs import Panel
 
+        self.vocab_size = check_vocab(vocab_size)
         self.hs = HellaSwag.from_file(path, block_size, limit)
         self.ctx = ctx
-        self.references = references
+        self.references = references or {}
+        self.logits_budget = GPU_LOGITS_BUDGET if on_gpu else DEFAULT_LOGITS_BUDGET
         self.panels = [Panel(("hellaswag_acc_norm",), self.draw)]
 
     def evaluate(self, step, engine) -> dict:
-        r = self.hs.evaluate(engine.model, ctx=self.ctx, progress=False)
+        model, backend = getattr(engine, "logits", None), None
+        if model is None:  # an engine without logits(): score its model
+            model, backend = engine.model, getattr(engine.model, "backend", None)
+        r = self.hs.evaluate(model, ctx=self.ctx, progress=False, backend=backend,
+                             logits_budget=self.logits_budget, vocab_size=self.vocab_size)
         return {"hellaswag_acc": r.acc, "hellaswag_acc_norm": r.acc_norm}
 
     def draw(self, ax, records):
@@ -407,9 +424,8 @@ class HellaSwagEvaluator:
             if points:
                 ax.plot(*zip(*points), style, label=key.replace("hellaswag_", ""))
         ax.axhline(0.25, color="gray", lw=0.8, ls=":", label="chance (0.25)")
-        if self.references:
-            for (name, value), color in zip(REFERENCE_ACC_NORM.items(), ("tab:red", "tab:green")):
-                ax.axhline(value, color=color, lw=1, ls="--", label=f"{name} acc_norm ({value})")
+        for (name, value), color in zip(self.references.items(), ("tab:red", "tab:green")):
+            ax.axhline(value, color=color, lw=1, ls="--", label=f"{name} acc_norm ({value})")
         ax.set_xlabel("step")
         ax.set_ylabel(f"HellaSwag accuracy ({len(self.hs.items)} items)")
         ax.grid(alpha=0.3)

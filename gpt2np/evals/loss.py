@@ -3,7 +3,7 @@
     gpt2np eval --model gpt2 --task hellaswag                  # (gpt2np eval ...)
     gpt2np eval --model runs/x --task loss --data input.txt --json loss.json
     gpt2np eval --model gpt2 --task loss --data data/fineweb_edu   # val shards
-    torchrun --standalone --nproc_per_node=8 -m gpt2np.evals.loss --model gpt2 --task hellaswag \
+    torchrun --standalone --nproc_per_node=8 -m gpt2np eval --model gpt2 --task hellaswag \
         --backend cupy
 
 --model is anything gpt2np.from_pretrained takes (a hub name, a folder, a training run).
@@ -46,9 +46,9 @@ class LossResult:
         return f"loss: {self.loss:.4f} (perplexity {self.ppl:.2f}) over {self.n_tokens:,} tokens"
 
 
-def load_tokens(path) -> np.ndarray:
+def load_eval_tokens(path) -> np.ndarray:
     """The tokens to score: a shard folder's val split (all its shards, in order), one shard
-    file (.npy / .bin), or a text file (GPT-2 tokens)."""
+    file (.npy / .bin), or a text file (GPT-2 tokens, not cached)."""
     from gpt2np.data.shards import list_shards, load_shard
 
     p = Path(os.path.expanduser(str(path)))
@@ -73,10 +73,12 @@ def windows(n_tokens: int, block_size: int) -> list[tuple[int, int]]:
 
 
 def token_loss(model, tokens, *, block_size: int | None = None, limit: int | None = None,
-               ctx=None, progress: bool = True,
-               logits_budget: int = DEFAULT_LOGITS_BUDGET) -> LossResult:
+               ctx=None, progress: bool = True, logits_budget: int = DEFAULT_LOGITS_BUDGET,
+               backend=None) -> LossResult:
     """Mean cross-entropy of `tokens` (1-D ints) under the model, over non-overlapping
-    block-size windows (the first `limit` of them). Rank r takes windows i % world == r."""
+    block-size windows (the first `limit` of them). Rank r takes windows i % world == r.
+    model: anything hellaswag.logits_function takes; backend: that of a plain function's
+    logits (default: the model's `backend`, else numpy arrays)."""
     config = getattr(model, "config", None)
     if block_size is None and config is None:
         raise ValueError("pass block_size= when the model is a plain logits function")
@@ -89,6 +91,7 @@ def token_loss(model, tokens, *, block_size: int | None = None, limit: int | Non
     # (B, T, V) float32 logits plus their float64 copy at every position: keep them in budget
     per_batch = max(1, logits_budget // (12 * vocab * block_size))
     logits_fn = logits_function(model)
+    backend = backend or getattr(model, "backend", None)
     from tqdm import tqdm
 
     total, count = 0.0, 0
@@ -101,7 +104,8 @@ def token_loss(model, tokens, *, block_size: int | None = None, limit: int | Non
                 x = np.stack([tokens[s:s + length] for s in same])  # (B, T)
                 y = np.stack([tokens[s + 1:s + length + 1] for s in same])
                 rows, cols = np.divmod(np.arange(x.size), length)
-                total += float(token_losses(logits_fn(x), rows, cols, y.reshape(-1)).sum())
+                nll = token_losses(logits_fn(x), rows, cols, y.reshape(-1), backend)
+                total += float(nll.sum())
                 count += x.size
             bar.update(len(group))
     if ctx is not None and ctx.distributed:

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import os
 
-from gpt2np.evals.hellaswag import REFERENCE_ACC_NORM  # noqa: F401 (the HellaSwag figures live there)
-
+HELLASWAG_ACC_NORM = {"OpenAI GPT-2 124M": 0.2955, "OpenAI GPT-3 124M": 0.337}
 FINEWEB_EDU_VAL_LOSS = {"OpenAI GPT-2 124M": 3.2924}
 GPT2_124M_SHAPE = (12, 12, 768)  # n_layer, n_head, n_embd
 # names FineWeb-Edu shard folders go by: build-nanogpt's (edu_fineweb10B, edufineweb_*.npy),
@@ -71,8 +70,10 @@ def training_evaluators(cfg, run, ctx) -> list:
 
     extra = []
     if cfg.hellaswag:
-        extra.append(HellaSwagEvaluator(cfg.hellaswag, run.block_size, ctx,
-                                        references=is_gpt2_124m(run)))
+        lines = HELLASWAG_ACC_NORM if is_gpt2_124m(run) else {}
+        on_gpu = run.backend == "cupy" or cfg.device != "cpu"  # (cfg.device: the torch engine's)
+        extra.append(HellaSwagEvaluator(cfg.hellaswag, run.block_size, ctx, references=lines,
+                                        on_gpu=on_gpu, vocab_size=run.vocab_size))
     shards = getattr(run, "data_shards", None) or cfg.data_shards  # (a resumed run's too)
     if is_gpt2_124m(run) and is_fineweb_edu(shards):
         extra.append(LossReference())

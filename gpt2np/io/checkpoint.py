@@ -12,16 +12,15 @@ The file holds
     their SHA-256 covers the tensors only. Dropping that key from a new file is caught too,
     since its SHA-256 then no longer matches the tensors alone.
 
-It is written to a temporary file in the same folder, fsynced, then renamed over the old
-one: a crash at any moment leaves either the old or the new checkpoint, never half of one.
+It is written through gpt2np.files with fsync: a temporary file in the same folder, fsynced,
+then renamed over the old one, so a crash at any moment leaves either the old or the new
+checkpoint, never half of one.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +28,13 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from gpt2np import files
+from gpt2np.io import safetensors_layout
+
 CKPT_NAME = "ckpt.safetensors"  # a training run's checkpoint, in its out-dir
 
-FORMAT = "gpt2np-checkpoint-1"
+FORMAT_NAME = "gpt2np-checkpoint"  # the metadata's "format" is FORMAT_NAME-<version>
+FORMAT = f"{FORMAT_NAME}-1"
 _M, _V = "optimizer.m.", "optimizer.v."
 
 
@@ -66,7 +69,7 @@ def _digest(tensors: dict[str, np.ndarray], metadata: dict | None = None) -> str
 
 
 def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint):
-    """Write `ckpt` to `path` atomically (temp file + fsync + rename)."""
+    """Write `ckpt` to `path` atomically and durably (temp file + fsync + rename)."""
     path = Path(path)
     if set(ckpt.m) != set(ckpt.params) or set(ckpt.v) != set(ckpt.params):
         raise ValueError("optimizer moments must have the same keys as the params")
@@ -78,32 +81,21 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint):
     metadata["sha256"] = _digest(tensors, metadata)
     data = st_save(tensors, metadata=metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary file
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    files.write_bytes(path, data, fsync=True)
 
 
 def _metadata(data: bytes) -> dict:
-    # safetensors layout: u64 little-endian header length, then a JSON header
-    (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8:8 + n]).get("__metadata__") or {}
+    return safetensors_layout.metadata(safetensors_layout.split(data)[0])
+
+
+def is_checkpoint(path) -> bool:
+    """Whether `path` is a gpt2np training checkpoint (of any format version), by its
+    metadata alone; a damaged one is then refused by load_checkpoint with its reason."""
+    try:
+        meta = safetensors_layout.metadata(safetensors_layout.read_header(path)[0])
+    except (OSError, ValueError, AttributeError):
+        return False
+    return str(meta.get("format", "")).startswith(FORMAT_NAME)
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:

