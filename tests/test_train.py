@@ -492,3 +492,130 @@ def test_disk_full_during_a_save(tmp_path, token_cache, monkeypatch, capsys):
     assert last.startswith("error: cannot write the checkpoint") and "No space left" in last
     assert "step 4 is intact" in last and "--resume" in last
     assert load_checkpoint(tmp_path / "ckpt.safetensors").state["step"] == 4
+
+
+# ------------------------------------------------------------------ the settings, declared once
+
+# state["run"] of every checkpoint: a plain dict with these keys (old checkpoints resume)
+RUN_KEYS = ["backend", "dtype", "precision", "n_layer", "n_head", "n_embd", "block_size",
+            "vocab_size", "batch_size", "total_batch_size", "max_steps", "lr", "min_lr",
+            "warmup_steps", "weight_decay", "grad_clip", "eval_interval", "eval_batches",
+            "random_batches", "seed", "init_from", "data_shards"]
+
+
+def test_everything_about_a_setting_comes_from_its_declaration():
+    from dataclasses import fields
+
+    from gpt2np.train import settings as S
+
+    names = [s.name for s in S.SETTINGS]
+    assert len(set(names)) == len(names)
+    assert [f.name for f in fields(TrainConfig)] == names + ["rank", "world_size"]
+    stored = [s.name for s in S.SETTINGS if s.stored]
+    assert [f.name for f in fields(S.RunSettings)] == stored and sorted(stored) == sorted(RUN_KEYS)
+    assert S.DEFAULTS == {s.name: s.default for s in S.SETTINGS if s.stored}
+    assert set(S.MUST_MATCH) == {"dtype", "n_layer", "n_head", "n_embd", "block_size",
+                                 "vocab_size", "batch_size", "total_batch_size",
+                                 "random_batches", "seed", "init_from"}
+    for s in S.SETTINGS:  # a declared default passes its own checks
+        if s.default is not None:
+            s.check(s.default)
+        assert getattr(TrainConfig(), s.name) == (None if s.stored else s.default)
+    run = resolve(TrainConfig(), None)
+    assert sorted(run.to_dict()) == sorted(RUN_KEYS) and run["lr"] == S.DEFAULTS["lr"]
+
+
+def test_help_lists_every_flag_with_its_default(capsys):
+    from gpt2np.train.settings import SETTINGS
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    flat = "".join(text.split())  # (argparse wraps lines, also at hyphens)
+    for s in SETTINGS:
+        if s.type is bool:  # a switch: off unless given
+            assert (s.flag if not s.default else "--no-" + s.flag[2:]) in text.split()
+        else:
+            assert s.flag in text.split()
+            shown = f"(default: {s.default_text})" if s.default_text else f"(default {s.default})"
+            assert "".join(shown.split()) in flat, s.name
+
+
+def test_parsed_flags_are_the_config():
+    from gpt2np.commands.train import config_from_args
+
+    assert config_from_args(build_parser().parse_args([])) == TrainConfig()
+    cfg = config_from_args(build_parser().parse_args(
+        ["--lr", "0.5", "--random-batches", "--no-progress", "--device", "cuda:1"]))
+    assert cfg == TrainConfig(lr=0.5, random_batches=True, progress=False, device="cuda:1")
+    # a recipe's defaults: this invocation's settings take them, stored ones stay unset
+    args = build_parser({"lr": 0.1, "out_dir": "elsewhere"}).parse_args([])
+    assert args.lr is None and args.out_dir == "elsewhere"
+    with pytest.raises(ValueError, match="no such training settings: lrate"):
+        build_parser({"lrate": 0.1})
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("batch_size", 0, "--batch-size must be positive, got 0"),
+    ("lr", float("nan"), "--lr must be a finite number, got nan"),
+    ("seed", -1, "--seed must be >= 0, got -1"),
+    ("n_layer", "4", "--n-layer must be an integer, got '4'"),
+    ("n_layer", True, "--n-layer must be an integer, got True"),
+    ("backend", "jax", "--backend must be numpy, cupy or torch, got 'jax'"),
+    ("dist_backend", "mpi", "--dist-backend must be gloo or nccl, got 'mpi'"),
+    ("device", "cuda:x", "--device must be cpu, cuda or cuda:N, got 'cuda:x'"),
+    ("random_batches", 1, "--random-batches must be True or False, got 1"),
+    ("stop_after", 0, "--stop-after must be positive, got 0"),
+    ("num_samples", -1, "--num-samples must be >= 0, got -1"),
+])
+def test_a_bad_value_is_refused_by_its_flag(name, value, message):
+    from gpt2np.train.settings import check_config
+
+    with pytest.raises(TrainError, match="^" + message.replace("(", r"\(")):
+        check_config(TrainConfig(**{name: value}))
+
+
+def test_a_checkpoint_of_fewer_settings_resumes_with_the_defaults():
+    # an older run dict without precision, vocab_size and data_shards: their defaults
+    old = dict(resolve(TrainConfig(lr=0.5, seed=3), None).to_dict())
+    for key in ("precision", "vocab_size", "data_shards"):
+        del old[key]
+    run = resolve(TrainConfig(), old)
+    assert (run.lr, run.seed, run.precision, run.vocab_size) == (0.5, 3, "fp32", 50257)
+
+
+# ------------------------------------------------------------------ what evaluators use
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_engine_logits_loss_and_sampling(kind):
+    from gpt2np import GPT, GPTConfig
+    from gpt2np.generate import sample_next
+    from gpt2np.train.engines import TorchEngine
+    from gpt2np.train.outputs import sample_texts
+
+    cfg = GPTConfig(block_size=8, vocab_size=50304, n_layer=1, n_head=2, n_embd=8)
+    model = GPT(cfg, dtype="float64", seed=3)
+    if kind == "torch":
+        pytest.importorskip("torch")
+        engine = TorchEngine(cfg, model.state_dict(), "float64", 1e-3, 0.1)
+    else:
+        engine = ArrayEngine(model, 1e-3, 0.1)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 50257, (2, 8)), rng.integers(0, 50257, (2, 8))
+    logits, loss = model.forward(x, y)
+    got = engine.logits(x)
+    host = got.cpu().numpy() if kind == "torch" else got
+    assert engine.config == cfg and not engine.on_gpu and tuple(host.shape) == (2, 8, 50304)
+    np.testing.assert_allclose(host, logits, rtol=1e-12, atol=1e-14)
+    assert engine.loss(x, y) == pytest.approx(float(loss), rel=1e-13)  # the model's loss
+    np.testing.assert_array_equal(engine.last_logits(x), host[:, -1])
+    # samples.txt: gpt2np.generate's sampler over the real tokens (no padding row)
+    texts = sample_texts(engine, 8, seed=5, num=2, tokens=3, prompt="\n")
+    rng, idx = np.random.default_rng(5), np.full((2, 1), 198)
+    for _ in range(3):
+        nxt = sample_next(engine.last_logits(idx[:, -8:])[:, :50257], 1.0, 50, rng)
+        idx = np.concatenate([idx, nxt[:, None]], axis=1)
+    from gpt2np.data.tokenizer import get_encoding
+
+    assert texts == [get_encoding().decode(row.tolist()).strip() for row in idx]
