@@ -102,7 +102,7 @@ POSITIVE = dict(low=0, above_low=True)
 NON_NEGATIVE = dict(low=0)
 
 
-def _run(name, type_, default, help, **kw) -> Setting:
+def _stored(name, type_, default, help, **kw) -> Setting:
     return Setting(name, type_, default, help, stored=True, **kw)
 
 
@@ -111,46 +111,46 @@ def _run(name, type_, default, help, **kw) -> Setting:
 # a lower val loss than 1e-3 or 4e-3.
 SETTINGS = (
     # the engine
-    _run("backend", str, "numpy", "engine", choices=("numpy", "cupy", "torch")),
-    _run("dtype", str, "float32", "of the params and activations", must_match=True,
+    _stored("backend", str, "numpy", "engine", choices=("numpy", "cupy", "torch")),
+    _stored("dtype", str, "float32", "of the params and activations", must_match=True,
          choices=("float32", "float64")),
-    _run("precision", str, "fp32", "of the matmuls (float32 weights and statistics either "
+    _stored("precision", str, "fp32", "of the matmuls (float32 weights and statistics either "
          "way; bf16/tf32 run on the GPU's tensor cores with cupy, emulated on the CPU)",
          choices=("fp32", "tf32", "bf16")),
     # the model
-    _run("n_layer", int, 4, "transformer blocks", must_match=True, **POSITIVE),
-    _run("n_head", int, 4, "attention heads", must_match=True, **POSITIVE),
-    _run("n_embd", int, 128, "embedding width", must_match=True, **POSITIVE),
-    _run("block_size", int, 64, "tokens per sequence", must_match=True, **POSITIVE),
-    _run("vocab_size", int, GPT2_VOCAB_SIZE, "embedding rows; 50304 pads GPT-2's 50257 tokens "
+    _stored("n_layer", int, 4, "transformer blocks", must_match=True, **POSITIVE),
+    _stored("n_head", int, 4, "attention heads", must_match=True, **POSITIVE),
+    _stored("n_embd", int, 128, "embedding width", must_match=True, **POSITIVE),
+    _stored("block_size", int, 64, "tokens per sequence", must_match=True, **POSITIVE),
+    _stored("vocab_size", int, GPT2_VOCAB_SIZE, "embedding rows; 50304 pads GPT-2's 50257 tokens "
          "to a multiple of 128 for GPU speed", must_match=True, low=GPT2_VOCAB_SIZE,
          hint=f"GPT-2 has {GPT2_VOCAB_SIZE} tokens; pad the vocabulary up (50304 is a "
               "multiple of 128), never down"),
     # the batches
-    _run("batch_size", int, 16, "sequences per micro-batch", must_match=True, **POSITIVE),
-    _run("total_batch_size", int, None, "tokens per optimizer step over all ranks, a multiple "
+    _stored("batch_size", int, 16, "sequences per micro-batch", must_match=True, **POSITIVE),
+    _stored("total_batch_size", int, None, "tokens per optimizer step over all ranks, a multiple "
          "of batch*block*ranks: gradient accumulation", must_match=True,
          default_text="one micro-batch per rank", **POSITIVE),
-    _run("random_batches", bool, False, "random offsets instead of the sequential order",
+    _stored("random_batches", bool, False, "random offsets instead of the sequential order",
          must_match=True),
-    _run("seed", int, 0, "init and data seed", must_match=True, **NON_NEGATIVE),
+    _stored("seed", int, 0, "init and data seed", must_match=True, **NON_NEGATIVE),
     # the optimization
-    _run("max_steps", int, 600, "optimizer steps", **POSITIVE),
-    _run("lr", float, 2e-3, "peak learning rate", **NON_NEGATIVE),
-    _run("min_lr", float, None, "final learning rate of the cosine", default_text="lr/10",
+    _stored("max_steps", int, 600, "optimizer steps", **POSITIVE),
+    _stored("lr", float, 2e-3, "peak learning rate", **NON_NEGATIVE),
+    _stored("min_lr", float, None, "final learning rate of the cosine", default_text="lr/10",
          **NON_NEGATIVE),
-    _run("warmup_steps", int, 30, "linear warmup steps", **NON_NEGATIVE),
-    _run("weight_decay", float, 0.1, "AdamW decay of matrices", **NON_NEGATIVE),
-    _run("grad_clip", float, 1.0, "max global grad norm, 0 = off", **NON_NEGATIVE),
+    _stored("warmup_steps", int, 30, "linear warmup steps", **NON_NEGATIVE),
+    _stored("weight_decay", float, 0.1, "AdamW decay of matrices", **NON_NEGATIVE),
+    _stored("grad_clip", float, 1.0, "max global grad norm, 0 = off", **NON_NEGATIVE),
     # evaluations
-    _run("eval_interval", int, 100, "steps between val evals", **POSITIVE),
-    _run("eval_batches", int, None, "val batches per eval (of --total-batch-size tokens), all "
+    _stored("eval_interval", int, 100, "steps between val evals", **POSITIVE),
+    _stored("eval_batches", int, None, "val batches per eval (of --total-batch-size tokens), all "
          "ranks together", default_text="the val split, at most 16 micro-batches", **POSITIVE),
     # where the weights and the data come from
-    _run("init_from", str, None, "start from pretrained weights: a Hugging Face name or "
+    _stored("init_from", str, None, "start from pretrained weights: a Hugging Face name or "
          "folder, or a training run's out-dir", must_match=True,
          default_text="GPT-2's random init"),
-    _run("data_shards", str, None, "train on token shards from `gpt2np prepare` (shard 0 = "
+    _stored("data_shards", str, None, "train on token shards from `gpt2np prepare` (shard 0 = "
          "val) instead", default_text="tiny Shakespeare", metavar="DIR"),
     # this invocation only
     Setting("data", str, None, "tiny Shakespeare text",
