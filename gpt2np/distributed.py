@@ -281,7 +281,8 @@ class GradBucket:
 
     def zero(self):
         """Start a new sum. Lazily: the first add() writes scale * grads over the views,
-        which saves a pass over the whole buffer every step."""
+        which saves a pass over the whole buffer every step (until then the views still
+        hold the previous sum)."""
         self._zero = True
 
     def add(self, grads: dict, scale: float = 1.0):
