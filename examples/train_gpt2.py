@@ -8,8 +8,7 @@
     torchrun --standalone --nproc_per_node=8 examples/train_gpt2.py \
         --data-shards data/edu_fineweb10B
 
-Every flag of examples/train_shakespeare.py (gpt2np.train.loop) is here; only the defaults differ,
-and they are the recipe of "Let's reproduce GPT-2 (124M)" (build-nanogpt's train_gpt2.py):
+Every flag of `gpt2np train` is here; only the defaults differ, and they are the recipe of "Let's reproduce GPT-2 (124M)" (build-nanogpt's train_gpt2.py):
 
   model      12 layers, 12 heads, 768 dims, vocab 50304 (50257 padded to a multiple of 128),
              block 1024
@@ -28,14 +27,14 @@ A resumed run (--resume) keeps its checkpoint's settings: the recipe fills in on
 fresh run leaves unset. See the README ("Reproducing GPT-2 (124M)") for what a run reaches.
 """
 import os
-import re
 import sys
 
 # run from a checkout without installing: put the repository root on the path
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from gpt2np.commands import train  # noqa: E402
 from gpt2np.cli import run_main  # noqa: E402
+from gpt2np.commands import train  # noqa: E402
+from gpt2np.train.settings import flag  # noqa: E402
 
 # the run settings of the recipe (a fresh run's defaults; a resumed run keeps its own)
 RECIPE = dict(
@@ -65,20 +64,12 @@ def engine_defaults() -> dict:
 
 
 def build_parser(engine: dict | None = None):
-    """gpt2np.train.loop's parser with the recipe's defaults in its help, and --no-hellaswag."""
-    p = train.build_parser()
-    p.prog = "examples/train_gpt2.py"
-    p.description = "Reproduce GPT-2 (124M) on FineWeb-Edu shards: build-nanogpt's recipe."
-    p.epilog = f"Make the shards first: {PREPARE}"
-    shown = {**RECIPE, **(engine or {}), **INVOCATION}
-    for action in p._actions:  # the help says the recipe's defaults, not tiny Shakespeare's
-        if action.dest in shown and action.help:
-            text = f"default {shown[action.dest]}"
-            action.help = (re.sub(r"default:? [^)]*", text, action.help) if "default" in action.help
-                           else f"{action.help} ({text})")
-        if action.dest == "data_shards":
-            action.help += " (required for a new run)"
-    p.set_defaults(**INVOCATION)
+    """`gpt2np train`'s parser with the recipe's defaults, and --no-hellaswag."""
+    p = train.build_parser(
+        {**RECIPE, **(engine or {}), **INVOCATION}, prog="examples/train_gpt2.py",
+        description="Reproduce GPT-2 (124M) on FineWeb-Edu shards: build-nanogpt's recipe. "
+                    "A new run needs --data-shards.",
+        epilog=f"Make the shards first: {PREPARE}")
     p.add_argument("--no-hellaswag", action="store_true",
                    help="no HellaSwag at the evals (default: --hellaswag PATH, else the cached "
                         "or downloaded val split)")
@@ -86,7 +77,7 @@ def build_parser(engine: dict | None = None):
 
 
 def recipe_argv(argv: list) -> list:
-    """argv for gpt2np.train.loop: the user's flags plus the recipe's for what they left unset."""
+    """argv for `gpt2np train`: the user's flags plus the recipe's for what they left unset."""
     engine = engine_defaults()
     parser = build_parser(engine)
     args = parser.parse_args(argv)
@@ -100,12 +91,11 @@ def recipe_argv(argv: list) -> list:
     if not args.resume:  # a resumed run keeps the settings stored in its checkpoint
         for key, value in {**RECIPE, **engine}.items():
             if getattr(args, key) is None:
-                extra += [f"--{key.replace('_', '-')}", str(value)]
-    for key, value in INVOCATION.items():
-        if not any(a == f"--{key.replace('_', '-')}" or a.startswith(f"--{key.replace('_', '-')}=")
-                   for a in argv):
-            extra += [f"--{key.replace('_', '-')}", str(value)]
-    if not args.no_hellaswag and getattr(args, "hellaswag", None) is None:
+                extra += [flag(key), str(value)]
+    for key in INVOCATION:  # the parsed value: the user's (however spelt), else the recipe's
+        if not any(a == flag(key) or a.startswith(flag(key) + "=") for a in argv):
+            extra += [flag(key), str(getattr(args, key))]
+    if not args.no_hellaswag and args.hellaswag is None:
         from gpt2np.evals.hellaswag import find_hellaswag
 
         extra += ["--hellaswag", str(find_hellaswag())]  # the cache, else a download

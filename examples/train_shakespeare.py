@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train GPT-2 on tiny Shakespeare with gpt2np's hand-written backward.
 
-    python examples/train_shakespeare.py                  # defaults: ~10 min on a 2-core CPU
+    python examples/train_shakespeare.py                  # the defaults: a small model, on the CPU
     python examples/train_shakespeare.py --backend torch  # the same run with PyTorch autograd
     python examples/train_shakespeare.py --help
 
@@ -11,9 +11,9 @@ Data parallel (gloo on CPUs, NCCL on GPUs; see the README):
     torchrun --standalone --nproc_per_node=8 examples/train_shakespeare.py --backend cupy
     torchrun --standalone --nproc_per_node=8 examples/train_shakespeare.py --backend torch --device cuda
 
-The same command is `gpt2np train` and `gpt2np train`. See gpt2np/train.py for the
-loop (its parts: train_settings, engines, train_data, evaluators, run_outputs) and the README
-for what the defaults reach.
+The same command is `gpt2np train`. See gpt2np.train.loop for the loop (and its parts in
+gpt2np/train/), gpt2np.train.settings for every flag, and the README for what the defaults
+reach.
 """
 import os
 import sys

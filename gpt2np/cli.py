@@ -5,7 +5,9 @@
 
 Every command is a thin `main(argv=None) -> int` over library functions, built with this
 module's `ArgumentParser` and wrapped by `run_main`:
-  - a bad flag is rejected at parse time: usage, then one last line `error: ...`, exit 2;
+  - a bad flag is rejected at parse time: usage, then one last line `error: ...`, exit 2
+    (`train` declares its flags in gpt2np.train.settings, which checks their values when the
+    run starts: one `error:` line naming the flag, exit 2, as well);
   - any exception the library raises becomes one line `error: <message>` on stderr, exit 1
     (`UsageError`: exit 2); `GPT2NP_DEBUG=1` re-raises it with its traceback instead;
   - Ctrl-C outside a training loop (which handles it itself) exits 130 without a traceback.

@@ -119,16 +119,6 @@ class DistContext:
             else:
                 dist.barrier()
 
-    def broadcast_object(self, obj, src: int = 0):
-        """Rank src's picklable object on every rank (small things: configs, resume info)."""
-        if not self.distributed:
-            return obj
-        import torch.distributed as dist
-
-        box = [obj if self.rank == src else None]
-        dist.broadcast_object_list(box, src=src)
-        return box[0]
-
     def all_gather_object(self, obj) -> list:
         """Every rank's picklable object, in rank order (e.g. per-rank data-loader states)."""
         if not self.distributed:
@@ -258,7 +248,7 @@ class GradBucket:
     """One contiguous flat buffer with a view per parameter: accumulate, then all-reduce once.
 
     bucket = GradBucket(model.params)   # same names, shapes, dtype and device as the params
-    bucket.zero()
+    bucket.zero()                       # a new step: the next add() overwrites
     bucket.add(grads, scale=1/accum)    # views += scale * grads, once per micro-step
     bucket.all_reduce_mean(ctx)         # ONE collective over the flat buffer
     bucket.grads                        # name -> view, ready for clip_grad_norm / AdamW
@@ -287,25 +277,34 @@ class GradBucket:
             self.grads[name] = self.flat[offset:offset + n].reshape(p.shape)  # a view
             offset += n
         self._torch_view = None
+        self._zero = True  # the views hold nothing yet (whatever their bytes)
 
     def zero(self):
-        self.flat[...] = 0
+        """Start a new sum. Lazily: the first add() writes scale * grads over the views,
+        which saves a pass over the whole buffer every step (until then the views still
+        hold the previous sum)."""
+        self._zero = True
 
     def add(self, grads: dict, scale: float = 1.0):
         """views += scale * grads (the micro-step's gradients, which may be reused buffers)."""
         missing = set(self.grads) - set(grads)
         if missing:
             raise KeyError(f"grads lack {sorted(missing)[:5]}")
+        xp = self.backend.xp
         for name, view in self.grads.items():
             g = grads[name]
-            if scale == 1.0:
+            if self._zero:
+                xp.multiply(g, scale, out=view)  # (a Python float keeps the dtype)
+            elif scale == 1.0:
                 view += g
             else:
-                view += scale * g  # xp broadcasts the float without changing the dtype
+                view += g * scale
+        self._zero = False
 
     def copy_from(self, arrays: dict):
         for name, view in self.grads.items():
             view[...] = arrays[name]
+        self._zero = False
 
     def copy_to(self, arrays: dict):
         for name, view in self.grads.items():

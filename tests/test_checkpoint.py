@@ -96,20 +96,14 @@ def test_old_checkpoints_still_load_and_their_tensors_are_checked(tmp_path):
 
 def test_training_resumes_an_old_checkpoint(tmp_path):
     """A run whose checkpoint was written before the metadata was covered resumes."""
-    from testdata import shakespeare_path
+    from gpt2np.train.loop import train
+    from tiny_run import tiny_config
 
-    from gpt2np.train.loop import TrainConfig, train
-
-    if not shakespeare_path().is_file():
-        pytest.skip(f"tiny Shakespeare not at {shakespeare_path()} (set GPT2NP_DATA)")
-    cfg = dict(data=str(shakespeare_path()), cache_dir=str(tmp_path / "cache"),
-               out_dir=str(tmp_path / "run"), n_layer=1, n_head=2, n_embd=16, block_size=16,
-               batch_size=4, max_steps=3, lr=1e-2, warmup_steps=1, eval_interval=3,
-               eval_batches=1, num_samples=0, progress=False)
-    train(TrainConfig(**cfg))
+    run = dict(out=tmp_path / "run", cache=tmp_path / "cache", warmup_steps=1, eval_interval=3)
+    train(tiny_config(**run, max_steps=3))
     path = tmp_path / "run" / "ckpt.safetensors"
     _save_old_format(path, load_checkpoint(path))
     assert "sha256_scope" not in C._metadata(path.read_bytes())
-    res = train(TrainConfig(**dict(cfg, max_steps=5, resume=True)))
+    res = train(tiny_config(**run, max_steps=5, resume=True))
     assert res.status == "done" and res.step == 5
     assert load_checkpoint(path).state["step"] == 5

@@ -31,7 +31,8 @@ from gpt2np import distributed  # noqa: E402
 from gpt2np.distributed import DistContext, GradBucket  # noqa: E402
 from gpt2np.data.shards import write_shard  # noqa: E402
 from gpt2np.data.shards import ShardLoader  # noqa: E402
-from testdata import shakespeare_path
+from testdata import shakespeare_path  # noqa: E402
+from tiny_run import tiny_flags  # noqa: E402
 
 CFG = GPTConfig(block_size=8, vocab_size=64, n_layer=2, n_head=2, n_embd=16)
 B, T, WORLD, ACCUM, STEPS = 2, 8, 2, 2, 4
@@ -321,20 +322,15 @@ def test_grad_bucket_is_one_flat_buffer_shared_zero_copy_with_torch():
 
 SHAKESPEARE = str(shakespeare_path())
 SCRIPT = os.path.join(ROOT, "examples", "train_shakespeare.py")
-# a tiny float64 run: per rank 2 x 4 tokens per micro-step, 2 micro-steps per step
-TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "4",
-        "--dtype", "float64", "--max-steps", "3", "--lr", "1e-2", "--warmup-steps", "2",
-        "--eval-interval", "2", "--eval-batches", "2", "--total-batch-size", "32",
-        "--num-samples", "1", "--sample-tokens", "4", "--no-progress"]
 
 
-def train_has_data_parallel():
-    """Whether gpt2np.train.loop is wired to gpt2np.distributed (torchrun, --data-shards)."""
-    from dataclasses import fields
-
-    from gpt2np.train.loop import TrainConfig
-
-    return "data_shards" in {f.name for f in fields(TrainConfig)}
+def tiny(cache, batch_size, **kw):
+    """The shared tiny run in float64, 3 steps; per rank 2 x 4 tokens per micro-step, 2
+    micro-steps per step on 2 ranks (32 tokens per step)."""
+    run = dict(block_size=4, batch_size=batch_size, dtype="float64", max_steps=3,
+               eval_interval=2, eval_batches=2, total_batch_size=32, num_samples=1,
+               sample_tokens=4)
+    return tiny_flags(None, cache, **{**run, **kw})
 
 
 def script_env():
@@ -368,26 +364,20 @@ def torchrun(args, tmp, tag, nproc=2, timeout=240):
 def script_runs(tmp_path_factory):
     """The script on 2 ranks, one process on the combined batch, and 2 ranks stopped after
     2 steps then resumed (launched with no run flags: the checkpoint's); all float64."""
-    if not os.path.isfile(SHAKESPEARE):
-        pytest.skip(f"tiny Shakespeare not at {SHAKESPEARE} (set GPT2NP_DATA)")
-    if not train_has_data_parallel():
-        pytest.skip("gpt2np.train.loop is not wired to gpt2np.distributed yet")
     tmp = tmp_path_factory.mktemp("script")
-    common = TINY + ["--data", SHAKESPEARE, "--cache-dir", str(tmp / "cache")]
+    cache = tmp / "cache"
     # one process (plain python, no torchrun) on the combined batch, first: it tokenizes
     # tiny Shakespeare into the cache the ranks then share
-    one = subprocess.run([sys.executable, SCRIPT, *common, "--batch-size", "4", "--out-dir",
-                          str(tmp / "one")], cwd=ROOT, env=script_env(), capture_output=True,
-                         text=True, timeout=240)
+    one = subprocess.run([sys.executable, SCRIPT, *tiny(cache, 4, out_dir=str(tmp / "one"))],
+                         cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=240)
     assert one.returncode == 0, (one.stdout[-3000:], one.stderr[-3000:])
-    outs = torchrun(common + ["--batch-size", "2", "--out-dir", str(tmp / "two")], tmp, "two")
-    torchrun(common + ["--batch-size", "2", "--out-dir", str(tmp / "resumed"),
-                       "--stop-after", "2"], tmp, "stop")
+    outs = torchrun(tiny(cache, 2, out_dir=str(tmp / "two")), tmp, "two")
+    torchrun(tiny(cache, 2, out_dir=str(tmp / "resumed"), stop_after=2), tmp, "stop")
     torchrun(["--resume", "--out-dir", str(tmp / "resumed"), "--data", SHAKESPEARE,
-              "--cache-dir", str(tmp / "cache"), "--no-progress", "--num-samples", "0"],
+              "--cache-dir", str(cache), "--no-progress", "--num-samples", "0"],
              tmp, "resume")
-    torch_outs = torchrun(common + ["--batch-size", "2", "--backend", "torch",
-                                    "--out-dir", str(tmp / "torch")], tmp, "torch")
+    torch_outs = torchrun(tiny(cache, 2, backend="torch", out_dir=str(tmp / "torch")), tmp,
+                          "torch")
     return tmp, outs, torch_outs
 
 
@@ -418,12 +408,11 @@ def test_script_two_ranks_equal_one_process(script_runs):
 def test_script_val_set_does_not_depend_on_the_number_of_ranks(script_runs):
     """--eval-batches counts global batches (total_batch_size tokens), split over the ranks:
     one process with the ranks' own batch size (so twice the micro-steps) evaluates the very
-    val batches the 2 ranks did, and trains the same steps (issue 19 item 9)."""
+    val batches the 2 ranks did, and trains the same steps."""
     tmp = script_runs[0]
-    common = TINY + ["--data", SHAKESPEARE, "--cache-dir", str(tmp / "cache")]
-    one = subprocess.run([sys.executable, SCRIPT, *common, "--batch-size", "2", "--out-dir",
-                          str(tmp / "one-b2"), "--num-samples", "0"], cwd=ROOT,
-                         env=script_env(), capture_output=True, text=True, timeout=240)
+    one = subprocess.run([sys.executable, SCRIPT, *tiny(tmp / "cache", 2, num_samples=0,
+                                                         out_dir=str(tmp / "one-b2"))],
+                         cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=240)
     assert one.returncode == 0, (one.stdout[-3000:], one.stderr[-3000:])
     one, two = _log(tmp / "one-b2"), _log(tmp / "two")
     for key in ("train_loss", "val_loss", "grad_norm"):

@@ -232,13 +232,9 @@ def _train_cli(*args):
 def test_training_on_shards_and_resume(tmp_path):
     """--data-shards: a prepared corpus trains, and a stopped run resumes to the very params
     of an uninterrupted one (the shard loader's position is in the checkpoint)."""
-    from dataclasses import fields
-
     from gpt2np.io.checkpoint import load_checkpoint
-    from gpt2np.train.loop import TrainConfig
+    from tiny_run import tiny_flags
 
-    if "data_shards" not in {f.name for f in fields(TrainConfig)}:
-        pytest.skip("gpt2np.train.loop has no --data-shards yet")
     paths, _ = make_corpus(str(tmp_path / "corpus"), seed=5)
     more = tmp_path / "corpus" / "more.jsonl"
     rng = np.random.default_rng(6)
@@ -248,10 +244,8 @@ def test_training_on_shards_and_resume(tmp_path):
     prepare([*paths, str(more)], shards, shard_size=150, val_shard_size=60, workers=1,
             progress=False)
     assert len(list_shards(shards, "train")) >= 3
-    run = ["--data-shards", shards, "--n-layer", 1, "--n-head", 2, "--n-embd", 16,
-           "--block-size", 8, "--batch-size", 2, "--total-batch-size", 32, "--max-steps", 12,
-           "--lr", 1e-2, "--warmup-steps", 2, "--eval-interval", 6, "--eval-batches", 2,
-           "--num-samples", 0, "--no-progress"]
+    run = tiny_flags(data_shards=shards, block_size=8, batch_size=2, total_batch_size=32,
+                     max_steps=12, eval_interval=6, eval_batches=2)
     whole = _train_cli(*run, "--out-dir", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
     assert " train / " in whole.stdout and " val tokens" in whole.stdout

@@ -186,20 +186,15 @@ def test_huge_shard_size_allocates_only_the_tokens(tmp_path):
 def test_corpus_with_a_short_last_shard_trains(tmp_path):
     """prepare's last shard holds what is left (here 15 tokens, under the 17 one step needs):
     training warns, skips it, and runs through the other shards and past their wrap."""
-    from dataclasses import fields
+    from gpt2np.train.loop import train
+    from tiny_run import tiny_config
 
-    from gpt2np.train.loop import TrainConfig, train
-
-    if "data_shards" not in {f.name for f in fields(TrainConfig)}:
-        pytest.skip("gpt2np.train.loop has no --data-shards yet")
     docs = ["a" + " a" * 99] * 5  # 5 x (100 + <|endoftext|>) tokens: 50 val, 4 x 110 + 15 train
     meta = prepare([], str(tmp_path / "shards"), shard_size=110, val_shard_size=50, workers=1,
                    progress=False, documents=docs)
     assert [s["tokens"] for s in meta["shards"]] == [50, 110, 110, 110, 110, 15]
-    cfg = TrainConfig(data_shards=str(tmp_path / "shards"), out_dir=str(tmp_path / "run"),
-                      n_layer=1, n_head=2, n_embd=16, block_size=8, batch_size=2,
-                      total_batch_size=16, max_steps=30, lr=1e-2, warmup_steps=2,
-                      eval_interval=30, eval_batches=1, num_samples=0, progress=False)
+    cfg = tiny_config(tmp_path / "run", data_shards=str(tmp_path / "shards"), block_size=8,
+                      batch_size=2, total_batch_size=16, max_steps=30, eval_interval=30)
     with pytest.warns(UserWarning, match="holds 15 tokens.*skipped"):
         res = train(cfg)
     assert res.status == "done" and res.step == 30  # 24 steps per pass over 4 shards

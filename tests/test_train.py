@@ -12,13 +12,15 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from gpt2np.train import loop as T
-from gpt2np.io.checkpoint import CheckpointError, load_checkpoint
 from gpt2np.commands.train import build_parser, main
 from gpt2np.data.shakespeare import BatchLoader, load_tokens, split
+from gpt2np.io.checkpoint import CheckpointError, load_checkpoint
+from gpt2np.train import loop as T
 from gpt2np.train.engines import ArrayEngine
 from gpt2np.train.loop import TrainConfig, TrainError, train
+from gpt2np.train.settings import resolve
 from testdata import shakespeare_path
+from tiny_run import as_flags, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,32 +30,6 @@ def token_cache(tmp_path_factory):
     if not shakespeare_path().is_file():
         pytest.skip(f"tiny Shakespeare not at {shakespeare_path()} (set GPT2NP_DATA)")
     return tmp_path_factory.mktemp("token-cache")  # tokenized once for the module
-
-
-def tiny(out, cache, **kw):
-    """A 1-layer, 16-dim model on 4x16 batches: a step takes a few milliseconds."""
-    base = dict(data=str(shakespeare_path()), cache_dir=str(cache), out_dir=str(out),
-                n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_steps=8,
-                lr=1e-2, warmup_steps=2, eval_interval=4, eval_batches=1, num_samples=0,
-                progress=False)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def _cli(cfg):
-    """The same run as command-line flags."""
-    args = []
-    for k, v in vars(cfg).items():
-        flag = "--" + k.replace("_", "-")
-        if v is None or k in ("rank", "world_size") or v is False:
-            continue
-        if k == "progress":
-            args.append("--no-progress")
-        elif v is True:
-            args.append(flag)
-        else:
-            args += [flag, str(v)]
-    return args
 
 
 def _log(out):
@@ -66,7 +42,7 @@ def _no_speed(records):
 
 def test_learns_and_writes_outputs(tmp_path, token_cache):
     out = tmp_path / "run"
-    res = train(tiny(out, token_cache, max_steps=30, eval_interval=10, eval_batches=2, num_samples=2,
+    res = train(tiny_config(out, token_cache, max_steps=30, eval_interval=10, eval_batches=2, num_samples=2,
                      sample_tokens=5))
     assert res.status == "done" and res.step == 30
     log = _log(out)
@@ -90,8 +66,8 @@ def test_numpy_and_torch_agree_in_float64(tmp_path, token_cache):
     pytest.importorskip("torch")
     # two micro-steps per optimizer step: gradient accumulation on both sides
     kw = dict(dtype="float64", max_steps=4, eval_interval=2, total_batch_size=2 * 4 * 16)
-    rn = train(tiny(tmp_path / "np", token_cache, backend="numpy", **kw))
-    rt = train(tiny(tmp_path / "torch", token_cache, backend="torch", **kw))
+    rn = train(tiny_config(tmp_path / "np", token_cache, backend="numpy", **kw))
+    rt = train(tiny_config(tmp_path / "torch", token_cache, backend="torch", **kw))
     for a, b in zip(rn.records, rt.records, strict=True):
         for key in ("train_loss", "grad_norm", "lr"):
             assert a[key] == pytest.approx(b[key], rel=1e-10, abs=0), (a["step"], key)
@@ -115,8 +91,8 @@ def test_numpy_and_torch_agree_in_float64(tmp_path, token_cache):
 def test_resume_is_bit_identical(tmp_path, token_cache, backend, kw):
     if backend == "torch":
         pytest.importorskip("torch")
-    train(tiny(tmp_path / "whole", token_cache, backend=backend, **kw))
-    part = tiny(tmp_path / "part", token_cache, backend=backend, stop_after=3, **kw)
+    train(tiny_config(tmp_path / "whole", token_cache, backend=backend, **kw))
+    part = tiny_config(tmp_path / "part", token_cache, backend=backend, stop_after=3, **kw)
     first = train(part)
     assert first.status == "stopped" and first.step == 3  # between evals and saves
     assert load_checkpoint(tmp_path / "part" / "ckpt.safetensors").state["step"] == 3
@@ -144,7 +120,7 @@ def test_sigint_saves_and_stops_after_the_step(tmp_path, token_cache, monkeypatc
         return norm
 
     monkeypatch.setattr(ArrayEngine, "clip_and_step", step_then_interrupt)
-    res = train(tiny(tmp_path, token_cache))
+    res = train(tiny_config(tmp_path, token_cache))
     assert res.status == "stopped" and res.step == 3
     assert load_checkpoint(tmp_path / "ckpt.safetensors").state["step"] == 3
     assert [r["step"] for r in _log(tmp_path)] == [0, 1, 2]
@@ -152,10 +128,10 @@ def test_sigint_saves_and_stops_after_the_step(tmp_path, token_cache, monkeypatc
 
 
 def test_sigterm_on_the_command_line(tmp_path, token_cache):
-    cfg = tiny(tmp_path, token_cache, max_steps=100_000, eval_interval=100_000)
+    cfg = tiny_config(tmp_path, token_cache, max_steps=100_000, eval_interval=100_000)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, str(ROOT / "examples" / "train_shakespeare.py"),
-                             *_cli(cfg)], env=env, stdout=subprocess.PIPE,
+                             *as_flags(cfg)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     log = tmp_path / "log.jsonl"
     deadline = time.monotonic() + 300  # a hang guard only: shared CI cores can be slow
@@ -183,7 +159,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, toke
         return float("nan") if len(calls) == 7 else loss
 
     monkeypatch.setattr(ArrayEngine, "forward_backward", nan_at_step_6)
-    res = train(tiny(tmp_path, token_cache, save_interval=4))
+    res = train(tiny_config(tmp_path, token_cache, save_interval=4))
     assert res.status == "diverged" and res.step == 6
     err = capsys.readouterr().err
     assert "non-finite loss" in err and "step 6" in err and "step 4" in err
@@ -191,16 +167,16 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, toke
     assert [r["step"] for r in _log(tmp_path)] == [0, 1, 2, 3, 4, 5]
     monkeypatch.setattr(ArrayEngine, "forward_backward", real)
     # a resume from the good checkpoint drops the diverged run's later log lines
-    res = train(tiny(tmp_path, token_cache, resume=True))
+    res = train(tiny_config(tmp_path, token_cache, resume=True))
     assert res.status == "done" and [r["step"] for r in _log(tmp_path)] == list(range(8))
     monkeypatch.setattr(ArrayEngine, "forward_backward", lambda self, x, y, s: float("inf"))
-    assert main(_cli(tiny(tmp_path / "cli", token_cache))) == 1  # the CLI exits non-zero
+    assert main(as_flags(tiny_config(tmp_path / "cli", token_cache))) == 1  # the CLI exits non-zero
     assert "no checkpoint was written yet" in capsys.readouterr().err
 
 
 @pytest.fixture
 def finished_run(tmp_path, token_cache):
-    train(tiny(tmp_path, token_cache, max_steps=3))
+    train(tiny_config(tmp_path, token_cache, max_steps=3))
     return tmp_path
 
 
@@ -208,8 +184,8 @@ def test_truncated_checkpoint_is_a_clear_error(finished_run, token_cache, capsys
     path = finished_run / "ckpt.safetensors"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="corrupt"):
-        train(tiny(finished_run, token_cache, resume=True))
-    assert main(_cli(tiny(finished_run, token_cache, resume=True))) == 2
+        train(tiny_config(finished_run, token_cache, resume=True))
+    assert main(as_flags(tiny_config(finished_run, token_cache, resume=True))) == 2
     assert "corrupt" in capsys.readouterr().err
 
 
@@ -219,24 +195,24 @@ def test_flipped_byte_in_checkpoint_is_caught(finished_run, token_cache):
     raw[-100] ^= 0x40  # inside the last tensor's data: the file still parses
     path.write_bytes(bytes(raw))
     with pytest.raises(CheckpointError, match="SHA-256"):
-        train(tiny(finished_run, token_cache, resume=True))
+        train(tiny_config(finished_run, token_cache, resume=True))
 
 
 def test_checkpoint_of_another_model_is_refused(finished_run, token_cache):
     with pytest.raises(TrainError, match="n_embd: checkpoint 16, now 32"):
-        train(tiny(finished_run, token_cache, resume=True, n_embd=32))
+        train(tiny_config(finished_run, token_cache, resume=True, n_embd=32))
     with pytest.raises(TrainError, match="--resume"):  # no silent overwrite either
-        train(tiny(finished_run, token_cache))
+        train(tiny_config(finished_run, token_cache))
     with pytest.raises(CheckpointError, match="not a gpt2np training checkpoint"):
         from safetensors.numpy import save_file
 
         save_file({"w": np.zeros(2)}, finished_run / "ckpt.safetensors")
-        train(tiny(finished_run, token_cache, resume=True))
+        train(tiny_config(finished_run, token_cache, resume=True))
 
 
 def test_resume_without_checkpoint(tmp_path, token_cache):
     with pytest.raises(TrainError, match="no checkpoint"):
-        train(tiny(tmp_path, token_cache, resume=True))
+        train(tiny_config(tmp_path, token_cache, resume=True))
 
 
 def test_missing_data_file_is_a_clear_error(tmp_path, capsys):
@@ -256,10 +232,10 @@ def test_cupy_backend_without_cupy_is_a_clear_error(tmp_path, token_cache):
     except Exception:
         pass
     with pytest.raises(TrainError, match="cupy"):
-        train(tiny(tmp_path, token_cache, backend="cupy"))
+        train(tiny_config(tmp_path, token_cache, backend="cupy"))
 
 
-def test_every_issue_flag_parses():
+def test_every_flag_parses():
     args = build_parser().parse_args(
         "--backend torch --data d --out-dir o --max-steps 7 --batch-size 2 --block-size 8 "
         "--n-layer 3 --n-head 2 --n-embd 8 --dtype float64 --lr 0.5 --min-lr 0.1 "
@@ -269,11 +245,11 @@ def test_every_issue_flag_parses():
     assert (args.backend, args.max_steps, args.total_batch_size, args.min_lr, args.init_from,
             args.stop_after, args.resume, args.dtype) == ("torch", 7, 32, 0.1, "gpt2", 2, True,
                                                           "float64")
-    run = T.resolve(TrainConfig(lr=3e-3), None)
+    run = resolve(TrainConfig(lr=3e-3), None)
     assert run["min_lr"] == pytest.approx(3e-4) and run["weight_decay"] == 0.1
     assert run["grad_clip"] == 1.0 and run["total_batch_size"] == run["batch_size"] * run["block_size"]
     with pytest.raises(TrainError, match="multiple"):
-        T.resolve(TrainConfig(batch_size=4, block_size=16, total_batch_size=100), None)
+        resolve(TrainConfig(batch_size=4, block_size=16, total_batch_size=100), None)
 
 
 def test_init_from_pretrained(tmp_path, token_cache):
@@ -281,7 +257,7 @@ def test_init_from_pretrained(tmp_path, token_cache):
 
     src = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16), seed=7)
     src.save_pretrained(tmp_path / "pre")
-    res = train(tiny(tmp_path / "run", token_cache, init_from=str(tmp_path / "pre"), max_steps=1,
+    res = train(tiny_config(tmp_path / "run", token_cache, init_from=str(tmp_path / "pre"), max_steps=1,
                      n_layer=None, n_head=None, n_embd=None))
     x, y = BatchLoader(split(load_tokens(shakespeare_path(), cache=token_cache))[0], 4, 16).next_batch()
     _, loss = src.forward(x, y)
@@ -292,7 +268,7 @@ def test_padded_vocab_and_bf16_matmuls(tmp_path, token_cache):
     # GPT-2's 50257 tokens padded to 50304 rows, matmuls in (emulated) bf16: it learns, the
     # padded rows are in the checkpoint, samples decode (padding ids are never sampled)
     out = tmp_path / "run"
-    res = train(tiny(out, token_cache, vocab_size=50304, precision="bf16", max_steps=12,
+    res = train(tiny_config(out, token_cache, vocab_size=50304, precision="bf16", max_steps=12,
                      num_samples=2, sample_tokens=6))
     assert res.status == "done" and len(res.samples) == 2
     log = _log(out)
@@ -300,16 +276,16 @@ def test_padded_vocab_and_bf16_matmuls(tmp_path, token_cache):
     assert log[-1]["train_loss"] < log[0]["train_loss"] - 1.0
     assert load_file(out / "ckpt.safetensors")["transformer.wte.weight"].shape == (50304, 16)
     with pytest.raises(TrainError, match="vocab_size: checkpoint 50304, now 50257"):
-        train(tiny(out, token_cache, resume=True, vocab_size=50257))
+        train(tiny_config(out, token_cache, resume=True, vocab_size=50257))
 
 
 def test_bad_vocab_size_and_precision(tmp_path, token_cache):
-    with pytest.raises(TrainError, match="smaller than GPT-2's 50257"):
-        train(tiny(tmp_path / "a", token_cache, vocab_size=1000))
+    with pytest.raises(TrainError, match="--vocab-size must be >= 50257, got 1000: GPT-2 has"):
+        train(tiny_config(tmp_path / "a", token_cache, vocab_size=1000))
     with pytest.raises(TrainError, match="needs --dtype float32"):
-        train(tiny(tmp_path / "b", token_cache, dtype="float64", precision="bf16"))
+        train(tiny_config(tmp_path / "b", token_cache, dtype="float64", precision="bf16"))
     with pytest.raises(TrainError, match="numpy and cupy engines"):
-        train(tiny(tmp_path / "c", token_cache, backend="torch", precision="bf16"))
+        train(tiny_config(tmp_path / "c", token_cache, backend="torch", precision="bf16"))
 
 
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
@@ -351,7 +327,7 @@ def test_evaluators_and_step_probes_plug_in(tmp_path, token_cache, monkeypatch, 
     real = E.build_evaluators
     monkeypatch.setattr(T, "build_evaluators", lambda *a: real(*a) + [Extra()])
     monkeypatch.setattr(T, "build_probes", lambda *a: [probe])
-    train(tiny(tmp_path, token_cache, total_batch_size=2 * 4 * 16, backend=backend))
+    train(tiny_config(tmp_path, token_cache, total_batch_size=2 * 4 * 16, backend=backend))
     log = _log(tmp_path)
     assert [r["extra"] for r in log if "extra" in r] == [3.0, 7.0]
     assert [r["step"] for r in log if "val_loss" in r] == [3, 7]
@@ -402,7 +378,7 @@ def test_gpt2np_train_command(tmp_path):
     assert proc.returncode == 0 and "usage: gpt2np train" in proc.stdout
 
 
-# ------------------------------------------------------------------ issue 19: training edges
+# ------------------------------------------------------------------ training edges
 
 
 def _strict_log(out):
@@ -417,12 +393,12 @@ def _strict_log(out):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow is the point
 @pytest.mark.parametrize("when", ["eval", "save"])
 def test_divergence_never_leaves_a_broken_checkpoint(tmp_path, token_cache, capsys, when):
-    # item 1: a good checkpoint at step 4, then lr 1e30 blows the params up at step 4's
+    # a good checkpoint at step 4, then lr 1e30 blows the params up at step 4's
     # update. Whether the next thing is an eval (val loss NaN) or a plain save, nothing is
     # written: the checkpoint stays step 4's, and it resumes with a sane lr without a NaN.
-    assert train(tiny(tmp_path, token_cache, stop_after=4)).status == "stopped"
+    assert train(tiny_config(tmp_path, token_cache, stop_after=4)).status == "stopped"
     kw = dict(eval_interval=1) if when == "eval" else dict(save_interval=1, eval_interval=100)
-    res = train(tiny(tmp_path, token_cache, resume=True, lr=1e30, **kw))
+    res = train(tiny_config(tmp_path, token_cache, resume=True, lr=1e30, **kw))
     assert res.status == "diverged" and res.step == 4
     err = capsys.readouterr().err
     assert "non-finite val loss" in err and "(step 4) is kept" in err
@@ -430,26 +406,26 @@ def test_divergence_never_leaves_a_broken_checkpoint(tmp_path, token_cache, caps
     log = _strict_log(tmp_path)  # the diverged step's NaN is logged as null, flagged
     if when == "eval":
         assert log[-1]["val_loss"] is None and log[-1]["non_finite"] == ["val_loss"]
-    res = train(tiny(tmp_path, token_cache, resume=True))
+    res = train(tiny_config(tmp_path, token_cache, resume=True))
     assert res.status == "done" and res.step == 8
     log = _strict_log(tmp_path)
     assert [r["step"] for r in log] == list(range(8)) and "non_finite" not in str(log)
     assert all(np.isfinite(r["train_loss"]) for r in log)
-    if when == "eval":  # the issue's command line: step 0's update diverges, nothing saved
-        assert main(_cli(tiny(tmp_path / "fresh", token_cache, lr=1e30, eval_interval=1))) == 1
+    if when == "eval":  # on the command line: step 0's update diverges, nothing saved
+        assert main(as_flags(tiny_config(tmp_path / "fresh", token_cache, lr=1e30, eval_interval=1))) == 1
         assert "no checkpoint was written yet" in capsys.readouterr().err
         assert not (tmp_path / "fresh" / "ckpt.safetensors").exists()
 
 
 def test_total_batch_size_zero_is_refused(tmp_path, token_cache):
-    # item 5: 0 is a multiple of everything; it would train on nothing
+    # 0 is a multiple of everything; it would train on nothing
     with pytest.raises(TrainError, match="--total-batch-size must be positive"):
-        train(tiny(tmp_path, token_cache, total_batch_size=0))
+        train(tiny_config(tmp_path, token_cache, total_batch_size=0))
     assert not (tmp_path / "ckpt.safetensors").exists()
 
 
 def test_shards_run_resumes_with_only_resume(tmp_path):
-    # item 6: the shard folder is in the checkpoint; a moved folder is named as --data-shards
+    # the shard folder is in the checkpoint; a moved folder is named as --data-shards
     from gpt2np.data.prepare import prepare
 
     rng = np.random.default_rng(0)
@@ -458,8 +434,8 @@ def test_shards_run_resumes_with_only_resume(tmp_path):
             progress=False, documents=[" ".join(rng.choice(words, 40)) for _ in range(40)])
     kw = dict(data=None, data_shards=str(tmp_path / "shards"), cache_dir=None, max_steps=6,
               block_size=8, batch_size=2, eval_interval=3)
-    whole = train(tiny(tmp_path / "whole", None, **kw))
-    assert train(tiny(tmp_path / "part", None, stop_after=2, **kw)).status == "stopped"
+    whole = train(tiny_config(tmp_path / "whole", None, **kw))
+    assert train(tiny_config(tmp_path / "part", None, stop_after=2, **kw)).status == "stopped"
     rest = train(TrainConfig(out_dir=str(tmp_path / "part"), resume=True, num_samples=0,
                              progress=False))  # as the stop message says: no data flags
     assert rest.status == "done" and rest.records[-1]["val_loss"] == whole.val_loss
@@ -473,12 +449,12 @@ def test_shards_run_resumes_with_only_resume(tmp_path):
 
 
 def test_init_from_with_disagreeing_shape_flags(tmp_path, token_cache):
-    # item 7: --init-from fixes the shape; flags that say otherwise are an error, not ignored
+    # --init-from fixes the shape; flags that say otherwise are an error, not ignored
     from gpt2np import GPT, GPTConfig
 
     GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16), seed=7).save_pretrained(tmp_path / "pre")
     with pytest.raises(TrainError, match="--n-layer 8 .the weights have 1.*--n-embd 256"):
-        train(tiny(tmp_path / "run", token_cache, init_from=str(tmp_path / "pre"), n_layer=8,
+        train(tiny_config(tmp_path / "run", token_cache, init_from=str(tmp_path / "pre"), n_layer=8,
                    n_head=2, n_embd=256))
 
 
@@ -487,17 +463,17 @@ def test_torch_on_cuda_without_cuda(tmp_path, token_cache):
     if torch.cuda.is_available():
         pytest.skip("CUDA works here")
     with pytest.raises(TrainError, match="--device cuda: this torch sees no CUDA GPU"):
-        train(tiny(tmp_path, token_cache, backend="torch", device="cuda"))
+        train(tiny_config(tmp_path, token_cache, backend="torch", device="cuda"))
 
 
 def test_unwritable_out_dir(tmp_path, token_cache):
     (tmp_path / "file").write_text("x")  # a file where a folder should be (root can't write it either)
     with pytest.raises(TrainError, match="--out-dir .*cannot write there"):
-        train(tiny(tmp_path / "file" / "run", token_cache))
+        train(tiny_config(tmp_path / "file" / "run", token_cache))
 
 
 def test_disk_full_during_a_save(tmp_path, token_cache, monkeypatch, capsys):
-    # item 11: ENOSPC while writing a checkpoint: one error line, the previous one intact
+    # ENOSPC while writing a checkpoint: one error line, the previous one intact
     import errno
 
     from gpt2np.train import outputs as run_outputs
@@ -511,8 +487,135 @@ def test_disk_full_during_a_save(tmp_path, token_cache, monkeypatch, capsys):
         real(path, ckpt)
 
     monkeypatch.setattr(run_outputs, "save_checkpoint", full_on_second)
-    assert main(_cli(tiny(tmp_path, token_cache, save_interval=4))) == 1
+    assert main(as_flags(tiny_config(tmp_path, token_cache, save_interval=4))) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: cannot write the checkpoint") and "No space left" in last
     assert "step 4 is intact" in last and "--resume" in last
     assert load_checkpoint(tmp_path / "ckpt.safetensors").state["step"] == 4
+
+
+# ------------------------------------------------------------------ the settings, declared once
+
+# state["run"] of every checkpoint: a plain dict with these keys (old checkpoints resume)
+RUN_KEYS = ["backend", "dtype", "precision", "n_layer", "n_head", "n_embd", "block_size",
+            "vocab_size", "batch_size", "total_batch_size", "max_steps", "lr", "min_lr",
+            "warmup_steps", "weight_decay", "grad_clip", "eval_interval", "eval_batches",
+            "random_batches", "seed", "init_from", "data_shards"]
+
+
+def test_everything_about_a_setting_comes_from_its_declaration():
+    from dataclasses import fields
+
+    from gpt2np.train import settings as S
+
+    names = [s.name for s in S.SETTINGS]
+    assert len(set(names)) == len(names)
+    assert [f.name for f in fields(TrainConfig)] == names + ["rank", "world_size"]
+    stored = [s.name for s in S.SETTINGS if s.stored]
+    assert [f.name for f in fields(S.RunSettings)] == stored and sorted(stored) == sorted(RUN_KEYS)
+    assert S.DEFAULTS == {s.name: s.default for s in S.SETTINGS if s.stored}
+    assert set(S.MUST_MATCH) == {"dtype", "n_layer", "n_head", "n_embd", "block_size",
+                                 "vocab_size", "batch_size", "total_batch_size",
+                                 "random_batches", "seed", "init_from"}
+    for s in S.SETTINGS:  # a declared default passes its own checks
+        if s.default is not None:
+            s.check(s.default)
+        assert getattr(TrainConfig(), s.name) == (None if s.stored else s.default)
+    run = resolve(TrainConfig(), None)
+    assert sorted(run.to_dict()) == sorted(RUN_KEYS) and run["lr"] == S.DEFAULTS["lr"]
+
+
+def test_help_lists_every_flag_with_its_default(capsys):
+    from gpt2np.train.settings import SETTINGS
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    flat = "".join(text.split())  # (argparse wraps lines, also at hyphens)
+    for s in SETTINGS:
+        if s.type is bool:  # a switch: off unless given
+            assert (s.flag if not s.default else "--no-" + s.flag[2:]) in text.split()
+        else:
+            assert s.flag in text.split()
+            shown = f"(default: {s.default_text})" if s.default_text else f"(default {s.default})"
+            assert "".join(shown.split()) in flat, s.name
+
+
+def test_parsed_flags_are_the_config():
+    from gpt2np.commands.train import config_from_args
+
+    assert config_from_args(build_parser().parse_args([])) == TrainConfig()
+    cfg = config_from_args(build_parser().parse_args(
+        ["--lr", "0.5", "--random-batches", "--no-progress", "--device", "cuda:1"]))
+    assert cfg == TrainConfig(lr=0.5, random_batches=True, progress=False, device="cuda:1")
+    # a recipe's defaults: this invocation's settings take them, stored ones stay unset
+    args = build_parser({"lr": 0.1, "out_dir": "elsewhere"}).parse_args([])
+    assert args.lr is None and args.out_dir == "elsewhere"
+    with pytest.raises(ValueError, match="no such training settings: lrate"):
+        build_parser({"lrate": 0.1})
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("batch_size", 0, "--batch-size must be positive, got 0"),
+    ("lr", float("nan"), "--lr must be a finite number, got nan"),
+    ("seed", -1, "--seed must be >= 0, got -1"),
+    ("n_layer", "4", "--n-layer must be an integer, got '4'"),
+    ("n_layer", True, "--n-layer must be an integer, got True"),
+    ("backend", "jax", "--backend must be numpy, cupy or torch, got 'jax'"),
+    ("dist_backend", "mpi", "--dist-backend must be gloo or nccl, got 'mpi'"),
+    ("device", "cuda:x", "--device must be cpu, cuda or cuda:N, got 'cuda:x'"),
+    ("random_batches", 1, "--random-batches must be True or False, got 1"),
+    ("stop_after", 0, "--stop-after must be positive, got 0"),
+    ("num_samples", -1, "--num-samples must be >= 0, got -1"),
+])
+def test_a_bad_value_is_refused_by_its_flag(name, value, message):
+    from gpt2np.train.settings import check_config
+
+    with pytest.raises(TrainError, match="^" + message.replace("(", r"\(")):
+        check_config(TrainConfig(**{name: value}))
+
+
+def test_a_checkpoint_of_fewer_settings_resumes_with_the_defaults():
+    # an older run dict without precision, vocab_size and data_shards: their defaults
+    old = dict(resolve(TrainConfig(lr=0.5, seed=3), None).to_dict())
+    for key in ("precision", "vocab_size", "data_shards"):
+        del old[key]
+    run = resolve(TrainConfig(), old)
+    assert (run.lr, run.seed, run.precision, run.vocab_size) == (0.5, 3, "fp32", 50257)
+
+
+# ------------------------------------------------------------------ what evaluators use
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_engine_logits_loss_and_sampling(kind):
+    from gpt2np import GPT, GPTConfig
+    from gpt2np.generate import sample_next
+    from gpt2np.train.engines import TorchEngine
+    from gpt2np.train.outputs import sample_texts
+
+    cfg = GPTConfig(block_size=8, vocab_size=50304, n_layer=1, n_head=2, n_embd=8)
+    model = GPT(cfg, dtype="float64", seed=3)
+    if kind == "torch":
+        pytest.importorskip("torch")
+        engine = TorchEngine(cfg, model.state_dict(), "float64", 1e-3, 0.1)
+    else:
+        engine = ArrayEngine(model, 1e-3, 0.1)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 50257, (2, 8)), rng.integers(0, 50257, (2, 8))
+    logits, loss = model.forward(x, y)
+    got = engine.logits(x)
+    host = got.cpu().numpy() if kind == "torch" else got
+    assert engine.config == cfg and not engine.on_gpu and tuple(host.shape) == (2, 8, 50304)
+    np.testing.assert_allclose(host, logits, rtol=1e-12, atol=1e-14)
+    assert engine.loss(x, y) == pytest.approx(float(loss), rel=1e-13)  # the model's loss
+    np.testing.assert_array_equal(engine.last_logits(x), host[:, -1])
+    # samples.txt: gpt2np.generate's sampler over the real tokens (no padding row)
+    texts = sample_texts(engine, 8, seed=5, num=2, tokens=3, prompt="\n")
+    rng, idx = np.random.default_rng(5), np.full((2, 1), 198)
+    for _ in range(3):
+        nxt = sample_next(engine.last_logits(idx[:, -8:])[:, :50257], 1.0, 50, rng)
+        idx = np.concatenate([idx, nxt[:, None]], axis=1)
+    from gpt2np.data.tokenizer import get_encoding
+
+    assert texts == [get_encoding().decode(row.tolist()).strip() for row in idx]

@@ -19,6 +19,7 @@ from gpt2np.config import GPTConfig
 from gpt2np.train.outputs import LOSS_PANEL, Panel, plot
 from gpt2np.data.shards import write_shard
 from test_hellaswag import make_items, write_items
+from tiny_run import tiny_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,18 +46,15 @@ def make_shards(folder, seed=0):
     return folder
 
 
-TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
-        "--batch-size", "2", "--total-batch-size", "128", "--max-steps", "4",
-        "--eval-interval", "2", "--eval-batches", "2", "--warmup-steps", "1",
-        "--num-samples", "0", "--backend", "numpy", "--no-progress"]
-
-
 def test_cpu_dry_run_logs_hellaswag_equal_to_a_standalone_eval(script, tmp_path):
     data = make_shards(tmp_path / "shards")
     hs = write_items(tmp_path / "hs.jsonl", make_items(12, seed=3))
     out = tmp_path / "run"
-    assert script.main(["--data-shards", str(data), "--hellaswag", str(hs),
-                        "--out-dir", str(out), "--lr", "1e-2", *TINY]) == 0
+    # the shared tiny run, 2 layers on 2 x 32 tokens; the recipe fills in the rest
+    assert script.main(tiny_flags(out, data_shards=str(data), hellaswag=str(hs), n_layer=2,
+                                  n_embd=32, block_size=32, batch_size=2, total_batch_size=128,
+                                  max_steps=4, eval_interval=2, eval_batches=2,
+                                  warmup_steps=1, backend="numpy")) == 0
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     evals = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in evals] == [1, 3]  # after steps 2 and 4
@@ -112,6 +110,17 @@ def test_recipe_defaults_fill_only_what_is_unset(script, tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2NP_CACHE", str(tmp_path / "gpt2np"))
     assert flags(["--data-shards", data])["--hellaswag"] == \
         str(tmp_path / "gpt2np" / "hellaswag" / "hellaswag_val.jsonl")
+
+
+def test_help_shows_the_recipe_defaults(script):
+    text = " ".join(script.build_parser(dict(backend="cupy", precision="bf16")).format_help().split())
+    for shown in ("--n-layer N transformer blocks (default 12)",
+                  "--min-lr MIN_LR final learning rate of the cosine (default 6e-05)",
+                  "--backend {numpy,cupy,torch} engine (default cupy)",
+                  "--out-dir DIR log, plot, checkpoint and samples (default out/gpt2-124m)",
+                  "--seed N init and data seed (default 0)"):  # not the recipe's: gpt2np train's
+        assert shown in text
+    assert script.build_parser().parse_args([]).out_dir == "out/gpt2-124m"
 
 
 def test_data_shards_is_required_and_the_error_shows_the_prepare_command(script, capsys):

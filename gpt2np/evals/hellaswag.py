@@ -22,7 +22,7 @@ so that they still share their context), and the count of cut items is reported.
 
 Models: anything `logits_function` accepts: a gpt2np.GPT (numpy or cupy), the torch
 reference (gpt2np.backends.torch_reference.TorchGPT), or a plain function idx (B, T) int64 ->
-logits (B, T, V), such as a training engine's `logits` (host numpy). Under torch.distributed,
+logits (B, T, V), such as a training engine's `logits`. Under torch.distributed,
 rank r scores items i % world == r and the counts are summed over ranks.
 
 The val split is found at a given path, else in gpt2np's cache (gpt2np.files.cache_dir, in
@@ -393,7 +393,7 @@ class HellaSwagEvaluator:
 
     The items are tokenized once; under data parallelism every rank scores its share and
     the counts are summed (every rank returns the same fields). It scores through the
-    engine's `logits` (host numpy); on_gpu: the engine computes on a GPU (bigger batches
+    engine's `logits`; on_gpu: the engine computes on a GPU (bigger batches
     pay off there). `references`: {name: acc_norm} lines to draw on the loss.png panel
     (gpt2np.evals.references' figures, for GPT-2-sized runs).
     """
@@ -410,10 +410,10 @@ class HellaSwagEvaluator:
         self.panels = [Panel(("hellaswag_acc_norm",), self.draw)]
 
     def evaluate(self, step, engine) -> dict:
-        model, backend = getattr(engine, "logits", None), None
-        if model is None:  # an engine without logits(): score its model
-            model, backend = engine.model, getattr(engine.model, "backend", None)
-        r = self.hs.evaluate(model, ctx=self.ctx, progress=False, backend=backend,
+        # engine.logits gives the engine's own arrays: numpy/cupy (an array engine, whose
+        # backend reads them) or torch tensors (the torch engine, which has no array backend)
+        r = self.hs.evaluate(engine.logits, ctx=self.ctx, progress=False,
+                             backend=getattr(engine, "backend", None),
                              logits_budget=self.logits_budget, vocab_size=self.vocab_size)
         return {"hellaswag_acc": r.acc, "hellaswag_acc_norm": r.acc_norm}
 

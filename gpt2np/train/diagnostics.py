@@ -42,7 +42,6 @@ import numpy as np
 
 from gpt2np.backends import KernelCache, backend_of
 
-from gpt2np.train.evaluators import StepProbe
 from gpt2np.model import GPT
 from gpt2np.files import replace_atomically
 from gpt2np.train.outputs import read_jsonl
@@ -277,7 +276,7 @@ def _mean_of(forwards: list[dict]) -> dict:
 # ------------------------------------------------------------------ the step probe
 
 
-class DiagnosticsProbe(StepProbe):
+class DiagnosticsProbe:
     """Every `every` optimizer steps: one line of diagnostics.jsonl in out_dir (rank 0), and
     diagnostics.png redrawn when loss.png is (every eval_interval steps and the last step).
 

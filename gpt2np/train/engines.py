@@ -10,17 +10,26 @@ What the training loop calls, in the order of a step:
   sync_grads()                      average the accumulated gradient over the ranks (once)
   clip_and_step(max_norm, lr)       clip to the global norm max_norm (0: off), then the
                                     AdamW step; returns the norm before clipping
-  loss(x, y), last_logits(idx)      evaluation and sampling (no gradient kept)
+  loss(x, y)                        the model's mean cross-entropy of (x, y), a float
+  last_logits(idx)                  host float64 (B, V) logits of the last position (sampling)
   state(), load_state(m, v, t)      (params, m, v, t) for a checkpoint, and back
   distribute(ctx)                   join the data-parallel ranks (gpt2np.distributed)
 
-For evaluators and step probes (gpt2np.train.evaluators), every engine also has
+What evaluators use to score text (gpt2np.train.evaluators; none of these keeps a gradient):
+  logits(idx)   idx (B, T) int numpy -> logits (B, T, V) where the engine computes them:
+                a numpy or cupy array (ArrayEngine), a torch tensor (TorchEngine). Reduce
+                them there and bring the few numbers home (gpt2np.evals.hellaswag.token_losses
+                takes all three kinds): (B, T, V) logits are big to copy off a GPU.
+  config        the model's GPTConfig (vocab_size, block_size, ...)
+  on_gpu        whether logits() computes on a GPU (to size the batches)
+
+For evaluators and step probes, every engine also has
   params        name -> array, names as model.params (TorchEngine: host numpy copies)
   grads         name -> array, the accumulated gradient (after sync_grads: all-reduced;
                 TorchEngine: host numpy copies)
   forward_hook  None, or f(engine) called after each micro-step's forward and before its
-                backward (ArrayEngine: f may read engine.model._cache, the forward's
-                caches; TorchEngine: f may register torch hooks on engine.model itself)
+                backward (ArrayEngine: f may read the forward's caches through
+                engine.model; TorchEngine: f may register torch hooks on engine.model itself)
   last_micro    set by the loop: whether this micro-step is the step's last (DDP syncs then)
 
 May touch: the model, its optimizer and gradient buffers; never files or data loaders.
@@ -32,9 +41,11 @@ import os
 import numpy as np
 
 from gpt2np import distributed
-from gpt2np.io.checkpoint import CheckpointError
+from gpt2np import layers as L
 from gpt2np.config import GPTConfig
-from gpt2np.model import init_params
+from gpt2np.io.checkpoint import CheckpointError
+from gpt2np.io.pretrained import from_pretrained
+from gpt2np.model import GPT, init_params
 from gpt2np.optim import AdamW, clip_grad_norm, global_grad_norm
 from gpt2np.train.settings import RunSettings, TrainError
 
@@ -42,9 +53,10 @@ BETAS, EPS = (0.9, 0.95), 1e-8
 
 
 class ArrayEngine:
-    """gpt2np.GPT on numpy or cupy with gpt2np.AdamW; grads accumulate in our own buffers
-    (the model may reuse its gradient arrays from one backward to the next): views into one
-    flat bucket, which data parallelism all-reduces with a single collective."""
+    """gpt2np.GPT on numpy or cupy with gpt2np.AdamW; grads accumulate in a
+    gpt2np.distributed.GradBucket (the model may reuse its gradient arrays from one backward
+    to the next): views into one flat buffer, which data parallelism all-reduces with a
+    single collective."""
 
     forward_hook = None
     last_micro = True
@@ -56,12 +68,19 @@ class ArrayEngine:
         self.opt = AdamW(model.params, lr=lr, betas=BETAS, eps=EPS, weight_decay=weight_decay)
         self.bucket = distributed.GradBucket(model.params)
         self.grads = self.bucket.grads  # name -> view into bucket.flat
-        self._fresh = True
         self.ctx = distributed.DistContext()
 
     @property
     def params(self) -> dict:
         return self.model.params
+
+    @property
+    def config(self) -> GPTConfig:
+        return self.model.config
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.backend.name == "cupy"
 
     def distribute(self, ctx):
         """Join the ranks: start from rank 0's params (they are equal already, from the seed or
@@ -71,25 +90,17 @@ class ArrayEngine:
 
     @classmethod
     def create(cls, backend, model_cfg, params, dtype, lr, weight_decay, precision="fp32"):
-        from gpt2np.model import GPT
-
         return cls(GPT(model_cfg, backend=backend, dtype=dtype, precision=precision,
                        params=params), lr, weight_decay)
 
     def zero_grad(self):
-        self._fresh = True
+        self.bucket.zero()
 
     def forward_backward(self, x, y, scale):
         _, loss = self.model.forward(self.backend.asarray(x), self.backend.asarray(y))
         if self.forward_hook is not None:
             self.forward_hook(self)
-        grads = self.model.backward()
-        for k, g in grads.items():
-            if self._fresh:
-                self.xp.multiply(g, scale, out=self.grads[k])
-            else:
-                self.grads[k] += g * scale
-        self._fresh = False
+        self.bucket.add(self.model.backward(), scale)
         return float(loss)
 
     def sync_grads(self):
@@ -102,19 +113,18 @@ class ArrayEngine:
         self.opt.step(self.grads, lr=lr)
         return norm
 
+    def logits(self, idx):
+        # forward without targets: no activations kept for a backward, a fresh array
+        logits, _ = self.model.forward(self.backend.asarray(idx))
+        return logits
+
     def loss(self, x, y):
-        # forward without targets keeps no activations for a backward: cheaper for evals
-        logits, _ = self.model.forward(self.backend.asarray(x))
-        xp, V = self.xp, logits.shape[-1]
-        logits = logits.reshape(-1, V)
-        y = self.backend.asarray(y).reshape(-1)
-        top = logits.max(axis=-1)
-        lse = xp.log(xp.exp(logits - top[:, None]).sum(axis=-1)) + top
-        return float((lse - logits[xp.arange(y.shape[0]), y]).mean())
+        # the model's own cross-entropy, on logits that keep no activations (cheaper for evals)
+        loss, _ = L.cross_entropy_forward(self.logits(x), self.backend.asarray(y, dtype=np.int64))
+        return float(loss)
 
     def last_logits(self, idx):
-        logits, _ = self.model.forward(self.backend.asarray(idx))
-        return self.backend.to_host(logits[:, -1, :]).astype(np.float64)
+        return self.backend.to_host(self.logits(idx)[:, -1, :]).astype(np.float64)
 
     def state(self):
         to_host = lambda d: {k: np.array(self.backend.to_host(a)) for k, a in d.items()}  # noqa: E731
@@ -151,6 +161,14 @@ class TorchEngine:
     @property
     def params(self) -> dict:
         return self.model.export_params()  # host copies
+
+    @property
+    def config(self) -> GPTConfig:
+        return self.model.config
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
 
     @property
     def grads(self) -> dict:
@@ -191,14 +209,16 @@ class TorchEngine:
         self.opt.step()
         return norm
 
+    def logits(self, idx):
+        with self.torch.no_grad():
+            return self.model(self._t(idx))[0]
+
     def loss(self, x, y):
         with self.torch.no_grad():
             return self.model(self._t(x), self._t(y))[1].item()
 
     def last_logits(self, idx):
-        with self.torch.no_grad():
-            logits, _ = self.model(self._t(idx))
-        return logits[:, -1, :].double().cpu().numpy()
+        return self.logits(idx)[:, -1, :].double().cpu().numpy()
 
     def state(self):
         m, v, t = {}, {}, 0
@@ -258,13 +278,6 @@ def initial_model(run: RunSettings, ckpt):
 
 
 def _from_pretrained(name, run: RunSettings):
-    try:
-        from gpt2np.io.pretrained import from_pretrained
-    except ModuleNotFoundError as e:
-        if e.name and e.name.endswith("pretrained"):
-            raise TrainError("--init-from needs gpt2np.io.pretrained (Hugging Face loading), which "
-                             "this version of gpt2np does not have yet") from e
-        raise
     backend = "numpy" if run.backend == "torch" else run.backend
     return from_pretrained(name, backend=backend, dtype=run.dtype)
 

@@ -23,8 +23,9 @@ probe subclasses StepProbe and overrides what it needs:
     after_update(step, engine, record)  after the AdamW step; `record` is the step's log
                                         record so far: add fields to it to log them
 
-Adding one behind a flag: a field on train_settings.TrainConfig, a line in
-gpt2np.train.loop.build_parser, and one line in build_evaluators or build_probes below.
+An evaluator scores text through the engine's logits(idx), config and on_gpu (see
+gpt2np.train.engines), never through the model inside it. One behind a flag: the flag (see
+gpt2np.train.settings), then one line in build_evaluators or build_probes below.
 May touch: the engine's params/grads read-only (a probe may set engine.forward_hook), its
 own loaders; never the training data loader, the optimizer or the files of the run.
 """
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 from gpt2np.evals.references import training_evaluators
 from gpt2np.train.data import TrainData
+from gpt2np.train.diagnostics import probe_for
 from gpt2np.train.settings import RunSettings, TrainConfig
 
 
@@ -89,7 +91,6 @@ def build_evaluators(cfg: TrainConfig, run: RunSettings, data: TrainData, ctx) -
 def build_probes(cfg: TrainConfig, run: RunSettings, ctx) -> list[StepProbe]:
     """The step probes a run's settings ask for (one line per optional one)."""
     probes: list[StepProbe] = []
-    if cfg.diagnostics:  # --diagnostics N (imported here: gpt2np.train.diagnostics imports StepProbe)
-        from gpt2np.train.diagnostics import probe_for
+    if cfg.diagnostics:  # --diagnostics N
         probes.append(probe_for(cfg, run, ctx))
     return probes

@@ -1,21 +1,21 @@
 """The training loop: tiny Shakespeare or token shards, AdamW, cosine LR, gradient
 accumulation, data parallelism, checkpoints that resume bit-identically.
 
-    python examples/train_shakespeare.py --help    (or gpt2np train, gpt2np train)
+    gpt2np train --help    (or python examples/train_shakespeare.py --help)
 
 The loop (`_loop`, below) reads as nanoGPT's: per optimizer step, the micro-steps (forward
 and backward, gradients accumulated), the all-reduce, the clip and the AdamW step, the log,
 the evaluation (every --eval-interval steps and at the end), the checkpoint. Each is a call
 into a small part beside this file:
 
-  gpt2np.train.settings  TrainConfig (one invocation's flags), RunSettings (the resolved run,
-                         frozen, stored in checkpoints), resolve, DEFAULTS, MUST_MATCH
-  gpt2np.train.engines         ArrayEngine (gpt2np.GPT on numpy/cupy + gpt2np.AdamW) and TorchEngine
-                         (the PyTorch autograd oracle) behind one interface
-  gpt2np.train.data      load_data: tiny Shakespeare or shards -> train/val loaders, data_id
-  gpt2np.train.evaluators      evaluators (val loss, ...) and step probes, built from the settings
+  gpt2np.train.settings    every setting declared once; TrainConfig (one invocation),
+                           RunSettings (the resolved run, frozen, stored in checkpoints)
+  gpt2np.train.engines     ArrayEngine (gpt2np.GPT on numpy/cupy + gpt2np.AdamW) and
+                           TorchEngine (the PyTorch autograd oracle) behind one interface
+  gpt2np.train.data        load_data: tiny Shakespeare or shards -> train/val loaders, data_id
+  gpt2np.train.evaluators  evaluators (val loss, ...) and step probes, built from the settings
   gpt2np.train.outputs     RunOutputs (log.jsonl, loss.png and its panels, samples.txt, the
-                         endings) and Checkpointer (ckpt.safetensors)
+                           endings) and Checkpointer (ckpt.safetensors)
 
 Extension points (new features plug in there; this file need not change):
   - an evaluator: `evaluate(step, engine) -> dict` of log fields, run at every eval step
@@ -23,8 +23,7 @@ Extension points (new features plug in there; this file need not change):
   - a step probe: start_step / before_update (grads all-reduced, before clipping) /
     after_update (after the AdamW step, may add fields to the record); an engine's
     forward_hook sees each micro-step's forward;
-  - a flag: a field on TrainConfig, a line in build_parser, a line in
-    evaluators.build_evaluators or build_probes.
+  - a flag: see gpt2np.train.settings.
 See gpt2np.train.evaluators and gpt2np.train.engines for the exact contracts.
 
 A run writes to --out-dir: log.jsonl (one JSON object per optimizer step), loss.png,
@@ -55,18 +54,16 @@ from pathlib import Path
 import numpy as np
 
 from gpt2np import distributed
-from gpt2np.data.shakespeare import BatchLoader, DataNotFoundError, load_tokens, split  # noqa: F401 (re-exported)
-from gpt2np.train.engines import ArrayEngine, TorchEngine, initial_model, make_engine  # noqa: F401
-from gpt2np.train.evaluators import StepProbe, ValLoss, build_evaluators, build_probes
+from gpt2np.io.checkpoint import CKPT_NAME
 from gpt2np.model import param_shapes
 from gpt2np.optim import cosine_lr
-from gpt2np.io.checkpoint import CKPT_NAME
-from gpt2np.train.outputs import (LOG_NAME, Checkpointer, RunOutputs, TrainResult,  # noqa: F401
-                          check_writable, open_checkpoint, sample_texts)
 from gpt2np.train.data import TrainData, load_data, resume_position
-from gpt2np.train.settings import (DEFAULTS, MUST_MATCH, RunSettings, TrainConfig,  # noqa: F401
-                             TrainError, check_device, check_init_shape,
-                             check_invocation, resolve)
+from gpt2np.train.engines import ArrayEngine, TorchEngine, initial_model, make_engine
+from gpt2np.train.evaluators import StepProbe, ValLoss, build_evaluators, build_probes
+from gpt2np.train.outputs import (Checkpointer, RunOutputs, TrainResult, check_writable,
+                                  open_checkpoint, sample_texts)
+from gpt2np.train.settings import (RunSettings, TrainConfig, TrainError, check_config,
+                                   check_device, check_init_shape, resolve)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -241,7 +238,7 @@ class _StopFlag:
 
 def _setup(cfg: TrainConfig, held: dict) -> _Run:
     t_start = time.perf_counter()
-    check_invocation(cfg)
+    check_config(cfg)  # every flag, before any work
     out_dir = Path(cfg.out_dir)
     ckpt = open_checkpoint(cfg, out_dir / CKPT_NAME)
     run = resolve(cfg, ckpt.state["run"] if ckpt else None)

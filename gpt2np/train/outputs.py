@@ -8,7 +8,8 @@
   Panel          one panel of loss.png: the loss panel is built in; an evaluator adds its own
                  by listing Panel objects in its `panels` attribute (see gpt2np.train.evaluators),
                  or any code by passing panels=[...] to RunOutputs.
-  sample_texts   a few top-k samples from the trained model, for samples.txt.
+  sample_texts   a few top-k samples from the trained model, for samples.txt
+                 (gpt2np.generate's sampler).
   open_checkpoint, check_writable   what --resume / --overwrite find in --out-dir, and
                  whether it can be written at all (checked before any work).
 
@@ -27,7 +28,9 @@ from typing import Callable
 
 import numpy as np
 
+from gpt2np.data.tokenizer import get_encoding
 from gpt2np.files import replace_atomically
+from gpt2np.generate import sample_next, sampled_vocab
 from gpt2np.io.checkpoint import CKPT_NAME, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from gpt2np.train.settings import TrainConfig, TrainError
 
@@ -257,21 +260,15 @@ class Checkpointer:
 
 def sample_texts(engine, block_size: int, seed: int, num: int, tokens: int, prompt="\n",
                  temperature=1.0, top_k=50) -> list[str]:
-    """A few continuations of `prompt`, top-k sampled (a fixed seed: the same every time)."""
-    from gpt2np.data.tokenizer import get_encoding
-
+    """A few continuations of `prompt`, top-k sampled by gpt2np.generate's sampler (a fixed
+    seed: the same every time)."""
     enc = get_encoding()
+    vocab = sampled_vocab(engine.config)  # a padded vocabulary's extra rows are no tokens
     rng = np.random.default_rng(seed)
     idx = np.array([enc.encode_ordinary(prompt)] * num, dtype=np.int64)
     for _ in range(tokens):
-        logits = engine.last_logits(idx[:, -block_size:])[:, :enc.n_vocab] / temperature  # (N, V)
-        # (a padded vocabulary's extra rows are no tokens: never sample them)
-        kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]
-        logits = np.where(logits < kth, -np.inf, logits)
-        probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        probs /= probs.sum(axis=-1, keepdims=True)
-        nxt = [rng.choice(probs.shape[1], p=p) for p in probs]
-        idx = np.concatenate([idx, np.array(nxt, dtype=np.int64)[:, None]], axis=1)
+        logits = engine.last_logits(idx[:, -block_size:])[:, :vocab]  # (N, V) host
+        idx = np.concatenate([idx, sample_next(logits, temperature, top_k, rng)[:, None]], axis=1)
     return [enc.decode(row.tolist()).strip() for row in idx]
 
 
