@@ -250,7 +250,10 @@ def test_a_model_without_gpt2_vocab_is_refused(tmp_path):
 
 
 class LogitsOnlyEngine:
-    """A training engine as the evaluator may see it: logits(idx) -> host numpy, nothing else."""
+    """A training engine as the evaluator may see it: logits(idx) and the array backend that
+    reads them (None: host numpy), nothing else."""
+
+    backend = None
 
     def __init__(self, model):
         self.logits = lambda idx: np.asarray(model.forward(idx)[0])

@@ -413,7 +413,7 @@ class HellaSwagEvaluator:
         # engine.logits gives the engine's own arrays: numpy/cupy (an array engine, whose
         # backend reads them) or torch tensors (the torch engine, which has no array backend)
         r = self.hs.evaluate(engine.logits, ctx=self.ctx, progress=False,
-                             backend=getattr(engine, "backend", None),
+                             backend=engine.backend,
                              logits_budget=self.logits_budget, vocab_size=self.vocab_size)
         return {"hellaswag_acc": r.acc, "hellaswag_acc_norm": r.acc_norm}
 

@@ -20,6 +20,8 @@ What evaluators use to score text (gpt2np.train.evaluators; none of these keeps 
                 a numpy or cupy array (ArrayEngine), a torch tensor (TorchEngine). Reduce
                 them there and bring the few numbers home (gpt2np.evals.hellaswag.token_losses
                 takes all three kinds): (B, T, V) logits are big to copy off a GPU.
+  backend       the array backend that reads logits()' arrays (gpt2np.backends), or None for
+                torch tensors (TorchEngine)
   config        the model's GPTConfig (vocab_size, block_size, ...)
   on_gpu        whether logits() computes on a GPU (to size the batches)
 
@@ -145,6 +147,7 @@ class TorchEngine:
         from gpt2np.backends.torch_reference import TorchGPT
 
         self.torch = torch
+        self.backend = None  # no array backend: logits() are torch tensors
         self.device = torch.device(device)
         self.dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
         self.model = TorchGPT.from_params(model_cfg, params, dtype=self.dtype, device=self.device)
