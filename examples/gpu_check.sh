@@ -1,36 +1,53 @@
 #!/usr/bin/env bash
-# The CuPy backend on a real NVIDIA GPU, in one device call of at most 10 minutes:
-#   install  the wheels that examples/gpu_prepare.py put into $CARRY/wheels (scratch --target)
+# Check gpt2np on your GPU machine, offline: the CuPy backend on real hardware in one command.
+#
+#   python examples/gpu_prepare.py                  # where PyPI is reachable: fills .gpu_bundle/
+#   bash examples/gpu_check.sh [--bundle DIR] [--out DIR]      # on the GPU machine, no network
+#
+# Parts, in order (install and env always run; PARTS picks the others):
+#   install  the wheels that gpu_prepare.py put into BUNDLE/wheels, into a scratch --target
 #   env      GPU, versions, the offline tokenizer, the data
-#   tests    the GPU tests on hardware (tests/test_cupy.py, tests/test_cupy_kernels.py)
+#   tests    the GPU tests on the hardware (tests/test_cupy.py, tests/test_cupy_kernels.py)
 #   train    a short GPT-2-sized (124M) bf16 training on tiny Shakespeare: the loss must fall
 #   bench    GPT-2 124M B=16 T=1024 bf16: gpt2np-cupy against torch compiled (--compare)
 #   attention, profile   flash attention alone; one bf16 step layer by layer
-# Only when named in PARTS: bench_tf32, bench_fp32 (no --compare), bench_noflash (bf16,
-# GPT2NP_FLASH=0).
+#   bench_tf32, bench_fp32 (no --compare), bench_noflash (bf16, GPT2NP_FLASH=0): only when
+#            named in PARTS, e.g.  PARTS="bench bench_tf32 bench_fp32" bash examples/gpu_check.sh
 #
-#   python examples/gpu_prepare.py      # here, with PyPI: fills .gpu_carry/ (git-ignored)
-#   bash examples/gpu_check.sh          # there: device run(..., carry=[".gpu_carry"], timeout_s=600)
-#   PARTS="bench bench_tf32 bench_fp32" bash examples/gpu_check.sh
+# Every part runs under its own `timeout` (SIGINT, so pytest still prints its summary; KILL
+# 20 s later), cut further so that the whole check ends within BUDGET seconds. The output
+# folder (--out) ends with three files: summary.txt (every part's verdict first, then its key
+# figures; also printed last), bench.json (all benchmark figures) and logs.tar.gz (every log,
+# the training's log.jsonl). They are rewritten after each part, and the part in progress logs
+# to OUT/<part>.log, so a check stopped from outside (Ctrl-C, a job's time limit) still leaves
+# what it did. Training outputs (checkpoint, plot) stay in WORK.
 #
-# Expected on an H200 (README, "On an NVIDIA GPU"): ~5 minutes for the default. Every part runs
-# under its own `timeout` (SIGINT: pytest still prints its summary; KILL 20 s later), cut
-# further so that all parts end within BUDGET seconds. At the end $OUT holds 3 files:
-# summary.txt (every part's verdict first, then key figures; also printed last), bench.json
-# (all bench figures), logs.tar.gz (every log, the training's log.jsonl); they are rewritten
-# after each part, and the part in progress logs to $OUT/<part>.log, so a killed run still
-# brings back what it did. Training outputs (checkpoint, plot) stay in $WORK.
-#
-# Knobs (environment): OUT (default out/gpu_check), WORK (/tmp/gpu_check, emptied), CARRY
-# (.gpu_carry), PARTS, BUDGET (seconds, default 540), PYTHON (default python3; may be a
-# command with arguments, e.g. the CUDA simulator's tests/cuda_sim/simpython.py), PRESET
-# (gpt2, or tiny: a 1-layer model for the simulator), COMPARE (1: bench against torch),
-# TESTS (pytest arguments), STEPS (timed bench steps), TRAIN_STEPS.
+# Flags: --bundle DIR  what gpu_prepare.py made (default .gpu_bundle in the checkout)
+#        --out DIR     the output folder (default out/gpu_check in the checkout)
+# Knobs (environment): WORK (scratch, emptied first; default /tmp/gpu_check), PARTS (default
+# "tests train bench attention profile"; "none": install and env only), BUDGET (seconds,
+# default 540: under ten minutes in all), PYTHON (default python3; may be a command with
+# arguments, e.g. the CUDA simulator's tests/cuda_sim/simpython.py), PRESET (gpt2, or tiny: a
+# 1-layer model for the simulator), COMPARE (1: bench against torch), TESTS (pytest
+# arguments), STEPS (timed bench steps), TRAIN_STEPS. Tiny Shakespeare: the bundle's copy,
+# else $GPT2NP_DATA.
 set -uo pipefail
+usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
+BUNDLE=.gpu_bundle OUT=out/gpu_check
+while (( $# )); do
+    case "$1" in
+        --bundle|--out)
+            (( $# >= 2 )) || { echo "error: $1 needs a folder" >&2; exit 2; }
+            # a folder named by the user is relative to where the user is
+            if [ "$1" = --bundle ]; then BUNDLE="$(realpath -m -- "$2")"; else OUT="$(realpath -m -- "$2")"; fi
+            shift 2 ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "error: unknown argument '$1' (flags: --bundle DIR, --out DIR; knobs: see --help)" >&2
+           exit 2 ;;
+    esac
+done
+WORK="$(realpath -m -- "${WORK:-/tmp/gpu_check}")"
 cd "$(dirname "$0")/.."
-OUT="${OUT:-out/gpu_check}"
-WORK="${WORK:-/tmp/gpu_check}"
-CARRY="${CARRY:-.gpu_carry}"
 BUDGET="${BUDGET:-540}"
 PARTS="${PARTS:-tests train bench attention profile}"  # "none": install and env only
 read -ra PY <<< "${PYTHON:-python3}"
@@ -56,9 +73,8 @@ for p in $PARTS; do
 done
 
 [[ "$BUDGET" =~ ^[0-9]+$ ]] || { echo "error: BUDGET=$BUDGET is not a number of seconds" >&2; exit 2; }
-w="$(realpath -m "$WORK")"
-if [[ "$w" == / || "$(realpath .)/" == "$w/"* || "$(realpath -m "$OUT")/" == "$w/"* ]]; then
-    echo "error: WORK=$WORK is emptied first: choose a folder holding neither the checkout nor OUT" >&2
+if [[ "$WORK" == / || "$(realpath .)/" == "$WORK/"* || "$(realpath -m "$OUT")/" == "$WORK/"* ]]; then
+    echo "error: WORK=$WORK is emptied first: choose a folder holding neither the checkout nor --out" >&2
     exit 2
 fi
 rm -rf "$WORK"
@@ -68,8 +84,8 @@ export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 HF_HUB_OFFLINE=1 MPLBACKEND=Agg \
     GPT2NP_CACHE="$WORK/cache" PYTHONDONTWRITEBYTECODE=1 \
     PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# the data: the carried copy, else $GPT2NP_DATA, else the shared copy beside the checkout
-for d in "$CARRY/data/tinyshakespeare.txt" "${GPT2NP_DATA:-}" ../shared/data/tinyshakespeare.txt; do
+# the data: the bundle's copy, else $GPT2NP_DATA
+for d in "$BUNDLE/data/tinyshakespeare.txt" "${GPT2NP_DATA:-}"; do
     if [ -n "$d" ] && [ -f "$d" ]; then export GPT2NP_DATA="$(realpath "$d")"; break; fi
 done
 [ -f "${GPT2NP_DATA:-}" ] || unset GPT2NP_DATA
@@ -89,7 +105,7 @@ run_part() {  # name limit command...: run it bounded, log it, record its verdic
     (( limit > left )) && limit=$left
     echo "== $name (limit $limit s): $*"
     echo "$name" > "$WORK/running.txt"
-    report  # a run killed from outside says which part it was in
+    report  # a check stopped from outside says which part it was in
     local t0=$SECONDS rc
     timeout -s INT -k 20 "$limit" "$@" > "$OUT/$name.log" 2>&1
     rc=$?
@@ -106,14 +122,14 @@ skip() { record "$1" SKIP - 0 0 "$2"; echo "== $1: SKIP ($2)"; report; }
 echo "${plan[*]}" > "$WORK/plan.txt"
 report
 
-wheels=("$CARRY"/wheels/*.whl)
+wheels=("$BUNDLE"/wheels/*.whl)
 if [ -e "${wheels[0]}" ]; then
     # no pip configuration either (its find-links, index): exactly these files, offline
     run_part install 90 env PIP_CONFIG_FILE=/dev/null "${PY[@]}" -m pip install --no-index --no-deps --no-compile \
         --no-cache-dir --upgrade --target "$WORK/site" "${wheels[@]}"
     export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 else
-    skip install "no $CARRY/wheels/*.whl: run python examples/gpu_prepare.py where PyPI is reachable, and carry $CARRY"
+    skip install "no $BUNDLE/wheels/*.whl: run python examples/gpu_prepare.py where PyPI is reachable, and pass its folder as --bundle"
 fi
 run_part env 60 "${PY[@]}" examples/gpu_check_report.py env
 
@@ -122,7 +138,7 @@ want tests && run_part tests 180 "${PY[@]}" -m pytest -q -p no:cacheprovider --d
     "${TEST_ARGS[@]}"
 if want train; then
     if [ -n "${GPT2NP_DATA:-}" ]; then
-        # eval on 4 batches; one checkpoint (at the end), outside $OUT; log.jsonl to the logs
+        # eval on 4 batches; one checkpoint (at the end), outside OUT; log.jsonl to the logs
         run_part train 180 "${PY[@]}" examples/train_shakespeare.py --backend cupy --precision bf16 \
             "${SIZES[@]}" --block-size "$T" --batch-size "$TRAIN_B" --vocab-size 50304 --lr "$LR" \
             --warmup-steps "$WARMUP" --max-steps "$TRAIN_STEPS" --eval-interval "$EVAL_INTERVAL" \
@@ -130,7 +146,7 @@ if want train; then
             --no-progress --overwrite --out-dir "$WORK/train" --cache-dir "$WORK/cache"
         cp "$WORK/train/log.jsonl" "$WORK/logs/train_log.jsonl" 2>/dev/null && report
     else
-        skip train "no tiny Shakespeare: run python examples/gpu_prepare.py and carry $CARRY"
+        skip train "no tiny Shakespeare: run python examples/gpu_prepare.py (its bundle holds it) or set GPT2NP_DATA"
     fi
 fi
 bench() {  # name limit precision [flags...]

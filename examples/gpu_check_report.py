@@ -6,10 +6,10 @@
 
 `summary` reads the check's work folder (parts.tsv, plan.txt, logs/) and writes exactly three
 files into --out, each atomically: summary.txt (every part's verdict first, then its key
-figures, a few thousand characters at most), bench.json (all benchmark figures) and
-logs.tar.gz (every log, training log.jsonl files included). The device tool brings back at
-most 8 files of 16 MiB and 12,000 characters of printed output; the check prints
-summary.txt last.
+figures, a few thousand characters at most: one screen to read, small enough to paste into a
+bug report), bench.json (all benchmark figures) and logs.tar.gz (every log, training log.jsonl
+files included; a huge log enters as its head and tail). The check prints summary.txt last,
+so the end of its console output is the verdict.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from gpt2np.cli import ArgumentParser, run_main  # noqa: E402
 
-SUMMARY_LIMIT = 6000  # characters of summary.txt (the device tool prints the last 12,000)
+SUMMARY_LIMIT = 6000  # characters of summary.txt: one screen, the end of the console output
 LOG_LIMIT = 4 * 2**20  # a log larger than this goes into the archive as its head and tail
 TAIL_LINES = 8  # lines of a failed part's log quoted in the summary
 FALL = 0.2  # how much the late training loss must be below the first for "loss fell"
@@ -75,11 +75,13 @@ def env_report() -> tuple[list[str], bool]:
             raise ValueError(f"encodes {HELLO[0]!r} as {ids}, expected {HELLO[1]}")
         lines.append(f"tokenizer: offline GPT-2 BPE ok ({Path(vocab).parents[1]})")
     except Exception as e:  # noqa: BLE001
-        lines.append(f"tokenizer: FAIL ({e}); run examples/gpu_prepare.py and carry its folder")
+        lines.append(f"tokenizer: FAIL ({e}); run examples/gpu_prepare.py and pass its folder "
+                     f"as --bundle")
         ok = False
     data = os.environ.get("GPT2NP_DATA")
     lines.append(f"data: {data} ({os.path.getsize(data):,} bytes)" if data and os.path.isfile(data)
-                 else "data: NONE (run examples/gpu_prepare.py and carry its folder)")
+                 else "data: NONE (run examples/gpu_prepare.py and pass its folder as --bundle, "
+                 "or set GPT2NP_DATA)")
     return lines, ok
 
 
@@ -300,7 +302,7 @@ def _main(argv=None) -> int:
     sub.add_parser("env", help="describe this machine; exit 1 if it cannot run the check")
     s = sub.add_parser("summary", help="write summary.txt, bench.json, logs.tar.gz")
     s.add_argument("--work", required=True, help="the check's work folder")
-    s.add_argument("--out", required=True, help="the output folder (the device tool's $OUT)")
+    s.add_argument("--out", required=True, help="the output folder")
     s.add_argument("--print", action="store_true", help="also print summary.txt")
     args = ap.parse_args(argv)
     if args.cmd == "env":

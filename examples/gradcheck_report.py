@@ -4,7 +4,8 @@
 
 For each layer and for whole models, float64 and float32 runs of gpt2np are compared with
 torch autograd in float64 on the same inputs; the table gives the worst relative error
-(max |ours - torch| / max |torch|) over all seeds and all tensors.
+(max |ours - torch| / max |torch|) over the seeds (at most 2 for the whole models) and all
+tensors. docs/performance.md lists a dated run of it.
 """
 import argparse
 import os
