@@ -3,7 +3,7 @@
 One step = forward with targets, backward, AdamW. Prints ms/step, tokens/s, MFU and peak
 memory. Examples:
 
-  # the CPU comparison of issue 6: NumPy and torch eager timed alternately in one process
+  # the CPU comparison: NumPy and torch eager timed alternately in one process
   python examples/bench.py --compare --config all
   # one backend, any size
   python examples/bench.py --backend numpy --n-layer 6 --n-head 6 --n-embd 384 --seq-len 256 -B 4
@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from gpt2np import GPT, AdamW, GPTConfig  # noqa: E402
 
-# The CPU configurations of issue 6 (vocab 50304): name -> (model sizes, seq_len, batch)
+# The CPU configurations (vocab 50304): name -> (model sizes, seq_len, batch)
 CPU_CONFIGS = {
     "a": (dict(n_layer=4, n_head=4, n_embd=128), 128, 8),
     "b": (dict(n_layer=6, n_head=6, n_embd=384), 256, 4),
@@ -338,7 +338,7 @@ def main(argv=None):
     ap.add_argument("--compare", action="store_true",
                     help="also time torch on the same config, alternately (CPU: eager; GPU: best form)")
     ap.add_argument("--config", choices=["a", "b", "c", "all"],
-                    help="issue 6's CPU configs (vocab 50304); sets sizes, T and B")
+                    help="the CPU configs a/b/c (vocab 50304); sets sizes, T and B")
     ap.add_argument("--preset", help="gpt2, gpt2-medium, ... (sizes; vocab from --vocab-size)")
     ap.add_argument("--n-layer", type=int, default=4)
     ap.add_argument("--n-head", type=int, default=4)

@@ -24,7 +24,7 @@ Every flag of `gpt2np train` is here; only the defaults differ, and they are the
   engine     --backend cupy --precision bf16 when CuPy sees a GPU, else numpy (fp32)
 
 A resumed run (--resume) keeps its checkpoint's settings: the recipe fills in only what a
-fresh run leaves unset. See the README ("Reproducing GPT-2 (124M)") for what a run reaches.
+fresh run leaves unset. See docs/reproduce-gpt2.md for what a run reaches.
 """
 import os
 import sys

@@ -5,15 +5,15 @@
     python examples/train_shakespeare.py --backend torch  # the same run with PyTorch autograd
     python examples/train_shakespeare.py --help
 
-Data parallel (gloo on CPUs, NCCL on GPUs; see the README):
+Data parallel (gloo on CPUs, NCCL on GPUs; see docs/distributed.md):
 
     torchrun --standalone --nproc_per_node=2 examples/train_shakespeare.py --backend numpy
     torchrun --standalone --nproc_per_node=8 examples/train_shakespeare.py --backend cupy
     torchrun --standalone --nproc_per_node=8 examples/train_shakespeare.py --backend torch --device cuda
 
 The same command is `gpt2np train`. See gpt2np.train.loop for the loop (and its parts in
-gpt2np/train/), gpt2np.train.settings for every flag, and the README for what the defaults
-reach.
+gpt2np/train/), gpt2np.train.settings for every flag, and docs/training.md for what the
+defaults reach.
 """
 import os
 import sys

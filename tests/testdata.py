@@ -1,6 +1,6 @@
-"""Where the tests find tiny Shakespeare: $GPT2NP_DATA (CI sets it), else the shared copy
-beside the project (../shared/data). Tests that need it skip with this path in the reason
-when it is absent; .ci/run makes its absence a failure in CI."""
+"""Where the tests find tiny Shakespeare: $GPT2NP_DATA (.ci/run sets it), else gpt2np's cache
+(where `gpt2np train` downloads it). Tests that need it skip, naming the path, when it is absent;
+.ci/run makes its absence a failure."""
 import os
 from pathlib import Path
 
@@ -11,4 +11,7 @@ def shakespeare_path() -> Path:
     env = os.environ.get("GPT2NP_DATA")
     if env:
         return Path(env)
-    return ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+    from gpt2np.data.shakespeare import DATA_FILENAME
+    from gpt2np.files import cache_dir
+
+    return cache_dir() / DATA_FILENAME

@@ -32,7 +32,7 @@ token_count.__name__ = "token count"
 
 def _parser() -> ArgumentParser:
     ap = ArgumentParser(
-        prog="python -m gpt2np.data.prepare",
+        prog="gpt2np prepare",
         description="Tokenize text files, or a Hugging Face dataset, into uint16 GPT-2 token "
                     "shards (shard 0 = val).")
     source = ap.add_mutually_exclusive_group(required=True)

@@ -20,7 +20,7 @@ tolerance, and the failing tensors are named. --json writes
 Cost: one float64 forward+backward each for gpt2np and torch, plus 2*K forwards per tensor
 for the finite differences. A perturbed entry of block i only changes blocks i.. onwards,
 so its forwards start from block i's cached input (half a model on average; wte and wpe
-need the whole). GPT-2 124M at the default B=1, T=32, K=1 (148 tensors): see the README.
+need the whole). GPT-2 124M at the default B=1, T=32, K=1 (148 tensors): see docs/performance.md.
 """
 from __future__ import annotations
 
