@@ -256,9 +256,3 @@ class GPT:
         from gpt2np.generate import generate
 
         return generate(self, idx, max_new_tokens, **kwargs)
-
-    def save_pretrained(self, folder):
-        """Write model.safetensors + config.json that transformers can load."""
-        from gpt2np.io.pretrained import save_pretrained
-
-        return save_pretrained(self, folder)
