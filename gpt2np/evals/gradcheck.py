@@ -85,6 +85,8 @@ def rel_error(actual, expected) -> float:
     """max |actual - expected| / max |expected| (absolute if expected is all zero)."""
     actual = np.asarray(actual, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
+    if actual.shape != expected.shape:  # broadcasting would compare the wrong entries
+        raise ValueError(f"rel_error: shape {actual.shape} != expected {expected.shape}")
     err = float(np.max(np.abs(actual - expected))) if expected.size else 0.0
     scale = float(np.max(np.abs(expected))) if expected.size else 0.0
     return err / scale if scale > 0 else err
