@@ -103,18 +103,16 @@ class GPT:
 
     # ---------------------------------------------------------------- params in and out
 
-    def load_params(self, params: dict, strict: bool = True):
+    def load_params(self, params: dict):
         """Copy a name -> array dict (host or device) into the model, checking names and shapes."""
         shapes = param_shapes(self.config)
         missing = [k for k in shapes if k not in params]
         unexpected = [k for k in params if k not in shapes]
-        if strict and (missing or unexpected):
+        if missing or unexpected:
             raise ValueError(f"params do not match the model: missing {missing[:5]}"
                              f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                              f"{'...' if len(unexpected) > 5 else ''}")
         for name, shape in shapes.items():
-            if name not in params:
-                continue
             value = params[name]
             if tuple(value.shape) != shape:
                 raise ValueError(f"param {name!r} has shape {tuple(value.shape)}, "

@@ -118,12 +118,8 @@ class AdamW:
             buf = self._scratch[key] = backend_of(p).xp.empty(p.size, dtype=p.dtype)
         return buf[:p.size].reshape(p.shape)
 
-    def state_dict(self) -> dict:
-        return {"t": self.t, "m": self.m, "v": self.v, "lr": self.lr,
-                "betas": (self.beta1, self.beta2), "eps": self.eps,
-                "weight_decay": self.weight_decay}
-
     def load_state_dict(self, state: dict):
+        """Take the moments m, v and the step count t of a checkpoint (host or device)."""
         for key in ("m", "v"):
             if set(state[key]) != set(self.params):
                 raise ValueError(f"optimizer state {key!r} does not match the params' names")
