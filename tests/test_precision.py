@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2np.backends.numpy_backend import round_mantissa
+from gpt2np.layers import round_mantissa
 from gpt2np.backends.torch_reference import TorchGPT
 from gpt2np import GPT, AdamW, GPTConfig
 from gpt2np import layers as L
