@@ -14,7 +14,7 @@ except ImportError:  # pragma: no cover - then serial_blas() is a no-op
 
 _controller = None
 
-# A GEMM of up to this many multiply-adds (a few ms on one core) runs on one BLAS thread:
+# A GEMM of up to this many multiply-adds (2^26) runs on one BLAS thread:
 # OpenBLAS wakes and joins its threads on every call, which costs more than such a GEMM
 # saves, and far more when the cores are busy. Bigger GEMMs (GPT-2's c_fc, every lm_head)
 # keep all threads. numpy calls the BLAS once per matrix of a stack (attention's per-head
