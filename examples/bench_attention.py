@@ -45,16 +45,18 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def time_ours(xp, qkv, dy, n_head, precision, flash, steps, warmup, clock):
-    """(forward ms, forward+backward ms, y, dqkv) of layers.attention_* in `precision`."""
+def time_ours(backend, qkv, dy, n_head, precision, flash, steps, warmup, clock):
+    """(forward ms, forward+backward ms, y, dqkv) of the backend's attention (the fused one
+    on the GPU, the reference layer on the CPU) in `precision`, as a model runs it."""
     os.environ["GPT2NP_FLASH"] = "1" if flash else "0"
+    ops = backend.layer_ops(qkv.dtype)
     fwd, both = [], []
-    with L.matmul_precision(precision):
+    with L.matmul_precision(precision, backend):
         for i in range(warmup + steps):
             t0 = clock.mark()
-            y, cache = L.attention_forward(qkv, n_head)
+            y, cache = ops.attention_forward(qkv, n_head)
             t1 = clock.mark()
-            dqkv = L.attention_backward(dy, cache)
+            dqkv = ops.attention_backward(dy, cache)
             t2 = clock.mark()
             if i >= warmup:
                 fwd.append(clock.ms(t0, t1))
@@ -110,7 +112,7 @@ def main(argv=None):
     rows, first = [], None
     try:
         for name, precision, flash in cases:
-            f_ms, b_ms, y, _ = time_ours(xp, qkv, dy, NH, precision, flash, args.steps,
+            f_ms, b_ms, y, _ = time_ours(backend, qkv, dy, NH, precision, flash, args.steps,
                                          args.warmup, clock)
             rows.append((name, f_ms, b_ms, y))
     finally:

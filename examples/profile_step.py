@@ -1,7 +1,8 @@
 """Where the milliseconds of one training step go, layer by layer.
 
-Wraps each leaf layer function of gpt2np.layers (embedding, LayerNorm, linear, attention,
-GELU, lm_head, cross-entropy; forward and backward) and the optimizer step with timers:
+Wraps each leaf layer function the model runs (model.ops: embedding, LayerNorm, linear,
+attention, GELU, lm_head, cross-entropy; forward and backward, fused kernels where the
+backend has them) and the optimizer step with timers:
 CUDA events on the GPU (no synchronisation inside the step, so the timings are those of the
 real pipeline), perf_counter on the CPU. Prints a table of milliseconds per step, share of
 the step and, for the matmul layers, achieved TFLOP/s.
@@ -12,6 +13,7 @@ the step and, for the matmul layers, achieved TFLOP/s.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import sys
@@ -111,13 +113,11 @@ def main(argv=None):
     step()  # warmup: kernels built, buffers allocated
     be.synchronize()
     timers = Timers(be)
-    originals = {}
-    for leaf in LEAVES:
-        for part in ("forward", "backward"):
-            name = f"{leaf}_{part}"
-            originals[name] = getattr(L, name)
-            setattr(L, name, timers.wrap(name, originals[name]))
-    originals["AdamW.step"] = AdamW.step
+    untimed = model.ops
+    model.ops = dataclasses.replace(untimed, **{
+        f"{leaf}_{part}": timers.wrap(f"{leaf}_{part}", getattr(untimed, f"{leaf}_{part}"))
+        for leaf in LEAVES for part in ("forward", "backward")})
+    untimed_step = AdamW.step
     AdamW.step = timers.wrap("adamw", AdamW.step)
     try:
         t0 = timers.mark()
@@ -127,11 +127,8 @@ def main(argv=None):
         timers.marks["step"].append((t0, t1))
         totals = timers.totals_ms()
     finally:
-        for name, f in originals.items():
-            if name == "AdamW.step":
-                AdamW.step = f
-            else:
-                setattr(L, name, f)
+        model.ops = untimed
+        AdamW.step = untimed_step
 
     n = args.steps
     step_ms = totals.pop("step") / n

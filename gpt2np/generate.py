@@ -2,8 +2,8 @@
 
     gpt2np generate --model out/shakespeare --prompt "ROMEO:"   (or `gpt2np generate`)
 
-Inference reuses the layer forwards of gpt2np.layers (their caches for the backward are
-dropped); only attention is written here, because with a KV cache the new positions attend
+Inference runs the model's own layer functions (model.ops: gpt2np.layers' or fused kernels;
+their caches for the backward are dropped); only attention is written here, because with a KV cache the new positions attend
 to keys and values kept from earlier steps. Each new token then costs one position's work:
 the matrix-vector products of that position plus attention over the cached positions,
 instead of a forward over the whole context.
@@ -52,8 +52,8 @@ class KVCache:
 
 
 def _layer_params(model):
-    """Per block, its params without the "transformer.h.i." prefix (as layers.py names them)."""
-    return [L.sub_params(model.params, f"transformer.h.{i}.") for i in range(model.config.n_layer)]
+    """Per block, its params without the "transformer.h.i." prefix."""
+    return [model.block_params(i) for i in range(model.config.n_layer)]
 
 
 def _cached_attention(qkv, cache: KVCache, layer: int, t0: int, n_head: int):
@@ -85,36 +85,42 @@ def forward_cached(model, idx, cache: KVCache, *, all_logits: bool = False, _blo
 
     Returns logits (B,T,V) if all_logits else those of the last new position (B,1,V).
     """
-    cfg = model.config
-    p = model.params
     B, T = idx.shape
-    t0 = cache.length
     if B != cache.batch:
         raise ValueError(f"batch {B} does not match the cache's {cache.batch}")
-    if t0 + T > cache.capacity:
-        raise ValueError(f"{t0} cached + {T} new positions exceed the cache capacity {cache.capacity}")
+    if cache.length + T > cache.capacity:
+        raise ValueError(f"{cache.length} cached + {T} new positions exceed the cache "
+                         f"capacity {cache.capacity}")
     blocks = _blocks if _blocks is not None else _layer_params(model)
+    with L.matmul_precision(model.precision, model.backend):  # as the model's forward
+        return _forward_cached(model, idx, cache, all_logits, blocks)
+
+
+def _forward_cached(model, idx, cache, all_logits, blocks):
+    cfg, p, ops = model.config, model.params, model.ops
+    B, T = idx.shape
+    t0 = cache.length
     # positions t0..t0+T-1: hand embedding_forward the position table from row t0 on
-    x, _ = L.embedding_forward(idx, p["transformer.wte.weight"], p["transformer.wpe.weight"][t0:])
+    x, _ = ops.embedding_forward(idx, p["transformer.wte.weight"], p["transformer.wpe.weight"][t0:])
     C = cfg.n_embd
     x = x.reshape(B * T, C)  # 2-D rows: one GEMM (or GEMV) per weight, read once per step
-    for i, bp in enumerate(blocks):
-        h, _ = L.layernorm_forward(x, bp["ln_1.weight"], bp["ln_1.bias"], operand=True)
-        qkv, _ = L.linear_forward(h, bp["attn.c_attn.weight"], bp["attn.c_attn.bias"])
+    for i, bp in enumerate(blocks):  # as gpt2np.model.block_forward, attention aside
+        h, _ = ops.layernorm_forward(x, bp["ln_1.weight"], bp["ln_1.bias"], operand=True)
+        qkv, _ = ops.linear_forward(h, bp["attn.c_attn.weight"], bp["attn.c_attn.bias"])
         y = _cached_attention(qkv.reshape(B, T, 3 * C), cache, i, t0, cfg.n_head)
-        h, _ = L.linear_forward(y.reshape(B * T, C), bp["attn.c_proj.weight"], bp["attn.c_proj.bias"])
+        h, _ = ops.linear_forward(y.reshape(B * T, C), bp["attn.c_proj.weight"], bp["attn.c_proj.bias"])
         x = x + h
-        h, _ = L.layernorm_forward(x, bp["ln_2.weight"], bp["ln_2.bias"], operand=True)
-        h, _ = L.linear_forward(h, bp["mlp.c_fc.weight"], bp["mlp.c_fc.bias"])
-        h, _ = L.gelu_forward(h)
-        h, _ = L.linear_forward(h, bp["mlp.c_proj.weight"], bp["mlp.c_proj.bias"])
+        h, _ = ops.layernorm_forward(x, bp["ln_2.weight"], bp["ln_2.bias"], operand=True)
+        h, _ = ops.linear_forward(h, bp["mlp.c_fc.weight"], None)
+        h, _ = ops.gelu_forward(h, bp["mlp.c_fc.bias"], operand=True)
+        h, _ = ops.linear_forward(h, bp["mlp.c_proj.weight"], bp["mlp.c_proj.bias"])
         x = x + h
     cache.length = t0 + T
     if not all_logits:  # the lm_head is the biggest matmul: only where we sample
         x, T = x.reshape(B, T, C)[:, -1], 1
-    x, _ = L.layernorm_forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"],
-                              operand=True)
-    logits, _ = L.lm_head_forward(x, p["transformer.wte.weight"])  # 2-D: (B*T,C) @ (C,V)
+    x, _ = ops.layernorm_forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"],
+                                operand=True)
+    logits, _ = ops.lm_head_forward(x, p["transformer.wte.weight"])  # 2-D: (B*T,C) @ (C,V)
     return logits.reshape(B, T, -1)
 
 
@@ -175,11 +181,6 @@ def generate(model, idx, max_new_tokens: int, *, temperature: float = 1.0, top_k
     50257 on are never sampled (see sampled_vocab).
     """
     ids = _check_args(model, idx, max_new_tokens, temperature, top_k)
-    with L.matmul_precision(getattr(model, "precision", "fp32")):
-        return _generate(model, ids, max_new_tokens, temperature, top_k, seed, use_cache)
-
-
-def _generate(model, ids, max_new_tokens, temperature, top_k, seed, use_cache):
     rng = np.random.default_rng(seed)
     if max_new_tokens == 0:
         return ids

@@ -3,19 +3,19 @@
 Conventions (as llm.c's train_gpt2.c):
   B batch, T time, C channels (n_embd), NH heads, hs = C // NH, V vocab, OC output channels.
   `*_forward(inputs, params) -> out, cache`; `*_backward(dout, cache) -> dinputs, dparams`.
-  Caches hold only what the backward reads. No autograd, no globals. The array module `xp`
-  is taken from the inputs, so the same code runs on the CPU (numpy) and the GPU (cupy).
+  Caches hold only what the backward reads. No autograd. The array module `xp` is taken
+  from the inputs, so the same code runs on the CPU (numpy) and the GPU (cupy).
   Nothing here upcasts: Python float scalars keep float32 arrays float32 (NEP 50), while a
   numpy float64 scalar (np.sqrt(2/np.pi)) would silently promote whole tensors.
 
-Speed. On a CPU NumPy runs elementwise work on one core, so after the GEMMs it is the number
-of passes over memory that costs. Hence:
-  - every contraction is one BLAS call on a 2-D (B*T, C) reshape, or a stack of per-head
+Speed that lives in the math. On a CPU NumPy runs elementwise work on one core, so after
+the GEMMs it is the number of passes over memory that costs. Hence:
+  - every contraction is one matmul on a 2-D (B*T, C) reshape, or a stack of per-head
     matrices for attention; never numpy's slow loop for 3-D @ 2-D broadcasting;
   - elementwise work runs in place (`*=`, `out=`) on arrays this code made, never on the
     caller's inputs (callers, the tests among them, may reuse those);
   - the big (B*T, V) and (V, C) arrays can be handed in with `out=` / `dwte=`, so that a
-    training loop reuses them from step to step instead of page-faulting 200 MB each time;
+    training loop reuses them from step to step instead of allocating them anew;
   - nothing is recomputed or materialised that a cheaper identity gives (see attention's
     backward and the cross-entropy).
 
@@ -23,72 +23,120 @@ Precision. Every matrix product goes through `matmul`, which runs in the precisi
 `matmul_precision("fp32" | "tf32" | "bf16")` (a context, like torch.autocast): the operands
 are rounded to TF32 or bfloat16, the products accumulate in float32 and the result is
 float32. Everything else (LayerNorm, softmax and loss statistics, GELU, the residual stream,
-the weights) stays float32. On the GPU that is cuBLAS on the tensor cores; on the CPU the
-same rounding is emulated (round the operands, then a float32 GEMM), so the effect of bf16
-on every gradient can be studied and tested without a GPU. `matmul_operand(x)` prepares an
-operand that several products read (on the GPU in bf16: its bf16 copy, cast once).
+the weights) stays float32. The same context names the GEMM that runs the products: a
+backend's (cuBLAS on the tensor cores, OpenBLAS), or by default `reference_matmul` here,
+which emulates the rounding (round the operands, then a float32 product), so the effect of
+bf16 on every gradient can be studied and tested without a GPU. `matmul_operand(x)`
+prepares an operand that several products read (on the GPU in bf16: its bf16 copy, cast
+once).
 
-Fused kernels. A backend may offer fused kernels for some layers (CuPy: gpt2np/backends/cuda/*.cu).
-A layer's forward hands float32 work to them where they exist and returns their cache, a
-`backends.KernelCache`; the layer's backward recognises it and hands the backward over too.
-The code below is the reference they are tested against.
+Who runs these. gpt2np.model composes them into GPT-2 through a `LayerOps` (bottom of this
+file): `REFERENCE_OPS` are the functions here; a backend may offer fused kernels with the
+same signatures for some of them (CuPy: gpt2np/backends/cuda/*.cu), chosen once per model.
+The functions here are the reference those kernels are tested against.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import math
+import sys
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
-from gpt2np.backends import KernelCache, backend_of
-
 
 def get_xp(x):
-    return backend_of(x).xp
-
-
-def _kernels(x):
-    """The fused kernels of x's backend for x's dtype, or None (use the code here)."""
-    be = backend_of(x)
-    return be.kernels() if hasattr(be, "kernels") and x.dtype == np.float32 else None
+    """The array module of x: numpy for a numpy array, else the module its type comes from
+    (cupy for a cupy array)."""
+    module = type(x).__module__.partition(".")[0]
+    return np if module == "numpy" else sys.modules[module]
 
 
 # --------------------------------------------------------------------------------------
-# matmul in the current precision
+# matmul in the current precision, on the current GEMM
 
 PRECISIONS = ("fp32", "tf32", "bf16")
+MANTISSA_BITS = {"tf32": 10, "bf16": 7}  # mantissa bits an operand keeps (float32 has 23)
 _PRECISION = contextvars.ContextVar("gpt2np_matmul_precision", default="fp32")
+_GEMM = contextvars.ContextVar("gpt2np_matmul_gemm", default=None)  # None: reference_matmul
 
 
 @contextlib.contextmanager
-def matmul_precision(precision: str):
+def matmul_precision(precision: str, gemm=None):
     """Run the matmuls inside in `precision`: "fp32" (exact float32), "tf32" (operands
     rounded to 10 mantissa bits) or "bf16" (7 mantissa bits); float32 accumulation and
-    results in every case. A forward and its backward must run under the same setting."""
+    results in every case. A forward and its backward must run under the same setting.
+
+    gemm: whose GEMMs run them, an object with `matmul(a, b, out=, precision=)` and
+    `matmul_operand(x, precision)` (a backend: gpt2np.backends.Backend); None keeps the
+    current one (outside any such context: `reference_matmul`)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    token = _PRECISION.set(precision)
+    tokens = [_PRECISION.set(precision)] + ([] if gemm is None else [_GEMM.set(gemm)])
     try:
         yield
     finally:
-        _PRECISION.reset(token)
+        for token in reversed(tokens):
+            token.var.reset(token)
 
 
 def get_matmul_precision() -> str:
     return _PRECISION.get()
 
 
+def round_mantissa(a, bits: int):
+    """float32 `a` rounded to `bits` mantissa bits, to nearest with ties to even, as a new
+    float32 array: the value a TF32 (bits=10) or bfloat16 (bits=7) operand holds.
+
+    Works on the bit pattern: add half an ulp of the shorter format (minus one, plus the
+    kept lowest bit, which makes ties go to even), then clear the dropped bits. A carry out
+    of the mantissa bumps the exponent, which is exactly right, up to inf for the largest
+    values. NaNs stay NaNs.
+    """
+    xp = get_xp(a)
+    drop = 23 - bits
+    a = xp.asarray(a, dtype=xp.float32)
+    u = xp.array(a, dtype=xp.float32, order="C").view(xp.uint32)  # a copy: ours to change
+    nan = xp.isnan(a)
+    half = np.uint32((1 << (drop - 1)) - 1)
+    u += half + ((u >> np.uint32(drop)) & np.uint32(1))
+    u &= np.uint32(~((1 << drop) - 1) & 0xFFFFFFFF)
+    r = u.view(xp.float32)
+    if nan.any():
+        r[nan] = np.nan
+    return r
+
+
+def reference_matmul(a, b, out=None, precision="fp32"):
+    """a @ b in `precision` with the array module's own matmul. tf32 and bf16 are emulated:
+    the operands rounded as the tensor cores see them, then multiplied in float32. A product
+    of two such numbers is exact in float32, so this is the GPU's arithmetic up to the order
+    of the float32 additions."""
+    xp = get_xp(a)
+    if precision == "fp32":
+        return xp.matmul(a, b, out=out)
+    if a.dtype != np.float32 or b.dtype != np.float32:
+        raise TypeError(f"precision {precision!r} needs float32 operands, got "
+                        f"{a.dtype} and {b.dtype}")
+    bits = MANTISSA_BITS[precision]
+    return xp.matmul(round_mantissa(a, bits), round_mantissa(b, bits), out=out)
+
+
 def matmul(a, b, out=None):
-    # a (...,M,K) @ b (...,K,N) -> (...,M,N), by the backend in the current precision
-    return backend_of(a).matmul(a, b, out=out, precision=_PRECISION.get())
+    # a (...,M,K) @ b (...,K,N) -> (...,M,N), by the current GEMM in the current precision
+    gemm, precision = _GEMM.get(), _PRECISION.get()
+    if gemm is None:
+        return reference_matmul(a, b, out=out, precision=precision)
+    return gemm.matmul(a, b, out=out, precision=precision)
 
 
 def matmul_operand(x):
     """x ready to be a matmul operand more than once: on the GPU in bf16, its bfloat16 bits
     (cast once instead of once per product); otherwise x itself."""
-    be = backend_of(x)
-    return be.matmul_operand(x, _PRECISION.get()) if hasattr(be, "matmul_operand") else x
+    gemm = _GEMM.get()
+    return x if gemm is None else gemm.matmul_operand(x, _PRECISION.get())
 
 
 # --------------------------------------------------------------------------------------
@@ -107,9 +155,6 @@ def embedding_backward(dx, cache, dwte=None):
     # dx (B,T,C) -> dwte (V,C), dwpe (block_size,C)
     # dwte: optionally a (V,C) array to accumulate into, e.g. already holding the tied
     # lm_head's share: that saves a (V,C) zeros and a (V,C) add.
-    k = _kernels(dx)
-    if k is not None:  # deterministic, where a scatter-add with atomics is not
-        return k.embedding_backward(dx, cache, dwte=dwte)
     idx, wte_shape, wpe_shape = cache
     xp = get_xp(dx)
     B, T, C = dx.shape
@@ -118,7 +163,7 @@ def embedding_backward(dx, cache, dwte=None):
     if dwte is None:
         dwte = xp.zeros(wte_shape, dtype=dx.dtype)
     # a token id may appear many times: its rows must accumulate, not overwrite
-    backend_of(dx).scatter_add(dwte, idx.reshape(-1), dx.reshape(B * T, C))
+    xp.add.at(dwte, idx.reshape(-1), dx.reshape(B * T, C))
     return dwte, dwpe
 
 
@@ -129,11 +174,7 @@ def embedding_backward(dx, cache, dwte=None):
 def layernorm_forward(x, weight, bias, eps=1e-5, operand=False):
     # x (B,T,C), weight (C,), bias (C,) -> out (B,T,C).
     # operand=True: out only feeds matmuls, so it comes back as matmul_operand(out) (on the
-    # GPU in bf16, bf16 bits that the kernel writes directly: no float32 copy and cast)
-    k = _kernels(x)
-    if k is not None:
-        return k.layernorm_forward(x, weight, bias, eps,
-                                   bf16=operand and _PRECISION.get() == "bf16")
+    # GPU in bf16 a fused kernel writes those bf16 bits directly: no float32 copy to cast)
     xp = get_xp(x)
     mean = x.mean(axis=-1, keepdims=True)  # (B,T,1)
     norm = x - mean  # (B,T,C) centred; normalised in place below
@@ -147,8 +188,6 @@ def layernorm_forward(x, weight, bias, eps=1e-5, operand=False):
 
 def layernorm_backward(dout, cache):
     # dout (B,T,C) -> dx (B,T,C), dweight (C,), dbias (C,)
-    if isinstance(cache, KernelCache):
-        return cache.backward(dout, cache)
     norm, rstd, weight = cache
     C = norm.shape[-1]
     dout2 = dout.reshape(-1, C)
@@ -166,26 +205,6 @@ def layernorm_backward(dout, cache):
 
 
 # --------------------------------------------------------------------------------------
-# small GEMMs on one BLAS thread
-
-# A BLAS call of up to this many multiply-adds (a few ms on one core) runs on one thread
-# where the backend offers it (numpy: threadpoolctl). Waking and joining OpenBLAS's threads
-# costs more than such a GEMM saves, and on busy cores far more: measured on the shared
-# 2-core box, (128,1024) @ (1024,512) took 64 ms on two threads and 10 ms on one, and a
-# stack of 32 per-head (128,32) @ (32,128) GEMMs 30-1000 ms against 0.8 ms. Bigger GEMMs
-# (GPT-2's c_fc, every lm_head) keep all threads.
-_SERIAL_GEMM = 1 << 26
-
-
-def _small_gemms(x, m, n, k):
-    # the context for BLAS calls of (m,k) @ (k,n); a no-op for big ones or on the GPU
-    be = backend_of(x)
-    if m * n * k <= _SERIAL_GEMM and hasattr(be, "serial_blas"):
-        return be.serial_blas()
-    return contextlib.nullcontext()
-
-
-# --------------------------------------------------------------------------------------
 # linear in GPT-2's Conv1D layout: weight is (in, out), so out = x @ weight + bias
 
 
@@ -195,22 +214,21 @@ def linear_forward(x, weight, bias):
     # both operands are used again by the backward: on the GPU in bf16, cast once each
     x2 = matmul_operand(x.reshape(-1, C))  # for dweight
     w = matmul_operand(weight)  # for dx
-    with _small_gemms(x, x2.shape[0], OC, C):
-        out = matmul(x2, w)  # one (B*T,C) @ (C,OC) GEMM
+    out = matmul(x2, w)  # one (B*T,C) @ (C,OC) GEMM
     if bias is not None:
         out += bias
     return out.reshape(*x.shape[:-1], OC), (x2, x.shape, w)
 
 
 def linear_backward(dout, cache):
-    # dout (B,T,OC) -> dx (B,T,C), dweight (C,OC), dbias (OC,)
+    # dout (B,T,OC) -> dx (B,T,C), dweight (C,OC), dbias (OC,) (the row sum, wherever the
+    # forward's bias was added)
     x2, x_shape, weight = cache  # the forward's operands: x2 (B*T,C), weight (C,OC)
     C, OC = weight.shape
     dout2 = dout.reshape(-1, OC)  # (B*T,OC): every contraction is one 2-D GEMM
     d = matmul_operand(dout2)  # used by both products
-    with _small_gemms(dout, dout2.shape[0], OC, C):
-        dx = matmul(d, weight.T).reshape(x_shape)
-        dweight = matmul(x2.T, d)  # BLAS reads the transposed view, no copy
+    dx = matmul(d, weight.T).reshape(x_shape)
+    dweight = matmul(x2.T, d)  # BLAS reads the transposed view, no copy
     dbias = dout2.sum(axis=0)
     return dx, dweight, dbias
 
@@ -222,6 +240,8 @@ def linear_backward(dout, cache):
 # blocks skip the masked upper triangle (at T=1024 they compute 62% of the full T x T), and
 # their (B,NH,256,<=T) scores are small temporaries instead of a (B,NH,T,T) cache.
 _ATT_BLOCK = 256
+
+
 def _causal_scores(qs, k, r0, r1):
     # scores of queries r0..r1-1 against keys 0..r1-1: (B,NH,r1-r0,r1), the future masked.
     # Only the last (r1-r0) columns, the diagonal block, hold future keys: adding -inf there
@@ -234,11 +254,8 @@ def _causal_scores(qs, k, r0, r1):
 
 
 def attention_forward(qkv, n_head, bias=None):
-    # qkv (B,T,3C) -> y (B,T,C). bias: c_attn's (3C,) bias when qkv comes without it (the
-    # fused GPU attention adds it on its way: no pass over (B,T,3C) of its own)
-    k = _kernels(qkv)
-    if k is not None and hasattr(k, "attention_forward"):
-        return k.attention_forward(qkv, n_head, bias=bias)
+    # qkv (B,T,3C) -> y (B,T,C). bias: c_attn's (3C,) bias when qkv comes without it (a
+    # fused GPU attention adds it as it reads qkv: no pass over (B,T,3C) of its own)
     if bias is not None:
         qkv = qkv + bias
     xp = get_xp(qkv)
@@ -252,18 +269,17 @@ def attention_forward(qkv, n_head, bias=None):
     qs = q * scale  # scale the (T,hs) queries rather than the (T,T) scores: T/hs times less work
     y = xp.empty((B, n_head, T, hs), dtype=qkv.dtype)
     lse = xp.empty((B, n_head, T, 1), dtype=qkv.dtype)  # log-sum-exp of each score row
-    with _small_gemms(qkv, min(T, _ATT_BLOCK), T, hs):  # per head: (n,hs) @ (hs,r1)
-        for r0 in range(0, T, _ATT_BLOCK):  # blocks of queries (not heads: those are batched)
-            r1 = min(T, r0 + _ATT_BLOCK)
-            att = _causal_scores(qs, k, r0, r1)  # (B,NH,n,r1)
-            # softmax in place; stable: the row max is subtracted (the diagonal is never masked)
-            m = att.max(axis=-1, keepdims=True)
-            att -= m
-            xp.exp(att, out=att)
-            s = att.sum(axis=-1, keepdims=True)
-            att *= 1.0 / s  # (B,NH,n,1) reciprocals, then one multiply
-            lse[:, :, r0:r1] = xp.log(s) + m
-            matmul(att, v[:, :, :r1], out=y[:, :, r0:r1])  # (B,NH,n,hs)
+    for r0 in range(0, T, _ATT_BLOCK):  # blocks of queries (not heads: those are batched)
+        r1 = min(T, r0 + _ATT_BLOCK)
+        att = _causal_scores(qs, k, r0, r1)  # (B,NH,n,r1)
+        # softmax in place; stable: the row max is subtracted (the diagonal is never masked)
+        m = att.max(axis=-1, keepdims=True)
+        att -= m
+        xp.exp(att, out=att)
+        s = att.sum(axis=-1, keepdims=True)
+        att *= 1.0 / s  # (B,NH,n,1) reciprocals, then one multiply
+        lse[:, :, r0:r1] = xp.log(s) + m
+        matmul(att, v[:, :, :r1], out=y[:, :, r0:r1])  # (B,NH,n,hs)
     # The softmax is not kept: the backward recomputes it from qs, k and lse (one more GEMM
     # per block) instead of holding B*NH*T*T floats per layer (600 MB for GPT-2 at T=1024).
     out = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # merge heads (a (B,T,C) copy)
@@ -272,8 +288,6 @@ def attention_forward(qkv, n_head, bias=None):
 
 def attention_backward(dy, cache):
     # dy (B,T,C) -> dqkv (B,T,3C)
-    if isinstance(cache, KernelCache):
-        return cache.backward(dy, cache)
     qs, k, v, y, lse, scale = cache
     xp = get_xp(dy)
     B, NH, T, hs = qs.shape
@@ -288,20 +302,19 @@ def attention_backward(dy, cache):
     # sum_j P[i,j] dP[i,j] = sum_j P[i,j] (dy[i] . v[j]) = dy[i] . y[i]: a (T,hs) product
     # instead of a (T,T) one (FlashAttention's D = rowsum(dO * O)).
     D = (dy * y).sum(axis=-1, keepdims=True)  # (B,NH,T,1)
-    with _small_gemms(dqkv, min(T, _ATT_BLOCK), T, hs):
-        for r0 in range(0, T, _ATT_BLOCK):
-            r1 = min(T, r0 + _ATT_BLOCK)
-            dyb = dy[:, :, r0:r1]  # (B,NH,n,hs)
-            att = _causal_scores(qs, k, r0, r1)  # recompute the softmax: P = exp(S - lse)
-            att -= lse[:, :, r0:r1]
-            xp.exp(att, out=att)  # masked entries: exp(-inf) = 0, so their gradient is 0
-            dv[:, :, :r1] += matmul(att.transpose(0, 1, 3, 2), dyb)
-            datt = matmul(dyb, v[:, :, :r1].transpose(0, 1, 3, 2))  # dP (B,NH,n,r1)
-            datt -= D[:, :, r0:r1]
-            datt *= att  # dS
-            # scores = qs @ k^T with qs = q * scale: the scale lands on dq, a (T,hs) array
-            matmul(datt, k[:, :, :r1], out=dq[:, :, r0:r1])
-            dk[:, :, :r1] += matmul(datt.transpose(0, 1, 3, 2), qs[:, :, r0:r1])
+    for r0 in range(0, T, _ATT_BLOCK):
+        r1 = min(T, r0 + _ATT_BLOCK)
+        dyb = dy[:, :, r0:r1]  # (B,NH,n,hs)
+        att = _causal_scores(qs, k, r0, r1)  # recompute the softmax: P = exp(S - lse)
+        att -= lse[:, :, r0:r1]
+        xp.exp(att, out=att)  # masked entries: exp(-inf) = 0, so their gradient is 0
+        dv[:, :, :r1] += matmul(att.transpose(0, 1, 3, 2), dyb)
+        datt = matmul(dyb, v[:, :, :r1].transpose(0, 1, 3, 2))  # dP (B,NH,n,r1)
+        datt -= D[:, :, r0:r1]
+        datt *= att  # dS
+        # scores = qs @ k^T with qs = q * scale: the scale lands on dq, a (T,hs) array
+        matmul(datt, k[:, :, :r1], out=dq[:, :, r0:r1])
+        dk[:, :, :r1] += matmul(datt.transpose(0, 1, 3, 2), qs[:, :, r0:r1])
     dq *= scale
     return dqkv
 
@@ -312,12 +325,14 @@ def attention_backward(dy, cache):
 _GELU_K = math.sqrt(2.0 / math.pi)  # a Python float: keeps float32 float32
 
 
-def gelu_forward(x):
-    # x (...) -> out (...);  out = 0.5 * x * (1 + tanh(K * (x + 0.044715 * x^3)))
-    k = _kernels(x)
-    if k is not None:
-        return k.gelu_forward(x)
+def gelu_forward(x, bias=None, operand=False):
+    # x (...,OC) -> out (...,OC);  out = 0.5 * x * (1 + tanh(K * (x + 0.044715 * x^3)))
+    # bias: (OC,) added to x first (c_fc's, which a fused kernel adds on its way: no pass
+    # over (B,T,4C) of its own); operand=True: out only feeds matmuls, so it comes back as
+    # matmul_operand(out)
     xp = get_xp(x)
+    if bias is not None:
+        x = x + bias
     t = x * x  # x*x*x, not x**3 (far slower); then the chain in place
     t *= x
     t *= 0.044715
@@ -327,13 +342,11 @@ def gelu_forward(x):
     out = t + 1.0
     out *= x
     out *= 0.5
-    return out, (x, t)
+    return (matmul_operand(out) if operand else out), (x, t)
 
 
 def gelu_backward(dout, cache):
     # dout (...) -> dx (...)
-    if isinstance(cache, KernelCache):
-        return cache.backward(dout, cache)
     x, t = cache
     xp = get_xp(x)
     # d tanh(u)/du = 1 - tanh(u)^2, not 1/cosh(u)^2, which overflows for large |u|
@@ -351,104 +364,6 @@ def gelu_backward(dout, cache):
     dx += du
     dx *= dout
     return dx
-
-
-# --------------------------------------------------------------------------------------
-# MLP: c_fc -> GELU -> c_proj
-
-
-def mlp_forward(x, p):
-    # x (B,T,C), p: c_fc.weight (C,4C) c_fc.bias (4C,) c_proj.weight (4C,C) c_proj.bias (C,)
-    k = _kernels(x)
-    if k is not None and hasattr(k, "bias_gelu_forward"):
-        # fused kernels: c_fc's bias is added inside the GELU kernel, one pass fewer over
-        # (B,T,4C); the backward is the same (linear_backward sums the bias gradient)
-        # in bf16 it writes c_proj's bf16 operand directly: no float32 (B,T,4C) to cast
-        h, fc_cache = linear_forward(x, p["c_fc.weight"], None)
-        h, gelu_cache = k.bias_gelu_forward(h, p["c_fc.bias"], bf16=_PRECISION.get() == "bf16")
-    else:
-        h, fc_cache = linear_forward(x, p["c_fc.weight"], p["c_fc.bias"])  # (B,T,4C)
-        h, gelu_cache = gelu_forward(h)
-    out, proj_cache = linear_forward(h, p["c_proj.weight"], p["c_proj.bias"])  # (B,T,C)
-    return out, (fc_cache, gelu_cache, proj_cache)
-
-
-def mlp_backward(dout, cache):
-    fc_cache, gelu_cache, proj_cache = cache
-    g = {}
-    dh, g["c_proj.weight"], g["c_proj.bias"] = linear_backward(dout, proj_cache)
-    dh = gelu_backward(dh, gelu_cache)
-    dx, g["c_fc.weight"], g["c_fc.bias"] = linear_backward(dh, fc_cache)
-    return dx, g
-
-
-# --------------------------------------------------------------------------------------
-# causal self-attention with its projections: c_attn -> attention -> c_proj
-
-
-def attn_forward(x, p, n_head):
-    # x (B,T,C), p: c_attn.weight (C,3C) c_attn.bias (3C,) c_proj.weight (C,C) c_proj.bias (C,)
-    w, b = p["c_attn.weight"], p["c_attn.bias"]
-    if _kernels(w) is not None:  # fused: the attention adds c_attn's bias as it reads qkv
-        qkv, qkv_cache = linear_forward(x, w, None)  # (B,T,3C); its backward sums dbias
-        y, att_cache = attention_forward(qkv, n_head, bias=b)  # (B,T,C)
-    else:
-        qkv, qkv_cache = linear_forward(x, w, b)
-        y, att_cache = attention_forward(qkv, n_head)
-    out, proj_cache = linear_forward(y, p["c_proj.weight"], p["c_proj.bias"])
-    return out, (qkv_cache, att_cache, proj_cache)
-
-
-def attn_backward(dout, cache):
-    qkv_cache, att_cache, proj_cache = cache
-    g = {}
-    dy, g["c_proj.weight"], g["c_proj.bias"] = linear_backward(dout, proj_cache)
-    dqkv = attention_backward(dy, att_cache)
-    dx, g["c_attn.weight"], g["c_attn.bias"] = linear_backward(dqkv, qkv_cache)
-    return dx, g
-
-
-# --------------------------------------------------------------------------------------
-# transformer block, pre-norm with residuals:
-#   x = x + attn(ln_1(x));  x = x + mlp(ln_2(x))
-
-
-def sub_params(p, prefix):
-    """The entries of `p` under `prefix`, with the prefix stripped ("attn.c_attn.weight" ->
-    "c_attn.weight" for prefix "attn.")."""
-    n = len(prefix)
-    return {k[n:]: v for k, v in p.items() if k.startswith(prefix)}
-
-
-def block_forward(x, p, n_head):
-    # x (B,T,C), p: this block's params named as in the checkpoint without "transformer.h.i."
-    # each LayerNorm's output only feeds a linear: it may come as its GEMM operand
-    h, ln1_cache = layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"], operand=True)
-    h, attn_cache = attn_forward(h, sub_params(p, "attn."), n_head)
-    h += x  # residual, into the branch's fresh output (the caller's x stays untouched)
-    x = h
-    h, ln2_cache = layernorm_forward(x, p["ln_2.weight"], p["ln_2.bias"], operand=True)
-    h, mlp_cache = mlp_forward(h, sub_params(p, "mlp."))
-    h += x  # residual
-    return h, (ln1_cache, attn_cache, ln2_cache, mlp_cache)
-
-
-def block_backward(dx, cache):
-    # dx (B,T,C) -> dx (B,T,C), grads named like block_forward's p
-    ln1_cache, attn_cache, ln2_cache, mlp_cache = cache
-    g = {}
-    # the residual passes dx straight through; each branch adds its own contribution
-    dh, mlp_g = mlp_backward(dx, mlp_cache)
-    dh, g["ln_2.weight"], g["ln_2.bias"] = layernorm_backward(dh, ln2_cache)
-    dh += dx
-    dx = dh
-    dh, attn_g = attn_backward(dx, attn_cache)
-    dh, g["ln_1.weight"], g["ln_1.bias"] = layernorm_backward(dh, ln1_cache)
-    dh += dx
-    dx = dh
-    g.update({"mlp." + k: v for k, v in mlp_g.items()})
-    g.update({"attn." + k: v for k, v in attn_g.items()})
-    return dx, g
 
 
 # --------------------------------------------------------------------------------------
@@ -486,9 +401,6 @@ _CE_BLOCK_BYTES = 1 << 20
 def cross_entropy_forward(logits, targets, ignore_index=-1, out=None):
     # logits (B,T,V), targets (B,T) int -> loss (scalar array), cache.
     # out: optional (B,T,V) buffer for the softmax that the backward turns into dlogits.
-    k = _kernels(logits)
-    if k is not None:
-        return k.cross_entropy_forward(logits, targets, ignore_index, out=out)
     xp = get_xp(logits)
     V = logits.shape[-1]
     logits2 = logits.reshape(-1, V)
@@ -503,6 +415,7 @@ def cross_entropy_forward(logits, targets, ignore_index=-1, out=None):
     lse = xp.empty((N, 1), dtype=logits.dtype)  # log-sum-exp of each row
     # The cached softmax is pre-multiplied by the row's weight: the backward's
     # (softmax - onehot) / n_valid then costs no extra pass over (B*T,V).
+    # CPU caches hold a block of rows; a GPU streams them all at once.
     step = N if xp is not np else max(1, _CE_BLOCK_BYTES // (V * logits.itemsize))
     for r in range(0, N, step):
         rows, p = logits2[r:r + step], probs[r:r + step]
@@ -524,9 +437,7 @@ def cross_entropy_backward(dloss, cache, operand=False):
     # rows. Works in place on the cached (already weighted) softmax, the biggest buffer we
     # have: call it once per forward. operand=True: dlogits only feeds matmuls (the
     # lm_head's backward), so it comes back as matmul_operand(dlogits) (on the GPU in bf16,
-    # bf16 bits that the kernel writes directly)
-    if isinstance(cache, KernelCache):
-        return cache.backward(dloss, cache, bf16=operand and _PRECISION.get() == "bf16")
+    # bf16 bits that a fused kernel writes directly)
     probs, tsafe, weight, shape = cache
     xp = get_xp(probs)
     dlogits = probs
@@ -536,3 +447,33 @@ def cross_entropy_backward(dloss, cache, operand=False):
         dlogits *= dloss
     dlogits = dlogits.reshape(shape)
     return matmul_operand(dlogits) if operand else dlogits
+
+
+# --------------------------------------------------------------------------------------
+# the layer functions a model runs
+
+
+@dataclass
+class LayerOps:
+    """One field per layer function above, with its signature and contract. REFERENCE_OPS
+    holds the functions of this module; a backend's `layer_ops(dtype)` may swap in fused
+    kernels for some (gpt2np.backends.cupy_backend), each checked against the reference.
+    A model keeps the LayerOps it was given: to try another function in every model that
+    runs the reference (as tests do), set it on REFERENCE_OPS."""
+    embedding_forward: Callable = embedding_forward
+    embedding_backward: Callable = embedding_backward
+    layernorm_forward: Callable = layernorm_forward
+    layernorm_backward: Callable = layernorm_backward
+    linear_forward: Callable = linear_forward
+    linear_backward: Callable = linear_backward
+    attention_forward: Callable = attention_forward
+    attention_backward: Callable = attention_backward
+    gelu_forward: Callable = gelu_forward
+    gelu_backward: Callable = gelu_backward
+    lm_head_forward: Callable = lm_head_forward
+    lm_head_backward: Callable = lm_head_backward
+    cross_entropy_forward: Callable = cross_entropy_forward
+    cross_entropy_backward: Callable = cross_entropy_backward
+
+
+REFERENCE_OPS = LayerOps()

@@ -2,14 +2,20 @@
 
 `model.params` is named and shaped exactly like Hugging Face `GPT2LMHeadModel.state_dict()`
 without the tied `lm_head.weight`, so loading a checkpoint is a copy and exporting is a copy.
+
+The math of each layer is gpt2np.layers, one forward/backward pair per layer. Here they are
+composed into GPT-2, as picoGPT's gpt2.py does: the attention and MLP branches, the pre-norm
+block, the whole model, every backward reversing its forward line by line. The layer
+functions come as a LayerOps `ops`, which a model takes from its backend once, for its dtype:
+the reference functions of gpt2np.layers, or fused GPU kernels with the same signatures.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from gpt2np.backends import get_backend
-
+from gpt2np import generate as sampling
 from gpt2np import layers as L
+from gpt2np.backends import get_backend
 from gpt2np.config import GPTConfig
 
 _DTYPES = ("float32", "float64")
@@ -60,6 +66,113 @@ def init_params(config: GPTConfig, seed: int = 0, dtype="float32") -> dict[str, 
     return params
 
 
+def sub_params(p, prefix):
+    """The entries of `p` under `prefix`, with the prefix stripped ("attn.c_attn.weight" ->
+    "c_attn.weight" for prefix "attn.")."""
+    n = len(prefix)
+    return {k[n:]: v for k, v in p.items() if k.startswith(prefix)}
+
+
+# --------------------------------------------------------------------------------------
+# causal self-attention with its projections: c_attn -> attention -> c_proj
+# `show` (here and below): None, or the model's observer for this block (see GPT)
+
+
+def attn_forward(ops, x, p, n_head, show=None):
+    # x (B,T,C) -> (B,T,C); p: c_attn.weight (C,3C) c_attn.bias (3C,) c_proj.weight (C,C)
+    # c_proj.bias (C,). c_attn's bias goes in with the attention (a fused kernel adds it as
+    # it reads qkv); c_attn's backward sums its gradient all the same
+    qkv, qkv_cache = ops.linear_forward(x, p["c_attn.weight"], None)  # (B,T,3C)
+    if show:
+        show("attn.c_attn", x, qkv + p["c_attn.bias"])
+    y, att_cache = ops.attention_forward(qkv, n_head, bias=p["c_attn.bias"])  # (B,T,C)
+    out, proj_cache = ops.linear_forward(y, p["c_proj.weight"], p["c_proj.bias"])
+    return out, (qkv_cache, att_cache, proj_cache)
+
+
+def attn_backward(ops, dout, cache):
+    # dout (B,T,C) -> dx (B,T,C), grads named like attn_forward's p
+    qkv_cache, att_cache, proj_cache = cache
+    g = {}
+    dy, g["c_proj.weight"], g["c_proj.bias"] = ops.linear_backward(dout, proj_cache)
+    dqkv = ops.attention_backward(dy, att_cache)
+    dx, g["c_attn.weight"], g["c_attn.bias"] = ops.linear_backward(dqkv, qkv_cache)
+    return dx, g
+
+
+# --------------------------------------------------------------------------------------
+# MLP: c_fc -> GELU -> c_proj
+
+
+def mlp_forward(ops, x, p, show=None):
+    # x (B,T,C) -> (B,T,C); p: c_fc.weight (C,4C) c_fc.bias (4C,) c_proj.weight (4C,C)
+    # c_proj.bias (C,). c_fc's bias goes in with the GELU (one pass fewer over (B,T,4C)
+    # where a kernel fuses them); c_fc's backward sums its gradient all the same
+    h, fc_cache = ops.linear_forward(x, p["c_fc.weight"], None)  # (B,T,4C)
+    if show:
+        show("mlp.c_fc", x, h + p["c_fc.bias"])
+    # only c_proj's matmul reads the GELU's output: it may come as its GEMM operand
+    h, gelu_cache = ops.gelu_forward(h, p["c_fc.bias"], operand=True)
+    out, proj_cache = ops.linear_forward(h, p["c_proj.weight"], p["c_proj.bias"])  # (B,T,C)
+    return out, (fc_cache, gelu_cache, proj_cache)
+
+
+def mlp_backward(ops, dout, cache):
+    # dout (B,T,C) -> dx (B,T,C), grads named like mlp_forward's p
+    fc_cache, gelu_cache, proj_cache = cache
+    g = {}
+    dh, g["c_proj.weight"], g["c_proj.bias"] = ops.linear_backward(dout, proj_cache)
+    dh = ops.gelu_backward(dh, gelu_cache)
+    dx, g["c_fc.weight"], g["c_fc.bias"] = ops.linear_backward(dh, fc_cache)
+    return dx, g
+
+
+# --------------------------------------------------------------------------------------
+# transformer block, pre-norm with residuals:
+#   x = x + attn(ln_1(x));  x = x + mlp(ln_2(x))
+
+
+def block_forward(ops, x, p, n_head, show=None):
+    # x (B,T,C) -> (B,T,C); p: this block's params named as in the checkpoint without
+    # "transformer.h.i.". Each LayerNorm's output only feeds a linear: it may come as its
+    # GEMM operand, unless an observer is to see its values
+    operand = show is None
+    h, ln1_cache = ops.layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"], operand=operand)
+    if show:
+        show("ln_1", x, h)
+    h, attn_cache = attn_forward(ops, h, sub_params(p, "attn."), n_head, show)
+    h += x  # residual, into the branch's fresh output (the caller's x stays untouched)
+    x = h
+    h, ln2_cache = ops.layernorm_forward(x, p["ln_2.weight"], p["ln_2.bias"], operand=operand)
+    if show:
+        show("ln_2", x, h)
+    h, mlp_cache = mlp_forward(ops, h, sub_params(p, "mlp."), show)
+    h += x  # residual
+    return h, (ln1_cache, attn_cache, ln2_cache, mlp_cache)
+
+
+def block_backward(ops, dx, cache):
+    # dx (B,T,C) -> dx (B,T,C), grads named like block_forward's p
+    ln1_cache, attn_cache, ln2_cache, mlp_cache = cache
+    g = {}
+    # the residual passes dx straight through; each branch adds its own contribution
+    dh, mlp_g = mlp_backward(ops, dx, mlp_cache)
+    dh, g["ln_2.weight"], g["ln_2.bias"] = ops.layernorm_backward(dh, ln2_cache)
+    dh += dx
+    dx = dh
+    dh, attn_g = attn_backward(ops, dx, attn_cache)
+    dh, g["ln_1.weight"], g["ln_1.bias"] = ops.layernorm_backward(dh, ln1_cache)
+    dh += dx
+    dx = dh
+    g.update({"mlp." + k: v for k, v in mlp_g.items()})
+    g.update({"attn." + k: v for k, v in attn_g.items()})
+    return dx, g
+
+
+# --------------------------------------------------------------------------------------
+# the whole model
+
+
 class GPT:
     """GPT-2 with a hand-written backward.
 
@@ -70,6 +183,14 @@ class GPT:
     precision ("fp32" | "tf32" | "bf16") is that of the matmuls (see gpt2np.layers): the
     weights, gradients and everything between the matmuls stay in `dtype`, which must be
     float32 for tf32/bf16 (float32 master weights, as mixed-precision training keeps them).
+
+    model.observer = f   shows the activations of every forward to f(name, input, output),
+    called as a torch forward hook on the GPT2LMHeadModel module of that name would be:
+      transformer.h.{i}.ln_1, transformer.h.{i}.ln_2, transformer.ln_f   the LayerNorms;
+      transformer.h.{i}.attn.c_attn   output: q, k, v with c_attn's bias (B,T,3C);
+      transformer.h.{i}.mlp.c_fc      output: c_fc's with its bias, the GELU's input (B,T,4C).
+    Arrays of the model's backend and dtype, which f must not modify. None (the default)
+    costs nothing.
     """
 
     def __init__(self, config: GPTConfig | None = None, *, backend: str = "numpy",
@@ -92,6 +213,8 @@ class GPT:
         self.precision = precision
         self.backend = get_backend(backend)
         self.xp = self.backend.xp
+        self.ops = self.backend.layer_ops(dtype)  # the layer functions: chosen here, once
+        self.observer = None
         host = init_params(config, seed, dtype) if params is None else params
         self.params = {}
         self.load_params(host)
@@ -103,18 +226,16 @@ class GPT:
 
     # ---------------------------------------------------------------- params in and out
 
-    def load_params(self, params: dict, strict: bool = True):
+    def load_params(self, params: dict):
         """Copy a name -> array dict (host or device) into the model, checking names and shapes."""
         shapes = param_shapes(self.config)
         missing = [k for k in shapes if k not in params]
         unexpected = [k for k in params if k not in shapes]
-        if strict and (missing or unexpected):
+        if missing or unexpected:
             raise ValueError(f"params do not match the model: missing {missing[:5]}"
                              f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                              f"{'...' if len(unexpected) > 5 else ''}")
         for name, shape in shapes.items():
-            if name not in params:
-                continue
             value = params[name]
             if tuple(value.shape) != shape:
                 raise ValueError(f"param {name!r} has shape {tuple(value.shape)}, "
@@ -130,6 +251,10 @@ class GPT:
         if non_embedding:
             n -= int(np.prod(self.params["transformer.wpe.weight"].shape))
         return n
+
+    def block_params(self, i):
+        """Block i's params named as block_forward takes them (no "transformer.h.i.")."""
+        return sub_params(self.params, f"transformer.h.{i}.")
 
     # ---------------------------------------------------------------- input checks
 
@@ -175,31 +300,35 @@ class GPT:
             if tuple(targets.shape) != (B, T):
                 raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {(B, T)}")
 
-        with L.matmul_precision(self.precision):
+        with L.matmul_precision(self.precision, self.backend):
             return self._forward(idx, targets)
 
     __call__ = forward
 
     def _forward(self, idx, targets):
+        ops, p, cfg = self.ops, self.params, self.config
         B, T = idx.shape
-        p = self.params
-        cfg = self.config
-        x, emb_cache = L.embedding_forward(idx, p["transformer.wte.weight"], p["transformer.wpe.weight"])
+        wte = p["transformer.wte.weight"]
+        x, emb_cache = ops.embedding_forward(idx, wte, p["transformer.wpe.weight"])  # (B,T,C)
         block_caches = []
         for i in range(cfg.n_layer):
-            x, c = L.block_forward(x, self._block_params(i), cfg.n_head)
+            show = self._show_for(f"transformer.h.{i}.")
+            x, c = block_forward(ops, x, self.block_params(i), cfg.n_head, show)
             block_caches.append(c)
-        x, lnf_cache = L.layernorm_forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"],
-                                           operand=True)  # only the lm_head's matmul reads it
-        V = cfg.vocab_size
+        # only the lm_head's matmul reads ln_f's output: it may come as its GEMM operand
+        h, lnf_cache = ops.layernorm_forward(x, p["transformer.ln_f.weight"],
+                                             p["transformer.ln_f.bias"],
+                                             operand=self.observer is None)
+        if self.observer is not None:
+            self.observer("transformer.ln_f", x, h)
         if targets is None:
-            logits, _ = L.lm_head_forward(x, p["transformer.wte.weight"])
+            logits, _ = ops.lm_head_forward(h, wte)  # (B,T,V), a new array
             self._cache = None
             return logits, None
-        logits, head_cache = L.lm_head_forward(x, p["transformer.wte.weight"],
-                                               out=self._buffer("logits", (B, T, V)))
-        loss, ce_cache = L.cross_entropy_forward(logits, targets,
-                                                 out=self._buffer("probs", (B, T, V)))
+        V = cfg.vocab_size
+        logits, head_cache = ops.lm_head_forward(h, wte, out=self._buffer("logits", (B, T, V)))
+        loss, ce_cache = ops.cross_entropy_forward(logits, targets,
+                                                   out=self._buffer("probs", (B, T, V)))
         self._cache = (emb_cache, block_caches, lnf_cache, head_cache, ce_cache)
         return logits, loss
 
@@ -212,29 +341,35 @@ class GPT:
         if self._cache is None:
             raise RuntimeError("backward() needs a forward(idx, targets) with targets first "
                                "(and runs once per forward)")
-        with L.matmul_precision(self.precision):
+        with L.matmul_precision(self.precision, self.backend):
             return self._backward()
 
     def _backward(self):
         emb_cache, block_caches, lnf_cache, head_cache, ce_cache = self._cache
         self._cache = None  # free the activations as we go and forbid a second backward
-        cfg = self.config
+        ops, cfg = self.ops, self.config
         grads = {}
-        dlogits = L.cross_entropy_backward(1.0, ce_cache, operand=True)  # only matmuls read it
+        dlogits = ops.cross_entropy_backward(1.0, ce_cache, operand=True)  # only matmuls read it
         dwte = self._buffer("dwte", self.params["transformer.wte.weight"].shape)
-        dx, dwte = L.lm_head_backward(dlogits, head_cache, dwte=dwte)
+        dx, dwte = ops.lm_head_backward(dlogits, head_cache, dwte=dwte)
         del dlogits, ce_cache, head_cache
         dx, grads["transformer.ln_f.weight"], grads["transformer.ln_f.bias"] = \
-            L.layernorm_backward(dx, lnf_cache)
+            ops.layernorm_backward(dx, lnf_cache)
         for i in reversed(range(cfg.n_layer)):
-            dx, g = L.block_backward(dx, block_caches.pop())
+            dx, g = block_backward(ops, dx, block_caches.pop())
             prefix = f"transformer.h.{i}."
             grads.update({prefix + k: v for k, v in g.items()})
         # wte is used twice (embedding and lm_head): its gradient is the sum of both uses,
         # so the embedding's rows are scattered straight into the lm_head's share
         grads["transformer.wte.weight"], grads["transformer.wpe.weight"] = \
-            L.embedding_backward(dx, emb_cache, dwte=dwte)
+            ops.embedding_backward(dx, emb_cache, dwte=dwte)
         return {k: grads[k] for k in self.params}  # the params' order
+
+    def _show_for(self, prefix):
+        """The observer for names under `prefix`, or None when no one observes."""
+        if self.observer is None:
+            return None
+        return lambda name, x, y: self.observer(prefix + name, x, y)
 
     def _buffer(self, name, shape):
         """A reusable array of this shape (made on first use or when the shape changes)."""
@@ -245,20 +380,8 @@ class GPT:
             self._buffers[name] = buf
         return buf
 
-    def _block_params(self, i):
-        """Block i's params named as layers.block_forward takes them (no "transformer.h.i.")."""
-        return L.sub_params(self.params, f"transformer.h.{i}.")
-
     # ---------------------------------------------------------------- conveniences
 
     def generate(self, idx, max_new_tokens, **kwargs):
         """Sample `max_new_tokens` after idx (B,T); see gpt2np.generate.generate."""
-        from gpt2np.generate import generate
-
-        return generate(self, idx, max_new_tokens, **kwargs)
-
-    def save_pretrained(self, folder):
-        """Write model.safetensors + config.json that transformers can load."""
-        from gpt2np.io.hf_folder import save_pretrained
-
-        return save_pretrained(self, folder)
+        return sampling.generate(self, idx, max_new_tokens, **kwargs)

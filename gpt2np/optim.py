@@ -34,10 +34,14 @@ class AdamW:
         self.eps = eps
         self.weight_decay = weight_decay
         self.t = 0  # steps taken
-        xp = lambda a: backend_of(a).xp  # noqa: E731
-        self.m = {k: xp(p).zeros_like(p) for k, p in params.items()}  # first moment
-        self.v = {k: xp(p).zeros_like(p) for k, p in params.items()}  # second moment
-        self._scratch = {}  # (backend, dtype) -> flat work array for step()
+        first = next(iter(params.values()), None)
+        self.backend = backend_of(first)  # every param on one backend, in one dtype
+        self.xp = xp = self.backend.xp
+        # the backend's fused update of every tensor at once, or None: _update's, per tensor
+        self.fused_update = None if first is None else self.backend.adamw_update(first.dtype)
+        self.m = {k: xp.zeros_like(p) for k, p in params.items()}  # first moment
+        self.v = {k: xp.zeros_like(p) for k, p in params.items()}  # second moment
+        self._scratch = {}  # dtype -> flat work array for step()
 
     def decays(self, name: str) -> bool:
         return self.params[name].ndim >= 2
@@ -55,9 +59,9 @@ class AdamW:
         sqrt_bias2 = math.sqrt(bias2)
         if self._fused_step(grads, lr, step_size, sqrt_bias2):
             return
+        xp = self.xp
         for name, p in self.params.items():
             decay = 1.0 - lr * self.weight_decay if self.decays(name) else 1.0
-            xp = backend_of(p).xp
             # Flat views, walked in blocks that stay in cache on the CPU: the eleven in-place
             # ops below then cost one trip through memory for p, g, m and v, not eleven;
             # and the scratch is one small block, not a param-sized temporary.
@@ -73,21 +77,20 @@ class AdamW:
                              decay, step_size, sqrt_bias2)
 
     def _fused_step(self, grads, lr, step_size, sqrt_bias2) -> bool:
-        """The whole update in a few kernel launches, where the backend has such a kernel
-        (CuPy: a multi-tensor AdamW, same arithmetic as _update); False where it has not."""
-        first = next(iter(self.params.values()), None)
-        be = backend_of(first) if first is not None else None
-        k = be.kernels() if hasattr(be, "kernels") and first.dtype == np.float32 else None
-        if k is None or not hasattr(k, "adamw_update"):
+        """The whole update in a few kernel launches, where the backend has a fused update
+        (CuPy: a multi-tensor AdamW, same arithmetic as _update) and the arrays suit it
+        (contiguous, one dtype); False otherwise."""
+        if self.fused_update is None:
             return False
         names = list(self.params)
+        dtype = self.params[names[0]].dtype
         if not all(self.params[n].flags.c_contiguous and grads[n].flags.c_contiguous
-                   and self.params[n].dtype == grads[n].dtype == first.dtype for n in names):
+                   and self.params[n].dtype == grads[n].dtype == dtype for n in names):
             return False
         decays = [1.0 - lr * self.weight_decay if self.decays(n) else 1.0 for n in names]
-        k.adamw_update([self.params[n] for n in names], [grads[n] for n in names],
-                       [self.m[n] for n in names], [self.v[n] for n in names], decays,
-                       self.beta1, self.beta2, self.eps, step_size, sqrt_bias2)
+        self.fused_update([self.params[n] for n in names], [grads[n] for n in names],
+                          [self.m[n] for n in names], [self.v[n] for n in names], decays,
+                          self.beta1, self.beta2, self.eps, step_size, sqrt_bias2)
         return True
 
     def _update(self, xp, p, g, m, v, decay, step_size, sqrt_bias2):
@@ -112,18 +115,13 @@ class AdamW:
 
     def _scratch_like(self, p):
         """A view of one flat scratch array (as big as the biggest block), shaped like p."""
-        key = (backend_of(p).name, p.dtype.str)
-        buf = self._scratch.get(key)
+        buf = self._scratch.get(p.dtype.str)
         if buf is None or buf.size < p.size:
-            buf = self._scratch[key] = backend_of(p).xp.empty(p.size, dtype=p.dtype)
+            buf = self._scratch[p.dtype.str] = self.xp.empty(p.size, dtype=p.dtype)
         return buf[:p.size].reshape(p.shape)
 
-    def state_dict(self) -> dict:
-        return {"t": self.t, "m": self.m, "v": self.v, "lr": self.lr,
-                "betas": (self.beta1, self.beta2), "eps": self.eps,
-                "weight_decay": self.weight_decay}
-
     def load_state_dict(self, state: dict):
+        """Take the moments m, v and the step count t of a checkpoint (host or device)."""
         for key in ("m", "v"):
             if set(state[key]) != set(self.params):
                 raise ValueError(f"optimizer state {key!r} does not match the params' names")
@@ -131,8 +129,8 @@ class AdamW:
                 if tuple(value.shape) != tuple(self.params[name].shape):
                     raise ValueError(f"optimizer state {key}[{name!r}] has shape "
                                      f"{tuple(value.shape)}, param has {tuple(self.params[name].shape)}")
-                be = backend_of(self.params[name])
-                getattr(self, key)[name] = be.asarray(value, dtype=self.params[name].dtype).copy()
+                param = self.params[name]
+                getattr(self, key)[name] = self.backend.asarray(value, dtype=param.dtype).copy()
         self.t = int(state["t"])
 
 
@@ -143,8 +141,8 @@ def global_grad_norm(grads: dict) -> float:
     per step instead of one synchronising transfer per tensor (148 for GPT-2)."""
     total = 0.0
     device_total = None
+    xp = backend_of(next(iter(grads.values()), None)).xp  # every gradient on one backend
     for g in grads.values():
-        xp = backend_of(g).xp
         g2 = g.reshape(-1)
         sq = xp.dot(g2, g2)
         if xp is np:

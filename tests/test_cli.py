@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt2np import GPT, GPTConfig
+from gpt2np import GPT, GPTConfig, save_pretrained
 from gpt2np.commands import export as export_cmd
 from gpt2np.commands import generate as generate_cmd
 
@@ -20,7 +20,8 @@ def paths(tmp_path_factory):
     (root / "empty").mkdir()
     (root / "notes.txt").write_text("not a model")
     # a model of 40 tokens: GPT-2's BPE encodes prompts past its vocabulary
-    GPT(GPTConfig(block_size=8, vocab_size=40, n_layer=1, n_head=1, n_embd=4)).save_pretrained(root / "small")
+    save_pretrained(GPT(GPTConfig(block_size=8, vocab_size=40, n_layer=1, n_head=1, n_embd=4)),
+                    root / "small")
     (root / "full").mkdir()
     (root / "full" / "keep.txt").write_text("x")
     return root

@@ -8,37 +8,27 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpt2np.backends import KernelCache
-from gpt2np.backends.cupy_attention import attention_backward, attention_forward, numpy_ops
+from gpt2np.backends.cupy_attention import (BlockCache, attention_backward, attention_forward,
+                                            numpy_row_ops)
 from gpt2np import layers as L
 from gradcheck import assert_close
 
 
 @given(B=st.integers(1, 3), T=st.integers(1, 40), NH=st.integers(1, 4), hs=st.integers(1, 9),
-       block=st.sampled_from([1, 3, 16, 256]), seed=st.integers(0, 2**31 - 1))
-def test_blocked_attention_equals_the_reference(B, T, NH, hs, block, seed):
+       block=st.sampled_from([1, 3, 16, 256]), bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_blocked_attention_equals_the_reference(B, T, NH, hs, block, bias, seed):
     rng = np.random.default_rng(seed)
     qkv = rng.standard_normal((B, T, 3 * NH * hs))
+    b = rng.standard_normal(3 * NH * hs) if bias else None
     dy = rng.standard_normal((B, T, NH * hs))
-    ref, ref_cache = L.attention_forward(qkv, NH)
+    ref, ref_cache = L.attention_forward(qkv, NH, b)
     ref_dqkv = L.attention_backward(dy, ref_cache)
-    ops = numpy_ops(block=block)
-    out, cache = attention_forward(qkv, NH, ops=ops)
-    assert isinstance(cache, KernelCache)
-    dqkv = cache.backward(dy, cache)  # how layers.attention_backward hands it over
+    out, cache = attention_forward(qkv, NH, b, row_ops=numpy_row_ops(block=block))
+    assert isinstance(cache, BlockCache)  # the query blocks ran (not flash attention)
+    dqkv = attention_backward(dy, cache)  # the cache knows its row ops
     assert out.shape == ref.shape and dqkv.shape == qkv.shape
     assert_close(out, ref, 1e-12, "y")
     assert_close(dqkv, ref_dqkv, 1e-12, "dqkv")
-
-
-def test_dispatch_through_the_layer_functions():
-    # layers.attention_backward must recognise this cache and hand the work over
-    rng = np.random.default_rng(0)
-    qkv = rng.standard_normal((2, 7, 3 * 8))
-    out, cache = attention_forward(qkv, 2, ops=numpy_ops())
-    dqkv = L.attention_backward(np.ones_like(out), cache)
-    ref = L.attention_backward(np.ones_like(out), L.attention_forward(qkv, 2)[1])
-    assert_close(dqkv, ref, 1e-12)
 
 
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
@@ -51,7 +41,7 @@ def test_blocked_attention_in_low_precision(precision):
     with L.matmul_precision(precision):
         ref, ref_cache = L.attention_forward(qkv, 4)
         ref_dqkv = L.attention_backward(dy, ref_cache)
-        out, cache = attention_forward(qkv, 4, ops=numpy_ops(block=8))
-        dqkv = attention_backward(dy, cache, ops=numpy_ops(block=8))
+        out, cache = attention_forward(qkv, 4, row_ops=numpy_row_ops(block=8))
+        dqkv = attention_backward(dy, cache)
     assert_close(out, ref, 1e-5, "y")
     assert_close(dqkv, ref_dqkv, 1e-4, "dqkv")

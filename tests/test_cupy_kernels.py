@@ -9,7 +9,6 @@ import math
 import numpy as np
 import pytest
 
-from gpt2np.backends import KernelCache
 from gpt2np import layers as L
 from gpt2np.optim import AdamW
 from gradcheck import assert_close
@@ -57,14 +56,13 @@ def test_layernorm_matches_reference(shape):
     grads_ref = L.layernorm_backward(dout64, cache_ref)
 
     out, cache = K.layernorm_forward(x, w, b)
-    assert isinstance(cache, KernelCache) and cache.backward is K.layernorm_backward
     assert out.dtype == np.float32 and out.shape == shape
     assert_close(_host(out), out_ref, 1e-5, "layernorm out")
-    grads = cache.backward(dout, cache)
+    grads = K.layernorm_backward(dout, cache)
     for name, g, ref in zip(("dx", "dweight", "dbias"), grads, grads_ref):
         assert g.dtype == np.float32
         assert_close(_host(g), ref, 1e-5, f"layernorm {name}")
-    again = cache.backward(dout, cache)  # no atomics: bit-identical
+    again = K.layernorm_backward(dout, cache)  # no atomics: bit-identical
     for g, g2 in zip(grads, again):
         assert np.array_equal(_host(g), _host(g2))
 
@@ -96,9 +94,27 @@ def test_gelu_matches_reference(shape):
     out_ref, cache_ref = L.gelu_forward(x64)
     dx_ref = L.gelu_backward(dout64, cache_ref)
     out, cache = K.gelu_forward(x)
-    assert isinstance(cache, KernelCache) and cache.backward is K.gelu_backward
     assert_close(_host(out), out_ref, 1e-5, "gelu out")
-    assert_close(_host(cache.backward(dout, cache)), dx_ref, 1e-5, "gelu dx")
+    assert_close(_host(K.gelu_backward(dout, cache)), dx_ref, 1e-5, "gelu dx")
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 37), (7, 3072)])
+def test_gelu_with_bias_matches_reference_and_leaves_its_input(shape):
+    # the fused bias + GELU (c_fc's bias added on the way) against the reference's
+    # gelu_forward(x, bias); x itself is the caller's, and stays as it was
+    K = _K()
+    rng = np.random.default_rng(12)
+    x64, x = _f32(3 * rng.standard_normal(shape))
+    b64, b = _f32(rng.standard_normal(shape[-1]))
+    dout64, dout = _f32(rng.standard_normal(shape))
+    out_ref, cache_ref = L.gelu_forward(x64, b64)
+    dx_ref = L.gelu_backward(dout64, cache_ref)
+    out, cache = K.gelu_forward(x, b)
+    np.testing.assert_array_equal(_host(x), x64.astype(np.float32))
+    assert_close(_host(out), out_ref, 1e-5, "bias+gelu out")
+    assert_close(_host(K.gelu_backward(dout, cache)), dx_ref, 1e-5, "bias+gelu dx")
+    with pytest.raises(ValueError, match="bias"):
+        K.gelu_forward(x, b[:-1])
 
 
 # --------------------------------------------------------------------------------------
@@ -131,9 +147,9 @@ def test_cross_entropy_matches_reference(B, T, V, dloss):
 
     loss, cache = K.cross_entropy_forward(logits, cp.asarray(targets))
     assert isinstance(loss, cp.ndarray) and loss.shape == () and loss.dtype == np.float32
-    assert isinstance(cache, KernelCache) and cache.backward is K.cross_entropy_backward
     _assert_loss_close(loss, loss_ref)
-    dl = cache.backward(cp.asarray(d, dtype=cp.float32) if dloss == "device" else d, cache)
+    dl = K.cross_entropy_backward(cp.asarray(d, dtype=cp.float32) if dloss == "device" else d,
+                                  cache)
     assert dl.shape == (B, T, V) and dl.dtype == np.float32
     # on the scale of a row's weight dloss / n_valid: a confident row's p - 1 is far smaller
     err = np.abs(_host(dl) - dlogits_ref).max() / (d / np.count_nonzero(targets != -1))
@@ -149,8 +165,8 @@ def test_cross_entropy_is_stable_for_large_logits_and_takes_int32_targets():
     loss, cache = K.cross_entropy_forward(logits, cp.asarray(targets, dtype=cp.int32))
     _assert_loss_close(loss, loss_ref)
     # logits near 1000 carry float32's 6e-5 spacing into exp(logit - lse): a looser bound
-    assert_close(_host(cache.backward(1.0, cache)), L.cross_entropy_backward(1.0, cache_ref), 1e-4,
-                 "dlogits")
+    assert_close(_host(K.cross_entropy_backward(1.0, cache)),
+                 L.cross_entropy_backward(1.0, cache_ref), 1e-4, "dlogits")
 
 
 def test_cross_entropy_backward_writes_into_out():
@@ -159,7 +175,7 @@ def test_cross_entropy_backward_writes_into_out():
     (logits64, logits), targets = _ce_case(rng, 2, 4, 77)
     out = cp.full((2, 4, 77), cp.nan, dtype=cp.float32)
     loss, cache = K.cross_entropy_forward(logits, cp.asarray(targets), out=out)
-    dl = cache.backward(1.0, cache)
+    dl = K.cross_entropy_backward(1.0, cache)
     assert dl is out
     _, cache_ref = L.cross_entropy_forward(logits64, targets)
     assert_close(_host(out), L.cross_entropy_backward(1.0, cache_ref), 1e-5, "dlogits in out")
@@ -180,8 +196,8 @@ def test_cross_entropy_backward_refuses_an_out_overlapping_logits():
     expected = L.cross_entropy_backward(1.0, cache_ref)
     logits = cp.asarray(logits64.astype(np.float32))
     _, cache = K.cross_entropy_forward(logits, cp.asarray(targets), out=logits)
-    with pytest.raises(ValueError, match="overlaps logits.*bf16"):
-        K.cross_entropy_backward(1.0, cache, bf16=True)
+    with pytest.raises(ValueError, match="overlaps logits.*bf16"), L.matmul_precision("bf16"):
+        K.cross_entropy_backward(1.0, cache, operand=True)
     assert_close(_host(logits), logits64, 0, "logits untouched by the refused call")
     assert K.cross_entropy_backward(1.0, cache) is logits  # float32 in place: allowed
     assert_close(_host(logits), expected, 1e-5, "dlogits over logits")
@@ -190,12 +206,13 @@ def test_cross_entropy_backward_refuses_an_out_overlapping_logits():
     shifted = buf[V:].reshape(B, T, V)  # logits one row further than out
     shifted[...] = cp.asarray(logits64.astype(np.float32))
     _, cache = K.cross_entropy_forward(shifted, cp.asarray(targets), out=buf[:-V].reshape(B, T, V))
-    for bf16 in (False, True):
-        with pytest.raises(ValueError, match="overlaps logits"):
-            K.cross_entropy_backward(1.0, cache, bf16=bf16)
+    for precision in ("fp32", "bf16"):
+        with pytest.raises(ValueError, match="overlaps logits"), L.matmul_precision(precision):
+            K.cross_entropy_backward(1.0, cache, operand=True)
     separate = cp.empty((B, T, V), dtype=cp.float32)  # no overlap: the bf16 bits go to out
     _, cache = K.cross_entropy_forward(shifted, cp.asarray(targets), out=separate)
-    d16 = K.cross_entropy_backward(1.0, cache, bf16=True)
+    with L.matmul_precision("bf16"):
+        d16 = K.cross_entropy_backward(1.0, cache, operand=True)
     assert d16.data.ptr == separate.data.ptr
     assert_close(_host(shifted), logits64, 0, "logits untouched by the bf16 gradient")
 
@@ -206,7 +223,7 @@ def test_cross_entropy_all_ignored_is_nan_with_zero_gradient():
     _, logits = _f32(rng.standard_normal((2, 3, 40)))
     loss, cache = K.cross_entropy_forward(logits, cp.full((2, 3), -1, dtype=cp.int64))
     assert math.isnan(float(loss))  # as torch: the mean over no tokens
-    dl = _host(cache.backward(1.0, cache))
+    dl = _host(K.cross_entropy_backward(1.0, cache))
     assert np.all(dl == 0)
 
 
@@ -344,8 +361,8 @@ def _same_bf16(got, expected, name):
 
 
 def test_kernels_write_bf16_operands():
-    # bf16=True must equal the float32 kernel's output cast by to_bf16 (to_bf16: round to
-    # nearest even, as torch), and leave the same state for the backward
+    # an operand in bf16 must equal the float32 kernel's output cast by to_bf16 (to_bf16:
+    # round to nearest even, as torch), and leave the same state for the backward
     from gpt2np.backends import get_backend
 
     cp, K, be = _cp(), _K(), get_backend("cupy")
@@ -353,41 +370,51 @@ def test_kernels_write_bf16_operands():
     x = cp.asarray(2 * rng.standard_normal((37, 96)), dtype=cp.float32)
     w = cp.asarray(1 + 0.1 * rng.standard_normal(96), dtype=cp.float32)
     b = cp.asarray(0.1 * rng.standard_normal(96), dtype=cp.float32)
-    out32, c32 = K.layernorm_forward(x, w, b)
-    out16, c16 = K.layernorm_forward(x, w, b, bf16=True)
+    out32, c32 = K.layernorm_forward(x, w, b, operand=True)  # fp32: float32 operands
+    with L.matmul_precision("bf16"):
+        out16, c16 = K.layernorm_forward(x, w, b, operand=True)
+    assert out32.dtype == cp.float32
     assert out16.dtype == cp.uint16 and out16.shape == x.shape
     _same_bf16(out16, be.to_bf16(out32), "layernorm")
-    for a, a2 in zip(c32.saved, c16.saved):
+    for a, a2 in zip(c32, c16):
         np.testing.assert_array_equal(_host(a), _host(a2))
     bias = cp.asarray(rng.standard_normal(96), dtype=cp.float32)
-    out32, c32 = K.bias_gelu_forward(x.copy(), bias)
-    out16, c16 = K.bias_gelu_forward(x.copy(), bias, bf16=True)
-    assert out16.dtype == cp.uint16
+    out32, c32 = K.gelu_forward(x, bias, operand=True)
+    with L.matmul_precision("bf16"):
+        out16, c16 = K.gelu_forward(x, bias, operand=True)
+    assert out32.dtype == cp.float32 and out16.dtype == cp.uint16
     _same_bf16(out16, be.to_bf16(out32), "bias+gelu")
-    np.testing.assert_array_equal(_host(c16.saved[0]), _host(c32.saved[0]))  # x + bias
+    np.testing.assert_array_equal(_host(c16[0]), _host(c32[0]))  # x + bias
     logits = cp.asarray(3 * rng.standard_normal((2, 5, 50)), dtype=cp.float32)
     targets = cp.asarray(rng.integers(0, 50, (2, 5)))
     targets[0, 1] = -1  # an ignored row: zeros
     for out in (None, cp.empty((2, 5, 50), dtype=cp.float32)):  # into the first half of out
         _, cache = K.cross_entropy_forward(logits, targets, out=out)
-        d32 = _host(K.cross_entropy_backward(1.0, cache)).copy()
-        d16 = K.cross_entropy_backward(1.0, cache, bf16=True)
+        d32 = _host(K.cross_entropy_backward(1.0, cache, operand=True)).copy()  # fp32
+        with L.matmul_precision("bf16"):
+            d16 = K.cross_entropy_backward(1.0, cache, operand=True)
         assert d16.dtype == cp.uint16 and d16.shape == logits.shape
         _same_bf16(d16, be.to_bf16(cp.asarray(d32)), "cross-entropy dlogits")
 
 
-def test_layers_ask_for_bf16_operands_only_in_bf16():
-    cp = _cp()
+def test_operands_come_as_bf16_bits_only_in_bf16():
+    # the fused ops give what their references give through matmul_operand on the cupy
+    # backend: bf16 bits for an operand in bf16, float32 otherwise
+    from gpt2np.backends import get_backend
+
+    cp, be = _cp(), get_backend("cupy")
+    ops = be.layer_ops("float32")
     rng = np.random.default_rng(0)
     x = cp.asarray(rng.standard_normal((2, 4, 32)), dtype=cp.float32)
     w, b = cp.ones(32, dtype=cp.float32), cp.zeros(32, dtype=cp.float32)
-    assert L.layernorm_forward(x, w, b, operand=True)[0].dtype == cp.float32  # fp32
-    assert L.layernorm_forward(x, w, b)[0].dtype == cp.float32
-    with L.matmul_precision("bf16"):
-        assert L.layernorm_forward(x, w, b, operand=True)[0].dtype == cp.uint16
-        assert L.layernorm_forward(x, w, b)[0].dtype == cp.float32  # not an operand
-    with L.matmul_precision("tf32"):
-        assert L.layernorm_forward(x, w, b, operand=True)[0].dtype == cp.float32
+    layers = (lambda o, **k: o.layernorm_forward(x, w, b, **k),
+              lambda o, **k: o.gelu_forward(x, b, **k))
+    for precision, operand in (("fp32", cp.float32), ("tf32", cp.float32), ("bf16", cp.uint16)):
+        with L.matmul_precision(precision, be):
+            for layer in layers:
+                assert layer(ops, operand=True)[0].dtype == operand, precision
+                assert layer(L.REFERENCE_OPS, operand=True)[0].dtype == operand, precision
+                assert layer(ops)[0].dtype == cp.float32  # not an operand
 
 
 # --------------------------------------------------------------------------------------
@@ -398,7 +425,7 @@ def test_mma_fragment_layout_is_the_hardwares():
     # flash_attention.cu loads mma.m16n8k16's fragments with ldmatrix as the PTX ISA lays
     # them out (and tests/cuda_sim emulates both instructions from that text): on a GPU
     # this checks the hardware agrees, for both ways the kernels stage the b operand
-    from gpt2np.backends.numpy_backend import round_mantissa
+    from gpt2np.layers import round_mantissa
 
     cp = _cp()
     rng = np.random.default_rng(0)

@@ -1,6 +1,6 @@
 """Training diagnostics (gpt2np.train.diagnostics): the logged gradient norms are torch autograd's,
 the update ratios are the params' measured change, the activation figures are those of a
-direct computation, for the array engine (from its caches) and the torch engine (hooks)."""
+direct computation, for the array engine (the model's observer) and the torch engine (hooks)."""
 import json
 import math
 
@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2np.backends import KernelCache
 from gpt2np.backends.torch_reference import TorchGPT
 from gpt2np import GPT, GPTConfig
 from gpt2np.train import diagnostics as D
@@ -137,40 +136,43 @@ def test_activation_figures_equal_a_direct_computation(kind, tmp_path):
                if "attn_entropy" in f)
 
 
-def test_the_fused_kernels_caches_give_the_same_figures():
-    """CuPy's fused layers keep other caches (backends.KernelCache): the same figures."""
-    rng = np.random.default_rng(0)
-    model = GPT(CFG, dtype="float32",
-                params={k: v.astype(np.float32) for k, v in params64().items()})
-    x, y = batches(1)[0]
-    model.forward(x, y)
-    ref = D.model_activations(model)
-    _, blocks, lnf, _, _ = model._cache
-
-    def ln_kernel(cache):  # layernorm kernel: x, weight, mean (N,), rstd (N,)
-        norm, rstd, weight = cache
-        xin = norm / rstd + rng.standard_normal(rstd.shape).astype(np.float32)  # any mean
-        mean = xin.mean(-1)
-        return KernelCache(None, xin, weight, mean.reshape(-1), rstd.reshape(-1))
-
-    def attention_kernel(cache):  # the query blocks: qs, k, v, y, lse (B,NH,T), scale
-        qs, k, v, y_, lse, scale = cache
-        return KernelCache(None, qs, k, v, y_, lse[..., 0], scale)
-
-    fused = []
-    for ln1, (qkv_c, att_c, proj_c), ln2, (fc_c, gelu_c, p_c) in blocks:
-        fused.append((ln_kernel(ln1), (qkv_c, attention_kernel(att_c), proj_c), ln_kernel(ln2),
-                      (fc_c, KernelCache(None, gelu_c[0]), p_c)))
-    model._cache = (None, fused, ln_kernel(lnf), None, None)
-    assert_figures_equal(D.model_activations(model), ref, rel=1e-5)
+def observed(model, x, y=None):
+    """[(name, input, output)] the model shows its observer in one forward (copies)."""
+    seen = []
+    model.observer = lambda name, a, b: seen.append((name, np.array(a), np.array(b)))
+    try:
+        model.forward(x, y)
+    finally:
+        model.observer = None
+    return seen
 
 
-def test_bf16_operands_are_read_as_their_values():
-    x = np.array([1.0, -2.5, 3.140625, 1e-3, -7e4], dtype=np.float32)
-    bits = (x.view(np.uint32) >> 16).astype(np.uint16)  # truncation: exact for these bf16s
-    back = D.bf16_to_float32(bits)
-    assert back.dtype == np.float32
-    assert np.array_equal(back[:3], x[:3]) and np.allclose(back, x, rtol=1e-2)
+def test_the_observer_sees_torchs_module_inputs_and_outputs():
+    """GPT.observer: at each named point, the input and output a torch forward hook on the
+    GPT2LMHeadModel module of that name sees (float64, to rounding), in forward order; and
+    watching changes nothing the model computes."""
+    params, (x, y) = params64(), batches(1)[0]
+    model = GPT(CFG, dtype="float64", params=params)
+    _, loss = model.forward(x, y)
+    grads = {k: v.copy() for k, v in model.backward().items()}
+    seen = observed(model, x, y)
+    assert [name for name, _, _ in seen] == D.points(CFG.n_layer)
+    _, loss2 = model.forward(x, y)  # the observed forward's backward: the same bits
+    assert float(loss2) == float(loss)
+    for k, g in model.backward().items():
+        np.testing.assert_array_equal(g, grads[k], err_msg=k)
+    ref = TorchGPT.from_params(CFG, params, dtype=torch.float64)
+    hooked = {}
+    hooks = [ref.get_submodule(n).register_forward_hook(
+        lambda mod, i, o, n=n: hooked.__setitem__(n, (i[0].detach().numpy(), o.detach().numpy())))
+        for n in D.points(CFG.n_layer)]
+    with torch.no_grad():
+        ref(torch.from_numpy(x))
+    for h in hooks:
+        h.remove()
+    for name, a, b in seen:
+        np.testing.assert_allclose(a, hooked[name][0], rtol=1e-12, atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(b, hooked[name][1], rtol=1e-12, atol=1e-12, err_msg=name)
 
 
 def test_entropy_from_lse_equals_entropy_without_it():
@@ -253,9 +255,10 @@ def test_the_training_flag_logs_every_n_steps_and_resumes(tmp_path):
 
 @pytest.mark.parametrize("n_embd, precision, attention", [
     (16, "fp32", "query blocks"), (16, "bf16", "query blocks"), (128, "bf16", "flash")])
-def test_cupy_caches_on_the_simulated_gpu(n_embd, precision, attention, monkeypatch):
-    """CuPy's fused layers (on the CUDA simulator; flash attention at head size 64): the
-    figures of the numpy model's, and the norms of device arrays summed on the device."""
+def test_cupy_figures_on_the_simulated_gpu(n_embd, precision, attention, monkeypatch):
+    """CuPy's fused layers (on the CUDA simulator; flash attention at head size 64) show the
+    observer what the numpy model shows it, without changing a bit of the step; and the
+    norms of device arrays are summed on the device."""
     import cuda_sim
     from cuda_sim import fake_cupy
 
@@ -268,14 +271,27 @@ def test_cupy_caches_on_the_simulated_gpu(n_embd, precision, attention, monkeypa
     figures = {}
     for backend in ("numpy", "cupy"):
         if backend == "cupy":
-            cp = fake_cupy.install(monkeypatch)
+            fake_cupy.install(monkeypatch)
+            from gpt2np.backends import cupy_attention
+
+            flash_calls = []
+            flash = cupy_attention.flash_attention_forward
+            monkeypatch.setattr(cupy_attention, "flash_attention_forward",
+                                lambda *a: (flash_calls.append(1), flash(*a))[1])
         model = GPT(cfg, backend=backend, precision=precision, params=params)
-        model.forward(x, y)
-        figures[backend] = D.model_activations(model)
+        recorder = D.ActivationRecorder(cfg.n_head)
+        model.observer = recorder
+        _, loss = model.forward(x, y)
+        recorder.end_forward()
+        grads = {k: np.array(model.backend.to_host(g)) for k, g in model.backward().items()}
+        figures[backend] = recorder.forwards[0]
+        model.observer = None  # the same step unobserved: the same bits
+        _, loss2 = model.forward(x, y)
+        assert float(loss2) == float(loss)
+        for k, g in model.backward().items():
+            np.testing.assert_array_equal(model.backend.to_host(g), grads[k], err_msg=k)
         if backend == "cupy":
-            kept = model._cache[1][0][1][1].saved  # block 0's attention cache
-            assert len(kept) == (4 if attention == "flash" else 6)
-            assert (kept[0].dtype == np.uint16) == (precision == "bf16")  # bf16 bits
+            assert bool(flash_calls) == (attention == "flash")
             norms = D.tensor_norms(model.params)
             assert type(model.params["transformer.wte.weight"]).__module__ == "cupy"
             fake_cupy.clear_caches()
@@ -283,4 +299,3 @@ def test_cupy_caches_on_the_simulated_gpu(n_embd, precision, attention, monkeypa
                          rel=1e-2 if precision == "bf16" else 1e-5)
     for k, p in params.items():
         assert norms[k] == pytest.approx(np.linalg.norm(p.astype(np.float64)), rel=1e-12)
-    del cp

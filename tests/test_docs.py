@@ -162,10 +162,10 @@ def test_every_reference_exists_and_every_quote_is_in_its_function():
 
 def test_every_backward_and_the_optimizer_is_covered():
     refs = set(REF.findall(_doc()))
-    tree = ast.parse((ROOT / "gpt2np" / "layers.py").read_text())
-    backwards = [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.endswith("_backward")]
-    assert len(backwards) >= 10
-    wanted = {("gpt2np/layers.py", name) for name in backwards}
+    wanted = {(f"gpt2np/{f}", n.name) for f in ("layers.py", "model.py")  # layers, compositions
+              for n in ast.parse((ROOT / "gpt2np" / f).read_text()).body
+              if isinstance(n, ast.FunctionDef) and n.name.endswith("_backward")}
+    assert len(wanted) >= 10
     wanted |= {("gpt2np/optim.py", n) for n in ("AdamW._update", "AdamW.step", "clip_grad_norm")}
     assert wanted - refs == set(), "derive these in docs/backward.md"
 

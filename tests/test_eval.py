@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from gpt2np import GPT, GPTConfig
+from gpt2np import GPT, GPTConfig, save_pretrained
 from gpt2np.commands import eval as eval_cmd
 from gpt2np.evals import loss as E
 from gpt2np.evals import hellaswag as H
@@ -29,7 +29,7 @@ def saved(tmp_path_factory):
     """A float64 tiny GPT saved as a model folder, a text file, a shard folder, HellaSwag."""
     tmp = tmp_path_factory.mktemp("eval")
     model = GPT(CFG, dtype="float64", seed=7)
-    model.save_pretrained(tmp / "model")
+    save_pretrained(model, tmp / "model")
     (tmp / "text.txt").write_text(TEXT)
     rng = np.random.default_rng(0)
     os.makedirs(tmp / "shards")

@@ -58,7 +58,7 @@ def _padded_folder(tmp_path):
     rng = np.random.default_rng(1)
     for p in model.params.values():
         p += rng.normal(0, 0.1, p.shape).astype(p.dtype)
-    model.save_pretrained(tmp_path / "padded")
+    gpt2np.save_pretrained(model, tmp_path / "padded")
     return model, tmp_path / "padded"
 
 

@@ -30,41 +30,54 @@ def host(a):
     return np.array(a, dtype=np.float64)
 
 
-def _check_layer(cp, fwd, bwd, inputs, rng, tol=(1e-5, 1e-4), name=""):
-    out64, cache64 = fwd(*inputs)
+def _check_layer(cp, name, inputs, rng, tol=(1e-5, 1e-4), **kw):
+    """The cupy backend's float32 op `name` (forward and backward) against the reference
+    layer in float64, run as a model runs it (on the backend's GEMMs)."""
+    from gpt2np.backends import get_backend
+
+    be = get_backend("cupy")
+    ops = be.layer_ops("float32")
+    out64, cache64 = getattr(L, f"{name}_forward")(*inputs, **kw)
     dout = rng.standard_normal(out64.shape)
-    g64 = bwd(dout, cache64)
-    out32, cache32 = fwd(*[dev(cp, a) for a in inputs])
-    assert type(out32).__module__ == "cupy" and out32.dtype == np.float32, name
-    g32 = bwd(dev(cp, dout), cache32)
+    g64 = getattr(L, f"{name}_backward")(dout, cache64)
+    with L.matmul_precision("fp32", be):
+        args = [dev(cp, a) if isinstance(a, np.ndarray) else a for a in inputs]
+        out32, cache32 = getattr(ops, f"{name}_forward")(*args, **kw)
+        assert type(out32).__module__ == "cupy" and out32.dtype == np.float32, name
+        g32 = getattr(ops, f"{name}_backward")(dev(cp, dout), cache32)
+    g32, g64 = (g if isinstance(g, tuple) else (g,) for g in (g32, g64))
     assert_close(host(out32), out64, tol[0], f"{name} forward")
     for i, (a, b) in enumerate(zip(g32, g64)):
         assert_close(host(a), b, tol[1], f"{name} grad {i}")
-    return cache32
+    return ops
 
 
 def test_fused_layers_match_the_reference(cp):
-    from gpt2np.backends import KernelCache
+    from gpt2np.backends import cupy_kernels as K
+    from gpt2np.backends.cupy_attention import attention_forward
 
     rng = np.random.default_rng(0)
     B, T, C = 2, 9, 37  # C odd and not a multiple of a warp
     x = rng.standard_normal((B, T, C))
-    cache = _check_layer(cp, L.layernorm_forward, L.layernorm_backward,
-                         [x * 3 + 1, 1 + 0.1 * rng.standard_normal(C), 0.1 * rng.standard_normal(C)],
-                         rng, name="layernorm")
-    assert isinstance(cache, KernelCache)  # the fused kernel ran, not the reference
-    cache = _check_layer(cp, L.gelu_forward, lambda d, c: (L.gelu_backward(d, c),), [3 * x], rng,
-                         name="gelu")
-    assert isinstance(cache, KernelCache)
+    ops = _check_layer(cp, "layernorm",
+                       [x * 3 + 1, 1 + 0.1 * rng.standard_normal(C), 0.1 * rng.standard_normal(C)], rng)
+    assert ops.layernorm_forward is K.layernorm_forward  # the fused kernel ran, not the reference
+    _check_layer(cp, "gelu", [3 * x], rng)
+    _check_layer(cp, "gelu", [3 * x, rng.standard_normal(C)], rng)  # c_fc's bias fused in
+    assert ops.gelu_forward is K.gelu_forward
     qkv = rng.standard_normal((B, T, 3 * 32))
-    cache = _check_layer(cp, lambda a: L.attention_forward(a, 4),
-                         lambda d, c: (L.attention_backward(d, c),), [qkv], rng, name="attention")
-    assert isinstance(cache, KernelCache)
-    _check_layer(cp, L.linear_forward, L.linear_backward,
-                 [x, 0.2 * rng.standard_normal((C, 3 * C)), 0.1 * rng.standard_normal(3 * C)],
-                 rng, name="linear (cuBLAS)")
-    _check_layer(cp, L.lm_head_forward, L.lm_head_backward,
-                 [x, 0.2 * rng.standard_normal((53, C))], rng, name="lm_head (cuBLAS)")
+    _check_layer(cp, "attention", [qkv, 4], rng)
+    _check_layer(cp, "attention", [qkv, 4, rng.standard_normal(3 * 32)], rng)  # with c_attn's bias
+    assert ops.attention_forward is attention_forward
+    _check_layer(cp, "linear",
+                 [x, 0.2 * rng.standard_normal((C, 3 * C)), 0.1 * rng.standard_normal(3 * C)], rng)
+    _check_layer(cp, "lm_head", [x, 0.2 * rng.standard_normal((53, C))], rng)
+
+
+def _ops():
+    from gpt2np.backends import get_backend
+
+    return get_backend("cupy").layer_ops("float32")
 
 
 def test_fused_cross_entropy(cp):
@@ -75,16 +88,17 @@ def test_fused_cross_entropy(cp):
     targets[0, 1] = targets[1, 4] = -1  # ignored
     loss64, c64 = L.cross_entropy_forward(logits, targets)
     d64 = L.cross_entropy_backward(0.7, c64)
+    ops = _ops()
     buf = cp.empty((2, 5, V), dtype=np.float32)
-    loss32, c32 = L.cross_entropy_forward(dev(cp, logits), cp.asarray(targets), out=buf)
-    d32 = L.cross_entropy_backward(0.7, c32)
+    loss32, c32 = ops.cross_entropy_forward(dev(cp, logits), cp.asarray(targets), out=buf)
+    d32 = ops.cross_entropy_backward(0.7, c32)
     assert_close(float(loss32), float(loss64), 1e-6, "loss")
     assert d32.ctypes.data == buf.ctypes.data  # written into the buffer handed in
     assert_close(host(d32), d64, 1e-5, "dlogits")
     assert not host(d32)[0, 1].any()  # ignored rows get no gradient
     none = cp.asarray(np.full((1, 3), -1))
     with np.errstate(divide="ignore", invalid="ignore"):  # NumPy warns where CuPy does not
-        loss, _ = L.cross_entropy_forward(dev(cp, logits[:1, :3]), none)
+        loss, _ = ops.cross_entropy_forward(dev(cp, logits[:1, :3]), none)
     assert np.isnan(float(loss))  # the mean over no tokens, as torch
 
 
@@ -98,11 +112,12 @@ def test_fused_embedding_backward_accumulates_deterministically(cp):
     prior = rng.standard_normal((V, C))
     _, c64 = L.embedding_forward(idx, wte, wpe)
     dwte64, dwpe64 = L.embedding_backward(dx, c64, dwte=prior.copy())
-    _, c32 = L.embedding_forward(cp.asarray(idx), dev(cp, wte), dev(cp, wpe))
+    ops = _ops()
+    _, c32 = ops.embedding_forward(cp.asarray(idx), dev(cp, wte), dev(cp, wpe))
     runs = []
     for _ in range(2):
         buf = dev(cp, prior)
-        dwte, dwpe = L.embedding_backward(dev(cp, dx), c32, dwte=buf)
+        dwte, dwpe = ops.embedding_backward(dev(cp, dx), c32, dwte=buf)
         assert dwte.ctypes.data == buf.ctypes.data  # accumulated into the given array
         runs.append((host(dwte), host(dwpe)))
     assert_close(runs[0][0], dwte64, 1e-6, "dwte")
@@ -115,7 +130,7 @@ def test_cublas_matmul_layouts(cp, precision, rtol):
     # the backend's cuBLAS calls on the cuBLAS model: every layout the layers make, every
     # precision, against float64 math on the operands rounded as the tensor cores see them
     from gpt2np.backends import get_backend
-    from gpt2np.backends.numpy_backend import round_mantissa
+    from gpt2np.layers import round_mantissa
 
     be = get_backend("cupy")
     rng = np.random.default_rng(3)
@@ -296,19 +311,23 @@ def test_matmul_takes_operands_already_cast_to_bf16(cp):
 
 
 def test_mlp_with_the_bias_fused_into_gelu(cp):
-    from gpt2np.backends import KernelCache
+    from gpt2np.backends import get_backend
+    from gpt2np.model import mlp_backward, mlp_forward
 
     rng = np.random.default_rng(10)
     C = 12
     x = rng.standard_normal((2, 5, C))
     p = {"c_fc.weight": 0.3 * rng.standard_normal((C, 4 * C)), "c_fc.bias": rng.standard_normal(4 * C),
          "c_proj.weight": 0.3 * rng.standard_normal((4 * C, C)), "c_proj.bias": rng.standard_normal(C)}
-    out64, c64 = L.mlp_forward(x, p)
+    out64, c64 = mlp_forward(L.REFERENCE_OPS, x, p)
     dout = rng.standard_normal(out64.shape)
-    dx64, g64 = L.mlp_backward(dout, c64)
-    out, cache = L.mlp_forward(dev(cp, x), {k: dev(cp, v) for k, v in p.items()})
-    assert isinstance(cache[1], KernelCache)  # the GELU cache: the fused kernel ran
-    dx, g = L.mlp_backward(dev(cp, dout), cache)
+    dx64, g64 = mlp_backward(L.REFERENCE_OPS, dout, c64)
+    be = get_backend("cupy")
+    ops = be.layer_ops("float32")
+    with L.matmul_precision("fp32", be):
+        out, cache = mlp_forward(ops, dev(cp, x), {k: dev(cp, v) for k, v in p.items()})
+        assert len(cache[1]) == 1  # the GELU cache: the fused kernel's (x + bias alone)
+        dx, g = mlp_backward(ops, dev(cp, dout), cache)
     assert_close(host(out), out64, 1e-5, "mlp out")
     assert_close(host(dx), dx64, 1e-5, "mlp dx")
     assert_grads_close({k: host(v) for k, v in g.items()}, g64, 1e-5, "mlp")
@@ -373,3 +392,18 @@ def test_profile_step_on_the_simulated_gpu(cp, capsys):
     rows = {line.split()[0] for line in out.splitlines()[2:] if line and not line.startswith("(")}
     for leaf in mod.LEAVES:
         assert f"{leaf}_forward" in rows and f"{leaf}_backward" in rows, (leaf, out)
+
+
+def test_the_cupy_backend_implements_the_whole_interface(cp, monkeypatch):
+    from gpt2np.backends import Backend, cupy_kernels as K, get_backend
+    from gpt2np.backends.cupy_backend import FUSED_OPS
+
+    be = get_backend("cupy")
+    assert isinstance(be, Backend)  # every member of the Protocol, none missing
+    assert be.layer_ops("float32") is FUSED_OPS and be.adamw_update("float32") is K.adamw_update
+    assert be.layer_ops("float64") is L.REFERENCE_OPS and be.adamw_update("float64") is None
+    cfg = GPTConfig(block_size=8, vocab_size=40, n_layer=1, n_head=2, n_embd=16)
+    assert GPT(cfg, backend="cupy").ops is FUSED_OPS  # chosen when the model is made
+    monkeypatch.setattr(be, "fused", False)  # GPT2NP_FUSED=0
+    assert GPT(cfg, backend="cupy").ops is L.REFERENCE_OPS
+    assert AdamW(GPT(cfg, backend="cupy").params).fused_update is None

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from gpt2np import GPT, GPTConfig, cli
+from gpt2np import GPT, GPTConfig, cli, save_pretrained
 from gpt2np.commands import gradcheck as gradcheck_cmd
 from gpt2np.evals import gradcheck as G
 from gpt2np import layers as L
@@ -21,7 +21,7 @@ CFG = GPTConfig(block_size=16, vocab_size=50257, n_layer=2, n_head=2, n_embd=16)
 def model_dir(tmp_path_factory):
     # GPT-2's vocabulary (real text's token ids), everything else tiny
     folder = tmp_path_factory.mktemp("model")
-    GPT(CFG, dtype="float64", seed=3).save_pretrained(folder)
+    save_pretrained(GPT(CFG, dtype="float64", seed=3), folder)
     return folder
 
 
@@ -61,7 +61,7 @@ def test_fails_naming_the_tensors_whose_backward_is_wrong(model_dir, text_file, 
         dx, dweight, dbias = real(dout, cache)
         return dx, dweight * (1 + 1e-6), dbias
 
-    monkeypatch.setattr(L, "layernorm_backward", off_by_a_millionth)
+    monkeypatch.setattr(L.REFERENCE_OPS, "layernorm_backward", off_by_a_millionth)
     code, report = run(model_dir, text_file, tmp_path)
     err = capsys.readouterr().err
     gains = ["transformer.h.0.ln_1.weight", "transformer.h.0.ln_2.weight",
@@ -118,7 +118,7 @@ def test_bad_input_is_one_clear_line(model_dir, text_file, extra, status, messag
 
 def test_a_vocabulary_that_cannot_read_gpt2_tokens(text_file, tmp_path, capsys):
     small = tmp_path / "small"
-    GPT(CFG.replace(vocab_size=300)).save_pretrained(small)
+    save_pretrained(GPT(CFG.replace(vocab_size=300)), small)
     assert gradcheck_cmd.main(["--model", str(small), "--text", str(text_file), "--fd", "0"]) == 1
     assert "does not read GPT-2 tokens" in capsys.readouterr().err
 

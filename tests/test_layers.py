@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from gpt2np.backends import torch_reference as R
 from gpt2np import layers as L
+from gpt2np.model import block_backward, block_forward
 from gradcheck import assert_close, finite_diff, torch_grads
 
 TORCH_RTOL = 1e-10  # float64, same math in another order: agreement to near machine precision
@@ -150,6 +151,22 @@ def test_gelu(s, scale):
         assert_close(dx[keep], ref_grads["x"][keep], TORCH_RTOL, "dx (x > -2)")
 
 
+@given(shapes, st.integers(1, 9))
+def test_gelu_with_bias_is_gelu_of_the_sum(s, OC):
+    """gelu_forward(x, bias): the GELU of x + bias (the fused kernel's signature), and its
+    backward the gradient with respect to that sum, so also to x and (summed) to bias."""
+    rng = _rng(s["seed"])
+    x = rng.standard_normal((s["B"], s["T"], OC))
+    bias = rng.standard_normal(OC)
+    x0 = x.copy()
+    out, cache = L.gelu_forward(x, bias)
+    ref, ref_cache = L.gelu_forward(x + bias)
+    np.testing.assert_array_equal(out, ref)
+    np.testing.assert_array_equal(x, x0)  # the caller's x is left alone
+    dout = rng.standard_normal(out.shape)
+    np.testing.assert_array_equal(L.gelu_backward(dout, cache), L.gelu_backward(dout, ref_cache))
+
+
 def test_gelu_backward_is_finite_for_huge_inputs():
     # 1/cosh^2 would overflow here; 1 - tanh^2 must not
     x = np.array([-1e4, -50.0, 0.0, 50.0, 1e4], dtype=np.float32)
@@ -222,9 +239,10 @@ def test_block(B, T, n_head, hs, seed):
         for k, v in block.named_parameters():
             v.copy_(torch.from_numpy(p[k]))
     x = rng.standard_normal((B, T, C))
-    out, cache = L.block_forward(x, p, n_head)
+    ops = L.REFERENCE_OPS
+    out, cache = block_forward(ops, x, p, n_head)
     dout = rng.standard_normal(out.shape)
-    dx, g = L.block_backward(dout, cache)
+    dx, g = block_backward(ops, dout, cache)
 
     xt = torch.from_numpy(x).requires_grad_(True)
     ref = block(xt)
@@ -236,7 +254,7 @@ def test_block(B, T, n_head, hs, seed):
         assert_close(g[k], v.grad.numpy(), TORCH_RTOL, f"block d{k}")
 
     def f(xx):
-        return L.block_forward(xx, p, n_head)[0]
+        return block_forward(ops, xx, p, n_head)[0]
 
     est, probed = finite_diff(f, x, dout, n_probe=20, rng=rng)
     assert_close(dx.reshape(-1)[probed], est.reshape(-1)[probed], FD_RTOL, "block dx vs finite diff")

@@ -249,3 +249,56 @@ def test_gpt2np_imports_without_torch():
             "opt = gpt2np.AdamW(m.params); print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_the_numpy_backend_implements_the_whole_interface():
+    from gpt2np import layers as L
+    from gpt2np.backends import Backend, get_backend
+
+    be = get_backend("numpy")
+    assert isinstance(be, Backend)  # every member of the Protocol, none missing
+    assert be.layer_ops("float32") is be.layer_ops("float64") is L.REFERENCE_OPS
+    assert be.adamw_update("float32") is None  # gpt2np.optim's own update
+    model = GPT(CFG, dtype="float64")
+    assert model.ops is L.REFERENCE_OPS  # the layer functions, chosen when it was made
+
+
+def _imports(path, modules):
+    """The gpt2np modules a source file imports, at the top or inside functions."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            subs = {f"{node.module}.{a.name}" for a in node.names} & modules
+            found |= subs or {node.module}
+    return found & modules
+
+
+def test_no_import_cycles_lazy_imports_included():
+    """Dependencies point down: following the imports of gpt2np's modules (function-level
+    ones too) never leads back to where it started. And layers.py, the math, imports
+    nothing of gpt2np at all."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = {".".join(f.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): f
+             for f in (root / "gpt2np").rglob("*.py")}
+    graph = {m: _imports(f, set(files)) - {m} for m, f in files.items()}
+    assert graph["gpt2np.layers"] == set()
+    done, path = set(), []
+
+    def visit(m):
+        assert m not in path, "import cycle: " + " -> ".join(path[path.index(m):] + [m])
+        if m in done:
+            return
+        path.append(m)
+        for dep in sorted(graph[m]):
+            visit(dep)
+        path.pop()
+        done.add(m)
+
+    for m in sorted(graph):
+        visit(m)

@@ -6,6 +6,7 @@ import pytest
 
 from gpt2np import GPT, AdamW, GPTConfig
 from gpt2np import layers as L
+from gpt2np.model import block_backward, block_forward
 
 CFG = GPTConfig(block_size=16, vocab_size=97, n_layer=2, n_head=2, n_embd=8)
 
@@ -109,36 +110,38 @@ def test_layers_do_not_modify_their_inputs():
          "mlp.c_fc.weight": rng.standard_normal((C, 4 * C)) * 0.3, "mlp.c_fc.bias": rng.standard_normal(4 * C),
          "mlp.c_proj.weight": rng.standard_normal((4 * C, C)) * 0.3, "mlp.c_proj.bias": rng.standard_normal(C)}
     ins = {"x": x.copy(), **_copy(p)}
-    out, cache = L.block_forward(x, p, NH)
+    ops = L.REFERENCE_OPS
+    out, cache = block_forward(ops, x, p, NH)
     dout = rng.standard_normal(out.shape)
     d0 = dout.copy()
-    dx1, g1 = L.block_backward(dout, cache)
+    dx1, g1 = block_backward(ops, dout, cache)
     np.testing.assert_array_equal(x, ins["x"])
     np.testing.assert_array_equal(dout, d0)
     for k in p:
         np.testing.assert_array_equal(p[k], ins[k])
     # the cache is intact after a backward: a second backward gives the same answer
-    dx2, g2 = L.block_backward(dout, cache)
+    dx2, g2 = block_backward(ops, dout, cache)
     np.testing.assert_array_equal(dx1, dx2)
     for k in g1:
         np.testing.assert_array_equal(g1[k], g2[k])
-    # elementwise layers alone
-    h = rng.standard_normal((B, T, 4 * C))
-    h0 = h.copy()
-    out, cache = L.gelu_forward(h)
-    dh = rng.standard_normal(h.shape)
-    dh0 = dh.copy()
-    L.gelu_backward(dh, cache)
-    np.testing.assert_array_equal(h, h0)
-    np.testing.assert_array_equal(dh, dh0)
-    qkv = rng.standard_normal((B, T, 3 * C))
-    qkv0 = qkv.copy()
-    y, cache = L.attention_forward(qkv, NH)
-    dy = rng.standard_normal(y.shape)
-    dy0 = dy.copy()
-    L.attention_backward(dy, cache)
-    np.testing.assert_array_equal(qkv, qkv0)
-    np.testing.assert_array_equal(dy, dy0)
+    # elementwise layers alone, with and without the bias they may add
+    for bias in (False, True):
+        h = rng.standard_normal((B, T, 4 * C))
+        h0 = h.copy()
+        out, cache = L.gelu_forward(h, p["mlp.c_fc.bias"] if bias else None)
+        dh = rng.standard_normal(h.shape)
+        dh0 = dh.copy()
+        L.gelu_backward(dh, cache)
+        np.testing.assert_array_equal(h, h0)
+        np.testing.assert_array_equal(dh, dh0)
+        qkv = rng.standard_normal((B, T, 3 * C))
+        qkv0 = qkv.copy()
+        y, cache = L.attention_forward(qkv, NH, p["attn.c_attn.bias"] if bias else None)
+        dy = rng.standard_normal(y.shape)
+        dy0 = dy.copy()
+        L.attention_backward(dy, cache)
+        np.testing.assert_array_equal(qkv, qkv0)
+        np.testing.assert_array_equal(dy, dy0)
 
 
 @pytest.mark.parametrize("block_bytes", [8, 64, 1 << 20])
@@ -280,6 +283,35 @@ def test_serial_blas_limits_and_restores_the_blas_threads():
     with NumpyBackend.serial_blas():
         assert all(n == 1 for n in blas_threads())
     assert blas_threads() == before
+
+
+def test_numpy_matmul_runs_small_gemms_on_one_blas_thread(monkeypatch):
+    """The numpy backend decides by each GEMM's size (of one matrix of a stack) whether it
+    runs on one BLAS thread; the result is the reference matmul's either way."""
+    import contextlib
+
+    from gpt2np.backends import numpy_backend
+    from gpt2np.backends.numpy_backend import NumpyBackend
+
+    serial = []
+
+    @contextlib.contextmanager
+    def counting():
+        serial.append(True)
+        yield
+
+    monkeypatch.setattr(NumpyBackend, "serial_blas", staticmethod(counting))
+    monkeypatch.setattr(numpy_backend, "SERIAL_GEMM", 4 * 5 * 6)
+    rng = np.random.default_rng(12)
+    for a_shape, b_shape, small in [((4, 5), (5, 6), True), ((4, 5), (5, 7), False),
+                                    ((9, 4, 5), (9, 5, 6), True), ((2, 4, 6), (2, 6, 6), False)]:
+        a, b = rng.standard_normal(a_shape), rng.standard_normal(b_shape)
+        serial.clear()
+        for precision, dtype in (("fp32", np.float64), ("bf16", np.float32)):
+            a_, b_ = a.astype(dtype), b.astype(dtype)
+            c = NumpyBackend.matmul(a_, b_, precision=precision)
+            np.testing.assert_array_equal(c, L.reference_matmul(a_, b_, precision=precision))
+        assert serial == [True, True] if small else not serial, (a_shape, b_shape)
 
 
 def test_profile_step_accounts_for_the_step(capsys):

@@ -253,10 +253,10 @@ def test_every_flag_parses():
 
 
 def test_init_from_pretrained(tmp_path, token_cache):
-    from gpt2np import GPT, GPTConfig
+    from gpt2np import GPT, GPTConfig, save_pretrained
 
     src = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16), seed=7)
-    src.save_pretrained(tmp_path / "pre")
+    save_pretrained(src, tmp_path / "pre")
     res = train(tiny_config(tmp_path / "run", token_cache, init_from=str(tmp_path / "pre"), max_steps=1,
                      n_layer=None, n_head=None, n_embd=None))
     x, y = BatchLoader(split(load_tokens(shakespeare_path(), cache=token_cache))[0], 4, 16).next_batch()
@@ -450,9 +450,10 @@ def test_shards_run_resumes_with_only_resume(tmp_path):
 
 def test_init_from_with_disagreeing_shape_flags(tmp_path, token_cache):
     # --init-from fixes the shape; flags that say otherwise are an error, not ignored
-    from gpt2np import GPT, GPTConfig
+    from gpt2np import GPT, GPTConfig, save_pretrained
 
-    GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16), seed=7).save_pretrained(tmp_path / "pre")
+    save_pretrained(GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16), seed=7),
+                    tmp_path / "pre")
     with pytest.raises(TrainError, match="--n-layer 8 .the weights have 1.*--n-embd 256"):
         train(tiny_config(tmp_path / "run", token_cache, init_from=str(tmp_path / "pre"), n_layer=8,
                    n_head=2, n_embd=256))

@@ -8,11 +8,14 @@ of P * dP. What differs on the GPU: every product of a block, over all heads and
 batch, is one strided-batched cuBLAS GEMM in the current matmul precision (tensor cores
 for tf32/bf16; bf16 operands cast once, not per product), and the causal softmax, its
 recomputation and its gradient are one fused kernel each (gpt2np/backends/cuda/attention.cu)
-instead of the reference's six elementwise passes.
+instead of the reference's six elementwise passes. In bf16, for the head sizes compiled in,
+flash attention instead (gpt2np/backends/cuda/flash_attention.cu): no (T, T) block at all.
 
-The row operations come in an `ops` object, so that the same orchestration runs on the
-CPU with NumPy stand-ins (tests/test_cupy_attention.py checks it against the reference);
-on the GPU they are the kernels.
+attention_forward / attention_backward have the reference's signatures; which algorithm ran
+is in the cache's type (BlockCache or FlashCache). The row operations of the query blocks
+come in a `row_ops` object, so that the same orchestration runs on the CPU with NumPy
+stand-ins (tests/test_cupy_attention.py checks it against the reference); on the GPU they
+are the kernels.
 """
 from __future__ import annotations
 
@@ -20,10 +23,12 @@ import functools
 import math
 import os
 from types import SimpleNamespace
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from gpt2np.backends import KernelCache
+from gpt2np import layers as L
+from gpt2np.backends.cupy_kernels import get_kernel, load_module
 
 _THREADS = 256
 # Queries per block on the GPU: 256 skips 37.5% of the (T,T) scores at T = 1024 (the masked
@@ -44,22 +49,43 @@ KERNEL_NAMES = {"flash_attention.cu": (
 )}
 
 
+class BlockCache(NamedTuple):
+    """What the query-block attention keeps: q * scale, k, v as GEMM operands (bf16 bits in
+    bf16: half the bytes), y (B,NH,T,hs), the log-sum-exp (B,NH,T), and the row ops."""
+    qs: Any
+    k: Any
+    v: Any
+    y: Any
+    lse: Any
+    scale: float
+    row_ops: Any
+
+
+class FlashCache(NamedTuple):
+    """What flash attention keeps: q * scale, k, v packed (3,B,NH,T,hs) in bf16 bits, y
+    (B,T,C) and the log-sum-exp (B,NH,T)."""
+    qkv16: Any
+    y: Any
+    lse: Any
+    n_head: int
+
+
 def use_flash(head_size):
     """Whether the GPU attention runs as flash attention: in bf16 (its products are bf16 on
     the tensor cores), for the head sizes compiled in, unless GPT2NP_FLASH=0."""
-    from gpt2np import layers
-
-    return (layers.get_matmul_precision() == "bf16" and head_size in FLASH_HEAD_SIZES
+    return (L.get_matmul_precision() == "bf16" and head_size in FLASH_HEAD_SIZES
             and os.environ.get("GPT2NP_FLASH", "1") != "0")
 
 
-def attention_forward(qkv, n_head, ops=None, bias=None):
-    # qkv (B,T,3C) -> y (B,T,C); bias: c_attn's (3C,) bias if qkv comes without it
-    if ops is None and use_flash(qkv.shape[-1] // 3 // n_head):
+def attention_forward(qkv, n_head, bias=None, row_ops=None):
+    # qkv (B,T,3C) -> y (B,T,C); bias: c_attn's (3C,) bias if qkv comes without it.
+    # row_ops: the query blocks' row operations (default: the GPU kernels, or flash attention
+    # where use_flash says so)
+    if row_ops is None and use_flash(qkv.shape[-1] // 3 // n_head):
         return flash_attention_forward(qkv, n_head, bias)
     if bias is not None:
         qkv = qkv + bias
-    ops = ops or gpu_ops()
+    ops = row_ops or gpu_row_ops()
     xp = ops.xp
     B, T, C3 = qkv.shape
     C = C3 // 3
@@ -78,16 +104,16 @@ def attention_forward(qkv, n_head, ops=None, bias=None):
         ops.matmul(att, v_[:, :, :r1], out=y[:, :, r0:r1])  # (B,NH,n,hs)
         del att
     out = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # merge heads
-    backward = functools.partial(attention_backward, ops=ops)
     # the backward only multiplies q, k, v: keep them as GEMM operands (bf16: half the bytes)
-    return out, KernelCache(backward, qs_, k_, v_, y, lse, scale)
+    return out, BlockCache(qs_, k_, v_, y, lse, scale, ops)
 
 
-def attention_backward(dout, cache, ops=None):
-    # dout (B,T,C) -> dqkv (B,T,3C)
-    ops = ops or gpu_ops()
+def attention_backward(dout, cache):
+    # dout (B,T,C) -> dqkv (B,T,3C), by the algorithm that made the cache
+    if isinstance(cache, FlashCache):
+        return flash_attention_backward(dout, cache)
+    qs_, k_, v_, y, lse, scale, ops = cache  # q * scale, k, v as the forward's operands
     xp = ops.xp
-    qs_, k_, v_, y, lse, scale = cache.saved  # q * scale, k, v as the forward's operands
     B, NH, T, hs = qs_.shape
     dy = xp.ascontiguousarray(dout.reshape(B, T, NH, hs).transpose(0, 2, 1, 3))  # (B,NH,T,hs)
     D = (dy * y).sum(axis=-1)  # (B,NH,T): rowsum(P * dP) = dy . y
@@ -138,14 +164,14 @@ def flash_attention_forward(qkv, n_head, bias=None):
     _flash_kernel("forward", hs)(_flash_grid(B, n_head, T), (_FLASH_THREADS,),
                                  (qkv16, y, lse, np.int32(T), np.int32(n_head)))
     # the backward reads q, k, v only as bf16 tiles: qkv itself (twice the bytes) is not kept
-    return y, KernelCache(flash_attention_backward, qkv16, y, lse, n_head)
+    return y, FlashCache(qkv16, y, lse, n_head)
 
 
 def flash_attention_backward(dout, cache):
     # dout (B,T,C) -> dqkv (B,T,3C)
     import cupy as cp
 
-    qkv16, y, lse, n_head = cache.saved
+    qkv16, y, lse, n_head = cache
     B, T, C = y.shape
     hs = C // n_head
     dout = _aligned(cp.ascontiguousarray(dout, dtype=cp.float32))
@@ -197,8 +223,6 @@ def _flash_grid(B, n_head, T):
 
 
 def _flash_kernel(kind, hs=None):
-    from gpt2np.backends.cupy_kernels import get_kernel
-
     return get_kernel(f"flash_{kind}" + (f"_d{hs}" if hs else ""), "flash_attention.cu")
 
 
@@ -208,14 +232,14 @@ def _blocks(T, block):
     return [(r0, min(T, r0 + block)) for r0 in range(0, T, block)]
 
 
-# ------------------------------------------------------------------------------ the ops
+# -------------------------------------------------------------------------- the row ops
 
 
-def numpy_ops(block=GPU_BLOCK):
+def numpy_row_ops(block=GPU_BLOCK):
     """The row operations in NumPy (any float dtype): the kernels' specification.
-    att is (..., n, L): queries q0..q0+n-1 against keys 0..L-1."""
-    def causal_mask(n, L, q0):
-        return np.arange(L)[None, :] > (q0 + np.arange(n))[:, None]  # True: a future key
+    att is (..., n, K): queries q0..q0+n-1 against keys 0..K-1."""
+    def causal_mask(n, K, q0):
+        return np.arange(K)[None, :] > (q0 + np.arange(n))[:, None]  # True: a future key
 
     def causal_softmax(att, q0):
         att[..., causal_mask(*att.shape[-2:], q0)] = -np.inf
@@ -234,21 +258,15 @@ def numpy_ops(block=GPU_BLOCK):
         datt -= D[..., None]
         datt *= att
 
-    from gpt2np import layers
-
-    return SimpleNamespace(xp=np, block=block, matmul=layers.matmul, cast=layers.matmul_operand,
+    return SimpleNamespace(xp=np, block=block, matmul=L.matmul, cast=L.matmul_operand,
                            causal_softmax=causal_softmax, softmax_recompute=softmax_recompute,
                            softmax_backward=softmax_backward)
 
 
 @functools.lru_cache(maxsize=1)
-def gpu_ops():
+def gpu_row_ops():
     """The row operations as the kernels of gpt2np/backends/cuda/attention.cu."""
     import cupy as cp
-
-    from gpt2np import layers
-
-    from gpt2np.backends.cupy_kernels import load_module
 
     mod = load_module("attention.cu")
     fwd = mod.get_function("causal_softmax_forward")
@@ -266,15 +284,15 @@ def gpu_ops():
 
     def causal_softmax(att, q0):
         _check(att)
-        n, L = att.shape[-2:]
+        n, K = att.shape[-2:]
         lse = cp.empty(att.shape[:-1], dtype=cp.float32)
-        fwd((att.size // L,), (_THREADS,), (att, lse, np.int32(n), np.int32(L), np.int32(q0)))
+        fwd((att.size // K,), (_THREADS,), (att, lse, np.int32(n), np.int32(K), np.int32(q0)))
         return lse
 
     def softmax_recompute(att, lse, q0):
         _check(att, lse)
-        n, L = att.shape[-2:]
-        recompute(_grid(att.size), (_THREADS,), (att, lse, np.int32(n), np.int32(L),
+        n, K = att.shape[-2:]
+        recompute(_grid(att.size), (_THREADS,), (att, lse, np.int32(n), np.int32(K),
                                                  np.int32(q0), np.int64(att.size)))
 
     def softmax_backward(datt, att, D):
@@ -283,6 +301,6 @@ def gpu_ops():
         bwd(_grid(datt.size), (_THREADS,), (datt, att, D, np.int32(datt.shape[-1]),
                                             np.int64(datt.size)))
 
-    return SimpleNamespace(xp=cp, block=GPU_BLOCK, matmul=layers.matmul,
-                           cast=layers.matmul_operand, causal_softmax=causal_softmax,
+    return SimpleNamespace(xp=cp, block=GPU_BLOCK, matmul=L.matmul,
+                           cast=L.matmul_operand, causal_softmax=causal_softmax,
                            softmax_recompute=softmax_recompute, softmax_backward=softmax_backward)

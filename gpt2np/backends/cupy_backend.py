@@ -1,24 +1,28 @@
 """The CuPy backend: xp = cupy, parameters and activations on an NVIDIA GPU.
 
-The model code is the same `gpt2np` layer code as on the CPU; only the primitives that the
-array API lacks live here, with two ways to go faster than plain CuPy:
+The model code is the same `gpt2np` code as on the CPU; only the primitives that the array
+API lacks live here (gpt2np.backends.Backend), with two ways to go faster than plain CuPy:
   - every matmul is one cuBLAS GEMM (strided-batched for attention's per-head products) in
     the precision asked for: float32, TF32, or bfloat16 operands with float32 accumulation
     and a float32 result, on the tensor cores (gpt2np/backends/gemm.py maps the layouts);
-  - fused kernels for LayerNorm, GELU, the softmax cross-entropy, the embedding backward
-    and AdamW (gpt2np/backends/cupy_kernels.py, gpt2np/backends/cuda/*.cu), which the layers use for
-    float32 work. GPT2NP_FUSED=0 in the environment (or `backend.fused = False`) turns
-    them off, leaving the reference layer code on CuPy arrays.
+  - fused kernels for LayerNorm, attention, GELU, the softmax cross-entropy, the embedding
+    backward and AdamW (gpt2np/backends/cupy_kernels.py, cupy_attention.py, cuda/*.cu),
+    the layer ops and the optimizer update of float32 models. GPT2NP_FUSED=0 in the
+    environment (or `backend.fused = False` before a model is made) turns them off, leaving
+    the reference layer code on CuPy arrays.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from types import SimpleNamespace
+from dataclasses import replace
 
 import numpy as np
 
-from gpt2np.backends import gemm
+from gpt2np import layers as L
+from gpt2np.backends import cupy_attention, gemm
+from gpt2np.backends import cupy_kernels as K
 
 _INSTALL_HINT = (
     "the cupy backend needs CuPy and an NVIDIA GPU with a working CUDA driver; install the "
@@ -40,6 +44,19 @@ def _import_cupy():
     return cupy
 
 
+# The layer functions of a float32 model: the fused kernels, each with its reference's
+# signature; the rest (the embedding's gather, linear and lm_head: cuBLAS GEMMs either way)
+# is the reference code on CuPy arrays.
+FUSED_OPS = replace(
+    L.REFERENCE_OPS,
+    embedding_backward=K.embedding_backward,  # deterministic, where atomics are not
+    layernorm_forward=K.layernorm_forward, layernorm_backward=K.layernorm_backward,
+    attention_forward=cupy_attention.attention_forward,
+    attention_backward=cupy_attention.attention_backward,
+    gelu_forward=K.gelu_forward, gelu_backward=K.gelu_backward,
+    cross_entropy_forward=K.cross_entropy_forward,
+    cross_entropy_backward=K.cross_entropy_backward)
+
 # cuBLAS / CUDA enum values (cublas_api.h, library_types.h; unchanged since CUDA 11)
 _CUDA_R_32F, _CUDA_R_16BF = 0, 14
 _CUBLAS_COMPUTE_32F, _CUBLAS_COMPUTE_32F_FAST_TF32 = 68, 77
@@ -54,13 +71,10 @@ class CupyBackend:
 
     def __init__(self):
         self.xp = _import_cupy()
-        import cupyx
         from cupy_backends.cuda.libs import cublas
 
-        self._cupyx = cupyx
         self._cublas = cublas
         self.fused = os.environ.get("GPT2NP_FUSED", "1") != "0"
-        self._kernels = None
 
     def asarray(self, a, dtype=None):
         return self.xp.asarray(a, dtype=dtype)  # host -> device copy when `a` is on the host
@@ -68,28 +82,22 @@ class CupyBackend:
     def to_host(self, a):
         return self.xp.asnumpy(a) if isinstance(a, self.xp.ndarray) else np.asarray(a)
 
-    def scatter_add(self, out, idx, vals):
-        # atomicAdd-based; float32 sums are not bit-deterministic across runs
-        self._cupyx.scatter_add(out, idx, vals)
-
     def synchronize(self):
         self.xp.cuda.Device().synchronize()
 
+    def serial_blas(self):
+        return contextlib.nullcontext()  # no host BLAS to hold back
+
     # ------------------------------------------------------------------ fused kernels
 
-    def kernels(self):
-        """The fused kernels (gpt2np.backends.cupy_kernels, and attention from gpt2np.backends.cupy_attention)
-        as one namespace, or None when they are turned off."""
-        if not self.fused:
-            return None
-        if self._kernels is None:
-            from gpt2np.backends import cupy_attention
-            from gpt2np.backends import cupy_kernels
+    def layer_ops(self, dtype):
+        """FUSED_OPS for float32 (the kernels are float32), unless fused is off; the
+        reference layers otherwise."""
+        return FUSED_OPS if self.fused and np.dtype(dtype) == np.float32 else L.REFERENCE_OPS
 
-            ops = {k: v for k, v in vars(cupy_kernels).items() if not k.startswith("_")}
-            ops["attention_forward"] = cupy_attention.attention_forward
-            self._kernels = SimpleNamespace(**ops)
-        return self._kernels
+    def adamw_update(self, dtype):
+        """The multi-tensor AdamW kernel for float32 params, unless fused is off."""
+        return K.adamw_update if self.fused and np.dtype(dtype) == np.float32 else None
 
     # ------------------------------------------------------------------ matmul
 
@@ -122,12 +130,7 @@ class CupyBackend:
             # one array twice (attention's dS) casts it once
             a = a if a.dtype == cp.uint16 else self.to_bf16(a)
             b = b if b.dtype == cp.uint16 else self.to_bf16(b)
-            ab_type, compute = _CUDA_R_16BF, _CUBLAS_COMPUTE_32F
-        elif precision == "tf32":
-            ab_type, compute = _CUDA_R_32F, _CUBLAS_COMPUTE_32F_FAST_TF32
-        elif precision == "fp32":
-            ab_type, compute = _CUDA_R_32F, _CUBLAS_COMPUTE_32F
-        else:
+        elif precision not in ("tf32", "fp32"):
             raise ValueError(f"unknown precision {precision!r}")
         a, la = self._gemm_operand(a)
         b, lb = self._gemm_operand(b)
@@ -138,7 +141,17 @@ class CupyBackend:
         if lc is None:
             c = cp.empty(shape, dtype=cp.float32)
             lc = gemm.output_layout(c.shape, c.strides, c.itemsize)
-        call = gemm.plan(a.shape, la, b.shape, lb, lc)
+        self._cublas_gemm(gemm.plan(a.shape, la, b.shape, lb, lc), a, b, c, precision)
+        if out is not None and c is not out:
+            out[...] = c  # an out= cuBLAS cannot write (wrong dtype, columns strided): a copy
+            return out
+        return c
+
+    def _cublas_gemm(self, call, a, b, c, precision):
+        """c = a @ b as cublasGemmStridedBatchedEx in `precision` (bf16: a, b are bf16 bits)."""
+        ab_type, compute = {"fp32": (_CUDA_R_32F, _CUBLAS_COMPUTE_32F),
+                            "tf32": (_CUDA_R_32F, _CUBLAS_COMPUTE_32F_FAST_TF32),
+                            "bf16": (_CUDA_R_16BF, _CUBLAS_COMPUTE_32F)}[precision]
         cublas = self._cublas
         handle = self.xp.cuda.device.get_cublas_handle()
         # alpha and beta live in host memory: make sure the shared handle reads them there
@@ -155,13 +168,9 @@ class CupyBackend:
         finally:
             if mode != _CUBLAS_POINTER_MODE_HOST:
                 cublas.setPointerMode(handle, mode)
-        if out is not None and c is not out:
-            out[...] = c  # an out= cuBLAS cannot write (wrong dtype, columns strided): a copy
-            return out
-        return c
 
     def matmul_operand(self, x, precision):
-        """x for several matmuls in `precision`: cast to bf16 once (see layers.matmul_operand)."""
+        """x for several matmuls in `precision`: in bf16 its bf16 bits, cast once."""
         return self.to_bf16(x) if precision == "bf16" and x.dtype == self.xp.float32 else x
 
     def _gemm_operand(self, x):
@@ -183,15 +192,9 @@ class CupyBackend:
         if n:
             threads = 256
             blocks = min(math.ceil(n / threads), 65535 * 4)
-            kernel = _load("convert.cu").get_function("f32_to_bf16")
+            kernel = K.load_module("convert.cu").get_function("f32_to_bf16")
             kernel((blocks,), (threads,), (x, y, np.int64(n)))
         return y
-
-
-def _load(filename):
-    from gpt2np.backends.cupy_kernels import load_module
-
-    return load_module(filename)
 
 
 _BACKEND = None

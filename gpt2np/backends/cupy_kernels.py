@@ -1,8 +1,12 @@
 """Fused CUDA kernels for float32 CuPy arrays: the wrappers around gpt2np/backends/cuda/kernels.cu.
 
-Each function computes what its reference in gpt2np.layers (or gpt2np.optim) computes, in
-fewer passes over memory. A forward returns (out, KernelCache(<its backward>, *saved)); the
-reference backward sees the KernelCache and calls `cache.backward(dout, cache)`.
+Each layer function has the signature and contract of its reference in gpt2np.layers and
+computes what it computes, in fewer passes over memory; adamw_update does what
+gpt2np.optim.AdamW's update does. A forward's cache is its own backward's (the model calls
+the pair of one LayerOps, gpt2np.backends.cupy_backend). Like the reference, `operand=True`
+gives matmul_operand(out): in bf16 the bfloat16 bits that the cupy backend's GEMMs read,
+written by the kernel itself; so the kernels run inside the model's
+matmul_precision(precision, backend) context.
 
 Every reduction runs in a fixed order (no float atomics), so results are bit-identical from
 run to run. Inputs must be float32 cupy arrays; non-contiguous inputs are copied,
@@ -19,7 +23,7 @@ import re
 
 import numpy as np
 
-from gpt2np.backends import KernelCache
+from gpt2np import layers as L
 
 _CUDA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda")
 
@@ -110,6 +114,11 @@ def _f32(x, name):
     return cp.ascontiguousarray(x)
 
 
+def _bf16_operand(operand):
+    """Whether an output asked for as a matmul operand is written as bfloat16 bits."""
+    return operand and L.get_matmul_precision() == "bf16"
+
+
 def _out_f32(x, name, shape):
     """Check an output buffer handed in by the caller: we write into it, so no copies."""
     cp = _cupy()
@@ -141,10 +150,11 @@ def _overlaps(a, b):
 # LayerNorm over the last axis
 
 
-def layernorm_forward(x, weight, bias, eps=1e-5, bf16=False):
-    # x (..., C), weight (C,), bias (C,) -> out (..., C); float32, or with bf16=True the
-    # bfloat16 bits (uint16) of a GEMM operand, written directly (no float32 copy to cast)
+def layernorm_forward(x, weight, bias, eps=1e-5, operand=False):
+    # x (..., C), weight (C,), bias (C,) -> out (..., C); float32, or for a GEMM operand in
+    # bf16 its bfloat16 bits (uint16), written directly (no float32 copy to cast)
     cp = _cupy()
+    bf16 = _bf16_operand(operand)
     x = _f32(x, "x")
     C = x.shape[-1]
     weight, bias = _f32(weight, "weight"), _f32(bias, "bias")
@@ -161,7 +171,7 @@ def layernorm_forward(x, weight, bias, eps=1e-5, bf16=False):
             (x, weight, bias, out, mean, rstd, np.int64(N), np.int32(C), np.float32(eps)))
     # x itself is kept (not the normalised copy): the caller must not modify it in place
     # before the backward, which the layer code never does
-    return out, KernelCache(layernorm_backward, x, weight, mean, rstd)
+    return out, (x, weight, mean, rstd)
 
 
 _LN_MAX_BLOCKS = 1024  # blocks of the backward: each writes a (C,) partial dweight and dbias
@@ -170,7 +180,7 @@ _LN_MAX_BLOCKS = 1024  # blocks of the backward: each writes a (C,) partial dwei
 def layernorm_backward(dout, cache):
     # dout (..., C) -> dx (..., C), dweight (C,), dbias (C,)
     cp = _cupy()
-    x, weight, mean, rstd = cache.saved
+    x, weight, mean, rstd = cache
     dout = _f32(dout, "dout")
     if dout.shape != x.shape:
         raise ValueError(f"dout has shape {dout.shape}, the forward's x {x.shape}")
@@ -204,41 +214,36 @@ def _elementwise_grid(n, threads=256):
     return (max(1, min(-(-n // threads), _MAX_GRID)),), (threads,)
 
 
-def gelu_forward(x):
-    # x (...) -> out (...)
+def gelu_forward(x, bias=None, operand=False):
+    # x (..., OC) -> gelu(x + bias) (..., OC); bias (OC,) or None. float32, or for a GEMM
+    # operand in bf16 (c_proj's) its bfloat16 bits (uint16). With a bias the kernel adds it
+    # on its way and saves x + bias for the backward: no pass of its own over (B,T,4C).
     cp = _cupy()
     x = _f32(x, "x")
-    out = cp.empty_like(x)
-    if x.size:
-        grid, block = _elementwise_grid(x.size)
-        get_kernel("gelu_forward_kernel")(grid, block, (x, out, np.int64(x.size)))
-    return out, KernelCache(gelu_backward, x)  # only x: the backward recomputes tanh
-
-
-def bias_gelu_forward(h, bias, bf16=False):
-    # h (..., OC) without its bias, bias (OC,) -> gelu(h + bias) (..., OC), float32 or with
-    # bf16=True the bfloat16 bits (uint16) of c_proj's GEMM operand. h is ours (the
-    # fresh output of the bias-free c_fc GEMM): the pre-activation is written into it and
-    # saved; the backward is gelu_backward's, and c_fc's bias gradient is linear_backward's
-    # sum over rows as usual.
-    cp = _cupy()
-    h = _f32(h, "h")
+    if bias is None:
+        out = cp.empty_like(x)
+        if x.size:
+            grid, block = _elementwise_grid(x.size)
+            get_kernel("gelu_forward_kernel")(grid, block, (x, out, np.int64(x.size)))
+        return (L.matmul_operand(out) if operand else out), (x,)  # the backward recomputes tanh
     bias = _f32(bias, "bias")
-    OC = h.shape[-1]
+    OC = x.shape[-1]
     if bias.shape != (OC,):
         raise ValueError(f"bias has shape {bias.shape}, expected ({OC},)")
-    out = cp.empty(h.shape, dtype=cp.uint16 if bf16 else cp.float32)
-    if h.size:
-        grid, block = _elementwise_grid(h.size)
+    bf16 = _bf16_operand(operand)
+    pre = cp.empty_like(x)  # x + bias: what the backward reads
+    out = cp.empty(x.shape, dtype=cp.uint16 if bf16 else cp.float32)
+    if x.size:
+        grid, block = _elementwise_grid(x.size)
         get_kernel("bias_gelu_forward_bf16_kernel" if bf16 else "bias_gelu_forward_kernel")(
-            grid, block, (h, bias, out, np.int64(h.size), np.int32(OC)))
-    return out, KernelCache(gelu_backward, h)
+            grid, block, (x, bias, pre, out, np.int64(x.size), np.int32(OC)))
+    return out, (pre,)
 
 
 def gelu_backward(dout, cache):
     # dout (...) -> dx (...)
     cp = _cupy()
-    (x,) = cache.saved
+    (x,) = cache
     dout = _f32(dout, "dout")
     if dout.shape != x.shape:
         raise ValueError(f"dout has shape {dout.shape}, the forward's x {x.shape}")
@@ -276,16 +281,17 @@ def cross_entropy_forward(logits, targets, ignore_index=-1, out=None):
     n_valid = cp.count_nonzero(t != ignore_index)  # 0-d int
     loss = (losses.sum(dtype=cp.float64) / n_valid).astype(cp.float32)
     inv_n = (1.0 / n_valid).astype(cp.float32)  # 0-d; inf if no row counts (then unused)
-    return loss, KernelCache(cross_entropy_backward, logits, t, lse, inv_n, out, ignore_index)
+    return loss, (logits, t, lse, inv_n, out, ignore_index)
 
 
-def cross_entropy_backward(dloss, cache, bf16=False):
+def cross_entropy_backward(dloss, cache, operand=False):
     # dloss scalar -> dlogits (B,T,V) = dloss * (softmax - onehot) / n_valid, zero on
     # ignored rows; written into the forward's `out` buffer when it was given one.
-    # bf16=True: as the bfloat16 bits (uint16) of the lm_head backward's GEMM operand, in
-    # the first half of out's bytes (no float32 (B,T,V) written, no cast pass over it)
+    # operand=True in bf16: as the bfloat16 bits (uint16) of the lm_head backward's GEMM
+    # operand, in the first half of out's bytes (no float32 (B,T,V) written, no cast pass)
     cp = _cupy()
-    logits, t, lse, inv_n, out, ignore_index = cache.saved
+    bf16 = _bf16_operand(operand)
+    logits, t, lse, inv_n, out, ignore_index = cache
     V = logits.shape[-1]
     N = t.size
     if out is not None and _overlaps(out, logits) and (bf16 or out.data.ptr != logits.data.ptr):
@@ -423,6 +429,6 @@ def adamw_update(params, grads, ms, vs, decays, beta1, beta2, eps, step_size, sq
                 f32(eps), f32(step_size), f32(sqrt_bias2)))
 
 
-__all__ = ["KERNEL_NAMES", "load_module", "get_kernel", "layernorm_forward", "layernorm_backward",
-           "gelu_forward", "gelu_backward", "cross_entropy_forward", "cross_entropy_backward",
-           "embedding_backward", "adamw_update"]
+__all__ = ["KERNEL_NAMES", "load_module", "get_kernel", "read_source", "layernorm_forward",
+           "layernorm_backward", "gelu_forward", "gelu_backward", "cross_entropy_forward",
+           "cross_entropy_backward", "embedding_backward", "adamw_update"]

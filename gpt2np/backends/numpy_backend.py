@@ -1,9 +1,11 @@
-"""The NumPy backend: xp = numpy on the CPU."""
+"""The NumPy backend: xp = numpy on the CPU, the reference layers, OpenBLAS's GEMMs."""
 from __future__ import annotations
 
 import contextlib
 
 import numpy as np
+
+from gpt2np import layers as L
 
 try:  # the standard way to reach the BLAS's thread count at run time (scikit-learn's)
     from threadpoolctl import ThreadpoolController
@@ -12,30 +14,12 @@ except ImportError:  # pragma: no cover - then serial_blas() is a no-op
 
 _controller = None
 
-# mantissa bits a float32 operand keeps in each matmul precision (float32 has 23)
-MANTISSA_BITS = {"tf32": 10, "bf16": 7}
-
-
-def round_mantissa(a, bits: int):
-    """float32 `a` rounded to `bits` mantissa bits, to nearest with ties to even, as a new
-    float32 array: the value a TF32 (bits=10) or bfloat16 (bits=7) operand holds.
-
-    Works on the bit pattern: add half an ulp of the shorter format (minus one, plus the
-    kept lowest bit, which makes ties go to even), then clear the dropped bits. A carry out
-    of the mantissa bumps the exponent, which is exactly right, up to inf for the largest
-    values. NaNs stay NaNs.
-    """
-    drop = 23 - bits
-    a = np.asarray(a, dtype=np.float32)
-    u = np.array(a, dtype=np.float32, order="C").view(np.uint32)  # a copy: ours to change
-    nan = np.isnan(a)
-    half = np.uint32((1 << (drop - 1)) - 1)
-    u += half + ((u >> np.uint32(drop)) & np.uint32(1))
-    u &= np.uint32(~((1 << drop) - 1) & 0xFFFFFFFF)
-    r = u.view(np.float32)
-    if nan.any():
-        r[nan] = np.nan
-    return r
+# A GEMM of up to this many multiply-adds (2^26) runs on one BLAS thread:
+# OpenBLAS wakes and joins its threads on every call, which costs more than such a GEMM
+# saves, and far more when the cores are busy. Bigger GEMMs (GPT-2's c_fc, every lm_head)
+# keep all threads. numpy calls the BLAS once per matrix of a stack (attention's per-head
+# products), so a stack counts by its matrices.
+SERIAL_GEMM = 1 << 26
 
 
 class NumpyBackend:
@@ -51,46 +35,40 @@ class NumpyBackend:
         return np.asarray(a)
 
     @staticmethod
-    def scatter_add(out, idx, vals):
-        # out (V, C), idx (N,) int, vals (N, C): out[idx[n]] += vals[n], repeats accumulate.
-        # ufunc.at has a fast path since numpy 1.25 and is deterministic (sequential order).
-        np.add.at(out, idx, vals)
-
-    @staticmethod
     def synchronize():
         pass
 
     @staticmethod
     def matmul(a, b, out=None, precision="fp32"):
-        """a @ b in `precision`. The CPU has no TF32 or bf16 GEMM, so those are emulated:
-        the operands are rounded as the tensor cores would see them, then multiplied in
-        float32. A product of two such numbers is exact in float32, so this is the GPU's
-        arithmetic up to the order of the float32 additions."""
-        if precision == "fp32":
-            return np.matmul(a, b, out=out)
-        if a.dtype != np.float32 or b.dtype != np.float32:
-            raise TypeError(f"precision {precision!r} needs float32 operands, got "
-                            f"{a.dtype} and {b.dtype}")
-        bits = MANTISSA_BITS[precision]
-        return np.matmul(round_mantissa(a, bits), round_mantissa(b, bits), out=out)
+        """a @ b in `precision` (gpt2np.layers.reference_matmul: tf32 and bf16 emulated by
+        rounding the operands); a small GEMM on one BLAS thread (SERIAL_GEMM)."""
+        if a.ndim >= 2 and b.ndim >= 2 and a.shape[-2] * a.shape[-1] * b.shape[-1] <= SERIAL_GEMM:
+            with NumpyBackend.serial_blas():
+                return L.reference_matmul(a, b, out=out, precision=precision)
+        return L.reference_matmul(a, b, out=out, precision=precision)
+
+    @staticmethod
+    def matmul_operand(x, precision):
+        return x  # the CPU rounds the operands of each product as it runs it
 
     @staticmethod
     def serial_blas():
-        """A context in which the BLAS runs on one thread.
-
-        For small GEMMs, and stacks of them (attention's per-head (T,hs) @ (hs,T): numpy
-        calls the BLAS once per matrix): OpenBLAS wakes and joins its threads on every
-        call. On the shared 2-core box that hand-off cost more than the GEMMs, and with the
-        cores busy far more: a (8,4,128,32) stack took 30-1000 ms on two threads against
-        0.8 ms on one. gpt2np.layers decides which GEMMs are small. Without threadpoolctl
-        this does nothing.
-        """
+        """A context in which the BLAS runs on one thread (threadpoolctl; without it, a
+        no-op)."""
         global _controller
         if ThreadpoolController is None:
             return contextlib.nullcontext()
         if _controller is None:
             _controller = ThreadpoolController()
         return _controller.limit(limits=1, user_api="blas")
+
+    @staticmethod
+    def layer_ops(dtype):
+        return L.REFERENCE_OPS  # the reference layers, whatever the dtype
+
+    @staticmethod
+    def adamw_update(dtype):
+        return None  # gpt2np.optim's reference update, walking cache-sized blocks
 
 
 _BACKEND = NumpyBackend()

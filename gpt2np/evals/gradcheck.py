@@ -32,6 +32,7 @@ import numpy as np
 
 from gpt2np import layers as L
 from gpt2np.errors import UsageError
+from gpt2np.model import block_forward, sub_params
 
 TOLERANCE = 1e-9  # vs torch autograd, both float64: agreement near machine precision
 # Finite differences: the float64 loss (~10) is good to ~1e-14, so a step h = 1e-5 leaves a
@@ -197,7 +198,7 @@ class _SuffixLoss:
         for i in range(start, cfg.n_layer):
             if keep:
                 self.inputs[i] = h
-            h, _ = L.block_forward(h, L.sub_params(p, f"transformer.h.{i}."), cfg.n_head)
+            h, _ = block_forward(L.REFERENCE_OPS, h, sub_params(p, f"transformer.h.{i}."), cfg.n_head)
         if keep:
             self.inputs[cfg.n_layer] = h
         h, _ = L.layernorm_forward(h, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])

@@ -14,7 +14,7 @@ One JSON line per diagnostic step:
                 micro-steps (on rank 0's data under data parallelism):
     resid_std     the residual stream entering the block (or ln_f): sqrt of the mean over
                   tokens of its variance over channels, the spread each LayerNorm divides
-                  out. Read off the LayerNorm's cached 1/std (no pass over (B,T,C)).
+                  out.
     ln_*_std      the std of all entries of that LayerNorm's output (weight and bias applied).
     attn_entropy  the mean over batch, heads and query positions of the attention
                   distribution's entropy, in nats (position t can reach at most log(t+1)).
@@ -23,13 +23,15 @@ One JSON line per diagnostic step:
                   passes almost no gradient. A growing fraction means dying MLP units.
   cost_s        seconds this probe spent in the step (snapshots, norms, activations)
 
-The numpy and cupy engines (gpt2np.GPT) compute the activations from the forward's caches
-(no extra forward). The attention keeps no probabilities, only each row's log-sum-exp, so
-the entropy recomputes the scores q.k per block of queries: one score GEMM and one exp per
-layer, about a third of the attention forward's work, on diagnostic steps only. The torch
-engine reaches the same tensors with forward hooks on its modules, registered only for the
-diagnostic steps, and computes the figures with the same array code (the tensors are shared
-with numpy or cupy without a copy).
+The figures come from the input and output of a few named modules (POINTS) in each
+micro-step's forward, on diagnostic steps only: the numpy and cupy engines (gpt2np.GPT)
+show them to the model's observer, the torch engine to forward hooks on its modules of the
+same names; one ActivationRecorder computes the figures from either (torch's tensors are
+shared with numpy or cupy without a copy). The entropy recomputes the scores q.k and their
+softmax per block of queries: about the attention forward's work again, once per layer.
+
+This module knows the step probe interface of gpt2np.train.evaluators (start_step,
+before_update, after_update) by its shape alone: it imports nothing from the loop.
 """
 from __future__ import annotations
 
@@ -40,16 +42,14 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2np.backends import KernelCache, backend_of
-
-from gpt2np.model import GPT
+from gpt2np.backends import backend_of
 from gpt2np.files import replace_atomically
+from gpt2np.model import GPT
 from gpt2np.train.outputs import read_jsonl
 
 GELU_TAIL = -3.0
 DIAG_NAME = "diagnostics.jsonl"
 PLOT_NAME = "diagnostics.png"
-_LN_EPS = 1e-5  # gpt2np.layers.layernorm_forward's (GPT-2's)
 _ENTROPY_BLOCK = 256  # queries per score block (as gpt2np.layers' attention)
 
 
@@ -105,13 +105,6 @@ def residual_std(x) -> float:
     return math.sqrt(float(x.var(axis=-1, dtype=xp.float64).mean()))
 
 
-def residual_std_from_rstd(rstd, eps: float = _LN_EPS) -> float:
-    """The same from a LayerNorm's cached rstd = 1/sqrt(var + eps), one per token."""
-    xp = _xp(rstd)
-    r = rstd.astype(xp.float64)
-    return math.sqrt(max(float((1.0 / (r * r)).mean()) - eps, 0.0))
-
-
 def std_all(a) -> float:
     """The std of every entry of a (float64 accumulation)."""
     return float(a.std(dtype=_xp(a).float64))
@@ -120,12 +113,6 @@ def std_all(a) -> float:
 def gelu_tail_fraction(x, threshold: float = GELU_TAIL) -> float:
     """The fraction of GELU inputs x below `threshold` (its flat tail)."""
     return int(_xp(x).count_nonzero(x < threshold)) / max(1, x.size)
-
-
-def bf16_to_float32(bits):
-    """bfloat16 bits (uint16) as float32 values (bf16 is float32's upper half)."""
-    xp = _xp(bits)
-    return (bits.astype(xp.uint32) << 16).view(xp.float32)
 
 
 def attention_entropy(qs, k, lse=None) -> float:
@@ -155,61 +142,62 @@ def attention_entropy(qs, k, lse=None) -> float:
     return total / (B * NH * T)
 
 
-# ------------------------------------------------------------------ from gpt2np.GPT's caches
+def qkv_entropy(qkv, n_head) -> float:
+    """attention_entropy of the heads of a fused projection qkv (B,T,3C) (with its bias)."""
+    B, T, C3 = qkv.shape
+    hs = C3 // 3 // n_head
+    q, k, _ = qkv.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)  # (B,NH,T,hs) each
+    return attention_entropy(q * (1.0 / math.sqrt(hs)), k)
 
 
-def _layernorm_cache(cache, bias):
-    """(residual std of the input, std of the output) from a LayerNorm's cache."""
-    if isinstance(cache, KernelCache):  # CuPy's fused kernel: x, weight, mean, rstd (N,)
-        x, weight, mean, rstd = cache.saved
-        C = x.shape[-1]
-        norm = (x.reshape(-1, C) - mean[:, None]) * rstd[:, None]
-    else:  # gpt2np.layers: norm (B,T,C), rstd (B,T,1), weight
-        norm, rstd, weight = cache
-    return residual_std_from_rstd(rstd), std_all(norm * weight + bias)
+# ------------------------------------------------------------------ the observed points
+
+# module (within block i, or at the top) -> its figures from (input x, output y, n_head)
+_FIGURES = {
+    "ln_1": lambda x, y, n_head: {"resid_std": residual_std(x), "ln_1_std": std_all(y)},
+    "attn.c_attn": lambda x, qkv, n_head: {"attn_entropy": qkv_entropy(qkv, n_head)},
+    "ln_2": lambda x, y, n_head: {"ln_2_std": std_all(y)},
+    "mlp.c_fc": lambda x, y, n_head: {"gelu_tail": gelu_tail_fraction(y)},
+    "ln_f": lambda x, y, n_head: {"resid_std": residual_std(x), "ln_f_std": std_all(y)},
+}
 
 
-def _gelu_input(cache):
-    return cache.saved[0] if isinstance(cache, KernelCache) else cache[0]
+def points(n_layer: int) -> list[str]:
+    """The modules whose input and output the figures need, named as in GPT2LMHeadModel
+    (and gpt2np.GPT's observer), in the order of a forward."""
+    block = [p for p in _FIGURES if p != "ln_f"]
+    return [f"transformer.h.{i}.{p}" for i in range(n_layer) for p in block] + ["transformer.ln_f"]
 
 
-def _attention_cache_entropy(cache) -> float:
-    if isinstance(cache, KernelCache):
-        saved = cache.saved
-        if len(saved) == 4:  # flash: q*scale, k, v packed (3,B,NH,T,hs) in bf16 bits
-            qkv16, _, lse, _ = saved
-            return attention_entropy(bf16_to_float32(qkv16[0]), bf16_to_float32(qkv16[1]), lse)
-        qs, k, _, _, lse, _ = saved  # query blocks: GEMM operands, bf16 bits in bf16
-    else:
-        qs, k, _, _, lse, _ = cache
-    if qs.dtype == np.uint16:
-        qs, k = bf16_to_float32(qs), bf16_to_float32(k)
-    return attention_entropy(qs, k, lse)
+class ActivationRecorder:
+    """The activation figures of forwards: call it with (name, input, output) at each of
+    points() (it is a gpt2np.GPT's observer, or torch hooks call it), and end_forward() after
+    each forward. `forwards` holds one {"transformer.h.i" | "transformer.ln_f": figures} per
+    forward; `seconds` the time spent computing them."""
 
+    def __init__(self, n_head: int):
+        self.n_head = n_head
+        self.forwards: list[dict] = []
+        self.seconds = 0.0
+        self._current: dict = {}
 
-def model_activations(model) -> dict:
-    """The activation figures of gpt2np.GPT's last forward with targets (read from
-    model._cache, which holds until backward())."""
-    if model._cache is None:
-        raise RuntimeError("model_activations needs the caches of a forward with targets, "
-                           "before its backward")
-    _, block_caches, lnf_cache, _, _ = model._cache
-    p = model.params
-    out = {}
-    for i, (ln1, attn, ln2, mlp) in enumerate(block_caches):
-        h = f"transformer.h.{i}."
-        resid, ln1_std = _layernorm_cache(ln1, p[h + "ln_1.bias"])
-        _, ln2_std = _layernorm_cache(ln2, p[h + "ln_2.bias"])
-        out[f"transformer.h.{i}"] = {
-            "resid_std": resid, "ln_1_std": ln1_std,
-            "attn_entropy": _attention_cache_entropy(attn[1]),  # attn: (qkv, attention, proj)
-            "ln_2_std": ln2_std, "gelu_tail": gelu_tail_fraction(_gelu_input(mlp[1]))}
-    resid, lnf_std = _layernorm_cache(lnf_cache, p["transformer.ln_f.bias"])
-    out["transformer.ln_f"] = {"resid_std": resid, "ln_f_std": lnf_std}
-    return out
+    def __call__(self, name, x, y):
+        t0 = time.perf_counter()
+        # "transformer.h.3.attn.c_attn" -> ("transformer.h.3", "attn.c_attn"); "transformer.ln_f"
+        parts = name.split(".", 3)
+        owner, point = (".".join(parts[:3]), parts[3]) if parts[1] == "h" else (name, parts[1])
+        self._current.setdefault(owner, {}).update(_FIGURES[point](x, y, self.n_head))
+        self.seconds += time.perf_counter() - t0
 
+    def end_forward(self):
+        self.forwards.append(self._current)
+        self._current = {}
 
-# ------------------------------------------------------------------ from the torch engine
+    def mean(self) -> dict:
+        """The mean of each figure over the forwards."""
+        n, first = len(self.forwards), self.forwards[0]
+        return {name: {key: sum(f[name][key] for f in self.forwards) / n for key in first[name]}
+                for name in first}
 
 
 def _from_torch(t):
@@ -226,51 +214,20 @@ def _from_torch(t):
 
 
 class TorchActivationHooks:
-    """Forward hooks on a gpt2np.backends.torch_reference.TorchGPT collecting model_activations'
-    figures for every forward while registered; remove() takes them off again."""
+    """Forward hooks on a gpt2np.backends.torch_reference.TorchGPT's modules of points(),
+    showing their input and output to `recorder`; remove() takes them off again."""
 
-    def __init__(self, model):
-        self.forwards: list[dict] = []  # one dict per forward, as model_activations'
+    def __init__(self, model, recorder: ActivationRecorder):
         self._handles = []
-        n_head = model.config.n_head
-        reg = lambda module, f: self._handles.append(module.register_forward_hook(f))  # noqa: E731
-        # a new forward begins (TorchGPT reads wte's weight directly, not through its module)
-        self._handles.append(model.register_forward_pre_hook(lambda m, i: self.forwards.append({})))
-        for idx, block in enumerate(model.transformer.h):
-            name = f"transformer.h.{idx}"
-            reg(block.ln_1, self._hook(name, lambda x, y: {"resid_std": residual_std(x),
-                                                             "ln_1_std": std_all(y)}))
-            reg(block.attn.c_attn, self._hook(name, lambda x, qkv: {
-                "attn_entropy": _qkv_entropy(qkv, n_head)}))
-            reg(block.ln_2, self._hook(name, lambda x, y: {"ln_2_std": std_all(y)}))
-            reg(block.mlp.c_fc, self._hook(name, lambda x, y: {"gelu_tail": gelu_tail_fraction(y)}))
-        reg(model.transformer.ln_f, self._hook("transformer.ln_f", lambda x, y: {
-            "resid_std": residual_std(x), "ln_f_std": std_all(y)}))
-
-    def _hook(self, name, figures):
-        def hook(module, inputs, output):
-            stats = figures(_from_torch(inputs[0]), _from_torch(output))
-            self.forwards[-1].setdefault(name, {}).update(stats)
-        return hook
+        for name in points(model.config.n_layer):
+            hook = (lambda name: lambda module, inputs, output: recorder(
+                name, _from_torch(inputs[0]), _from_torch(output)))(name)
+            self._handles.append(model.get_submodule(name).register_forward_hook(hook))
 
     def remove(self):
         for h in self._handles:
             h.remove()
         self._handles = []
-
-
-def _qkv_entropy(qkv, n_head) -> float:
-    B, T, C3 = qkv.shape
-    hs = C3 // 3 // n_head
-    q, k, _ = qkv.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)  # (B,NH,T,hs) each
-    return attention_entropy(q * (1.0 / math.sqrt(hs)), k)
-
-
-def _mean_of(forwards: list[dict]) -> dict:
-    """The mean of each figure over the micro-steps' forwards."""
-    n = len(forwards)
-    return {name: {key: sum(f[name][key] for f in forwards) / n for key in forwards[0][name]}
-            for name in forwards[0]}
 
 
 # ------------------------------------------------------------------ the step probe
@@ -279,10 +236,11 @@ def _mean_of(forwards: list[dict]) -> dict:
 class DiagnosticsProbe:
     """Every `every` optimizer steps: one line of diagnostics.jsonl in out_dir (rank 0), and
     diagnostics.png redrawn when loss.png is (every eval_interval steps and the last step).
+    A step probe of gpt2np.train.evaluators: start_step, before_update, after_update.
 
     A diagnostic step pays for: one copy of the params (before the update, for the update
     ratio), three sets of norms, and the activation figures of each micro-step's forward
-    (ArrayEngine: from its caches; TorchEngine: forward hooks). Other steps pay nothing.
+    (ArrayEngine: the model's observer; TorchEngine: forward hooks). Other steps pay nothing.
     """
 
     def __init__(self, every: int, out_dir, is_main: bool = True, eval_interval: int = 0,
@@ -314,11 +272,12 @@ class DiagnosticsProbe:
         if not self._active:
             return
         t0 = time.perf_counter()
-        self._forwards, self._hooks = [], None
-        if isinstance(engine.model, GPT):  # ArrayEngine: gpt2np.GPT keeps the forward's caches
-            engine.forward_hook = lambda e: self._forwards.append(model_activations(e.model))
+        self._recorder, self._hooks = ActivationRecorder(engine.model.config.n_head), None
+        if isinstance(engine.model, GPT):  # ArrayEngine: the model shows its observer
+            engine.model.observer = self._recorder
         else:  # TorchEngine: hooks on its modules for this step's micro-steps
-            self._hooks = TorchActivationHooks(engine.model)
+            self._hooks = TorchActivationHooks(engine.model, self._recorder)
+        engine.forward_hook = lambda e: self._recorder.end_forward()  # after each forward
         self._cost = time.perf_counter() - t0
 
     def before_update(self, step, engine):
@@ -327,7 +286,8 @@ class DiagnosticsProbe:
         t0 = time.perf_counter()
         if self._hooks is not None:
             self._hooks.remove()
-            self._forwards = self._hooks.forwards
+        else:
+            engine.model.observer = None
         engine.forward_hook = None
         self._before = {k: p.copy() for k, p in engine.params.items()}
         self._param_norm = tensor_norms(self._before)
@@ -343,9 +303,9 @@ class DiagnosticsProbe:
         ratios = update_ratios(self._before, engine.params, self._param_norm)
         del self._before
         rec = {"step": step, "grad_norm": self._grad_norm, "param_norm": self._param_norm,
-               "update_ratio": ratios, "activations": _mean_of(self._forwards)}
-        self._forwards = []
-        rec["cost_s"] = self._cost + time.perf_counter() - t0
+               "update_ratio": ratios, "activations": self._recorder.mean()}
+        rec["cost_s"] = self._cost + self._recorder.seconds + time.perf_counter() - t0
+        self._recorder = None
         self.records.append(rec)
         if self.is_main:
             with open(self.path, "a") as f:

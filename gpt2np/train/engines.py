@@ -30,8 +30,8 @@ For evaluators and step probes, every engine also has
   grads         name -> array, the accumulated gradient (after sync_grads: all-reduced;
                 TorchEngine: host numpy copies)
   forward_hook  None, or f(engine) called after each micro-step's forward and before its
-                backward (ArrayEngine: f may read the forward's caches through
-                engine.model; TorchEngine: f may register torch hooks on engine.model itself)
+                backward (ArrayEngine: engine.model.observer sees the forward's activations;
+                TorchEngine: f may register torch hooks on engine.model itself)
   last_micro    set by the loop: whether this micro-step is the step's last (DDP syncs then)
 
 May touch: the model, its optimizer and gradient buffers; never files or data loaders.

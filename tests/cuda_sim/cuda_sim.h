@@ -33,7 +33,7 @@ enum State { RUNNABLE, AT_WARP_BARRIER, AT_BLOCK_BARRIER, DONE };
 
 // Switching threads: on x86-64 a hand-written switch of the stack pointer and the
 // callee-saved registers (swapcontext also saves the signal mask, a system call per switch:
-// ~50x slower); elsewhere ucontext.
+// far slower); elsewhere ucontext.
 #if defined(__x86_64__)
 #define SIM_FAST_SWITCH 1
 extern "C" void gpt2np_sim_switch(void** save_sp, void* load_sp);

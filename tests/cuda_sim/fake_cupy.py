@@ -1,8 +1,8 @@
 """A stand-in for CuPy on the CPU, for running the CuPy backend's own code in tests.
 
-`install(monkeypatch)` puts modules named cupy, cupyx and cupy_backends.cuda.libs.cublas
-into sys.modules: arrays are NumPy arrays of a subclass that `backends.backend_of` takes for
-device arrays (its module is "cupy") and whose `.data.ptr` is the host address; RawModule
+`install(monkeypatch)` puts modules named cupy and cupy_backends.cuda.libs.cublas into
+sys.modules: arrays are NumPy arrays of a subclass that `backends.backend_of` and
+`layers.get_xp` take for device arrays (its module is "cupy") and whose `.data.ptr` is the host address; RawModule
 builds the kernels with the CUDA simulator (tests/cuda_sim); cuBLAS's strided-batched GEMM
 is computed from raw memory with cuBLAS's column-major semantics. What this checks is the
 backend's Python side and the kernels' logic together; real CuPy, NVRTC and cuBLAS on a GPU
@@ -17,7 +17,7 @@ import types
 
 import numpy as np
 
-from gpt2np.backends.numpy_backend import round_mantissa
+from gpt2np.layers import round_mantissa
 
 from . import SimModule
 
@@ -48,7 +48,7 @@ class ndarray(np.ndarray):
         return _Ptr(self.ctypes.data)
 
 
-ndarray.__module__ = "cupy"  # what backends.backend_of looks at
+ndarray.__module__ = "cupy"  # what backends.backend_of and layers.get_xp look at
 
 
 def _dev(x):
@@ -104,8 +104,6 @@ def _build():
         Event=_Event,  # every launch is synchronous here: host clocks
         get_elapsed_time=lambda a, b: 1e3 * (b.time - a.time),
     )
-    cupyx = types.ModuleType("cupyx")
-    cupyx.scatter_add = lambda out, idx, vals: np.add.at(out, idx, vals)
     cublas = types.ModuleType("cupy_backends.cuda.libs.cublas")
     cublas.gemmStridedBatchedEx = gemm_strided_batched_ex
     cublas.getPointerMode = lambda handle: _pointer_mode[0]
@@ -115,7 +113,7 @@ def _build():
     pkgs["cupy_backends"].cuda = pkgs["cupy_backends.cuda"]
     pkgs["cupy_backends.cuda"].libs = pkgs["cupy_backends.cuda.libs"]
     pkgs["cupy_backends.cuda.libs"].cublas = cublas
-    return {"cupy": cp, "cupyx": cupyx, "cupy_backends.cuda.libs.cublas": cublas, **pkgs}
+    return {"cupy": cp, "cupy_backends.cuda.libs.cublas": cublas, **pkgs}
 
 
 def install(monkeypatch):

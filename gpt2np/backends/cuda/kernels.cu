@@ -164,33 +164,33 @@ extern "C" __global__ void gelu_forward_kernel(const float* x, float* out, long 
     }
 }
 
-// The MLP's c_fc bias fused into its GELU: h (n / OC rows, OC) gets the bias added in place
-// (h + bias is the pre-activation that gelu_backward_kernel reads), out = gelu(h + bias),
-// in float32 or as bf16 bits for c_proj's bf16 GEMM. One pass over h instead of two (the
-// bias add, then the GELU), and in bf16 no float32 output to cast afterwards.
+// The MLP's c_fc bias fused into its GELU: h (n / OC rows, OC) is read, pre = h + bias is
+// written (the pre-activation that gelu_backward_kernel reads), out = gelu(h + bias), in
+// float32 or as bf16 bits for c_proj's bf16 GEMM. One pass over h instead of two (the bias
+// add, then the GELU), and in bf16 no float32 output to cast afterwards.
 template <typename OUT>
-__device__ __forceinline__ void bias_gelu_forward(float* h, const float* bias, OUT* out,
-                                                  long long n, int OC)
+__device__ __forceinline__ void bias_gelu_forward(const float* h, const float* bias, float* pre,
+                                                  OUT* out, long long n, int OC)
 {
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         const float xi = h[i] + bias[i % OC];
-        h[i] = xi;
+        pre[i] = xi;
         const float t = tanhf(GELU_K * (xi + GELU_A * xi * xi * xi));
         store(out + i, 0.5f * xi * (1.f + t));
     }
 }
 
 extern "C" __global__ void bias_gelu_forward_kernel(
-    float* h, const float* bias, float* out, long long n, int OC)
+    const float* h, const float* bias, float* pre, float* out, long long n, int OC)
 {
-    bias_gelu_forward(h, bias, out, n, OC);
+    bias_gelu_forward(h, bias, pre, out, n, OC);
 }
 
 extern "C" __global__ void bias_gelu_forward_bf16_kernel(
-    float* h, const float* bias, unsigned short* out, long long n, int OC)
+    const float* h, const float* bias, float* pre, unsigned short* out, long long n, int OC)
 {
-    bias_gelu_forward(h, bias, out, n, OC);
+    bias_gelu_forward(h, bias, pre, out, n, OC);
 }
 
 // Only x is saved: t is recomputed (one tanhf) instead of keeping a second (n,) array.
