@@ -66,6 +66,8 @@ class ArrayEngine:
     def __init__(self, model, lr, weight_decay):
         self.model = model
         self.backend = model.backend
+        self.config: GPTConfig = model.config
+        self.on_gpu = self.backend.name == "cupy"
         self.xp = model.xp
         self.opt = AdamW(model.params, lr=lr, betas=BETAS, eps=EPS, weight_decay=weight_decay)
         self.bucket = distributed.GradBucket(model.params)
@@ -75,14 +77,6 @@ class ArrayEngine:
     @property
     def params(self) -> dict:
         return self.model.params
-
-    @property
-    def config(self) -> GPTConfig:
-        return self.model.config
-
-    @property
-    def on_gpu(self) -> bool:
-        return self.backend.name == "cupy"
 
     def distribute(self, ctx):
         """Join the ranks: start from rank 0's params (they are equal already, from the seed or
@@ -151,6 +145,8 @@ class TorchEngine:
         self.device = torch.device(device)
         self.dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
         self.model = TorchGPT.from_params(model_cfg, params, dtype=self.dtype, device=self.device)
+        self.config: GPTConfig = model_cfg
+        self.on_gpu = self.device.type == "cuda"
         self.ddp = self.model  # DistributedDataParallel around it once distribute() runs
         self.last_micro = True  # DDP all-reduces in the backward of the last micro-step only
         self.named = dict(self.model.named_parameters())
@@ -164,14 +160,6 @@ class TorchEngine:
     @property
     def params(self) -> dict:
         return self.model.export_params()  # host copies
-
-    @property
-    def config(self) -> GPTConfig:
-        return self.model.config
-
-    @property
-    def on_gpu(self) -> bool:
-        return self.device.type == "cuda"
 
     @property
     def grads(self) -> dict:
