@@ -96,10 +96,10 @@ def resolve(name_or_path, *, revision=None, cache_dir=None, local_files_only=Fal
                           f"{WEIGHTS_INDEX_NAME} (a Hugging Face model folder)")
         return path
     if path.exists():
-        raise OSError(f"{str(name_or_path)!r} is a file but neither a gpt2np training checkpoint "
-                      f"nor an llm.c model file (magic {MODEL_MAGIC}); pass a training run's "
-                      f"out-dir or its {CKPT_NAME}, an llm.c model file, or the folder that "
-                      f"holds {WEIGHTS_NAME} and {CONFIG_NAME}")
+        raise OSError(f"{str(name_or_path)!r} is a file but not a gpt2np training checkpoint, "
+                      f"nor an llm.c model file (which starts with {MODEL_MAGIC}); pass a "
+                      f"training run's out-dir or its {CKPT_NAME}, an llm.c model file, or the "
+                      f"folder that holds {WEIGHTS_NAME} and {CONFIG_NAME}")
     name = str(name_or_path)
     repo_id = HUB_NAMES.get(name, name)
     if not _REPO_ID.match(repo_id):
