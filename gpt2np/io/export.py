@@ -68,7 +68,8 @@ def export(src, dest, *, format: str = "hf", dtype: str = "float32",
     _check_dest(src, dest, overwrite)
     model = from_pretrained(src, dtype="float64" if dtype == "float64" else "float32",
                             **load_kwargs)
-    written = {}  # (_check_dest decided that an old DEST may go)
+    written = {}
+    # (_check_dest decided that an old DEST may go)
     files.replace_folder(dest, lambda folder: written.update(write(model, folder)))
     dropped = (model.config.vocab_size - written["vocab_size"]) * model.config.n_embd
     return {"dest": dest, "format": format, "config": model.config, "dtype": dtype,
