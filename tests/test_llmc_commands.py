@@ -28,6 +28,7 @@ from gpt2np.evals.loss import load_eval_tokens, token_loss
 from gpt2np.io import export as export_module
 from gpt2np.io.checkpoint import load_checkpoint
 from gpt2np.io.export import export, llmc_model_name
+from gpt2np.io.hf_folder import save_pretrained
 from gpt2np.io.llmc import read_llmc, read_llmc_header
 from gpt2np.model import init_params, param_shapes
 from testdata import shakespeare_path
@@ -264,7 +265,7 @@ def test_an_exported_run_holds_exactly_its_float32_params_in_llmcs_layout(tiny_r
 def test_the_vocabulary_is_padded_as_llmc_pads_it(tmp_path, vocab_size, V, Vp, tokenizer):
     config = CFG.replace(vocab_size=vocab_size)
     params = random_params(config, seed=3)
-    GPT(config, params=params).save_pretrained(tmp_path / "src")
+    save_pretrained(GPT(config, params=params), tmp_path / "src")
     r = export(tmp_path / "src", tmp_path / "out", format="llmc")
     header = read_llmc_header(tmp_path / "out" / r["model_file"])
     assert (header.vocab_size, header.padded_vocab_size) == (V, Vp) == \
