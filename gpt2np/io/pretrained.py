@@ -1,9 +1,10 @@
-"""Every model source in: Hugging Face GPT-2 folders and hub ids, training runs.
+"""Every model source in: Hugging Face GPT-2 folders and hub ids, training runs, llm.c files.
 
     model = from_pretrained("gpt2")                # hub id, through huggingface_hub's cache
     model = from_pretrained("path/to/folder")      # model.safetensors (+ shards) + config.json
     model = from_pretrained("out/shakespeare")     # a training run: its out-dir ...
     model = from_pretrained("out/shakespeare/ckpt.safetensors")  # ... or its checkpoint file
+    model = from_pretrained("gpt2_124M_bf16.bin")  # an llm.c model file (gpt2np.io.llmc)
 
 (and out: gpt2np.io.hf_folder.save_pretrained writes a folder transformers loads)
 
@@ -27,6 +28,7 @@ from gpt2np.io import safetensors_layout
 from gpt2np.io.checkpoint import CKPT_NAME, is_checkpoint
 from gpt2np.io.hf_folder import (CONFIG_NAME, PICKLE_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME,
                                  load_config)
+from gpt2np.io.llmc import MODEL_MAGIC, is_llmc_model, read_llmc
 from gpt2np.model import GPT, param_shapes
 
 # Short names of the four OpenAI releases; on the hub they live under openai-community/.
@@ -51,6 +53,9 @@ def from_pretrained(name_or_path, *, backend: str = "numpy", dtype: str = "float
     """A GPT holding GPT-2 weights from any model source.
 
     name_or_path, in the order it is tried:
+      - an llm.c model file (gpt2_124M.bin, gpt2_124M_bf16.bin, its trainer's model_*.bin),
+        known by its first 4 bytes whatever its name; its header is checked before anything
+        else is read (gpt2np.io.llmc), and its padded vocabulary rows, no tokens, are dropped;
       - a gpt2np training run: its out-dir (which holds `ckpt.safetensors`) or that checkpoint
         file itself; the checkpoint's metadata has the GPTConfig, its SHA-256 is checked;
       - a local folder with `model.safetensors` (or a sharded `model.safetensors.index.json`)
@@ -63,8 +68,10 @@ def from_pretrained(name_or_path, *, backend: str = "numpy", dtype: str = "float
     allow_pickle: also accept `pytorch_model.bin` when no safetensors exist (read with
     torch.load(weights_only=True); needs torch). Off by default: pickles can run code.
     """
-    ckpt = training_checkpoint(name_or_path)
-    if ckpt is not None:
+    llmc_file = os.path.expanduser(str(name_or_path))
+    if is_llmc_model(llmc_file):  # known by its magic, whatever its name
+        config, params = read_llmc(llmc_file)
+    elif (ckpt := training_checkpoint(name_or_path)) is not None:
         config, params = load_run(ckpt)
     else:
         folder = resolve(name_or_path, revision=revision, cache_dir=cache_dir,
@@ -89,9 +96,10 @@ def resolve(name_or_path, *, revision=None, cache_dir=None, local_files_only=Fal
                           f"{WEIGHTS_INDEX_NAME} (a Hugging Face model folder)")
         return path
     if path.exists():
-        raise OSError(f"{str(name_or_path)!r} is a file but not a gpt2np training checkpoint; "
-                      f"pass a training run's out-dir or its {CKPT_NAME}, or the folder that "
-                      f"holds {WEIGHTS_NAME} and {CONFIG_NAME}")
+        raise OSError(f"{str(name_or_path)!r} is a file but not a gpt2np training checkpoint, "
+                      f"nor an llm.c model file (which starts with {MODEL_MAGIC}); pass a "
+                      f"training run's out-dir or its {CKPT_NAME}, an llm.c model file, or the "
+                      f"folder that holds {WEIGHTS_NAME} and {CONFIG_NAME}")
     name = str(name_or_path)
     repo_id = HUB_NAMES.get(name, name)
     if not _REPO_ID.match(repo_id):
