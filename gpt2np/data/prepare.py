@@ -122,7 +122,7 @@ def _split_stream(path: str, sep: str, chunk_chars: int) -> Iterator[str]:
             chunk = _read_text(f, path, chunk_chars)
             if not chunk:
                 break
-            *done, rest = (carry + chunk).split(sep)
+            done, rest = _cut(carry + chunk, sep)
             if done:  # the current document ends at the first separator
                 doc.append(done[0])
                 yield from (d for d in ("".join(doc), *done[1:]) if d)
@@ -134,6 +134,12 @@ def _split_stream(path: str, sep: str, chunk_chars: int) -> Iterator[str]:
     last = "".join(doc) + carry
     if last:
         yield last
+
+
+def _cut(text: str, sep: str) -> tuple[list[str], str]:
+    """text's pieces before each sep, and what follows the last one."""
+    *done, rest = text.split(sep)
+    return done, rest
 
 
 def _check_doc_sep(sep):
