@@ -155,12 +155,15 @@ def _write(path, fill: Callable[[int, Path], None], fsync: bool) -> Path:
 def _create_temporary(path: Path) -> tuple[int, Path]:
     """A new empty file beside `path`, `<name>.<8 hex>.tmp`, created exclusively (a file or
     link already at that name is never opened): (its descriptor, its path)."""
+    name = path.name[:200]  # (a name near the filesystem's limit still gets a temporary)
     for _ in range(100):
-        tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
+        tmp = path.with_name(f"{name}.{secrets.token_hex(4)}.tmp")
         try:
             return os.open(tmp, _CREATE, 0o666), tmp
         except FileExistsError:
             continue  # someone's file, or a planted link: another name
+        except OSError as e:  # no such folder, no permission, ...
+            raise _naming(e, path, tmp) from e
     raise WriteError(errno.EEXIST, "no free temporary name beside it", str(path))
 
 
@@ -342,8 +345,10 @@ class FolderLock:
             self.folder.mkdir(parents=True, exist_ok=True)
             while self._fd is None:
                 self._fd = self._try_lock()
+        except FileExistsError as e:  # (mkdir: a file where the folder should be)
+            raise WriteError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(self.folder)) from e
         except OSError as e:
-            raise _naming(e, self.path) from e
+            raise _naming(e, self.path, self.folder) from e
 
     def _try_lock(self) -> int | None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o644)
