@@ -343,12 +343,15 @@ class FolderLock:
         self._made = not os.path.lexists(self.folder)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            while self._fd is None:
-                self._fd = self._try_lock()
-        except FileExistsError as e:  # (mkdir: a file where the folder should be)
+        except FileExistsError as e:  # a file where the folder should be
             raise WriteError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(self.folder)) from e
         except OSError as e:
-            raise _naming(e, self.path, self.folder) from e
+            raise WriteError(e.errno, e.strerror or str(e), str(self.folder)) from e
+        try:
+            while self._fd is None:
+                self._fd = self._try_lock()
+        except OSError as e:
+            raise _naming(e, self.path) from e
 
     def _try_lock(self) -> int | None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o644)

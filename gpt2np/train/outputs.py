@@ -298,8 +298,11 @@ def hold_out_dir(cfg: TrainConfig, out_dir: Path, run_files) -> files.FolderLock
         lock = files.FolderLock(out_dir, "--out-dir")
     except files.FolderInUseError as e:
         raise TrainError(str(e)) from None
-    except OSError as e:  # (a WriteError names the file and what to do)
-        why = str(e) if isinstance(e, files.WriteError) else f"cannot write there ({e.strerror or e})"
+    except OSError as e:
+        if isinstance(e, files.WriteError) and e.filename != str(out_dir):
+            why = str(e)  # a file in it (a planted lock link): named, with what to do
+        else:
+            why = f"cannot write there ({e.strerror or e})"
         raise TrainError(f"--out-dir {out_dir}: {why}; choose another --out-dir") from e
     try:
         files.remove_temporaries(out_dir, set(run_files).__contains__)
