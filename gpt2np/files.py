@@ -41,6 +41,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
 
@@ -326,6 +327,9 @@ def check_output(path, flag: str, inputs: Iterable[tuple[str, object]] = (),
 # ------------------------------------------------------------------------ holding a folder
 
 
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS}
+
+
 class FolderInUseError(RuntimeError):
     """Another process holds the folder (FolderLock)."""
 
@@ -369,6 +373,12 @@ class FolderLock:
                         f"{self.flag} {self.folder} is in use by another gpt2np process "
                         f"({holder or 'unknown'}): wait for it to end (or stop it), or choose "
                         f"another {self.flag}") from None
+                except OSError as e:  # a filesystem without locks: go on, unguarded
+                    if e.errno not in _NO_LOCKS:
+                        raise
+                    warnings.warn(f"cannot lock {self.folder} ({e.strerror}): nothing keeps "
+                                  "a second gpt2np process from writing there meanwhile",
+                                  stacklevel=3)
             try:  # its holder removed it as we opened it: lock the new one instead
                 if os.stat(self.path, follow_symlinks=False).st_ino != st.st_ino:
                     os.close(fd)

@@ -370,3 +370,34 @@ def test_a_killed_writer_leaves_a_temporary_that_is_recognised(tmp_path):
     (tmp_path / "notes.tmp").write_text("mine")
     assert files.remove_temporaries(tmp_path, {"ckpt.safetensors"}.__contains__) == [left[1]]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors", "notes.tmp"]
+
+
+# ------------------------------------------------------------------ holding a folder
+
+
+def test_a_folder_lock_is_exclusive_and_leaves_nothing(tmp_path):
+    out = tmp_path / "run"
+    with files.FolderLock(out, "--out-dir") as lock:
+        assert (out / files.LOCK_NAME).read_text().startswith(f"pid {os.getpid()}: ")
+        with pytest.raises(files.FolderInUseError, match=f"--out-dir {out} is in use .*pid "
+                                                         f"{os.getpid()}"):
+            files.FolderLock(out, "--out-dir")  # (this process too: a lock per open file)
+    assert not out.exists()  # it made the folder and left it empty: removed
+    lock.release()  # (twice is harmless)
+    out.mkdir()
+    (out / "keep").write_text("x")
+    with files.FolderLock(out):
+        pass
+    assert os.listdir(out) == ["keep"]
+
+
+def test_a_filesystem_without_locks_warns_and_goes_on(tmp_path, monkeypatch):
+    import fcntl
+
+    def unsupported(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", unsupported)
+    with pytest.warns(UserWarning, match="cannot lock .*nothing keeps a second gpt2np"):
+        with files.FolderLock(tmp_path / "run"):
+            pass

@@ -110,9 +110,11 @@ def _check_dest(src, dest: Path, overwrite: bool):
     foreign = next((p for p in sorted(dest.iterdir()) if p.name not in EXPORT_FILES
                     or p.is_symlink() or not p.is_file()), None)
     if foreign is not None:
+        kind = (" (a symbolic link)" if foreign.is_symlink() else
+                " (a folder)" if foreign.is_dir() else "")
         raise FileExistsError(
-            f"{dest} does not look like an exported model: it holds {foreign.name!r}, which "
-            f"gpt2np export never writes. --overwrite replaces only a folder holding nothing "
+            f"{dest} does not look like an exported model: it holds {foreign.name!r}{kind}, "
+            f"which gpt2np export never writes. --overwrite replaces only a folder holding nothing "
             f"but an export's files ({', '.join(EXPORT_FILES)}); remove it yourself or choose "
             f"another DEST")
 

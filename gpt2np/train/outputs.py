@@ -317,7 +317,7 @@ def _check_inputs(cfg: TrainConfig, out_dir: Path, run_files):
     """An input that is one of the run's files (or the out-dir, for --init-from) would be
     replaced by the run: refused."""
     outputs = {os.path.realpath(out_dir / name) for name in run_files}
-    for name in ("data", "data_shards", "init_from", "hellaswag"):
+    for name in ("data", "init_from", "hellaswag"):  # (the files a run reads)
         value = getattr(cfg, name)
         if value is None or not os.path.exists(value):
             continue
