@@ -10,16 +10,20 @@ module's `ArgumentParser` and wrapped by `run_main`:
     run starts: one `error:` line naming the flag, exit 2, as well);
   - any exception the library raises becomes one line `error: <message>` on stderr, exit 1
     (`UsageError`: exit 2); `GPT2NP_DEBUG=1` re-raises it with its traceback instead;
-  - Ctrl-C outside a training loop (which handles it itself) exits 130 without a traceback.
+  - Ctrl-C outside a training loop (which handles it itself) exits 130 without a traceback;
+    SIGTERM takes the same path (the same cleanup), exit 143.
 The library keeps raising its own clear exceptions; no command catches them itself.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import math
 import os
+import signal
 import sys
+import threading
 
 from gpt2np.errors import UsageError
 
@@ -83,18 +87,46 @@ def any_int(text):
 def run_main(impl, argv=None) -> int:
     """Run `impl(argv) -> int | None`; turn any exception into one `error:` line."""
     try:
-        code = impl(argv)
+        with _sigterm_as_interrupt():
+            code = impl(argv)
     except SystemExit:
         raise  # argparse's exits (--help, bad flags) already said what they had to
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        print(f"error: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except Exception as e:  # noqa: BLE001 (the one place every error becomes a line)
         if os.environ.get("GPT2NP_DEBUG"):
             raise
         print(f"error: {_message(e)}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
     return int(code or 0)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, as Ctrl-C raises KeyboardInterrupt: whatever
+    cleans up after Ctrl-C (temporary files, half-written shards, worker processes) cleans
+    up after SIGTERM too. (The training loop handles both itself: it stops after the step.)"""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises Terminated while a command runs (main thread, default handler only);
+    a second SIGTERM kills at once, as the default does, should cleaning up hang."""
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _message(e: BaseException) -> str:

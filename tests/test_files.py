@@ -1,6 +1,7 @@
 """gpt2np.files: the target is the old file or the new one, never half of one; one cache."""
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -45,10 +46,15 @@ def test_fsync_writes_the_same_bytes(tmp_path, monkeypatch):
 
 
 def test_temporary_names_are_recognised(tmp_path):
-    tmp = files.temp_path(tmp_path / "shard_train_000001.npy")
-    assert tmp.parent == tmp_path and tmp.name == f"shard_train_000001.npy.{os.getpid()}.tmp"
+    seen = []
+    files.replace_atomically(tmp_path / "shard_train_000001.npy",
+                             lambda tmp: (seen.append(tmp), tmp.write_bytes(b"x")))
+    (tmp,) = seen
+    assert tmp.parent == tmp_path
+    assert re.fullmatch(r"shard_train_000001\.npy\.[0-9a-f]{8}\.tmp", tmp.name)
     assert files.temp_target(tmp.name) == "shard_train_000001.npy"
-    assert files.temp_target("meta.json.tmp") == "meta.json"  # an older writer's name
+    assert files.temp_target("meta.json.4242.tmp") == "meta.json"  # older writers' names
+    assert files.temp_target("meta.json.tmp") == "meta.json"
     assert files.temp_target("meta.json") is None
 
 

@@ -343,7 +343,7 @@ def test_empty_corpus_is_an_error(tmp_path, content):
         (tmp_path / name).write_text(content)
         with pytest.raises(ValueError, match=f"{name}: no documents"):
             _prep([tmp_path / name], tmp_path / "out")
-        assert not os.listdir(tmp_path / "out")  # nothing left behind
+        assert not (tmp_path / "out").exists()  # nothing left behind, not even the folder
 
 
 def _prepare_cli(*args, cwd):

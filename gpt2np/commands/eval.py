@@ -1,6 +1,7 @@
 """`gpt2np eval`: HellaSwag accuracy, or the loss on a text or shards, of any model source."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -31,12 +32,30 @@ def load_model(name, backend: str = "numpy", dtype: str = "float32", device: str
     return module.eval()
 
 
-def write_json(path, record: dict):
-    """Write a JSON file atomically (tmp file + rename)."""
-    path = Path(path)
-    if path.parent and not path.parent.is_dir():
-        raise FileNotFoundError(f"no folder {str(path.parent)!r} for --json {str(path)!r}")
-    files.write_json(path, record)
+def check_json_output(path, data, model) -> Path:
+    """--json, checked before any work: a file in a folder that exists, and not one of the
+    inputs (--data, HellaSwag's cached file, a local --model) nor a file in an input folder
+    other than an earlier result."""
+    inputs = [("--data", data if data is not None else hellaswag_cache_file()),
+              ("--model", model)]
+    return files.check_output(path, "--json", inputs, earlier_output=_is_result)
+
+
+def hellaswag_cache_file() -> Path:
+    from gpt2np.evals.hellaswag import CACHE_FOLDER, VAL_FILE
+
+    return files.cache_dir() / CACHE_FOLDER / VAL_FILE
+
+
+def _is_result(path: Path) -> bool:
+    """Whether `path` holds a result this command wrote (a small JSON object with its keys)."""
+    try:
+        if path.is_symlink() or path.stat().st_size > 1 << 16:
+            return False
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"task", "model"} <= set(record)
 
 
 def build_parser() -> ArgumentParser:
@@ -67,6 +86,8 @@ def _main(argv=None) -> int:
         raise UsageError("--task loss needs --data: a text file, a shard file or a shard folder")
     if args.device is not None and args.backend != "torch":
         raise UsageError("--device is for --backend torch (numpy runs on the CPU, cupy on the GPU)")
+    if args.json:
+        check_json_output(args.json, args.data, args.model)  # before any work
     from gpt2np import distributed
 
     ctx = distributed.init(args.backend, torch_device=args.device)
@@ -88,7 +109,7 @@ def _main(argv=None) -> int:
         if ctx.is_main:
             print(f"{args.model}: {result}")
             if args.json:
-                write_json(args.json, {**record, "model": str(args.model)})
+                files.write_json(args.json, {**record, "model": str(args.model)})
     finally:
         ctx.destroy()
     return 0

@@ -47,6 +47,9 @@ def build_parser() -> ArgumentParser:
 
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.json:  # before any work: a file that can be written and is no input
+        inputs = (("--model", args.model), ("--text", args.text), ("--data-shards", args.data_shards))
+        files.check_output(args.json, "--json", [(flag, p) for flag, p in inputs if p])
     from gpt2np import from_pretrained
 
     t_start = time.perf_counter()

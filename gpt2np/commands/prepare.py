@@ -72,12 +72,8 @@ def _main(argv=None) -> int:
     meta = prepare(args.input or [], args.out_dir, shard_size=args.shard_size,
                    val_shard_size=args.val_shard_size, workers=args.workers, fmt=args.format,
                    prefix=args.prefix, doc_sep=args.doc_sep, text_field=args.text_field,
-                   progress=not args.no_progress, overwrite=args.overwrite, documents=documents)
-    if source is not None:  # meta.json says where the documents came from
-        from gpt2np.data.shards import write_meta
-
-        meta = {"source": source, **meta}
-        write_meta(args.out_dir, meta)
+                   progress=not args.no_progress, overwrite=args.overwrite, documents=documents,
+                   info=None if source is None else {"source": source})  # where they came from
     print(f"{meta['documents']} documents, {meta['tokens']:,} tokens in "
           f"{len(meta['shards'])} shards -> {args.out_dir}")
     return 0

@@ -16,7 +16,9 @@ What a folder holds, for prepare (ShardWriter) and the loader (folder_shards) al
     one format per folder, else it is an error (two corpora, or every token twice).
   - a name's split is the `_val` / `_train` right before the index and extension, so a
     prefix such as `web_val_v2` does not make training shards count as validation.
-  - prepare refuses a folder that already holds shards or a meta.json unless told to
+  - prepare holds the folder while it writes (gpt2np.files.FolderLock: a second prepare
+    there is refused), removes what a killed prepare's writes left (temporary files), and
+    refuses a folder that already holds shards or a meta.json unless told to
     overwrite (then it removes those first, and only those); it writes meta.json marked
     incomplete before the first shard and complete after the last, and removes what it
     wrote if it fails, so a half-written folder is never read as a corpus.
@@ -85,19 +87,18 @@ def write_shard(path: str, tokens: np.ndarray | list):
         raise ValueError(f"{path}: {n:,} tokens do not fit llm.c's .bin header (at most "
                          f"{BIN_MAX_TOKENS:,}); use smaller shards or the npy format")
 
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            if path.endswith(".bin"):
-                header = np.zeros(BIN_HEADER_INTS, dtype=np.int32)
-                header[:3] = (BIN_MAGIC, BIN_VERSION, n)
-                f.write(header.tobytes())
-            else:
-                header = {"descr": "<u2", "fortran_order": False, "shape": (n,)}
-                np.lib.format.write_array_header_1_0(f, header)
-            for c in chunks:
-                f.write(c.astype("<u2", copy=False).tobytes())
+    def write(f):
+        if path.endswith(".bin"):
+            header = np.zeros(BIN_HEADER_INTS, dtype=np.int32)
+            header[:3] = (BIN_MAGIC, BIN_VERSION, n)
+            f.write(header.tobytes())
+        else:
+            header = {"descr": "<u2", "fortran_order": False, "shape": (n,)}
+            np.lib.format.write_array_header_1_0(f, header)
+        for c in chunks:
+            f.write(c.astype("<u2", copy=False).tobytes())
 
-    files.replace_atomically(path, write)
+    files.write_file(path, write)
 
 
 def load_shard(path: str, mmap: bool = True) -> np.ndarray:
@@ -192,13 +193,19 @@ def _no_shards(data_dir: str, split: str) -> FileNotFoundError:
     return FileNotFoundError(f"no {split} shards (*_{split}_*.npy / .bin) in {data_dir!r}")
 
 
+def is_folder_file(name: str) -> bool:
+    """Whether prepare writes files of this name: meta.json and shards."""
+    return name == META or parse_shard_name(name) is not None
+
+
 def clear_folder(data_dir: str, overwrite: bool):
-    """Make data_dir ready for a new corpus: refuse one that holds shards or a meta.json
-    unless overwrite, then remove those (meta.json first). Other files are left alone."""
+    """Make data_dir, which this process holds (gpt2np.files.FolderLock), ready for a new
+    corpus: remove what a killed prepare's writes left (temporary files), refuse a folder
+    that holds shards or a meta.json unless overwrite, then remove those (meta.json first).
+    Other files are left alone."""
     os.makedirs(data_dir, exist_ok=True)
+    files.remove_temporaries(data_dir, is_folder_file)
     old = sorted(n for n, _ in _named_shards(data_dir))
-    old += sorted(n for n in os.listdir(data_dir)  # what an interrupted write left
-                  if parse_shard_name(files.temp_target(n) or ""))
     has_meta = os.path.exists(os.path.join(data_dir, META))
     if not (old or has_meta):
         return

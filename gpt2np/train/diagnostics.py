@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2np.backends import backend_of
-from gpt2np.files import replace_atomically
+from gpt2np.files import append_text, replace_atomically
 from gpt2np.model import GPT
 from gpt2np.train.outputs import read_jsonl
 
@@ -308,8 +308,7 @@ class DiagnosticsProbe:
         self._recorder = None
         self.records.append(rec)
         if self.is_main:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            append_text(self.path, json.dumps(rec) + "\n")
         self._stale_plot = True
         if self._plot_due(step):
             self._plot()

@@ -54,13 +54,13 @@ from pathlib import Path
 import numpy as np
 
 from gpt2np import distributed
-from gpt2np.io.checkpoint import CKPT_NAME
 from gpt2np.model import param_shapes
 from gpt2np.optim import cosine_lr
 from gpt2np.train.data import TrainData, load_data, resume_position
 from gpt2np.train.engines import ArrayEngine, TorchEngine, initial_model, make_engine
 from gpt2np.train.evaluators import StepProbe, ValLoss, build_evaluators, build_probes
-from gpt2np.train.outputs import (Checkpointer, RunOutputs, TrainResult, check_writable,
+from gpt2np.train.diagnostics import DIAG_NAME, PLOT_NAME
+from gpt2np.train.outputs import (RUN_FILES, Checkpointer, RunOutputs, TrainResult, hold_out_dir,
                                   open_checkpoint, sample_texts)
 from gpt2np.train.settings import (RunSettings, TrainConfig, TrainError, check_config,
                                    check_device, check_init_shape, resolve)
@@ -73,7 +73,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     elif cfg.world_size != 1 or cfg.rank != 0:
         raise TrainError(f"rank {cfg.rank} of world_size {cfg.world_size} without torchrun: "
                          "data-parallel runs are started by torchrun, which sets RANK and WORLD_SIZE")
-    held = {}  # the process group, once joined, left in any case
+    held = {}  # the process group and the out-dir's lock, once taken, left in any case
     try:
         run = _setup(cfg, held)
         try:
@@ -88,6 +88,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     finally:
         if "ctx" in held:
             held["ctx"].destroy()
+        if "out_dir" in held:
+            held["out_dir"].release()
 
 
 @dataclass
@@ -235,16 +237,20 @@ class _StopFlag:
 
 # ------------------------------------------------------------------------------- set-up
 
+# every file a run writes in --out-dir (--diagnostics' too, on or off: a fresh run replaces
+# an earlier run's whole)
+OUT_FILES = (*RUN_FILES, DIAG_NAME, PLOT_NAME)
+
 
 def _setup(cfg: TrainConfig, held: dict) -> _Run:
     t_start = time.perf_counter()
     check_config(cfg)  # every flag, before any work
     out_dir = Path(cfg.out_dir)
-    ckpt = open_checkpoint(cfg, out_dir / CKPT_NAME)
+    if cfg.rank == 0:  # the rank that writes holds the out-dir before reading anything there
+        held["out_dir"] = hold_out_dir(cfg, out_dir, OUT_FILES)
+    ckpt = open_checkpoint(cfg, out_dir, OUT_FILES)
     run = resolve(cfg, ckpt.state["run"] if ckpt else None)
     check_device(cfg, run)
-    if cfg.rank == 0:
-        check_writable(out_dir)
     # data parallel: join the process group (a no-op single process without torchrun)
     try:
         ctx = held["ctx"] = distributed.init(run.backend, torch_device=cfg.device,
@@ -278,7 +284,8 @@ def _setup(cfg: TrainConfig, held: dict) -> _Run:
 
     evaluators = build_evaluators(cfg, run, data, ctx)
     out = RunOutputs(out_dir, ctx.is_main, cfg.progress,
-                     panels=[p for e in evaluators for p in getattr(e, "panels", ())])
+                     panels=[p for e in evaluators for p in getattr(e, "panels", ())],
+                     run_files=OUT_FILES)
     out.t_start = t_start
     ckpts = Checkpointer(out.ckpt_path, ctx, {
         "run": run.to_dict(), "model_config": model_cfg.to_dict(), "world_size": cfg.world_size,

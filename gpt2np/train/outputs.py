@@ -10,8 +10,15 @@
                  or any code by passing panels=[...] to RunOutputs.
   sample_texts   a few top-k samples from the trained model, for samples.txt
                  (gpt2np.generate's sampler).
-  open_checkpoint, check_writable   what --resume / --overwrite find in --out-dir, and
-                 whether it can be written at all (checked before any work).
+  hold_out_dir   rank 0 holds --out-dir for the run's life (gpt2np.files.FolderLock: a
+                 second run or a --resume there meanwhile is refused), removes what a killed
+                 run's writes left, and refuses inputs that the run's files would replace.
+  open_checkpoint   what --resume / --overwrite find in --out-dir: a fresh run never
+                 replaces an earlier run's files without --overwrite, checkpoint or not.
+
+A fresh run with --overwrite removes the earlier run's files when it starts writing (the
+checkpoint first), so a run killed at any moment never leaves an old checkpoint beside its
+new log for a --resume to continue. Every file goes through gpt2np.files' writer.
 
 May touch: the files of --out-dir and stdout/stderr; reads the engine (state, last_logits).
 """
@@ -28,13 +35,16 @@ from typing import Callable
 
 import numpy as np
 
+from gpt2np import files
 from gpt2np.data.tokenizer import get_encoding
-from gpt2np.files import replace_atomically
 from gpt2np.generate import sample_next, sampled_vocab
 from gpt2np.io.checkpoint import CKPT_NAME, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from gpt2np.train.settings import TrainConfig, TrainError
 
 LOG_NAME = "log.jsonl"
+PLOT_NAME = "loss.png"
+SAMPLES_NAME = "samples.txt"
+RUN_FILES = (CKPT_NAME, LOG_NAME, PLOT_NAME, SAMPLES_NAME)  # what RunOutputs, Checkpointer write
 
 
 @dataclass
@@ -91,12 +101,17 @@ def plot(records: list, path: Path, panels=(LOSS_PANEL,)):
         if panel.overlay:
             panel.draw(axes[0], records)  # the first panel: the loss panel
     fig.tight_layout()
-    replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
+    files.write_file(path, lambda f: fig.savefig(f, format="png"))
 
 
 class RunOutputs:
-    def __init__(self, out_dir, master: bool = True, progress: bool = True, panels=()):
+    """run_files: every file name a run writes in out_dir (its probes' too), which a fresh
+    run removes before it writes its own (it got there with --overwrite, or found none)."""
+
+    def __init__(self, out_dir, master: bool = True, progress: bool = True, panels=(),
+                 run_files=RUN_FILES):
         self.out = Path(out_dir)
+        self.run_files = run_files
         self.log_path = self.out / LOG_NAME
         self.ckpt_path = self.out / CKPT_NAME
         self.master, self.progress = master, progress
@@ -119,8 +134,9 @@ class RunOutputs:
         self.records = read_jsonl(self.log_path, before=step) if resumed else []
         if self.master:
             self.out.mkdir(parents=True, exist_ok=True)
-            replace_atomically(self.log_path, lambda tmp: tmp.write_text(
-                "".join(_json_line(r) for r in self.records)))
+            if not resumed:
+                remove_run(self.out, self.run_files)
+            files.write_text(self.log_path, "".join(_json_line(r) for r in self.records))
         self.pbar = tqdm(total=max_steps, initial=step, disable=not (self.master and self.progress),
                          dynamic_ncols=True, unit="step")
 
@@ -131,8 +147,7 @@ class RunOutputs:
             self.say(f"step {rec['step'] + 1:5d} | train loss {rec['train_loss']:.4f} | "
                      + " | ".join(f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in evaluated.items()))
         if self.master:
-            with open(self.log_path, "a") as f:
-                f.write(_json_line(rec))
+            files.append_text(self.log_path, _json_line(rec))
             if evaluated:
                 self.plot()  # watchable while it trains
         self.pbar.set_postfix(loss=f"{rec['train_loss']:.4f}", lr=f"{rec['lr']:.2e}",
@@ -141,7 +156,7 @@ class RunOutputs:
 
     def plot(self):
         if self.master:
-            plot(self.records, self.out / "loss.png", self.panels)
+            plot(self.records, self.out / PLOT_NAME, self.panels)
 
     @property
     def val_loss(self):
@@ -177,7 +192,7 @@ class RunOutputs:
         self.plot()
         if self.master and samples:
             text = "\n\n".join(samples) + "\n"
-            replace_atomically(self.out / "samples.txt", lambda tmp: tmp.write_text(text))
+            files.write_text(self.out / SAMPLES_NAME, text)
             for i, s in enumerate(samples):
                 self.say(f"--- sample {i + 1} ---\n{s}")
         result = self._result("done", step, samples)
@@ -244,11 +259,14 @@ class Checkpointer:
         try:  # atomic: on any failure the file on disk is the previous checkpoint
             save_checkpoint(self.path, Checkpoint(params=p, m=m, v=v, t=t, state=state))
         except OSError as e:
-            kept = ("no checkpoint was written yet" if self.last_saved is None
-                    else f"the checkpoint of step {self.last_saved} is intact")
+            if self.last_saved is None:  # nothing to resume: the run starts again
+                then = ("no checkpoint was written yet, so there is nothing to resume. Free "
+                        "space (or fix the folder) and start the run again with --overwrite")
+            else:
+                then = (f"the checkpoint of step {self.last_saved} is intact. Free space (or "
+                        "fix the folder) and continue with --resume")
             raise SaveError(f"cannot write the checkpoint {self.path} at step {step} "
-                            f"({e.strerror or e}); {kept}. Free space (or fix the folder) and "
-                            "continue with --resume") from e
+                            f"({e.strerror or e}); {then}") from e
         self.last_saved = step
 
     def kept(self) -> str:
@@ -272,12 +290,58 @@ def sample_texts(engine, block_size: int, seed: int, num: int, tokens: int, prom
     return [enc.decode(row.tolist()).strip() for row in idx]
 
 
-def open_checkpoint(cfg: TrainConfig, path: Path):
-    """The checkpoint to resume (--resume), else None; refuses to overwrite one silently."""
-    if not cfg.resume:
-        if path.exists() and not cfg.overwrite:  # every rank refuses, not only rank 0
+def hold_out_dir(cfg: TrainConfig, out_dir: Path, run_files) -> files.FolderLock:
+    """Lock --out-dir for this run (rank 0 alone writes there; call it on rank 0), before
+    anything in it is read: then remove the temporary files a killed run left beside its
+    files, and refuse an input that is one of the files this run replaces."""
+    try:
+        lock = files.FolderLock(out_dir, "--out-dir")
+    except files.FolderInUseError as e:
+        raise TrainError(str(e)) from None
+    except OSError as e:
+        if isinstance(e, files.WriteError) and e.filename != str(out_dir):
+            why = str(e)  # a file in it (a planted lock link): named, with what to do
+        else:
+            why = f"cannot write there ({e.strerror or e})"
+        raise TrainError(f"--out-dir {out_dir}: {why}; choose another --out-dir") from e
+    try:
+        files.remove_temporaries(out_dir, set(run_files).__contains__)
+        _check_inputs(cfg, out_dir, run_files)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _check_inputs(cfg: TrainConfig, out_dir: Path, run_files):
+    """An input that is one of the run's files (or the out-dir, for --init-from) would be
+    replaced by the run: refused."""
+    outputs = {os.path.realpath(out_dir / name) for name in run_files}
+    for name in ("data", "init_from", "hellaswag"):  # (the files a run reads)
+        value = getattr(cfg, name)
+        if value is None or not os.path.exists(value):
+            continue
+        real = os.path.realpath(value)
+        own_dir = name == "init_from" and not cfg.resume and real == os.path.realpath(out_dir)
+        if real in outputs or own_dir:
+            what = "this run's --out-dir" if own_dir else f"a file this run writes in {out_dir}"
+            raise TrainError(f"--{name.replace('_', '-')} {value} is {what}, which the run "
+                             "replaces: copy it elsewhere first, or choose another --out-dir")
+
+
+def open_checkpoint(cfg: TrainConfig, out_dir: Path, run_files=RUN_FILES):
+    """The checkpoint to resume (--resume), else None; refuses to replace an earlier run's
+    files (its checkpoint, or its log, plots, samples without one) silently."""
+    path = out_dir / CKPT_NAME
+    if not cfg.resume:  # every rank refuses, not only rank 0
+        if path.exists() and not cfg.overwrite:
             raise TrainError(f"{path} already exists: pass --resume to continue that run, "
                              "--overwrite to start again, or choose another --out-dir")
+        found = [n for n in run_files if os.path.lexists(out_dir / n)]
+        if found and not cfg.overwrite:
+            raise TrainError(f"--out-dir {out_dir} holds an earlier run's {', '.join(found)} "
+                             "(and no checkpoint to resume): pass --overwrite to replace them, "
+                             "or choose another --out-dir")
         return None
     if not path.exists():
         raise TrainError(f"--resume: no checkpoint {path} to resume from")
@@ -288,13 +352,11 @@ def open_checkpoint(cfg: TrainConfig, path: Path):
     return ckpt
 
 
-def check_writable(out_dir: Path):
-    """Fail now, not after the first steps: --out-dir must be a folder we can write in."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise TrainError(f"--out-dir {out_dir}: cannot write there ({e.strerror or e}); "
-                         "choose another --out-dir") from e
+def remove_run(out_dir: Path, run_files):
+    """Remove an earlier run's files, its checkpoint first: a run killed meanwhile leaves no
+    checkpoint beside a log it does not belong to."""
+    for name in sorted(run_files, key=lambda n: n != CKPT_NAME):
+        try:
+            os.unlink(out_dir / name)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,148 @@
+"""gpt2np export never loses what is in DEST: --overwrite replaces only a folder holding
+nothing but an export's files; a DEST that cannot be replaced whole is refused before any
+work, naming what is in the way; SIGTERM leaves no temporary folder."""
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import gpt2np
+from gpt2np import GPT, GPTConfig
+from gpt2np.commands.export import main
+from gpt2np.io import export as ex
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("export-src") / "model"
+    gpt2np.save_pretrained(GPT(GPTConfig(block_size=16, vocab_size=50257, n_layer=1, n_head=2,
+                                         n_embd=16), seed=3), folder)
+    return folder
+
+
+def _tree(root: Path) -> dict:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        out[rel] = (("link", os.readlink(p)) if p.is_symlink() else
+                    ("file", p.read_bytes()) if p.is_file() else ("dir",))
+    return out
+
+
+def _no_work(monkeypatch):
+    def loaded(*a, **k):
+        raise AssertionError("DEST must be checked before the model is loaded")
+
+    monkeypatch.setattr(ex, "from_pretrained", loaded)
+
+
+def _plant(dest: Path, entry: str, victim: Path):
+    """An earlier export in dest, plus one entry that is not an export's."""
+    dest.mkdir()
+    for name in ex.EXPORT_FILES:
+        (dest / name).write_text(f"exported {name}")
+    if entry == "src/":  # a project's source folder
+        (dest / "src").mkdir()
+        (dest / "src" / "main.py").write_text("print('mine')")
+    elif entry == "config.json -> victim":  # an export's name, but a link
+        (dest / "config.json").unlink()
+        (dest / "config.json").symlink_to(victim)
+    elif entry == "vocab.json/":  # an export's name, but a folder
+        (dest / "vocab.json").unlink()
+        (dest / "vocab.json").mkdir()
+        (dest / "vocab.json" / "x").write_text("mine")
+    else:
+        (dest / entry).write_text("mine")
+    return entry.split(" ")[0].rstrip("/")
+
+
+FOREIGN = ["src/", "notes.txt", "pytorch_model.bin", "README.md", ".hidden", "tokenizer.json",
+           "model.safetensors.index.json", "config.json -> victim", "vocab.json/"]
+
+
+@pytest.mark.parametrize("entry", FOREIGN)
+def test_overwrite_refuses_any_folder_holding_more_than_an_export(tmp_path, src, monkeypatch,
+                                                                  capsys, entry):
+    victim = tmp_path / "victim"
+    victim.write_text("mine")
+    dest = tmp_path / "dest"
+    name = _plant(dest, entry, victim)
+    before = _tree(tmp_path)
+    _no_work(monkeypatch)
+    assert main([str(src), str(dest), "--overwrite"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {dest} does not look like an exported "
+                                               f"model: it holds {name!r}"), err
+    assert _tree(tmp_path) == before
+
+
+def test_overwrite_replaces_a_folder_of_export_files_only(tmp_path, src):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    for name in ("config.json", "model.safetensors"):  # (what save_pretrained writes)
+        (dest / name).write_text("old")
+    r = ex.export(src, dest, overwrite=True)
+    assert sorted(os.listdir(dest)) == sorted(ex.EXPORT_FILES) == r["files"]
+    assert os.listdir(tmp_path) == ["dest"]  # nothing left beside it
+
+
+def test_dest_a_link_the_current_folder_or_under_a_file_is_refused_first(tmp_path, src,
+                                                                         monkeypatch, capsys):
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "config.json").write_text("{}")
+    (tmp_path / "link").symlink_to(real)
+    (tmp_path / "file").write_text("mine")
+    inside = tmp_path / "exported"
+    inside.mkdir()
+    (inside / "config.json").write_text("{}")
+    before = _tree(tmp_path)
+    _no_work(monkeypatch)
+    monkeypatch.chdir(inside)
+    cases = {str(tmp_path / "link"): "is a symbolic link",
+             ".": "is the current folder",
+             "..": "is the current folder (or holds it)",
+             str(tmp_path / "file" / "hf"): "is not a folder you can write in"}
+    for dest, message in cases.items():
+        assert main([str(src), dest, "--overwrite"]) == 1, dest
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+        assert dest in err[0]
+    assert _tree(tmp_path) == before
+
+
+def test_sigterm_during_an_export_leaves_no_temporary_folder(tmp_path, src):
+    dest = tmp_path / "hf"
+    script = (
+        "import sys, time\n"
+        "import gpt2np.io.export as ex\n"
+        "real = ex.save_pretrained\n"
+        "def slow(model, folder, **kw):\n"
+        "    real(model, folder, **kw)\n"
+        "    open(folder / 'ready', 'w').close()\n"
+        "    time.sleep(300)\n"
+        "ex.save_pretrained = slow\n"
+        "from gpt2np.commands.export import main\n"
+        f"sys.exit(main([{str(src)!r}, {str(dest)!r}]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300  # a hang guard only
+    while not glob.glob(str(tmp_path / ".hf.*.tmp" / "ready")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the export never started writing"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.strip() == "error: terminated (SIGTERM)"
+    assert os.listdir(tmp_path) == []  # no DEST, no temporary folder
