@@ -40,9 +40,9 @@ def read_json(path, *, max_bytes: int = MAX_JSON_BYTES):
         raise UntrustedFileError(f"{path} is {size:,} bytes, more than the {max_bytes:,} any "
                                  f"such JSON file needs: it is damaged or not what it is named")
     with open(path, "rb") as f:
-        raw = f.read(max_bytes + 1)  # (the file may have grown since its size was read)
+        raw = f.read(size)  # (not more: a file grown since its size was read is cut there)
     try:
-        return json.loads(raw[:max_bytes].decode("utf-8"))
+        return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise UntrustedFileError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at "
                                  f"offset {e.start}): it is damaged or not JSON") from None

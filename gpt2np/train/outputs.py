@@ -205,7 +205,7 @@ def _num(v):
     return float("nan") if v is None else v  # (null in log.jsonl: a non-finite value)
 
 
-MAX_LINE_BYTES = 16 * 2 ** 20  # a record is a few hundred bytes (diagnostics: kilobytes)
+MAX_LINE_BYTES = 4 * 2 ** 20  # a record is a few hundred bytes (diagnostics: kilobytes)
 
 
 def read_jsonl(path: Path, before: float = math.inf) -> list:
