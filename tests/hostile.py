@@ -8,7 +8,7 @@ checkpoints and shard folders to damage, sparse files, and a run under a memory 
   shard_folder(path)                a prepared-style shard folder (meta.json + 2 .npy shards)
   sparse(path, size, head=b"")      a file of `size` bytes that takes no disk: `head`, then holes
   run_limited(code, mb)             `code` in a fresh interpreter whose address space is capped
-  cli(main, argv, capsys)           a command's exit code and its last stderr line
+  cli(main, argv, capsys)           a command's exit code, last stderr line and stdout
 """
 from __future__ import annotations
 
@@ -104,13 +104,13 @@ def run_limited(code: str, mb: int = 400) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
-def cli(main, argv, capsys) -> tuple[int, str]:
-    """(exit code, last stderr line) of a command's main(argv); no traceback allowed."""
+def cli(main, argv, capsys) -> tuple[int, str, str]:
+    """(exit code, last stderr line, stdout) of a command's main(argv); no traceback allowed."""
     try:
         code = main([str(a) for a in argv])
     except SystemExit as e:  # argparse
         code = e.code
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "Traceback" not in err, err
     lines = err.strip().splitlines()
-    return code, lines[-1] if lines else ""
+    return code, lines[-1] if lines else "", out

@@ -105,7 +105,7 @@ def test_a_hub_cache_snapshot_links_into_its_blobs(tmp_path):
 def test_the_command_names_the_index_and_the_entry(tmp_path, outside, capsys):
     folder = sharded_folder(tmp_path / "m")
     _point_shard(folder, 7)
-    code, last = cli(generate_cmd.main, ["--model", folder, "--max-new-tokens", "1"], capsys)
+    code, last, _ = cli(generate_cmd.main, ["--model", folder, "--max-new-tokens", "1"], capsys)
     assert code == 1 and last.startswith("error:")
     assert "model.safetensors.index.json" in last and "weight_map[" in last and "7" in last
 
