@@ -38,7 +38,8 @@ class GPTConfig:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"GPTConfig.{name} must be an int, got {value!r}")
             if not 1 <= value <= limit:
-                raise ValueError(f"GPTConfig.{name} must be in [1, {limit}], got {value}")
+                raise ValueError(f"GPTConfig.{name} must be positive and at most {limit}, "
+                                 f"got {value}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"

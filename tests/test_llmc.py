@@ -382,7 +382,7 @@ def test_writer_refuses_bad_requests(tmp_path):
     with pytest.raises(ValueError, match=r"wpe.weight.*\(2, 4\).*needs \(3, 4\)"):
         write_llmc(target, TINY, dict(params, **{"transformer.wpe.weight": np.zeros((2, 4))}))
     # a config llm.c's header cannot hold is no GPTConfig at all (its bounds are llm.c's)
-    with pytest.raises(ValueError, match=r"block_size must be in \[1, 1048576\], got 1048577"):
+    with pytest.raises(ValueError, match=r"block_size must be positive and at most 1048576, got 1048577"):
         GPTConfig(block_size=2 ** 20 + 1, vocab_size=2, n_layer=1, n_head=1, n_embd=1)
     assert list(tmp_path.iterdir()) == []
 

@@ -39,14 +39,14 @@ def allocates_at_most(mb: float):
 # ------------------------------------------------------------------------------ config fields
 
 HOSTILE_CONFIGS = [
-    ({"n_layer": 10 ** 9}, "n_layer must be in"),
-    ({"n_embd": 2 ** 40, "n_head": 1}, "n_embd must be in"),
-    ({"n_head": 10 ** 12}, "n_head must be in"),
-    ({"vocab_size": 10 ** 10}, "vocab_size must be in"),
-    ({"n_positions": 2 ** 40, "n_ctx": 2 ** 40}, "block_size must be in"),
+    ({"n_layer": 10 ** 9}, "n_layer must be positive and at most"),
+    ({"n_embd": 2 ** 40, "n_head": 1}, "n_embd must be positive and at most"),
+    ({"n_head": 10 ** 12}, "n_head must be positive and at most"),
+    ({"vocab_size": 10 ** 10}, "vocab_size must be positive and at most"),
+    ({"n_positions": 2 ** 40, "n_ctx": 2 ** 40}, "block_size must be positive and at most"),
     ({"n_layer": 1024, "n_embd": 65536, "n_head": 1}, "parameters, more than"),
-    ({"n_layer": -3}, "n_layer must be in"),
-    ({"n_layer": 0}, "n_layer must be in"),
+    ({"n_layer": -3}, "n_layer must be positive and at most"),
+    ({"n_layer": 0}, "n_layer must be positive and at most"),
     ({"n_layer": "12"}, "n_layer must be an int"),
     ({"n_layer": 12.0}, "n_layer must be an int"),
     ({"n_layer": True}, "n_layer must be an int"),

@@ -41,7 +41,7 @@ import numpy as np
 
 from gpt2np import files
 from gpt2np.data.loader import StridedLoader
-from gpt2np.untrusted import UntrustedFileError, inside, read_json
+from gpt2np.untrusted import inside, read_json
 
 BIN_MAGIC = 20240520  # llm.c's token-file magic
 BIN_VERSION = 1
@@ -175,8 +175,7 @@ def read_meta(data_dir: str) -> dict | None:
                     and s["tokens"] >= 0):
                 raise ValueError(f"bad entry {str(s)[:200]}")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        what = str(e) if isinstance(e, UntrustedFileError) else f"{path} is unreadable ({e})"
-        raise ShardFolderError(f"{what}: {redo}") from e
+        raise ShardFolderError(f"{path} is unreadable ({e}): {redo}") from e
     for s in shards:
         inside(data_dir, s["file"], source=path, what="shard")
     return meta
