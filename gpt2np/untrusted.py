@@ -35,6 +35,8 @@ def read_json(path, *, max_bytes: int = MAX_JSON_BYTES):
     """The JSON value in file `path` (UTF-8); an UntrustedFileError naming the file if it is
     larger than max_bytes, not UTF-8, or not JSON (nesting too deep included)."""
     path = Path(path)
+    if not path.is_file():  # (a FIFO or a device would block or never end)
+        raise UntrustedFileError(f"{path} is not a regular file")
     size = os.path.getsize(path)
     if size > max_bytes:
         raise UntrustedFileError(f"{path} is {size:,} bytes, more than the {max_bytes:,} any "

@@ -185,3 +185,13 @@ def test_the_library_names_a_bad_seed(seed):
 
     with pytest.raises(ValueError, match="seed must be None or an int >= 0"):
         generate(GPT(TINY), np.array([[1, 2]]), 2, seed=seed)
+
+
+def test_a_config_json_that_is_no_regular_file_is_refused(tmp_path, capsys):
+    import os
+
+    folder = model_folder(tmp_path / "m")
+    (folder / "config.json").unlink()
+    os.mkfifo(folder / "config.json")  # reading it would wait for a writer forever
+    code, last, _ = cli(generate_cmd.main, ["--model", folder, "--max-new-tokens", "1"], capsys)
+    assert code == 1 and "config.json" in last

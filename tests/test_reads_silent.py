@@ -293,11 +293,18 @@ def test_export_refuses_values_a_narrower_dtype_writes_as_inf(tmp_path, value, d
     if ok:
         export(src, tmp_path / "out", dtype=dtype)
         return
-    with pytest.raises(ValueError, match=f"cannot save '{NAMES[1]}' as {dtype}.*inf"):
+    with pytest.raises(ValueError, match=f"cannot save as {dtype}.*'{NAMES[1]}'.*inf"):
         export(src, tmp_path / "out", dtype=dtype)
     assert not (tmp_path / "out").exists()
 
 
 def test_saving_float64_weights_as_float32_refuses_overflow(tmp_path):
-    with pytest.raises(ValueError, match="as float32.*save it as float64"):
+    with pytest.raises(ValueError, match="as float32.*use float64"):
         save_pretrained(_model_with(1e300, "float64"), tmp_path / "out", dtype="float32")
+
+
+def test_loading_float64_weights_as_float32_refuses_overflow(tmp_path):
+    _model_with(1e300, "float64").save_pretrained(tmp_path / "m")
+    gpt2np.from_pretrained(tmp_path / "m", dtype="float64")
+    with pytest.raises(ValueError, match=f"as float32: '{NAMES[1]}' holds .* 1e.300.*use float64"):
+        gpt2np.from_pretrained(tmp_path / "m", dtype="float32")

@@ -227,3 +227,19 @@ def test_a_log_without_line_ends_is_read_in_bounded_memory(tmp_path):
     path = sparse(tmp_path / "log.jsonl", GB)  # one "line" of a GiB of zeros
     with allocates_at_most(16), pytest.warns(UserWarning, match="line 1"):
         assert read_jsonl(path) == []
+
+
+def test_text_files_are_refused_from_their_head(tmp_path):
+    from gpt2np.evals.loss import load_eval_tokens
+
+    path = sparse(tmp_path / "corpus.txt", 10 * GB, b"ROMEO:\n")  # text, then holes
+    with allocates_at_most(4), pytest.raises(ValueError, match=r"binary file \(a NUL byte at line 2"):
+        load_eval_tokens(path)
+
+
+def test_a_hellaswag_file_is_refused_by_its_size(tmp_path):
+    from gpt2np.evals.hellaswag import load_items
+
+    path = sparse(tmp_path / "hellaswag_val.jsonl", 10 * GB, b'{"ctx": "A"}\n')
+    with allocates_at_most(4), pytest.raises(ValueError, match="is 10,737,418,240 bytes"):
+        load_items(path)

@@ -84,7 +84,7 @@ def find_data(path: str | os.PathLike | None = None, *, cache: str | os.PathLike
 
 def load_tokens(path: str | os.PathLike, *, cache: str | os.PathLike | None = None) -> np.ndarray:
     """GPT-2 token ids (uint16) of the whole file, tokenized once and cached by content hash."""
-    raw = Path(path).read_bytes()
+    raw = read_text_bytes(path)
     key = hashlib.sha256(raw).hexdigest()[:16]
     cached = files.cache_dir(cache) / f"tokens-gpt2-{key}.npy"
     if cached.is_file():
@@ -102,6 +102,21 @@ def load_tokens(path: str | os.PathLike, *, cache: str | os.PathLike | None = No
     except OSError:
         pass  # an unwritable cache only costs tokenizing again next time
     return ids
+
+
+def read_text_bytes(path, max_bytes: int | None = None) -> bytes:
+    """The bytes of text file `path`, refused before it is read whole (a ValueError naming
+    it) if it is larger than max_bytes or its first 64 KiB hold a NUL byte, which no text
+    does (a binary file, or a sparse one of gigabytes that holds nothing)."""
+    size = os.path.getsize(path)
+    if max_bytes is not None and size > max_bytes:
+        raise ValueError(f"{path} is {size:,} bytes, more than the {max_bytes:,} such a file "
+                         f"needs: it is damaged or not what it is named")
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+        if b"\0" in head:
+            decode_text(head, path)  # (raises, naming where the NUL is)
+        return head + f.read()
 
 
 def decode_text(raw: bytes, path) -> str:

@@ -43,12 +43,13 @@ import numpy as np
 
 from gpt2np import files
 from gpt2np.config import GPT2_VOCAB_SIZE
-from gpt2np.data.shakespeare import decode_text
+from gpt2np.data.shakespeare import decode_text, read_text_bytes
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 VAL_FILE = "hellaswag_val.jsonl"
 CACHE_FOLDER = "hellaswag"  # in gpt2np's cache
 VAL_ITEMS = 10042
+MAX_FILE_BYTES = 2 ** 30  # HellaSwag's splits are tens of MB: a larger file is no HellaSwag
 DEFAULT_LOGITS_BUDGET = 64 * 2 ** 20  # bytes of float32 logits per CPU forward (bigger: slower)
 GPU_LOGITS_BUDGET = 2 * 2 ** 30  # the same on a GPU, where bigger batches pay off
 
@@ -133,7 +134,8 @@ def load_items(path=None, limit: int | None = None, **find) -> list[dict]:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be None (every item) or an int >= 1, got {limit!r}")
     p = find_hellaswag(path, **find)
-    items = parse_items(decode_text(p.read_bytes(), p).split("\n"), where=str(p))
+    raw = read_text_bytes(p, max_bytes=MAX_FILE_BYTES)
+    items = parse_items(decode_text(raw, p).split("\n"), where=str(p))
     if not items:
         raise ValueError(f"{p} holds no HellaSwag items")
     return items if limit is None else items[:limit]

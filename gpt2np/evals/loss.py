@@ -58,11 +58,11 @@ def load_eval_tokens(path) -> np.ndarray:
         raise FileNotFoundError(f"no such file or shard folder: {str(p)!r}")
     if p.suffix in (".npy", ".bin"):
         return np.asarray(load_shard(str(p)))
-    from gpt2np.data.shakespeare import decode_text
+    from gpt2np.data.shakespeare import decode_text, read_text_bytes
     from gpt2np.data.tokenizer import encode
 
     # as training reads text: UTF-8 with its line endings kept, binary files refused
-    return np.asarray(encode(decode_text(p.read_bytes(), p)), dtype=np.int64)
+    return np.asarray(encode(decode_text(read_text_bytes(p), p)), dtype=np.int64)
 
 
 def windows(n_tokens: int, block_size: int) -> list[tuple[int, int]]:

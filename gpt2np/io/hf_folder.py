@@ -51,7 +51,7 @@ def save_pretrained(model, folder, *, dtype: str | None = None,
         raise ValueError(f"vocab_size {V} must be in [1, the model's {model.config.vocab_size}]")
     tensors = model.state_dict()
     tensors["transformer.wte.weight"] = tensors["transformer.wte.weight"][:V]  # (V, C)
-    check_representable(tensors, dtype)
+    check_representable(tensors, dtype, f"cannot save as {dtype} (gpt2np export --dtype)")
     config = hf_config(model.config.replace(vocab_size=V), dtype)
     files.write_json(folder / CONFIG_NAME, config, indent=2)
     # metadata "pt": transformers expects it in safetensors files it loads
@@ -62,9 +62,9 @@ def save_pretrained(model, folder, *, dtype: str | None = None,
 SAVE_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
-def check_representable(tensors: dict, dtype: str):
-    """Refuse to save a finite value that `dtype` would write as inf (past float16's 65504,
-    bfloat16's or float32's ~3.4e38), naming the tensor: the saved model would compute NaN."""
+def check_representable(tensors: dict, dtype: str, where: str):
+    """Refuse a finite value that `dtype` would hold as inf (past float16's 65504, bfloat16's
+    or float32's ~3.4e38), naming `where` and the tensor: such a model computes NaN."""
     if dtype == "float64":
         return
     for name, a in tensors.items():
@@ -75,9 +75,8 @@ def check_representable(tensors: dict, dtype: str):
                       else np.isinf(np.asarray(top).astype(dtype)))
         if np.isfinite(top) and narrow:
             wider = {"float16": "bfloat16 or float32", "bfloat16": "float32"}.get(dtype, "float64")
-            raise ValueError(f"cannot save {name!r} as {dtype}: its largest magnitude {top:.6g} "
-                             f"is past {dtype}'s range and would be written as inf; save it as "
-                             f"{wider} (gpt2np export --dtype)")
+            raise ValueError(f"{where}: {name!r} holds a value of magnitude {top:.6g}, past "
+                             f"{dtype}'s range: as {dtype} it would be inf; use {wider}")
 
 
 def _safetensors_bytes(tensors: dict, dtype: str, metadata: dict) -> bytes:

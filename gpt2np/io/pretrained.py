@@ -18,7 +18,9 @@ from __future__ import annotations
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -26,7 +28,7 @@ from gpt2np.config import GPTConfig
 from gpt2np.io import safetensors_layout
 from gpt2np.io.checkpoint import CKPT_NAME, CheckpointError, is_checkpoint, load_checkpoint
 from gpt2np.io.hf_folder import (CONFIG_NAME, PICKLE_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME,
-                                 load_config)
+                                 check_representable, load_config)
 from gpt2np.model import GPT, param_shapes
 from gpt2np.untrusted import check_finite, inside, read_json
 
@@ -72,8 +74,11 @@ def from_pretrained(name_or_path, *, backend: str = "numpy", dtype: str = "float
                          local_files_only=local_files_only, allow_pickle=allow_pickle)
         config = load_config(folder / CONFIG_NAME)
         params = read_weights(folder, config, allow_pickle=allow_pickle)
-    # whatever the source: NaN or inf weights would sample token 0 and score label 0
+    # whatever the source: NaN or inf weights would sample token 0 and score label 0, and
+    # so would finite ones that the model's dtype holds as inf
     check_finite(params, f"the weights of {name_or_path}")
+    if str(dtype) == "float32":  # (GPT refuses dtypes it does not compute in)
+        check_representable(params, "float32", f"the weights of {name_or_path} as float32")
     return GPT(config, backend=backend, dtype=dtype, params=params)
 
 
@@ -257,6 +262,7 @@ def read_weights(folder, config: GPTConfig, allow_pickle: bool = False) -> dict[
 def _match(tensors: list, expected: dict, config: GPTConfig, folder) -> dict:
     """{param name (or lm_head.weight): its _Stored} for `config`, or an error naming the
     file and the tensor that does not fit."""
+    shapes = {**expected, "lm_head.weight": expected["transformer.wte.weight"]}  # (tied)
     found = {}
     for t in tensors:
         name = _canonical_key(t.key)
@@ -265,8 +271,7 @@ def _match(tensors: list, expected: dict, config: GPTConfig, folder) -> dict:
         if name in found:
             raise ValueError(f"{name!r} is stored twice: in {found[name].file} and {t.file}"
                              f" (as {t.key!r})")
-        want = expected.get(name, expected["transformer.wte.weight"]
-                            if name == "lm_head.weight" else None)
+        want = shapes.get(name)
         if want is None:
             raise ValueError(f"unexpected key {t.key!r} in {t.file}: not a parameter of a "
                              f"GPT-2 with {config}")
@@ -283,11 +288,15 @@ def _match(tensors: list, expected: dict, config: GPTConfig, folder) -> dict:
     return found
 
 
+@dataclass
 class _Stored:
     """One tensor of a weight file: its key, shape and dtype from the header; read() reads it."""
 
-    def __init__(self, file: Path, key: str, shape, dtype: str, read):
-        self.file, self.key, self.shape, self.dtype, self.read = file, key, shape, dtype, read
+    file: Path
+    key: str
+    shape: tuple
+    dtype: str  # safetensors' name ("F32", ...), or torch's for a pickle ("torch.float32")
+    read: Callable[[], np.ndarray]
 
     @property
     def is_float(self) -> bool:
