@@ -142,11 +142,11 @@ def _is_real(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
-def _check_nonneg(name: str, value, low: float = 0.0, strict: bool = False):
-    """value, if it is a finite real number >= low (> low if strict); else a ValueError naming
-    the argument (a NaN would turn every parameter NaN at the first step)."""
-    if not _is_real(value) or not math.isfinite(value) or value < low or (strict and value == low):
-        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low}, "
+def _check_nonneg(name: str, value, strict: bool = False):
+    """value, if it is a finite real number >= 0 (> 0 if strict); else a ValueError naming the
+    argument (a NaN would turn every parameter NaN at the first step)."""
+    if not _is_real(value) or not math.isfinite(value) or value < 0 or (strict and value == 0):
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} 0, "
                          f"got {value!r}")
     return value
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from safetensors import safe_open
 from safetensors.numpy import save as st_save
 
 from gpt2np import files
@@ -180,8 +181,6 @@ def _check_layout(path: Path, layout: dict, state: dict):
 
 
 def _read_tensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
-
     try:  # memory-mapped: each tensor is copied out once, the file is never read whole
         with safe_open(str(path), framework="np") as f:
             return {k: f.get_tensor(k) for k in f.keys()}

@@ -68,8 +68,10 @@ def check_representable(tensors: dict, dtype: str, where: str):
     if dtype == "float64":
         return
     for name, a in tensors.items():
-        # the largest magnitude overflows if anything does (rounding is monotonic)
-        top = np.abs(np.asarray(a)).max(initial=0.0)
+        # the largest magnitude overflows if anything does (rounding is monotonic); a NaN
+        # max is skipped below (two reductions: no array-sized temporary)
+        a = np.asarray(a)
+        top = max(float(a.max(initial=0.0)), -float(a.min(initial=0.0)))
         with np.errstate(over="ignore"):  # the overflow is what we look for
             narrow = (_bf16_bits(np.float32(top)) & 0x7FFF == 0x7F80 if dtype == "bfloat16"
                       else np.isinf(np.asarray(top).astype(dtype)))
