@@ -15,6 +15,13 @@ PRESETS = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
 }
 
+# The largest value of each field, and of the parameter count, that gpt2np believes: far past
+# any GPT-2, they only reject nonsense (a damaged or hostile config.json, checkpoint or
+# header) before a size read from a file allocates anything.
+LIMITS = {"block_size": 2 ** 20, "vocab_size": 2 ** 20, "n_layer": 1024, "n_head": 65536,
+          "n_embd": 65536}
+MAX_PARAMS = 10 ** 11
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -25,17 +32,27 @@ class GPTConfig:
     n_embd: int = 768
 
     def __post_init__(self):
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+        for name, limit in LIMITS.items():
             value = getattr(self, name)
             # bool is an int subclass; True as a layer count is surely a mistake
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"GPTConfig.{name} must be an int, got {value!r}")
-            if value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be positive, got {value}")
+            if not 1 <= value <= limit:
+                raise ValueError(f"GPTConfig.{name} must be positive and at most {limit}, "
+                                 f"got {value}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
             )
+        if self.num_params() > MAX_PARAMS:
+            raise ValueError(f"GPTConfig {self.to_dict()} has {self.num_params():,} parameters, "
+                             f"more than the {MAX_PARAMS:,} gpt2np accepts")
+
+    def num_params(self) -> int:
+        """The parameter count (gpt2np.model.param_shapes' arrays), without building them."""
+        C = self.n_embd
+        per_layer = 12 * C * C + 13 * C  # c_attn, c_proj, c_fc, c_proj weights and biases; 2 LN
+        return (self.vocab_size + self.block_size) * C + self.n_layer * per_layer + 2 * C
 
     @property
     def head_size(self) -> int:
@@ -57,6 +74,8 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"a GPTConfig is a dict of its fields, got {type(d).__name__}")
         known = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd"}
         unknown = set(d) - known
         if unknown:

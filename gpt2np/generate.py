@@ -128,8 +128,17 @@ def _forward_cached(model, idx, cache, all_logits, blocks):
 
 
 def sample_next(logits, temperature: float, top_k: int | None, rng: np.random.Generator):
-    """logits (B,V) host -> next ids (B,) int64. temperature 0 is greedy (argmax)."""
+    """logits (B,V) host -> next ids (B,) int64. temperature 0 is greedy (argmax).
+    Non-finite logits are an error: from a NaN, argmax and the inverse CDF both give id 0."""
+    _check_sampling(temperature, top_k)
     logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 2 or logits.shape[1] == 0:
+        raise ValueError(f"logits must be (B, V) with V >= 1, got shape {logits.shape}")
+    if not np.isfinite(logits).all():
+        rows = np.flatnonzero(~np.isfinite(logits).all(axis=-1))
+        raise FloatingPointError(f"the logits of {len(rows)} of {len(logits)} row(s) (the first: "
+                                 f"row {rows[0]}) hold NaN or inf: the model's weights or "
+                                 f"activations are not finite, there is nothing to sample")
     if temperature == 0:
         return logits.argmax(axis=-1)  # first maximum on ties, as torch.argmax
     # shift by the max before dividing: a tiny temperature then gives 0 and -inf, never inf - inf
@@ -145,7 +154,16 @@ def sample_next(logits, temperature: float, top_k: int | None, rng: np.random.Ge
     return np.minimum((cdf <= u).sum(axis=-1), logits.shape[-1] - 1)
 
 
-def _check_args(model, idx, max_new_tokens, temperature, top_k):
+def _check_sampling(temperature, top_k):
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
+                              or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+
+
+def _check_args(model, idx, max_new_tokens, temperature, top_k, seed):
     ids = np.asarray(model.backend.to_host(idx) if hasattr(idx, "shape") else idx)
     if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
         raise ValueError(f"idx must be a non-empty (B, T) array of token ids, got shape {ids.shape}")
@@ -158,12 +176,10 @@ def _check_args(model, idx, max_new_tokens, temperature, top_k):
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
             or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
-                              or top_k < 1):
-        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    _check_sampling(temperature, top_k)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+                             or seed < 0):
+        raise ValueError(f"seed must be None or an int >= 0, got {seed!r}")
     return ids.astype(np.int64)
 
 
@@ -180,7 +196,7 @@ def generate(model, idx, max_new_tokens: int, *, temperature: float = 1.0, top_k
     A vocab_size past GPT-2's 50257 is taken as padding (train's --vocab-size 50304): ids from
     50257 on are never sampled (see sampled_vocab).
     """
-    ids = _check_args(model, idx, max_new_tokens, temperature, top_k)
+    ids = _check_args(model, idx, max_new_tokens, temperature, top_k, seed)
     rng = np.random.default_rng(seed)
     if max_new_tokens == 0:
         return ids

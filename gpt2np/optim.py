@@ -24,10 +24,11 @@ class AdamW:
 
     def __init__(self, params: dict, lr: float = 6e-4, betas=(0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.1):
-        if lr < 0 or eps < 0 or weight_decay < 0:
-            raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
-        if not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+            _check_nonneg(name, value)
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+                and all(_is_real(b) and 0.0 <= b < 1.0 for b in betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
         self.params = params
         self.lr = lr
         self.beta1, self.beta2 = betas
@@ -47,7 +48,7 @@ class AdamW:
         return self.params[name].ndim >= 2
 
     def step(self, grads: dict, lr: float | None = None):
-        lr = self.lr if lr is None else lr
+        lr = self.lr if lr is None else _check_nonneg("lr", lr)
         missing = set(self.params) - set(grads)
         if missing:
             raise KeyError(f"grads lack {sorted(missing)[:5]}")
@@ -134,6 +135,25 @@ class AdamW:
         self.t = int(state["t"])
 
 
+def _is_real(value) -> bool:
+    # bool is an int, but True as a learning rate is surely a mistake
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _check_nonneg(name: str, value, strict: bool = False):
+    """value, if it is a finite real number >= 0 (> 0 if strict); else a ValueError naming the
+    argument (a NaN would turn every parameter NaN at the first step)."""
+    if not _is_real(value) or not math.isfinite(value) or value < 0 or (strict and value == 0):
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} 0, "
+                         f"got {value!r}")
+    return value
+
+
+def _check_count(name: str, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
+
 def global_grad_norm(grads: dict) -> float:
     """sqrt(sum of squares) over every gradient, the per-tensor sums added in float64.
 
@@ -158,6 +178,7 @@ def global_grad_norm(grads: dict) -> float:
 def clip_grad_norm(grads: dict, max_norm: float) -> float:
     """Scale all grads in place so their global L2 norm is at most max_norm; return the norm
     before clipping (as torch.nn.utils.clip_grad_norm_)."""
+    _check_nonneg("max_norm", max_norm, strict=True)
     norm = global_grad_norm(grads)
     coef = max_norm / (norm + 1e-6)  # torch's epsilon
     if coef < 1.0:
@@ -168,6 +189,10 @@ def clip_grad_norm(grads: dict, max_norm: float) -> float:
 
 def cosine_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
     """Linear warmup for warmup_steps, then cosine decay to min_lr at max_steps, then min_lr."""
+    for name, value in (("step", step), ("warmup_steps", warmup_steps), ("max_steps", max_steps)):
+        _check_count(name, value)
+    _check_nonneg("max_lr", max_lr)
+    _check_nonneg("min_lr", min_lr)
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
     if step >= max_steps or max_steps <= warmup_steps:

@@ -19,7 +19,7 @@ from gpt2np.data.tokenizer import get_encoding
 from gpt2np.io.llmc import (LlmcFormatError, bf16_bits_to_float32, float32_to_bf16_bits,
                             is_llmc_model, read_llmc, read_llmc_header, write_llmc,
                             write_llmc_tokenizer)
-from gpt2np.model import init_params, param_shapes
+from gpt2np.model import param_shapes
 
 # The tiny model of the hand-built file: L=1, C=4, NH=2, V=5, Vp=128, maxT=3.
 TINY = GPTConfig(block_size=3, vocab_size=5, n_layer=1, n_head=2, n_embd=4)
@@ -341,11 +341,12 @@ def test_file_shorter_than_the_header(tmp_path, size):
 
 
 def test_sparse_file_claiming_huge_sizes_fails_without_allocating(tmp_path):
-    """Every size at its bound: the header claims ~10^14 numbers. The file (sparse, 1 GiB)
-    is refused by its length before anything of the claimed size is allocated."""
+    """Sizes at their bounds but within GPTConfig's parameter cap: the header claims ~8*10^10
+    numbers. The file (sparse, 1 GiB) is refused by its length before anything of the
+    claimed size is allocated."""
     path = tmp_path / "huge.bin"
     with open(path, "wb") as f:
-        f.write(header_ints(maxT=2 ** 20, V=2 ** 20, L=1024, NH=1, C=65536, Vp=2 ** 20).tobytes())
+        f.write(header_ints(maxT=2 ** 20, V=2 ** 20, L=1, NH=1, C=32768, Vp=2 ** 20).tobytes())
         f.truncate(2 ** 30)
     tracemalloc.start()
     try:
@@ -380,9 +381,9 @@ def test_writer_refuses_bad_requests(tmp_path):
         write_llmc(target, TINY, {k: v for k, v in params.items() if "ln_f.bias" not in k})
     with pytest.raises(ValueError, match=r"wpe.weight.*\(2, 4\).*needs \(3, 4\)"):
         write_llmc(target, TINY, dict(params, **{"transformer.wpe.weight": np.zeros((2, 4))}))
-    long = GPTConfig(block_size=2 ** 20 + 1, vocab_size=2, n_layer=1, n_head=1, n_embd=1)
-    with pytest.raises(ValueError, match=r"block_size \(maxT\) = 1048577 must be in"):
-        write_llmc(target, long, init_params(long))
+    # a config llm.c's header cannot hold is no GPTConfig at all (its bounds are llm.c's)
+    with pytest.raises(ValueError, match=r"block_size must be positive and at most 1048576, got 1048577"):
+        GPTConfig(block_size=2 ** 20 + 1, vocab_size=2, n_layer=1, n_head=1, n_embd=1)
     assert list(tmp_path.iterdir()) == []
 
 

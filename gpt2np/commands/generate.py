@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from gpt2np.cli import ArgumentParser, any_int, nonneg_float, nonneg_int, positive_int, run_main
+from gpt2np.cli import ArgumentParser, nonneg_float, nonneg_int, positive_int, run_main
 from gpt2np.generate import generate
 
 # ------------------------------------------------------------------------------ the command
@@ -24,7 +24,7 @@ def build_parser() -> ArgumentParser:
     a("--max-new-tokens", type=nonneg_int, default=30)
     a("--top-k", type=nonneg_int, default=50, help="0 samples from the whole vocabulary")
     a("--temperature", type=nonneg_float, default=1.0, help="0 is greedy")
-    a("--seed", type=any_int, default=42)
+    a("--seed", type=nonneg_int, default=42)
     a("--backend", default="numpy", choices=["numpy", "cupy"])
     a("--dtype", default="float32", choices=["float32", "float64"])
     return ap

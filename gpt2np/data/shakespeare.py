@@ -19,6 +19,7 @@ import numpy as np
 
 from gpt2np import files
 from gpt2np.data.loader import StridedLoader
+from gpt2np.data.shards import load_shard
 
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -83,12 +84,12 @@ def find_data(path: str | os.PathLike | None = None, *, cache: str | os.PathLike
 
 def load_tokens(path: str | os.PathLike, *, cache: str | os.PathLike | None = None) -> np.ndarray:
     """GPT-2 token ids (uint16) of the whole file, tokenized once and cached by content hash."""
-    raw = Path(path).read_bytes()
+    raw = read_text_bytes(path)
     key = hashlib.sha256(raw).hexdigest()[:16]
     cached = files.cache_dir(cache) / f"tokens-gpt2-{key}.npy"
     if cached.is_file():
-        try:
-            return np.load(cached)
+        try:  # (its header checked against its size: a damaged one allocates nothing)
+            return load_shard(str(cached), mmap=False)
         except (ValueError, OSError):
             pass  # a damaged cache file: tokenize again and overwrite it
     from gpt2np.data.tokenizer import encode
@@ -103,19 +104,38 @@ def load_tokens(path: str | os.PathLike, *, cache: str | os.PathLike | None = No
     return ids
 
 
+def read_text_bytes(path, max_bytes: int | None = None) -> bytes:
+    """The bytes of text file `path`, refused before it is read whole (a ValueError naming
+    it) if it is larger than max_bytes or its first 64 KiB hold a NUL byte, which no text
+    does (a binary file, or a sparse one of gigabytes that holds nothing)."""
+    size = os.path.getsize(path)
+    if max_bytes is not None and size > max_bytes:
+        raise ValueError(f"{path} is {size:,} bytes, more than the {max_bytes:,} such a file "
+                         f"needs: it is damaged or not what it is named")
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+        if b"\0" in head:
+            decode_text(head, path)  # (raises, naming where the NUL is)
+        return head + f.read()
+
+
 def decode_text(raw: bytes, path) -> str:
     """The UTF-8 text of a file's bytes, or a ValueError naming the file: a binary file (a NUL
     byte, which no text holds) or one in another encoding is refused rather than tokenized.
     Line endings are kept as they are (CRLF stays CRLF)."""
+    def where(at: int) -> str:
+        line = raw.count(b"\n", 0, at) + 1
+        return f"line {line}, offset {at}"
+
     if b"\0" in raw:
         at = raw.index(b"\0")
-        raise ValueError(f"{path} looks like a binary file (a NUL byte at offset {at}), not "
+        raise ValueError(f"{path} looks like a binary file (a NUL byte at {where(at)}), not "
                          "text: give a UTF-8 text file")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
-                         f"{e.start}): convert it to UTF-8 first, e.g. "
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at "
+                         f"{where(e.start)}): convert it to UTF-8 first, e.g. "
                          f"`iconv -f latin1 -t utf-8`") from None
 
 

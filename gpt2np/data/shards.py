@@ -35,7 +35,6 @@ Shards are memory-mapped, so only the tokens read are paged in.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
@@ -44,6 +43,7 @@ import numpy as np
 
 from gpt2np import files
 from gpt2np.data.loader import StridedLoader
+from gpt2np.untrusted import inside, read_json
 
 BIN_MAGIC = 20240520  # llm.c's token-file magic
 BIN_VERSION = 1
@@ -102,45 +102,83 @@ def write_shard(path: str, tokens: np.ndarray | list):
 
 
 def load_shard(path: str, mmap: bool = True) -> np.ndarray:
-    """A shard's uint16 tokens (memory-mapped by default: pretraining shards are large)."""
-    if path.endswith(".bin"):
-        header = np.fromfile(path, dtype=np.int32, count=BIN_HEADER_INTS)
-        if len(header) < 3 or header[0] != BIN_MAGIC:
-            raise ValueError(f"{path}: not an llm.c token file (bad magic)")
-        if header[1] != BIN_VERSION:
-            raise ValueError(f"{path}: unsupported version {header[1]}")
-        n = int(header[2])
-        offset = BIN_HEADER_INTS * 4
-        if os.path.getsize(path) < offset + 2 * n:
-            raise ValueError(f"{path}: header says {n} tokens, the file is shorter")
-        if mmap:
-            return np.memmap(path, dtype=np.uint16, mode="r", offset=offset, shape=(n,))
-        return np.fromfile(path, dtype=np.uint16, offset=offset, count=n)
-    tokens = np.load(path, mmap_mode="r" if mmap else None)
-    if tokens.dtype != np.uint16 or tokens.ndim != 1:
-        raise ValueError(f"{path}: expected a 1-D uint16 array, got {tokens.dtype} {tokens.shape}")
+    """A shard's uint16 tokens (memory-mapped by default: pretraining shards are large).
+    Its header is checked against the file's size first (shard_header)."""
+    n, offset = shard_header(path)
+    if n == 0:
+        return np.zeros(0, dtype=np.uint16)
+    if mmap:
+        return np.memmap(path, dtype="<u2", mode="r", offset=offset, shape=(n,))
+    tokens = np.fromfile(path, dtype="<u2", offset=offset, count=n)
+    if len(tokens) != n:  # its size was checked: the file changed while we read it
+        raise ValueError(f"{path}: ended after {len(tokens)} of its {n} tokens while it was read")
     return tokens
+
+
+def shard_header(path: str) -> tuple[int, int]:
+    """(token count, byte offset of the tokens) of a shard, from its header: llm.c's (.bin)
+    or numpy's (.npy, a 1-D uint16 array), checked against the file's real size; else a
+    ValueError naming the file and what is wrong with it."""
+    redo = "make it again with `gpt2np prepare` (--overwrite)"
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        if path.endswith(".bin"):
+            header = np.frombuffer(f.read(BIN_HEADER_INTS * 4).ljust(12, b"\0")[:12], "<i4")
+            if header[0] != BIN_MAGIC:
+                raise ValueError(f"{path}: not an llm.c token file (it does not start with "
+                                 f"{BIN_MAGIC}); {redo}")
+            if header[1] != BIN_VERSION:
+                raise ValueError(f"{path}: llm.c token file version {header[1]} is not "
+                                 f"supported (only {BIN_VERSION}); {redo}")
+            n, offset = int(header[2]), BIN_HEADER_INTS * 4
+        else:
+            n, offset = _npy_header(f, path, redo)
+    if n < 0 or size != offset + 2 * n:
+        what = "is truncated" if 0 <= n and size < offset + 2 * n else "is damaged"
+        raise ValueError(f"{path}: its header counts {n} tokens ({offset + 2 * max(n, 0)} bytes "
+                         f"with the header), the file is {size} bytes: it {what}; {redo}")
+    return n, offset
+
+
+def _npy_header(f, path: str, redo: str) -> tuple[int, int]:
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(f)
+        read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}[version]
+        shape, _, dtype = read(f)
+    except (ValueError, KeyError, SyntaxError, TypeError) as e:  # not numpy's format
+        raise ValueError(f"{path}: not a .npy token shard (no readable numpy header: "
+                         f"{type(e).__name__}: {e}); {redo}") from None
+    if dtype != np.dtype("<u2") or len(shape) != 1:
+        raise ValueError(f"{path}: expected a 1-D uint16 array of tokens, got {dtype} "
+                         f"{shape}; {redo}")
+    return int(shape[0]), f.tell()
 
 
 # ----------------------------------------------------------------------- what a folder holds
 
 
 def read_meta(data_dir: str) -> dict | None:
-    """The folder's meta.json, checked for the shard list the loader needs; None if absent."""
+    """The folder's meta.json, checked for the shard list the loader needs (every file a
+    file inside the folder); None if absent."""
     path = os.path.join(data_dir, META)
     if not os.path.exists(path):
         return None
+    redo = "prepare the folder again with --overwrite"
     try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = read_json(path)
         shards = meta["shards"]
+        if not isinstance(shards, list):
+            raise ValueError(f"'shards' is {type(shards).__name__}, not a list")
         for s in shards:
-            if not (isinstance(s["file"], str) and s["split"] in SPLITS
-                    and isinstance(s["tokens"], int)):
-                raise ValueError(f"bad entry {s!r}")
+            if not (isinstance(s, dict) and isinstance(s.get("file"), str)
+                    and s.get("split") in SPLITS and type(s.get("tokens")) is int
+                    and s["tokens"] >= 0):
+                raise ValueError(f"bad entry {str(s)[:200]}")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ShardFolderError(f"{path} is unreadable ({e}): prepare the folder again "
-                               "with --overwrite") from e
+        raise ShardFolderError(f"{path} is unreadable ({e}): {redo}") from e
+    for s in shards:
+        inside(data_dir, s["file"], source=path, what="shard")
     return meta
 
 
@@ -170,7 +208,7 @@ def folder_shards(data_dir: str, split: str) -> list[tuple[str, int | None]]:
                 f"{data_dir} holds shard files that its {META} does not list: "
                 f"{', '.join(stray[:5])}{' ...' if len(stray) > 5 else ''} (left from an "
                 f"earlier corpus?); remove them, or {redo}")
-        return [(os.path.join(data_dir, s["file"]), s["tokens"])
+        return [(os.path.join(data_dir, s["file"]), s["tokens"])  # (inside: read_meta checked)
                 for s in meta["shards"] if s["split"] == split]
     for key, what in (("prefix", "prefixes"), ("ext", "formats")):
         kinds = sorted({p[key] for _, p in named})

@@ -43,11 +43,13 @@ import numpy as np
 
 from gpt2np import files
 from gpt2np.config import GPT2_VOCAB_SIZE
+from gpt2np.data.shakespeare import decode_text, read_text_bytes
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 VAL_FILE = "hellaswag_val.jsonl"
 CACHE_FOLDER = "hellaswag"  # in gpt2np's cache
 VAL_ITEMS = 10042
+MAX_FILE_BYTES = 2 ** 30  # HellaSwag's splits are tens of MB: a larger file is no HellaSwag
 DEFAULT_LOGITS_BUDGET = 64 * 2 ** 20  # bytes of float32 logits per CPU forward (bigger: slower)
 GPU_LOGITS_BUDGET = 2 * 2 ** 30  # the same on a GPU, where bigger batches pay off
 
@@ -87,7 +89,7 @@ def _download(target: Path) -> Path:
     print(f"downloading HellaSwag's val split from {VAL_URL} to {target}", file=sys.stderr)
     with urllib.request.urlopen(VAL_URL, timeout=60) as response:
         data = response.read()
-    items = parse_items(data.decode("utf-8").splitlines(), where=VAL_URL)
+    items = parse_items(data.decode("utf-8").split("\n"), where=VAL_URL)
     if len(items) != VAL_ITEMS:
         raise ValueError(f"{VAL_URL} holds {len(items)} items, expected {VAL_ITEMS}")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -102,26 +104,38 @@ def parse_items(lines: Iterable[str], where: str = "hellaswag") -> list[dict]:
             continue
         try:
             d = json.loads(line)
-            ctx, endings, label = d["ctx"], d["endings"], d["label"]
-        except (ValueError, KeyError, TypeError) as e:
+            item = {"ctx": d["ctx"], "endings": d["endings"], "label": d["label"]}
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
             raise ValueError(f"{where}:{lineno}: expected a JSON object with 'ctx', 'endings' "
-                             f"and 'label' ({type(e).__name__}: {e})") from e
-        ok = (isinstance(ctx, str) and isinstance(endings, list) and len(endings) == 4
-              and all(isinstance(e, str) for e in endings)
-              and isinstance(label, int) and not isinstance(label, bool) and 0 <= label < 4)
-        if not ok:
-            raise ValueError(f"{where}:{lineno}: 'ctx' must be a string, 'endings' 4 strings and "
-                             f"'label' an int in [0, 4), got {ctx!r:.40}, {endings!r:.80}, "
-                             f"{label!r}")
-        items.append({"ctx": ctx, "endings": endings, "label": label})
+                             f"and 'label' ({type(e).__name__}: {e})") from None
+        items.append(check_item(item, f"{where}:{lineno}"))
     return items
+
+
+def check_item(item: dict, where: str) -> dict:
+    """The item if it can be scored, else a ValueError naming `where`. Every ending is scored
+    as a continuation of the context: an empty context would leave an ending's first token
+    unpredicted (a one-token ending then scores 0 tokens, loss 0, always the best), an
+    empty ending would score a lone space."""
+    ctx, endings, label = (item.get(k) if isinstance(item, dict) else None
+                           for k in ("ctx", "endings", "label"))
+    ok = (isinstance(ctx, str) and ctx.strip() != "" and isinstance(endings, list)
+          and len(endings) == 4 and all(isinstance(e, str) and e.strip() for e in endings)
+          and isinstance(label, int) and not isinstance(label, bool) and 0 <= label < 4)
+    if not ok:
+        raise ValueError(f"{where}: 'ctx' must be a non-empty string, 'endings' 4 strings "
+                         f"(none empty) and 'label' an int in [0, 4), got {ctx!r:.40}, "
+                         f"{endings!r:.80}, {label!r}")
+    return item
 
 
 def load_items(path=None, limit: int | None = None, **find) -> list[dict]:
     """The first `limit` items (all without it) of the split `find_hellaswag` finds."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be None (every item) or an int >= 1, got {limit!r}")
     p = find_hellaswag(path, **find)
-    with open(p, encoding="utf-8") as f:
-        items = parse_items(f, where=str(p))
+    raw = read_text_bytes(p, max_bytes=MAX_FILE_BYTES)
+    items = parse_items(decode_text(raw, p).split("\n"), where=str(p))
     if not items:
         raise ValueError(f"{p} holds no HellaSwag items")
     return items if limit is None else items[:limit]
@@ -165,6 +179,9 @@ def render(item: dict, block_size: int, enc=None) -> Rendered:
         cut = cut or len(ctx) + len(end) > block_size
         rows.append(np.asarray(row, dtype=np.int64))
         starts.append(max(1, len(row) - len(end)))  # row[0] has no prediction: never scored
+        if starts[-1] >= len(row):  # (check_item's items always have a scored token)
+            raise ValueError(f"HellaSwag item {item['ctx']!r:.40}: an ending has no token to "
+                             f"score (an empty context or ending)")
     return Rendered(rows, starts, item["label"], cut)
 
 
@@ -209,13 +226,23 @@ def token_losses(logits, rows, cols, targets, backend=None) -> np.ndarray:
         sel = logits[torch.as_tensor(rows, device=dev), torch.as_tensor(cols, device=dev)].double()
         t = torch.as_tensor(targets, device=dev)
         nll = torch.logsumexp(sel, dim=-1) - sel[torch.arange(len(t), device=dev), t]
-        return nll.cpu().numpy()
+        return _finite(nll.cpu().numpy())
     xp = np if backend is None else backend.xp
     sel = logits[xp.asarray(rows), xp.asarray(cols)].astype(xp.float64)  # (N, V)
     m = sel.max(axis=-1, keepdims=True)
     lse = m[:, 0] + xp.log(xp.exp(sel - m).sum(axis=-1))
     nll = lse - sel[xp.arange(len(targets)), xp.asarray(targets)]
-    return np.asarray(nll if backend is None else backend.to_host(nll), dtype=np.float64)
+    return _finite(np.asarray(nll if backend is None else backend.to_host(nll), dtype=np.float64))
+
+
+def _finite(nll: np.ndarray) -> np.ndarray:
+    """nll, if every loss is finite: a NaN would make argmin choose ending 0 (acc = the share
+    of label-0 items) and a mean loss of NaN; both are wrong answers, not scores."""
+    if not np.isfinite(nll).all():
+        raise FloatingPointError(f"{int((~np.isfinite(nll)).sum())} of {nll.size} token losses "
+                                 f"are not finite: the model's logits hold NaN or inf (are its "
+                                 f"weights finite?)")
+    return nll
 
 
 # ------------------------------------------------------------------------------ scoring
@@ -303,7 +330,7 @@ class HellaSwag:
     """
 
     def __init__(self, items: list[dict], block_size: int, enc=None):
-        self.items = items
+        self.items = [check_item(item, f"HellaSwag item {i}") for i, item in enumerate(items)]
         self.block_size = block_size
         self.rendered = [render(item, block_size, enc) for item in items]
 
@@ -412,9 +439,13 @@ class HellaSwagEvaluator:
     def evaluate(self, step, engine) -> dict:
         # engine.logits gives the engine's own arrays: numpy/cupy (an array engine, whose
         # backend reads them) or torch tensors (the torch engine, which has no array backend)
-        r = self.hs.evaluate(engine.logits, ctx=self.ctx, progress=False,
-                             backend=engine.backend,
-                             logits_budget=self.logits_budget, vocab_size=self.vocab_size)
+        try:
+            r = self.hs.evaluate(engine.logits, ctx=self.ctx, progress=False,
+                                 backend=engine.backend,
+                                 logits_budget=self.logits_budget, vocab_size=self.vocab_size)
+        except FloatingPointError:  # non-finite params: no accuracy; the loop stops on its
+            nan = float("nan")      # non-finite val loss as on any divergence
+            return {"hellaswag_acc": nan, "hellaswag_acc_norm": nan}
         return {"hellaswag_acc": r.acc, "hellaswag_acc_norm": r.acc_norm}
 
     def draw(self, ax, records):

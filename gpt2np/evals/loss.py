@@ -58,15 +58,17 @@ def load_eval_tokens(path) -> np.ndarray:
         raise FileNotFoundError(f"no such file or shard folder: {str(p)!r}")
     if p.suffix in (".npy", ".bin"):
         return np.asarray(load_shard(str(p)))
-    from gpt2np.data.shakespeare import decode_text
+    from gpt2np.data.shakespeare import decode_text, read_text_bytes
     from gpt2np.data.tokenizer import encode
 
     # as training reads text: UTF-8 with its line endings kept, binary files refused
-    return np.asarray(encode(decode_text(p.read_bytes(), p)), dtype=np.int64)
+    return np.asarray(encode(decode_text(read_text_bytes(p), p)), dtype=np.int64)
 
 
 def windows(n_tokens: int, block_size: int) -> list[tuple[int, int]]:
     """(start, length) of the non-overlapping windows that predict tokens 1..n-1 once each."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
     if n_tokens < 2:
         raise ValueError(f"the data hold {n_tokens} token(s); the loss needs at least 2")
     return [(s, min(block_size, n_tokens - 1 - s)) for s in range(0, n_tokens - 1, block_size)]
@@ -83,6 +85,8 @@ def token_loss(model, tokens, *, block_size: int | None = None, limit: int | Non
     if block_size is None and config is None:
         raise ValueError("pass block_size= when the model is a plain logits function")
     block_size = block_size or config.block_size
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be None (every window) or an int >= 1, got {limit!r}")
     vocab = getattr(config, "vocab_size", None) or GPT2_VOCAB_SIZE
     tokens = np.asarray(tokens, dtype=np.int64)
     wins = windows(len(tokens), block_size)[:limit]

@@ -25,11 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load as st_load
+from safetensors import safe_open
 from safetensors.numpy import save as st_save
 
 from gpt2np import files
+from gpt2np.config import GPTConfig
 from gpt2np.io import safetensors_layout
+from gpt2np.model import param_shapes
+from gpt2np.untrusted import check_finite
 
 CKPT_NAME = "ckpt.safetensors"  # a training run's checkpoint, in its out-dir
 
@@ -84,10 +87,6 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint):
     files.write_bytes(path, data, fsync=True)
 
 
-def _metadata(data: bytes) -> dict:
-    return safetensors_layout.metadata(safetensors_layout.split(data)[0])
-
-
 def is_checkpoint(path) -> bool:
     """Whether `path` is a gpt2np training checkpoint (of any format version), by its
     metadata alone; a damaged one is then refused by load_checkpoint with its reason."""
@@ -99,35 +98,91 @@ def is_checkpoint(path) -> bool:
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read and verify a checkpoint; any problem is a CheckpointError saying what is wrong."""
+    """Read and verify a checkpoint; any problem is a CheckpointError saying what is wrong.
+
+    Everything the file claims is checked before the tensors are read: its header against
+    the file's real size (gpt2np.io.safetensors_layout), its metadata, and the tensors'
+    names and shapes against the model config it records. Then its SHA-256, and that every
+    tensor is finite."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
-    data = path.read_bytes()
     try:
-        meta = _metadata(data)
-        tensors = st_load(data)
-    except Exception as e:  # truncated file, garbage header, bad offsets ...
+        header, offset = safetensors_layout.read_header(path)
+        layout = safetensors_layout.check_tensors(path, header, offset)
+    except ValueError as e:  # truncated file, garbage header, bad offsets ...
         raise CheckpointError(f"checkpoint {path} is corrupt (unreadable safetensors: {e})") from e
-    if meta.get("format") != FORMAT:
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
         raise CheckpointError(f"{path} is not a gpt2np training checkpoint "
-                              f"(format {meta.get('format')!r}, expected {FORMAT!r})")
+                              f"(format {found!r}, expected {FORMAT!r})")
     scope = meta.get("sha256_scope")
     if scope not in (None, SCOPE):
         raise CheckpointError(f"checkpoint {path} is corrupt: unknown sha256_scope {scope!r}")
+    state, t = _state(path, meta)
+    _check_layout(path, layout, state)
+    tensors = _read_tensors(path)
     if _digest(tensors, meta if scope else None) != meta.get("sha256"):
         what = "its tensors and metadata do" if scope else "its tensors do"
         raise CheckpointError(f"checkpoint {path} is corrupt or was edited: {what} not match "
                               "the SHA-256 recorded when it was written")
     try:
-        state = json.loads(meta["state"])
-        t = int(meta["t"])
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt: bad metadata ({e})") from e
+        check_finite(tensors, f"checkpoint {path}")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     params = {k: v for k, v in tensors.items() if not k.startswith("optimizer.")}
     m = {k[len(_M):]: v for k, v in tensors.items() if k.startswith(_M)}
     v = {k[len(_V):]: v for k, v in tensors.items() if k.startswith(_V)}
-    if set(m) != set(params) or set(v) != set(params):
-        raise CheckpointError(f"checkpoint {path} is corrupt: optimizer moments do not "
-                              "cover the params")
     return Checkpoint(params=params, m=m, v=v, t=t, state=state)
+
+
+def _state(path: Path, meta: dict) -> tuple[dict, int]:
+    """(state, t) from the metadata, checked: a JSON object, and a step count >= 0."""
+    try:
+        state = json.loads(meta["state"])
+        t = int(meta["t"])
+        if not isinstance(state, dict) or t < 0:
+            raise ValueError(f"state {str(state)[:40]!r}, t {t}")
+    except (KeyError, TypeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt: bad metadata "
+                              f"({type(e).__name__}: {e})") from e
+    return state, t
+
+
+def _check_layout(path: Path, layout: dict, state: dict):
+    """The tensors the header lists: float32/float64, moments for every param, and, when the
+    state records a model config, exactly that model's names and shapes (so a config that
+    claims more than the file holds is refused before anything is allocated)."""
+    wrong_dtype = [k for k, (dtype, _) in layout.items() if dtype not in ("F32", "F64")]
+    if wrong_dtype:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {wrong_dtype[0]!r} is "
+                              f"{layout[wrong_dtype[0]][0]}, not float32 or float64")
+    params = {k: shape for k, (_, shape) in layout.items() if not k.startswith("optimizer.")}
+    for prefix in (_M, _V):
+        moments = {k[len(prefix):]: shape for k, (_, shape) in layout.items()
+                   if k.startswith(prefix)}
+        if moments != params:
+            raise CheckpointError(f"checkpoint {path} is corrupt: optimizer moments do not "
+                                  "cover the params")
+    if "model_config" not in state:
+        return  # (a checkpoint of other arrays than a GPT's)
+    try:
+        config = GPTConfig.from_dict(state["model_config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path}: its metadata's model_config is unusable "
+                              f"({e})") from e
+    expected = param_shapes(config)
+    if params != expected:
+        wrong = [k for k in expected if params.get(k) != expected[k]]
+        extra = [k for k in params if k not in expected]
+        raise CheckpointError(f"{path}: its params do not match its model_config ({config}): "
+                              f"missing or misshapen {wrong[:4]}, unexpected {extra[:4]}")
+
+
+def _read_tensors(path: Path) -> dict[str, np.ndarray]:
+    try:  # memory-mapped: each tensor is copied out once, the file is never read whole
+        with safe_open(str(path), framework="np") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # the file changed since its header was checked
+        raise CheckpointError(f"checkpoint {path} is corrupt (unreadable safetensors: {e})") from e

@@ -10,7 +10,6 @@ runs, is gpt2np.io.pretrained; this module knows nothing of the model class, onl
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from gpt2np import files
 from gpt2np.config import GPTConfig
 from gpt2np.data.tokenizer import EOT_TOKEN
 from gpt2np.io import safetensors_layout
+from gpt2np.untrusted import read_json
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"  # sharded checkpoints
@@ -51,6 +51,7 @@ def save_pretrained(model, folder, *, dtype: str | None = None,
         raise ValueError(f"vocab_size {V} must be in [1, the model's {model.config.vocab_size}]")
     tensors = model.state_dict()
     tensors["transformer.wte.weight"] = tensors["transformer.wte.weight"][:V]  # (V, C)
+    check_representable(tensors, dtype, f"cannot save as {dtype} (gpt2np export --dtype)")
     config = hf_config(model.config.replace(vocab_size=V), dtype)
     files.write_json(folder / CONFIG_NAME, config, indent=2)
     # metadata "pt": transformers expects it in safetensors files it loads
@@ -59,6 +60,25 @@ def save_pretrained(model, folder, *, dtype: str | None = None,
 
 
 SAVE_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def check_representable(tensors: dict, dtype: str, where: str):
+    """Refuse a finite value that `dtype` would hold as inf (past float16's 65504, bfloat16's
+    or float32's ~3.4e38), naming `where` and the tensor: such a model computes NaN."""
+    if dtype == "float64":
+        return
+    for name, a in tensors.items():
+        # the largest magnitude overflows if anything does (rounding is monotonic); a NaN
+        # max is skipped below (two reductions: no array-sized temporary)
+        a = np.asarray(a)
+        top = max(float(a.max(initial=0.0)), -float(a.min(initial=0.0)))
+        with np.errstate(over="ignore"):  # the overflow is what we look for
+            narrow = (_bf16_bits(np.float32(top)) & 0x7FFF == 0x7F80 if dtype == "bfloat16"
+                      else np.isinf(np.asarray(top).astype(dtype)))
+        if np.isfinite(top) and narrow:
+            wider = {"float16": "bfloat16 or float32", "bfloat16": "float32"}.get(dtype, "float64")
+            raise ValueError(f"{where}: {name!r} holds a value of magnitude {top:.6g}, past "
+                             f"{dtype}'s range: as {dtype} it would be inf; use {wider}")
 
 
 def _safetensors_bytes(tensors: dict, dtype: str, metadata: dict) -> bytes:
@@ -125,49 +145,55 @@ def load_config(path) -> GPTConfig:
     path = Path(path)
     if not path.is_file():
         raise OSError(f"missing {path}: the folder needs a {CONFIG_NAME} describing the model")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    d = read_json(path)
     if not isinstance(d, dict):
         raise ValueError(f"{path} must hold a JSON object")
     return config_from_dict(d, where=str(path))
 
 
+# (field, default as in transformers' GPT2Config, accepted values, why)
+_UNSUPPORTED = (
+    ("model_type", "gpt2", ("gpt2",), "only GPT-2 is implemented"),
+    ("activation_function", "gelu_new", ("gelu_new", "gelu_pytorch_tanh"),
+     "only GELU's tanh approximation is implemented"),
+    ("scale_attn_weights", True, (True,), "attention is always scaled by 1/sqrt(head size)"),
+    ("scale_attn_by_inverse_layer_idx", False, (False,), "not implemented"),
+    ("add_cross_attention", False, (False,), "GPT-2 as a decoder only"),
+    ("tie_word_embeddings", True, (True,), "the lm_head is always wte"),
+)
+# GPTConfig's fields and the names a config.json may give them, GPTConfig's own first
+_NAMES = (("block_size", ("block_size", "n_positions", "n_ctx")),
+          ("vocab_size", ("vocab_size",)), ("n_layer", ("n_layer",)),
+          ("n_head", ("n_head",)), ("n_embd", ("n_embd",)))
+
+
 def config_from_dict(d: dict, where: str = "config") -> GPTConfig:
-    if "block_size" in d:  # GPTConfig's own names (as GPTConfig.to_dict writes)
-        return GPTConfig.from_dict({k: d[k] for k in ("block_size", "vocab_size", "n_layer",
-                                                     "n_head", "n_embd") if k in d})
-    model_type = d.get("model_type", "gpt2")
-    if model_type != "gpt2":
-        raise ValueError(f"{where}: model_type {model_type!r} is not GPT-2 ('gpt2')")
-    # (field, default as in transformers' GPT2Config, accepted values, why)
-    unsupported = [
-        ("activation_function", "gelu_new", {"gelu_new", "gelu_pytorch_tanh"},
-         "only GELU's tanh approximation is implemented"),
-        ("scale_attn_weights", True, {True}, "attention is always scaled by 1/sqrt(head size)"),
-        ("scale_attn_by_inverse_layer_idx", False, {False}, "not implemented"),
-        ("add_cross_attention", False, {False}, "GPT-2 as a decoder only"),
-        ("tie_word_embeddings", True, {True}, "the lm_head is always wte"),
-    ]
-    for key, default, ok, why in unsupported:
-        if d.get(key, default) not in ok:
-            raise ValueError(f"{where}: {key}={d[key]!r} is not supported ({why})")
+    """The GPTConfig of a config.json's dict, in transformers' names or GPTConfig's own
+    (block_size, as GPTConfig.to_dict writes): either way every setting is checked."""
+    for key, default, ok, why in _UNSUPPORTED:
+        value = d.get(key, default)
+        # (a tuple, compared by ==: a list or dict in the file is refused, not a TypeError)
+        if type(value) is not type(default) or value not in ok:
+            raise ValueError(f"{where}: {key}={value!r} is not supported ({why})")
     eps = d.get("layer_norm_epsilon", 1e-5)
-    if not isinstance(eps, (int, float)) or not math.isclose(eps, 1e-5, rel_tol=1e-6):
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) \
+            or not math.isclose(eps, 1e-5, rel_tol=1e-6):
         raise ValueError(f"{where}: layer_norm_epsilon={eps!r} is not supported (LayerNorm uses 1e-5)")
     # reorder_and_upcast_attn only changes the precision of half-float attention: same math.
     fields = {}
-    for ours, theirs in (("block_size", ("n_positions", "n_ctx")), ("vocab_size", ("vocab_size",)),
-                         ("n_layer", ("n_layer",)), ("n_head", ("n_head",)), ("n_embd", ("n_embd",))):
+    for ours, theirs in _NAMES:
         found = [t for t in theirs if d.get(t) is not None]
         if not found:
             raise ValueError(f"{where}: missing {' or '.join(theirs)}")
+        if found[0] == "block_size" and len(found) > 1 and d[found[1]] != d["block_size"]:
+            raise ValueError(f"{where}: block_size={d['block_size']!r} and {found[1]}="
+                             f"{d[found[1]]!r} disagree; give one of them")
         fields[ours] = d[found[0]]
-    n_inner = d.get("n_inner")
-    if n_inner is not None and n_inner != 4 * fields["n_embd"]:
-        raise ValueError(f"{where}: n_inner={n_inner} is not supported (the MLP is 4 * n_embd)")
     try:
-        return GPTConfig(**fields)
+        config = GPTConfig(**fields)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from e
+    n_inner = d.get("n_inner")
+    if n_inner is not None and (type(n_inner) is not int or n_inner != 4 * config.n_embd):
+        raise ValueError(f"{where}: n_inner={n_inner!r} is not supported (the MLP is 4 * n_embd)")
+    return config

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2np.config import GPT2_VOCAB_SIZE, GPTConfig
+from gpt2np.config import GPT2_VOCAB_SIZE, LIMITS, GPTConfig
 from gpt2np.data.tokenizer import EOT_TOKEN, get_encoding
 from gpt2np.files import replace_atomically
 from gpt2np.model import param_shapes
@@ -46,15 +46,15 @@ VOCAB_MULTIPLE = 128  # llm.c pads the vocabulary to a multiple of this (50257 -
 _ITEMSIZE = {"float32": 4, "bfloat16": 2}
 _FILE_DTYPE = {"float32": "<f4", "bfloat16": "<u2"}  # bf16 travels as its bit patterns
 
-# header[2:8] in order: our name, llm.c's, and the largest value we believe. The bounds
-# only reject nonsense (a damaged or foreign file) before any size is trusted.
+# header[2:8] in order: our name, llm.c's, and the largest value we believe (GPTConfig's
+# bounds). The bounds only reject nonsense (a damaged or foreign file) before any size is trusted.
 _FIELDS = (
-    ("block_size", "maxT", 2 ** 20),
-    ("vocab_size", "V", 2 ** 20),
-    ("n_layer", "L", 1024),
-    ("n_head", "NH", 65536),
-    ("n_embd", "C", 65536),
-    ("padded_vocab_size", "Vp", 2 ** 20),
+    ("block_size", "maxT", LIMITS["block_size"]),
+    ("vocab_size", "V", LIMITS["vocab_size"]),
+    ("n_layer", "L", LIMITS["n_layer"]),
+    ("n_head", "NH", LIMITS["n_head"]),
+    ("n_embd", "C", LIMITS["n_embd"]),
+    ("padded_vocab_size", "Vp", LIMITS["vocab_size"]),
 )
 
 # llm.c's 16 parameter tensors in file order: llm.c's name, gpt2np's key ("{i}": the layer;
@@ -147,6 +147,11 @@ def _size_problem(values: dict) -> tuple[str, str] | None:
     if values["padded_vocab_size"] < values["vocab_size"]:
         return "padded_vocab_size", (f"padded_vocab_size (Vp) = {values['padded_vocab_size']} "
                                      f"is smaller than vocab_size (V) = {values['vocab_size']}")
+    try:  # the rest of GPTConfig's checks (its parameter count), with the padded rows
+        GPTConfig(**{k: values[k] for k in ("block_size", "n_layer", "n_head", "n_embd")},
+                  vocab_size=values["padded_vocab_size"])
+    except ValueError as e:
+        return "num_params", str(e)
     return None
 
 

@@ -16,20 +16,23 @@ No torch at run time.
 """
 from __future__ import annotations
 
-import json
+import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from gpt2np.config import GPTConfig
 from gpt2np.io import safetensors_layout
-from gpt2np.io.checkpoint import CKPT_NAME, is_checkpoint
+from gpt2np.io.checkpoint import CKPT_NAME, CheckpointError, is_checkpoint, load_checkpoint
 from gpt2np.io.hf_folder import (CONFIG_NAME, PICKLE_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME,
-                                 load_config)
+                                 check_representable, load_config)
 from gpt2np.io.llmc import MODEL_MAGIC, is_llmc_model, read_llmc
 from gpt2np.model import GPT, param_shapes
+from gpt2np.untrusted import check_finite, inside, read_json
 
 # Short names of the four OpenAI releases; on the hub they live under openai-community/.
 HUB_NAMES = {
@@ -78,6 +81,11 @@ def from_pretrained(name_or_path, *, backend: str = "numpy", dtype: str = "float
                          local_files_only=local_files_only, allow_pickle=allow_pickle)
         config = load_config(folder / CONFIG_NAME)
         params = read_weights(folder, config, allow_pickle=allow_pickle)
+    # whatever the source: NaN or inf weights would sample token 0 and score label 0, and
+    # so would finite ones that the model's dtype holds as inf
+    check_finite(params, f"the weights of {name_or_path}")
+    if str(dtype) == "float32":  # (GPT refuses dtypes it does not compute in)
+        check_representable(params, "float32", f"the weights of {name_or_path} as float32")
     return GPT(config, backend=backend, dtype=dtype, params=params)
 
 
@@ -151,7 +159,7 @@ def _hub_snapshot(repo_id, *, revision, cache_dir, local_files_only, allow_pickl
         except EntryNotFoundError:  # not in the repo (or, offline, not in the cache)
             continue
         if filename == WEIGHTS_INDEX_NAME:
-            for shard in sorted(set(json.loads(path.read_text())["weight_map"].values())):
+            for shard in index_shards(path):
                 get(shard, commit)
         return folder
     raise OSError(f"{repo_id!r} has none of {', '.join(candidates)} "
@@ -174,23 +182,13 @@ def training_checkpoint(name_or_path) -> Path | None:
 
 
 def load_run(path) -> tuple[GPTConfig, dict[str, np.ndarray]]:
-    """(GPTConfig, params) of a training checkpoint, checked (gpt2np.io.checkpoint) and matched
-    against the config its metadata records (gpt2np.train.loop saves it as "model_config")."""
-    from gpt2np.io.checkpoint import CheckpointError, load_checkpoint
-
+    """(GPTConfig, params) of a training checkpoint, checked (gpt2np.io.checkpoint: its params
+    match the config its metadata records, which gpt2np.train.loop saves as "model_config")."""
     ckpt = load_checkpoint(path)
-    try:
-        config = GPTConfig.from_dict(ckpt.state["model_config"])
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{path} has no usable model_config in its metadata ({e}); "
-                              f"was it written by gpt2np.train.loop?") from e
-    expected = param_shapes(config)
-    wrong = [k for k in expected if k not in ckpt.params or ckpt.params[k].shape != expected[k]]
-    extra = [k for k in ckpt.params if k not in expected]
-    if wrong or extra:
-        raise CheckpointError(f"{path}: its params do not match its model_config ({config}): "
-                              f"missing or misshapen {wrong[:4]}, unexpected {extra[:4]}")
-    return config, ckpt.params
+    if "model_config" not in ckpt.state:
+        raise CheckpointError(f"{path} has no model_config in its metadata; was it written by "
+                              f"gpt2np.train.loop?")
+    return GPTConfig.from_dict(ckpt.state["model_config"]), ckpt.params
 
 
 # ------------------------------------------------------------------------------ weights
@@ -212,14 +210,11 @@ def weight_files(folder, allow_pickle: bool = False) -> list[Path]:
         return [folder / WEIGHTS_NAME]
     index = folder / WEIGHTS_INDEX_NAME
     if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
-            raise ValueError(f"{index} is not a safetensors index (no weight_map): {e}") from e
-        missing = [s for s in shards if not (folder / s).is_file()]
+        shards = [folder / s for s in index_shards(index)]
+        missing = [p.name for p in shards if not p.is_file()]
         if missing:
             raise OSError(f"{index} names shards missing from {folder}: {missing}")
-        return [folder / s for s in shards]
+        return shards
     if (folder / PICKLE_NAME).is_file():
         if allow_pickle:
             return [folder / PICKLE_NAME]
@@ -229,94 +224,126 @@ def weight_files(folder, allow_pickle: bool = False) -> list[Path]:
     raise OSError(f"no {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME}) in {folder}")
 
 
+def index_shards(index) -> list[str]:
+    """The shard files a model.safetensors.index.json names (its weight_map's values), each
+    a file inside the index's folder (gpt2np.untrusted.inside), in order."""
+    index = Path(index)
+    d = read_json(index)
+    weight_map = d.get("weight_map") if isinstance(d, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index} is not a safetensors index: it has no weight_map object "
+                         f"mapping tensor names to shard files")
+    for key, shard in weight_map.items():
+        inside(index.parent, shard, source=index, what=f"weight_map[{key!r}]",
+               roots=_hub_repo(index.parent))
+    return sorted(set(weight_map.values()))
+
+
+def _hub_repo(folder: Path) -> list[Path]:
+    """[the repo's cache folder] if `folder` is a Hugging Face cache snapshot
+    (models--owner--name/snapshots/<commit>), whose files are links into the repo's blobs/;
+    else []."""
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return [folder.parent.parent]
+    return []
+
+
 def read_weights(folder, config: GPTConfig, allow_pickle: bool = False) -> dict[str, np.ndarray]:
     """The params dict (host numpy, the file's dtype) for `config` from the folder's weights.
 
-    Every expected key must be present once with the expected shape; buffers are dropped;
-    a stored lm_head.weight must equal wte (tied) and is dropped. Anything else is an error.
+    Every expected key must be present once with the expected shape and a float dtype;
+    buffers are dropped; a stored lm_head.weight must equal wte (tied) and is dropped.
+    Anything else is an error. All of it is checked from the files' headers (themselves
+    checked against the files' sizes) before any tensor is read.
     """
     expected = param_shapes(config)
-    params, sources = {}, {}
-    lm_head = None
-    for file in weight_files(folder, allow_pickle):
-        for key, shape, read in _tensors(file):
-            name = _canonical_key(key)
-            if _BUFFER.match(name):
-                continue
-            if name in sources:
-                raise ValueError(f"{name!r} is stored twice: in {sources[name]} and {file}"
-                                 f" (as {key!r})")
-            sources[name] = file
-            if name == "lm_head.weight":
-                lm_head = (file, read())  # read now: the file closes after this loop
-                continue
-            if name not in expected:
-                raise ValueError(f"unexpected key {key!r} in {file}: not a parameter of a GPT-2 "
-                                 f"with {config}")
-            if tuple(shape) != expected[name]:
-                raise ValueError(f"{key!r} in {file} has shape {tuple(shape)}; "
-                                 f"{CONFIG_NAME} ({config}) needs {expected[name]}")
-            params[name] = read()
-    missing = [k for k in expected if k not in params]
-    if missing:
-        raise ValueError(f"missing keys in the weights of {folder}: {missing[:8]}"
-                         f"{' ...' if len(missing) > 8 else ''}")
-    if lm_head is not None:
-        file, w = lm_head
-        if w.shape != params["transformer.wte.weight"].shape or \
-                not np.array_equal(w, params["transformer.wte.weight"]):
-            raise ValueError(f"lm_head.weight in {file} differs from transformer.wte.weight; "
-                             f"only the tied GPT-2 lm_head is supported")
-    for name, value in params.items():
-        if value.dtype.kind != "f":
-            raise ValueError(f"{name!r} in {sources[name]} has dtype {value.dtype}, not a float")
+    stored = _match([t for file in weight_files(folder, allow_pickle) for t in _stored(file)],
+                    expected, config, folder)
+    params = {name: t.read() for name, t in stored.items()}
+    lm_head = params.pop("lm_head.weight", None)
+    if lm_head is not None and not np.array_equal(lm_head, params["transformer.wte.weight"]):
+        raise ValueError(f"lm_head.weight in {stored['lm_head.weight'].file} differs from "
+                         f"transformer.wte.weight; only the tied GPT-2 lm_head is supported")
     return {k: params[k] for k in expected}  # the checkpoint's order
 
 
-def _tensors(file: Path):
-    """Yield (key, shape, read) for each tensor; shapes come from the header, data on read()."""
+def _match(tensors: list, expected: dict, config: GPTConfig, folder) -> dict:
+    """{param name (or lm_head.weight): its _Stored} for `config`, or an error naming the
+    file and the tensor that does not fit."""
+    shapes = {**expected, "lm_head.weight": expected["transformer.wte.weight"]}  # (tied)
+    found = {}
+    for t in tensors:
+        name = _canonical_key(t.key)
+        if _BUFFER.match(name):
+            continue
+        if name in found:
+            raise ValueError(f"{name!r} is stored twice: in {found[name].file} and {t.file}"
+                             f" (as {t.key!r})")
+        want = shapes.get(name)
+        if want is None:
+            raise ValueError(f"unexpected key {t.key!r} in {t.file}: not a parameter of a "
+                             f"GPT-2 with {config}")
+        if tuple(t.shape) != want:
+            raise ValueError(f"{t.key!r} in {t.file} has shape {tuple(t.shape)}; "
+                             f"{CONFIG_NAME} ({config}) needs {want}")
+        if not t.is_float:
+            raise ValueError(f"{name!r} in {t.file} has dtype {t.dtype}, not a float")
+        found[name] = t
+    missing = [k for k in expected if k not in found]
+    if missing:
+        raise ValueError(f"missing keys in the weights of {folder}: {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}")
+    return found
+
+
+@dataclass
+class _Stored:
+    """One tensor of a weight file: its key, shape and dtype from the header; read() reads it."""
+
+    file: Path
+    key: str
+    shape: tuple
+    dtype: str  # safetensors' name ("F32", ...), or torch's for a pickle ("torch.float32")
+    read: Callable[[], np.ndarray]
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in _FILE_DTYPES or self.dtype.startswith(("torch.float", "torch.bfloat"))
+
+
+# safetensors dtypes a GPT-2 checkpoint may hold, as numpy reads their bytes (BF16: the bits)
+_FILE_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+
+
+def _stored(file: Path) -> list[_Stored]:
+    """The tensors of a weight file, from its header (checked against the file's size)."""
     if file.name.endswith(".bin"):
-        yield from _pickle_tensors(file)
-        return
-    from safetensors import safe_open
-
+        return _pickle_tensors(file)
     try:
-        f = safe_open(str(file), framework="np")
-    except Exception as e:  # truncated, corrupt header, not safetensors at all
+        header, offset = safetensors_layout.read_header(file)
+        layout = safetensors_layout.check_tensors(file, header, offset)
+    except ValueError as e:  # truncated, corrupt header, not safetensors at all
         raise OSError(f"cannot read {file} as safetensors: {e}") from e
-    with f:
-        for key in f.keys():
-            sl = f.get_slice(key)
-            shape = tuple(sl.get_shape())
-            if sl.get_dtype() == "BF16":  # numpy has no bfloat16: widen the bits ourselves
-                read = (lambda key=key, shape=shape: _read_bf16(file, key, shape))
-            else:
-                read = (lambda key=key: _get(f, file, key))
-            yield key, shape, read
+    return [_Stored(file, key, shape, dtype, lambda key=key, shape=shape, dtype=dtype:
+                    _read(file, offset + header[key]["data_offsets"][0], dtype, shape, key))
+            for key, (dtype, shape) in layout.items()]
 
 
-def _get(f, file, key):
-    try:
-        return f.get_tensor(key)
-    except Exception as e:
-        raise OSError(f"cannot read {key!r} from {file}: {e}") from e
+def _read(file: Path, start: int, dtype: str, shape, key: str) -> np.ndarray:
+    count = math.prod(shape)
+    raw = np.fromfile(file, dtype=_FILE_DTYPES[dtype], count=count, offset=start)
+    if raw.size != count:  # its size was checked: the file changed while we read it
+        raise OSError(f"cannot read {key!r} from {file}: the file ended early")
+    if dtype == "BF16":  # numpy has no bfloat16: a bfloat16 is the top half of a float32
+        raw = (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(raw.dtype.newbyteorder("="), copy=False).reshape(shape)
 
 
-def _read_bf16(file: Path, key: str, shape) -> np.ndarray:
-    header, body = safetensors_layout.read_header(file)
-    start, end = header[key]["data_offsets"]
-    with open(file, "rb") as fh:
-        fh.seek(body + start)
-        raw = np.frombuffer(fh.read(end - start), dtype="<u2")
-    # bfloat16 is the top half of a float32
-    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)
-
-
-def _pickle_tensors(file: Path):
+def _pickle_tensors(file: Path) -> list[_Stored]:
     # Opt-in only (allow_pickle=True). weights_only=True refuses arbitrary objects.
     import torch
 
     state = torch.load(str(file), map_location="cpu", weights_only=True)
-    for key, t in state.items():
-        yield key, tuple(t.shape), (lambda t=t: t.detach().float().numpy()
-                                    if t.dtype == torch.bfloat16 else t.detach().numpy())
+    return [_Stored(file, key, tuple(t.shape), str(t.dtype),
+                    lambda t=t: t.detach().float().numpy() if t.dtype == torch.bfloat16
+                    else t.detach().numpy()) for key, t in state.items()]

@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -219,19 +220,55 @@ def _num(v):
     return float("nan") if v is None else v  # (null in log.jsonl: a non-finite value)
 
 
+MAX_LINE_BYTES = 4 * 2 ** 20  # a record is a few hundred bytes (diagnostics: kilobytes)
+
+
 def read_jsonl(path: Path, before: float = math.inf) -> list:
-    """The records of a run's .jsonl (log.jsonl, diagnostics.jsonl) with step < before."""
+    """The records of a run's .jsonl (log.jsonl, diagnostics.jsonl) with step < before.
+
+    A line that is no record (not UTF-8, not JSON, no object with an integer step, longer
+    than any record) is skipped: a damaged log loses those lines, it never blocks a resume.
+    Each is named in a warning, but for a last line cut short by a crash (the usual end of
+    an interrupted run's log)."""
     if not path.exists():
         return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
-        if rec.get("step", before) < before:
-            records.append(rec)
+    records, bad = [], []
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(_lines(f), 1):
+            rec = _record(line)
+            if rec is None:
+                if line.strip() and line.endswith(b"\n"):
+                    bad.append(lineno)
+            elif rec["step"] < before:
+                records.append(rec)
+    if bad:
+        warnings.warn(f"{path}: skipped {len(bad)} damaged line(s) that are no record (line "
+                      f"{', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''})",
+                      stacklevel=2)
     return records
+
+
+def _lines(f):
+    """The file's lines as bytes; a line longer than MAX_LINE_BYTES as b"!\n" (no record),
+    read past in bounded pieces."""
+    while True:
+        line = f.readline(MAX_LINE_BYTES)
+        if not line:
+            return
+        if len(line) == MAX_LINE_BYTES and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):
+                line = f.readline(MAX_LINE_BYTES)
+            line = b"!\n"
+        yield line
+
+
+def _record(line: bytes) -> dict | None:
+    try:
+        rec = json.loads(line.decode("utf-8"))
+    except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
+        return None
+    step = rec.get("step") if isinstance(rec, dict) else None
+    return rec if type(step) is int and step >= 0 else None
 
 
 class SaveError(RuntimeError):
