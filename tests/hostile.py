@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2np import GPT, GPTConfig
+from gpt2np import GPT, GPTConfig, save_pretrained
 from gpt2np.data.shards import shard_name, write_meta, write_shard
 from gpt2np.io.checkpoint import Checkpoint, save_checkpoint
 from gpt2np.io.hf_folder import hf_config
@@ -32,7 +32,7 @@ TINY = GPTConfig(block_size=8, vocab_size=50257, n_layer=1, n_head=1, n_embd=4)
 
 
 def model_folder(path: Path, config: GPTConfig = TINY, seed: int = 0) -> Path:
-    GPT(config, seed=seed).save_pretrained(path)
+    save_pretrained(GPT(config, seed=seed), path)
     return path
 
 

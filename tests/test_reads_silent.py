@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
 import gpt2np
-from gpt2np import GPT
+from gpt2np import GPT, save_pretrained
 from gpt2np.commands import generate as generate_cmd
 from gpt2np.evals import hellaswag as H
 from gpt2np.evals.loss import token_loss
@@ -289,7 +289,7 @@ def _model_with(value, dtype="float32"):
 def test_export_refuses_values_a_narrower_dtype_writes_as_inf(tmp_path, value, dtype, ok):
     """The reported case: export --dtype float16 wrote inf for weights past 65504."""
     src = tmp_path / "src"
-    _model_with(value).save_pretrained(src)
+    save_pretrained(_model_with(value), src)
     if ok:
         export(src, tmp_path / "out", dtype=dtype)
         return
@@ -304,7 +304,7 @@ def test_saving_float64_weights_as_float32_refuses_overflow(tmp_path):
 
 
 def test_loading_float64_weights_as_float32_refuses_overflow(tmp_path):
-    _model_with(1e300, "float64").save_pretrained(tmp_path / "m")
+    save_pretrained(_model_with(1e300, "float64"), tmp_path / "m")
     gpt2np.from_pretrained(tmp_path / "m", dtype="float64")
     with pytest.raises(ValueError, match=f"as float32: '{NAMES[1]}' holds .* 1e.300.*use float64"):
         gpt2np.from_pretrained(tmp_path / "m", dtype="float32")
