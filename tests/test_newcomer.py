@@ -309,3 +309,58 @@ def test_no_profile_replays_an_old_failure():
 
     for profile in ("ci", "dev"):
         assert settings.get_profile(profile).database is None, profile
+
+
+def _block_case():
+    """The block and input on which a fixed 1e-6 relative finite-difference tolerance failed
+    (B=2, T=4, n_head=1, hs=3, seed 6250548, as tests/test_layers.py::test_block draws it):
+    one LayerNorm row is nearly constant (std 0.012), so the loss is sharply curved there."""
+    from gpt2np import layers as L
+
+    B, T, n_head, hs, seed = 2, 4, 1, 3, 6250548
+    rng = np.random.default_rng(seed)
+    C = n_head * hs
+    shapes = {"ln_1.weight": (C,), "ln_1.bias": (C,), "attn.c_attn.weight": (C, 3 * C),
+              "attn.c_attn.bias": (3 * C,), "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
+              "ln_2.weight": (C,), "ln_2.bias": (C,), "mlp.c_fc.weight": (C, 4 * C),
+              "mlp.c_fc.bias": (4 * C,), "mlp.c_proj.weight": (4 * C, C), "mlp.c_proj.bias": (C,)}
+    p = {k: rng.standard_normal(s) * (0.5 if k.endswith("weight") else 0.1) for k, s in shapes.items()}
+    x = rng.standard_normal((B, T, C))
+    out, cache = L.block_forward(x, p, n_head)
+    dout = rng.standard_normal(out.shape)
+    dx, _ = L.block_backward(dout, cache)
+    return (lambda xx: L.block_forward(xx, p, n_head)[0]), x, dout, dx
+
+
+def test_finite_differences_pass_a_sharply_curved_correct_gradient_and_fail_a_wrong_one():
+    from gradcheck import assert_fd_close, finite_diff, rel_error
+
+    f, x, dout, dx = _block_case()
+    est, _ = finite_diff(f, x, dout)
+    assert rel_error(dx, est) > 1e-6  # what a fixed tolerance of 1e-6 could not accept
+    assert assert_fd_close(f, x, dout, dx, name="block dx") <= 1 / 3 + 1e-3  # truncation: 1/3
+    # any entry off by 1e-5 of the largest gradient fails, even in the curved row (whose
+    # truncation allowance is ~3e-6 of it); elsewhere the allowance is ~3e-8: 1e-7 fails
+    for i, off in [(i, 1e-5) for i in range(dx.size)] + [(21, 1e-7)]:
+        wrong = dx.copy()
+        wrong.reshape(-1)[i] += off * np.abs(dx).max()
+        with pytest.raises(AssertionError, match="block dx vs finite differences"):
+            assert_fd_close(f, x, dout, wrong, name="block dx")
+
+
+def test_finite_differences_where_the_output_is_a_cancellation():
+    """GELU's far tail and a confident cross-entropy: outputs far smaller than the terms
+    they are computed from, whose rounding the tolerance's scale includes."""
+    from gpt2np import layers as L
+    from gradcheck import assert_fd_close
+
+    x = np.array([-30.0, -8.0, -5.0, -4.5, 0.3, 2.0])
+    dout = np.linspace(-1.0, 1.0, x.size)
+    out, cache = L.gelu_forward(x)
+    assert assert_fd_close(lambda v: L.gelu_forward(v)[0], x, dout, L.gelu_backward(dout, cache)) <= 1
+    logits = np.array([[[2.31305953, -9.12210062]]])  # the target's p is 1 - 1e-5
+    targets = np.array([[0]])
+    loss, cache = L.cross_entropy_forward(logits, targets)
+    grad = L.cross_entropy_backward(0.18905338, cache)
+    assert assert_fd_close(lambda v: np.asarray(L.cross_entropy_forward(v, targets)[0]), logits,
+                           np.array(0.18905338), grad) <= 1
