@@ -8,7 +8,8 @@ The commands are the lines of the ```bash blocks (a trailing backslash continues
   - runs, where it can here: in one scratch folder with the repository's files, the README
     first and then the guides in the order the README lists them, so that a command that
     collides with an earlier one ("out/shakespeare/ckpt.safetensors already exists") fails.
-    Training runs get a tiny model and 1/100 of the doc's steps (600 -> 6); the commands
+    Training runs get a tiny model and 1/100 of the doc's steps (600 -> 6), gradcheck one
+    finite-difference entry per tensor; the commands
     that need what a test machine lacks only parse: a GPU (`--backend cupy`, `--device
     cuda`, the GPU check), the network (a Hugging Face hub id, `--dataset`, HellaSwag's
     download, the GPU bundle), several GPUs or machines (torchrun beyond 2 CPU processes),
@@ -298,6 +299,8 @@ def runnable_argv(cmd: Command, scratch: Path) -> list[str]:
     argv = expanded
     if what == "gpt2np train" or what in TRAIN_SCRIPTS:
         argv = _tiny(argv)
+    if what == "gpt2np gradcheck" and "--fd" in argv:  # one finite-difference entry per tensor
+        argv[argv.index("--fd") + 1] = "1"
     return argv
 
 
