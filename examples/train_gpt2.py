@@ -96,10 +96,20 @@ def recipe_argv(argv: list) -> list:
         if not any(a == flag(key) or a.startswith(flag(key) + "=") for a in argv):
             extra += [flag(key), str(getattr(args, key))]
     if not args.no_hellaswag and args.hellaswag is None:
-        from gpt2np.evals.hellaswag import find_hellaswag
-
-        extra += ["--hellaswag", str(find_hellaswag())]  # the cache, else a download
+        extra += ["--hellaswag", str(hellaswag_file(args.cache_dir))]
     return argv + extra
+
+
+def hellaswag_file(cache_dir):
+    """HellaSwag's val split for the recipe's evals: gpt2np's cache (--cache-dir, else
+    $GPT2NP_CACHE or ~/.cache/gpt2np), else a download into it."""
+    from gpt2np.errors import UsageError
+    from gpt2np.evals.hellaswag import find_hellaswag
+
+    try:
+        return find_hellaswag(cache=cache_dir, flag="--hellaswag")
+    except FileNotFoundError as e:
+        raise UsageError(f"{e}; or train without it: --no-hellaswag") from e
 
 
 def main(argv=None) -> int:

@@ -2,6 +2,7 @@
 
     gpt2np train | generate | prepare | export | eval | gradcheck  [flags]   (--help on each)
     python -m gpt2np <command> [flags]                                   (the same)
+    gpt2np --version
 
 Every command is a thin `main(argv=None) -> int` over library functions, built with this
 module's `ArgumentParser` and wrapped by `run_main`:
@@ -151,13 +152,31 @@ def _one_line(text: str) -> str:
     return out
 
 
+def version() -> str:
+    """gpt2np's installed version (the package metadata), with numpy's and Python's."""
+    from importlib import metadata
+
+    import numpy
+
+    try:
+        ours = metadata.version("gpt2np")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        ours = "(not installed: pip install -e .)"
+    return (f"gpt2np {ours} (numpy {numpy.__version__}, Python {sys.version.split()[0]}) "
+            f"from {os.path.dirname(os.path.abspath(__file__))}")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     width = max(map(len, COMMANDS))
     listing = "\n".join(f"  {name:<{width}}  {what}" for name, (_, what) in COMMANDS.items())
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: gpt2np COMMAND [flags]   (gpt2np COMMAND --help)\n\ncommands:\n{listing}")
+        print(f"usage: gpt2np COMMAND [flags]   (gpt2np COMMAND --help; gpt2np --version)\n\n"
+              f"commands:\n{listing}")
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(version())
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"usage: gpt2np COMMAND [flags]\ncommands:\n{listing}", file=sys.stderr)

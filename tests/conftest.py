@@ -8,9 +8,12 @@ sys.path.insert(0, os.path.dirname(__file__))  # for `import gradcheck`
 
 # "ci" (default): bounded examples, no deadline (2 shared cores make timings noisy).
 # "dev": more examples for a deeper local search: HYPOTHESIS_PROFILE=dev pytest
-settings.register_profile("ci", max_examples=15, deadline=None, print_blob=True,
+# Neither keeps an example database: a failure is not replayed by every later run (one unlucky
+# draw would look like a permanent failure until someone deleted .hypothesis/); it prints
+# its falsifying example and the @reproduce_failure line that replays it on purpose.
+settings.register_profile("ci", max_examples=15, deadline=None, print_blob=True, database=None,
                           suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("dev", max_examples=200, deadline=None,
+settings.register_profile("dev", max_examples=200, deadline=None, print_blob=True, database=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 

@@ -47,7 +47,8 @@ def test_passes_and_lists_every_tensor(model_dir, text_file, tmp_path, capsys):
     assert list(report["tensors"]) == names and list(report["fd"]) == names
     assert all(name in printed for name in names)
     assert report["worst_rel_err"] <= 1e-9
-    assert report["worst_fd_err"] <= G.FD_TOLERANCE
+    assert all(report["fd"][k] <= report["fd_tol"][k] for k in names)
+    assert report["worst_fd_ratio"] <= 1 and report["worst_fd_err"] == max(report["fd"].values())
     assert report["worst_rel_err"] == max(report["tensors"].values())
     assert report["failures"] == [] and "gradients OK" in printed
     assert abs(report["loss"] - report["torch_loss"]) < 1e-12
@@ -72,19 +73,34 @@ def test_fails_naming_the_tensors_whose_backward_is_wrong(model_dir, text_file, 
     assert all(name in err for name in gains)
     assert all(1e-7 < report["tensors"][g] < 1e-5 for g in gains)
     assert all(report["fd"][g] > 1e-7 for g in gains)  # the finite differences see it too
+    assert all(report["fd"][k] <= report["fd_tol"][k] for k in report["fd"] if k not in gains)
 
 
-def test_finite_differences_alone_catch_a_wrong_gradient(model_dir, text_file):
-    # the torch comparison is not the only judge: a gradient off by 1% fails the fd check
+@pytest.mark.parametrize("off_by", [1e-2, 1e-5])
+def test_finite_differences_alone_catch_a_wrong_gradient(model_dir, text_file, off_by):
+    # the torch comparison is not the only judge: a gradient off by 1e-5 relative fails the
+    # fd check, and every correct one passes it
     m = GPT(CFG, dtype="float64", seed=3)
     x, y = G.batch_from_text(text_file, 1, 8)
     m.forward(x, y)
     grads = {k: np.array(g) for k, g in m.backward().items()}
-    grads["transformer.h.1.mlp.c_fc.weight"] *= 1.01
-    errors = G.finite_differences(m, x, y, grads, k=3)
-    assert errors["transformer.h.1.mlp.c_fc.weight"] > 1e-3
-    assert max(e for k, e in errors.items() if k != "transformer.h.1.mlp.c_fc.weight") \
-        < G.FD_TOLERANCE
+    wrong = "transformer.h.1.mlp.c_fc.weight"
+    grads[wrong] *= 1 + off_by
+    errors, tolerances = G.finite_differences(m, x, y, grads, k=3)
+    assert errors[wrong] > tolerances[wrong]
+    assert all(errors[k] <= tolerances[k] for k in errors if k != wrong)
+
+
+def test_fd_tolerance_adds_the_rounding_to_the_measured_truncation():
+    # a quadratic has no truncation error: D(h) = D(2h) up to rounding
+    estimate, truncation = G.central_difference(lambda v: 3.0 * v * v + v, 0.25)
+    assert abs(estimate - 2.5) < 1e-9 and truncation < 1e-9
+    # a cubic: D(h) = f' + h^2 f'''/6 exactly, and the allowance is three times that
+    estimate, truncation = G.central_difference(lambda v: v ** 3, 0.5, h=1e-2)
+    assert np.isclose(estimate - 0.75, 1e-4) and np.isclose(truncation, 3e-4)
+    assert G.fd_tolerance(3e-4, 10.0, h=1e-2) == 3e-4 + G.FD_ROUNDING * G.EPS * 10.0 / 1e-2
+    assert G.fd_ratio(0.0, 0.0) == 0 and G.fd_ratio(1.0, 0.0) == np.inf
+    assert G.fd_ratio(float("nan"), 1.0) == np.inf and G.fd_ratio(1.0, 4.0) == 0.25
 
 
 def test_shards_and_the_console_script(model_dir, tmp_path, capsys):

@@ -63,18 +63,20 @@ def build_parser() -> ArgumentParser:
         "Evaluate a model: HellaSwag acc / acc_norm (completion style, as build-nanogpt), or "
         "the mean cross-entropy and perplexity of a text file or a shard folder's val split."))
     ap.add_argument("--model", required=True,
-                    help="anything gpt2np.from_pretrained takes: gpt2, a folder, a training run")
+                    help="anything gpt2np.from_pretrained takes: gpt2, a folder, a training run, "
+                         "an llm.c model file")
     ap.add_argument("--task", required=True, choices=TASKS)
     ap.add_argument("--data", default=None, help=(
         "hellaswag: the val jsonl (default: in gpt2np's cache, $GPT2NP_CACHE or "
         "~/.cache/gpt2np, else downloaded there); "
         "loss: a text file, a shard file, or a shard folder (its val split) - required"))
-    ap.add_argument("--limit", type=positive_int, default=None,
-                    help="only the first N items (hellaswag) or windows (loss)")
-    ap.add_argument("--backend", choices=BACKENDS, default="numpy")
+    ap.add_argument("--limit", type=positive_int, default=None, metavar="N",
+                    help="only the first N items (hellaswag) or windows (loss) (default: all)")
+    ap.add_argument("--backend", choices=BACKENDS, default="numpy", help="(default %(default)s)")
     ap.add_argument("--device", default=None, help="torch backend: cpu or cuda (default: cuda "
                                                   "when available)")
-    ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    ap.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                    help="of the model (default %(default)s)")
     ap.add_argument("--json", default=None, metavar="OUT", help="also write the result as JSON")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap

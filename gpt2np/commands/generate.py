@@ -18,15 +18,20 @@ def build_parser() -> ArgumentParser:
         "batch and continued with temperature and top-k sampling through the KV cache."))
     a = ap.add_argument
     a("--model", default="gpt2", help="a training run's out-dir or its ckpt.safetensors, a folder "
-      "with model.safetensors + config.json, or a hub id (gpt2, gpt2-medium, ...; default gpt2)")
-    a("--prompt", default="Hello, I'm a language model,", help="empty: start from <|endoftext|>")
-    a("--num-samples", type=positive_int, default=5)
-    a("--max-new-tokens", type=nonneg_int, default=30)
-    a("--top-k", type=nonneg_int, default=50, help="0 samples from the whole vocabulary")
-    a("--temperature", type=nonneg_float, default=1.0, help="0 is greedy")
-    a("--seed", type=nonneg_int, default=42)
-    a("--backend", default="numpy", choices=["numpy", "cupy"])
-    a("--dtype", default="float32", choices=["float32", "float64"])
+      "with model.safetensors + config.json, an llm.c model file, or a hub id (gpt2, "
+      "gpt2-medium, ...; default gpt2)")
+    a("--prompt", metavar="TEXT", default="Hello, I'm a language model,",
+      help="the text to continue; empty: start from <|endoftext|> (default %(default)r)")
+    a("--num-samples", metavar="N", type=positive_int, default=5, help="samples, one batch (default %(default)s)")
+    a("--max-new-tokens", metavar="N", type=nonneg_int, default=30,
+      help="tokens generated per sample (default %(default)s)")
+    a("--top-k", metavar="K", type=nonneg_int, default=50,
+      help="sample among the k likeliest tokens; 0: the whole vocabulary (default %(default)s)")
+    a("--temperature", metavar="T", type=nonneg_float, default=1.0,
+      help="divides the logits; 0 is greedy (default %(default)s)")
+    a("--seed", metavar="N", type=nonneg_int, default=42, help="of the sampling (default %(default)s)")
+    a("--backend", default="numpy", choices=["numpy", "cupy"], help="(default %(default)s)")
+    a("--dtype", default="float32", choices=["float32", "float64"], help="(default %(default)s)")
     return ap
 
 

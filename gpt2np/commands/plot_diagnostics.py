@@ -9,12 +9,16 @@ from gpt2np.train.diagnostics import PLOT_NAME, read_diagnostics
 from gpt2np.train.diagnostics_plot import plot_diagnostics
 
 
-def _main(argv=None) -> int:
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="gpt2np plot-diagnostics",
                        description="Redraw a run's diagnostics.png from its diagnostics.jsonl.")
     p.add_argument("run", help="a training run's out-dir (or its diagnostics.jsonl)")
     p.add_argument("--out", help=f"the picture (default RUN/{PLOT_NAME})")
-    args = p.parse_args(argv)
+    return p
+
+
+def _main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     records = read_diagnostics(args.run)
     run = Path(args.run)
     out = args.out or ((run if run.is_dir() else run.parent) / PLOT_NAME)

@@ -30,7 +30,7 @@ def token_count(text: str) -> int:
 token_count.__name__ = "token count"
 
 
-def _parser() -> ArgumentParser:
+def build_parser() -> ArgumentParser:
     ap = ArgumentParser(
         prog="gpt2np prepare",
         description="Tokenize text files, or a Hugging Face dataset, into uint16 GPT-2 token "
@@ -43,31 +43,33 @@ def _parser() -> ArgumentParser:
         "a Hugging Face dataset, streamed (HuggingFaceFW/fineweb-edu), or a datasets builder "
         "for local --data-files (json, parquet, csv, text); needs pip install datasets"))
     ap.add_argument("--dataset-config", metavar="CFG", help="the dataset's config (sample-10BT)")
-    ap.add_argument("--split", default=None, help="the dataset's split (default train)")
+    ap.add_argument("--split", default=None, help="the dataset's split (default: train)")
     ap.add_argument("--data-files", nargs="+", metavar="F",
                     help="the dataset's files (local files for a builder, or paths in the repo)")
     ap.add_argument("--out-dir", "-o", required=True, help="directory for the shards")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace the shards (and meta.json) already in --out-dir")
     ap.add_argument("--shard-size", type=token_count, default=10 ** 8,
-                    help="tokens per shard (1e8)")
+                    help="tokens per shard (default 1e8)")
     ap.add_argument("--val-shard-size", type=token_count, default=None,
                     help="tokens in shard 0, the val split (default: --shard-size)")
     ap.add_argument("--workers", type=positive_int, default=None,
                     help="tokenizer processes (default: half the CPU cores)")
     ap.add_argument("--format", choices=("npy", "bin"), default="npy",
-                    help="npy (numpy) or bin (llm.c's header + uint16)")
-    ap.add_argument("--prefix", default="shard", help="shard file name prefix")
+                    help="npy (numpy) or bin (llm.c's header + uint16) (default %(default)s)")
+    ap.add_argument("--prefix", default="shard",
+                    help="shard file name prefix (default %(default)s)")
     ap.add_argument("--doc-sep", default=None,
                     help="split plain-text files into documents at this string")
     ap.add_argument("--text-field", default="text",
-                    help="the text field of .jsonl records and --dataset records")
+                    help="the text field of .jsonl records and --dataset records "
+                         "(default %(default)s)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     return ap
 
 
 def _main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     documents, source = _dataset(args)
     meta = prepare(args.input or [], args.out_dir, shard_size=args.shard_size,
                    val_shard_size=args.val_shard_size, workers=args.workers, fmt=args.format,

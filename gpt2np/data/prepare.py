@@ -304,8 +304,9 @@ class ShardWriter:
             if self.bar is None and self.progress:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=self.capacity, unit="tokens", file=sys.stderr,
-                                desc=f"shard {len(self.shards)}")
+                # SI-scaled counts and rates (35.2M/100M, 4.1M tokens/s), not 35200000
+                self.bar = tqdm(total=self.capacity, unit=" tokens", unit_scale=True,
+                                file=sys.stderr, desc=f"shard {len(self.shards)}")
             take = min(self.capacity - self.count, len(tokens) - pos)
             self.chunks.append(tokens[pos:pos + take])
             self.count += take

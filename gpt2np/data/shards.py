@@ -251,7 +251,7 @@ def clear_folder(data_dir: str, overwrite: bool):
         also = f" and a {META}" if has_meta else ""
         raise FileExistsError(
             f"{data_dir} already holds {len(old)} shard file(s){also}: pass --overwrite to "
-            "replace them (overwrite=True), or choose another --out-dir")
+            "replace them, or choose another --out-dir")
     for name in [META] * has_meta + old:
         os.unlink(os.path.join(data_dir, name))
 

@@ -57,10 +57,12 @@ GPU_LOGITS_BUDGET = 2 * 2 ** 30  # the same on a GPU, where bigger batches pay o
 # ------------------------------------------------------------------------------ the data
 
 
-def find_hellaswag(path=None, *, cache=None, download: bool = True) -> Path:
+def find_hellaswag(path=None, *, cache=None, download: bool = True,
+                   flag: str = "--data") -> Path:
     """The val split's jsonl: `path` (a file, or a folder holding hellaswag_val.jsonl), else
     the cache (`cache`: the cache folder instead of gpt2np.files.cache_dir()), else a download
-    into the cache. Raises FileNotFoundError naming all three."""
+    into the cache. Raises FileNotFoundError naming all three (`flag`: the caller's flag for
+    the path)."""
     if path is not None:
         p = Path(os.path.expanduser(str(path)))
         if p.is_dir():
@@ -80,7 +82,7 @@ def find_hellaswag(path=None, *, cache=None, download: bool = True) -> Path:
             why = f"downloading {VAL_URL} failed ({type(e).__name__}: {e})"
     raise FileNotFoundError(
         f"HellaSwag's val split is not available: no data path was given, {str(target)!r} does "
-        f"not exist, and {why}. Either pass the file (--data PATH/{VAL_FILE}), or put it at "
+        f"not exist, and {why}. Either pass the file ({flag} PATH/{VAL_FILE}), or put it at "
         f"{str(target)!r}, or run once with network access to download it")
 
 

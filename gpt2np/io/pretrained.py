@@ -95,7 +95,11 @@ def from_pretrained(name_or_path, *, backend: str = "numpy", dtype: str = "float
 def resolve(name_or_path, *, revision=None, cache_dir=None, local_files_only=False,
             allow_pickle=False) -> Path:
     """The local folder holding config.json and the weights: the folder itself, or the
-    huggingface_hub cache snapshot for a hub id (downloaded unless offline)."""
+    huggingface_hub cache snapshot for a hub id (downloaded unless offline).
+
+    A name that looks like a path (see `looks_like_path`) is only ever a path: a mistyped
+    run folder is "no such folder" at once, never a hub request.
+    """
     path = Path(os.path.expanduser(str(name_or_path)))
     if path.is_dir():
         if not (path / CONFIG_NAME).is_file():
@@ -110,32 +114,54 @@ def resolve(name_or_path, *, revision=None, cache_dir=None, local_files_only=Fal
                       f"folder that holds {WEIGHTS_NAME} and {CONFIG_NAME}")
     name = str(name_or_path)
     repo_id = HUB_NAMES.get(name, name)
-    if not _REPO_ID.match(repo_id):
-        raise OSError(f"no such folder: {name!r}; and it is not a hub id: pass a training "
-                      f"run's out-dir or {CKPT_NAME}, a model folder, one of "
-                      f"{', '.join(HUB_NAMES)}, or 'owner/name'")
+    if looks_like_path(name) or not _REPO_ID.match(repo_id):
+        raise OSError(f"no such folder: {name!r}; pass a training run's out-dir or its "
+                      f"{CKPT_NAME}, a model folder ({WEIGHTS_NAME} + {CONFIG_NAME}), or a "
+                      f"Hugging Face hub id: {', '.join(HUB_NAMES)} or 'owner/name'")
     try:
         return _hub_snapshot(repo_id, revision=revision, cache_dir=cache_dir,
                              local_files_only=local_files_only, allow_pickle=allow_pickle)
     except OSError as e:
-        if name in HUB_NAMES:
+        if name in HUB_NAMES or repo_id in HUB_NAMES.values():
             raise
-        # "out/shakespeare" is both a path and a hub id: say that neither was found
+        # "someone/model" is both a path and a hub id: say that neither was found
         raise OSError(f"no such folder: {name!r} (a training run's out-dir or a model folder); "
                       f"as a Hugging Face hub id: {e}") from e
 
 
+def looks_like_path(name: str) -> bool:
+    """True for a model source that can only be a path, never a hub id ("owner/name"):
+    absolute, ~ or . first, a backslash, more than one /, a trailing /, a file name of a model
+    file (.safetensors, .json, .bin), or a first part that is a local folder ("out/run" when
+    out/ exists)."""
+    if os.path.isabs(name) or name.startswith(("~", ".")) or "\\" in name:
+        return True
+    if name.count("/") > 1 or name.endswith("/"):
+        return True
+    if name.endswith((".safetensors", ".json", ".bin")):
+        return True
+    return "/" in name and os.path.isdir(name.split("/")[0])
+
+
 def _hub_snapshot(repo_id, *, revision, cache_dir, local_files_only, allow_pickle) -> Path:
-    """Fetch config.json and the weights into the hub cache; return the snapshot folder.
+    """config.json and the weights in the hub cache (downloaded if need be and possible); the
+    snapshot folder.
 
     hf_hub_download is the one path for online and offline: it reads the cache layout
     (models--owner--name/snapshots/<rev>/, refs/<branch>) and, when offline, only that.
+    Online, one request without retries comes first: if the hub cannot be reached, the cache
+    is read instead, or the error says so at once (huggingface_hub itself retries for ~25 s).
     """
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
     # huggingface_hub reads HF_HUB_OFFLINE once at import; also honour it if set since
-    offline = local_files_only or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    offline_env = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    why_offline = ("local_files_only=True" if local_files_only else
+                   "offline: HF_HUB_OFFLINE is set" if offline_env else
+                   _hub_unreachable(repo_id, revision))
+    offline = why_offline is not None
+    where = str(cache_dir or constants.HF_HUB_CACHE)
 
     def get(filename, revision):
         return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
@@ -143,10 +169,10 @@ def _hub_snapshot(repo_id, *, revision, cache_dir, local_files_only, allow_pickl
 
     try:
         config_path = get(CONFIG_NAME, revision)
-    except Exception as e:  # not cached while offline, no network, unknown repo, ...
-        hint = (" (offline: HF_HUB_OFFLINE or local_files_only is set, and it is not in the "
-                "Hugging Face cache)" if offline else "")
-        raise OSError(f"cannot get {CONFIG_NAME} of {repo_id!r} from the Hugging Face hub{hint}: "
+    except Exception as e:  # not cached while offline, unknown repo, a gated one, ...
+        if offline:
+            raise OSError(_not_cached(repo_id, why_offline, where)) from e
+        raise OSError(f"cannot get {CONFIG_NAME} of {repo_id!r} from the Hugging Face hub: "
                       f"{type(e).__name__}: {e}") from e
     folder = config_path.parent
     # the snapshot folder is named by the commit: fetch the weights from that same commit,
@@ -163,8 +189,38 @@ def _hub_snapshot(repo_id, *, revision, cache_dir, local_files_only, allow_pickl
                 get(shard, commit)
         return folder
     raise OSError(f"{repo_id!r} has none of {', '.join(candidates)} "
-                  f"{'in the Hugging Face cache' if offline else 'on the hub'}"
+                  f"{f'in the Hugging Face cache ({where}; {why_offline})' if offline else 'on the hub'}"
                   + ("" if allow_pickle else f" ({PICKLE_NAME} is read only with allow_pickle=True)"))
+
+
+def _hub_unreachable(repo_id, revision) -> str | None:
+    """None if the hub answers (whatever it answers: hf_hub_download then says what it
+    means), else why it cannot be reached. One HEAD request, no retries."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, CONFIG_NAME, revision=revision),
+                             timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except HfHubHTTPError:
+        return None
+    except Exception as e:  # no network, no DNS, a closed port, a timeout
+        return f"the Hugging Face hub ({constants.ENDPOINT}) cannot be reached: {type(e).__name__}: {e}"
+    return None
+
+
+def _not_cached(repo_id, why_offline: str, where: str) -> str:
+    """One line: the hub id is not in the cache and cannot be downloaded; what to do."""
+    if why_offline.startswith("offline"):
+        fetch = ("download it once without HF_HUB_OFFLINE where the hub is reachable "
+                 "(HF_HUB_CACHE names the cache folder)")
+    else:
+        fetch = ("download it where the hub is reachable and copy that cache here (HF_HUB_CACHE "
+                 "names its folder); HF_HUB_OFFLINE=1 then reads the cache without trying the "
+                 "network")
+    return (f"{repo_id!r} is not in the Hugging Face cache ({where}) and cannot be downloaded "
+            f"({why_offline}): use a model folder or a training run's out-dir (e.g. "
+            f"out/shakespeare), or {fetch}")
 
 
 # ------------------------------------------------------------------------------ training runs

@@ -148,7 +148,7 @@ SETTINGS = (
          "ranks together", default_text="the val split, at most 16 micro-batches", **POSITIVE),
     # where the weights and the data come from
     _stored("init_from", str, None, "start from pretrained weights: a Hugging Face name or "
-         "folder, or a training run's out-dir", must_match=True,
+         "folder, a training run's out-dir, or an llm.c model file", must_match=True,
          default_text="GPT-2's random init"),
     _stored("data_shards", str, None, "train on token shards from `gpt2np prepare` (shard 0 = "
          "val) instead", default_text="tiny Shakespeare", metavar="DIR"),
