@@ -5,7 +5,7 @@ import sys
 import time
 
 from gpt2np import files
-from gpt2np.cli import ArgumentParser, UsageError, any_int, nonneg_int, positive_int, run_main
+from gpt2np.cli import ArgumentParser, UsageError, nonneg_int, positive_int, run_main
 from gpt2np.evals.gradcheck import (DEFAULT_B, DEFAULT_T, GradcheckResult, batch_from_shards,
                                     batch_from_text, check_gradients)
 
