@@ -74,14 +74,6 @@ positive_float = _number(float, 0.0, True, "a number > 0")
 nonneg_float = _number(float, 0.0, False, "a number >= 0")
 
 
-def any_int(text):
-    """An int that may be negative (a seed)."""
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
 # ------------------------------------------------------------------- running a command
 
 
