@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpt2np import GPT, GPTConfig
+from gpt2np import GPT, GPTConfig, save_pretrained
 from testdata import shakespeare_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,7 +152,7 @@ def _hub_cache(hub_cache: Path, repo_id: str, src: Path):
 
 def test_an_unreachable_hub_falls_back_to_the_cache(tmp_path):
     model = GPT(GPTConfig(block_size=8, vocab_size=50, n_layer=1, n_head=2, n_embd=8), seed=1)
-    model.save_pretrained(tmp_path / "src")
+    save_pretrained(model, tmp_path / "src")
     _hub_cache(tmp_path / "hf" / "hub", "someone/tiny", tmp_path / "src")
     code = NO_SLEEP.split("from gpt2np.cli")[0].format() + """
 import numpy as np, gpt2np
@@ -315,7 +315,8 @@ def _block_case():
     """The block and input on which a fixed 1e-6 relative finite-difference tolerance failed
     (B=2, T=4, n_head=1, hs=3, seed 6250548, as tests/test_layers.py::test_block draws it):
     one LayerNorm row is nearly constant (std 0.012), so the loss is sharply curved there."""
-    from gpt2np import layers as L
+    from gpt2np.layers import REFERENCE_OPS as ops
+    from gpt2np.model import block_backward, block_forward
 
     B, T, n_head, hs, seed = 2, 4, 1, 3, 6250548
     rng = np.random.default_rng(seed)
@@ -326,10 +327,10 @@ def _block_case():
               "mlp.c_fc.bias": (4 * C,), "mlp.c_proj.weight": (4 * C, C), "mlp.c_proj.bias": (C,)}
     p = {k: rng.standard_normal(s) * (0.5 if k.endswith("weight") else 0.1) for k, s in shapes.items()}
     x = rng.standard_normal((B, T, C))
-    out, cache = L.block_forward(x, p, n_head)
+    out, cache = block_forward(ops, x, p, n_head)
     dout = rng.standard_normal(out.shape)
-    dx, _ = L.block_backward(dout, cache)
-    return (lambda xx: L.block_forward(xx, p, n_head)[0]), x, dout, dx
+    dx, _ = block_backward(ops, dout, cache)
+    return (lambda xx: block_forward(ops, xx, p, n_head)[0]), x, dout, dx
 
 
 def test_finite_differences_pass_a_sharply_curved_correct_gradient_and_fail_a_wrong_one():
