@@ -70,7 +70,6 @@ def _number(kind, low, strict, what):
 
 positive_int = _number(int, 0, True, "an integer > 0")
 nonneg_int = _number(int, 0, False, "an integer >= 0")
-positive_float = _number(float, 0.0, True, "a number > 0")
 nonneg_float = _number(float, 0.0, False, "a number >= 0")
 
 

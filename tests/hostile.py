@@ -114,3 +114,14 @@ def cli(main, argv, capsys) -> tuple[int, str, str]:
     assert "Traceback" not in err, err
     lines = err.strip().splitlines()
     return code, lines[-1] if lines else "", out
+
+
+def tree_of(folder: Path) -> dict:
+    """Every entry under folder: a link's target, a file's bytes, a folder's marker (to check
+    that nothing under it changed)."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = str(p.relative_to(folder))
+        out[rel] = (("link", os.readlink(p)) if p.is_symlink() else
+                    ("file", p.read_bytes()) if p.is_file() else ("dir",))
+    return out

@@ -17,6 +17,7 @@ import gpt2np
 from gpt2np import GPT, GPTConfig
 from gpt2np.commands.export import main
 from gpt2np.io import export as ex
+from hostile import tree_of
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -28,15 +29,6 @@ def src(tmp_path_factory):
     gpt2np.save_pretrained(GPT(GPTConfig(block_size=16, vocab_size=50257, n_layer=1, n_head=2,
                                          n_embd=16), seed=3), folder)
     return folder
-
-
-def _tree(root: Path) -> dict:
-    out = {}
-    for p in sorted(root.rglob("*")):
-        rel = str(p.relative_to(root))
-        out[rel] = (("link", os.readlink(p)) if p.is_symlink() else
-                    ("file", p.read_bytes()) if p.is_file() else ("dir",))
-    return out
 
 
 def _no_work(monkeypatch):
@@ -77,13 +69,13 @@ def test_overwrite_refuses_any_folder_holding_more_than_an_export(tmp_path, src,
     victim.write_text("mine")
     dest = tmp_path / "dest"
     name = _plant(dest, entry, victim)
-    before = _tree(tmp_path)
+    before = tree_of(tmp_path)
     _no_work(monkeypatch)
     assert main([str(src), str(dest), "--overwrite"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {dest} does not look like an exported "
                                                f"model: it holds {name!r}"), err
-    assert _tree(tmp_path) == before
+    assert tree_of(tmp_path) == before
 
 
 def test_overwrite_replaces_a_folder_of_export_files_only(tmp_path, src):
@@ -106,7 +98,7 @@ def test_dest_a_link_the_current_folder_or_under_a_file_is_refused_first(tmp_pat
     inside = tmp_path / "exported"
     inside.mkdir()
     (inside / "config.json").write_text("{}")
-    before = _tree(tmp_path)
+    before = tree_of(tmp_path)
     _no_work(monkeypatch)
     monkeypatch.chdir(inside)
     cases = {str(tmp_path / "link"): "is a symbolic link",
@@ -118,7 +110,7 @@ def test_dest_a_link_the_current_folder_or_under_a_file_is_refused_first(tmp_pat
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
         assert dest in err[0]
-    assert _tree(tmp_path) == before
+    assert tree_of(tmp_path) == before
 
 
 def test_sigterm_during_an_export_leaves_no_temporary_folder(tmp_path, src):

@@ -18,6 +18,7 @@ import pytest
 
 from gpt2np import files
 from gpt2np.errors import UsageError
+from hostile import tree_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,16 +46,6 @@ def _writers(tmp_path):
 WRITERS = list(_writers(Path("/")))
 
 
-def _tree(folder: Path) -> dict:
-    """Every entry under folder: a link's target, a file's bytes, a folder's marker."""
-    out = {}
-    for p in sorted(folder.rglob("*")):
-        rel = str(p.relative_to(folder))
-        out[rel] = (("link", os.readlink(p)) if p.is_symlink() else
-                    ("file", p.read_bytes()) if p.is_file() else ("dir",))
-    return out
-
-
 @pytest.mark.parametrize("how", WRITERS)
 def test_planted_links_are_never_written_through(tmp_path, how):
     """Links at the target and at every temporary name an earlier writer used (<name>.tmp,
@@ -68,9 +59,9 @@ def test_planted_links_are_never_written_through(tmp_path, how):
     for i, name in enumerate(planted):
         (victims / f"v{i}").write_text(f"victim {i}")
         (out / name).symlink_to(victims / f"v{i}")
-    before = _tree(victims)
+    before = tree_of(victims)
     _writers(tmp_path)[how](out / "meta.json", '"new"')
-    assert _tree(victims) == before
+    assert tree_of(victims) == before
     assert not (out / "meta.json").is_symlink() and "new" in (out / "meta.json").read_text()
     # the planted temporaries are untouched: links to the victims still
     assert sorted(p.name for p in out.iterdir()) == sorted(planted)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from gpt2np import files
@@ -119,7 +118,3 @@ def _main(argv=None) -> int:
 
 def main(argv=None) -> int:
     return run_main(_main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,7 +2,6 @@
 llm.c's files (--format llmc)."""
 from __future__ import annotations
 
-import sys
 
 from gpt2np.cli import ArgumentParser, UsageError, run_main
 from gpt2np.config import GPT2_VOCAB_SIZE
@@ -62,7 +61,3 @@ def _main(argv) -> int:
 
 def main(argv=None) -> int:
     return run_main(_main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -64,7 +64,3 @@ def _main(argv) -> int:
 
 def main(argv=None) -> int:
     return run_main(_main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

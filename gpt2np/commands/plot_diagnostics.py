@@ -1,7 +1,6 @@
 """`gpt2np plot-diagnostics RUN`: redraw a run's diagnostics.png from its diagnostics.jsonl."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from gpt2np.cli import ArgumentParser, run_main
@@ -29,7 +28,3 @@ def _main(argv=None) -> int:
 
 def main(argv=None) -> int:
     return run_main(_main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

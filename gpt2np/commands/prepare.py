@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 
 from gpt2np.cli import ArgumentParser, UsageError, positive_int, run_main
 from gpt2np.data.prepare import prepare
@@ -98,7 +97,3 @@ def _dataset(args):
 
 def main(argv=None) -> int:
     return run_main(_main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,7 +7,6 @@ run starts (gpt2np.train.settings.check_config): a bad value is one `error:` lin
 """
 from __future__ import annotations
 
-import sys
 
 from gpt2np.cli import ArgumentParser, UsageError, run_main
 from gpt2np.data.shakespeare import DataNotFoundError
@@ -77,7 +76,3 @@ def main(argv=None) -> int:
     """`gpt2np train`: exit 0 done or stopped, 1 diverged or a failure, 2 a bad command line
     (flags, settings, --resume's checkpoint, --data)."""
     return run_main(_main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
