@@ -282,13 +282,14 @@ def test_the_readme_and_the_guides_link_each_other():
         assert ROOT / "docs" / f"{name}.md" in GUIDES
 
 
-@pytest.mark.parametrize("bad, complaint", [
-    ("[x](nowhere.md)", "no such file"),
-    ("[x](training.md#no-such-heading)", "no such heading"),
-    ("[x](#no-such-heading)", "no such heading"),
-    ("![picture](img/missing.png)", "no such file"),
-    ("[x](../gpt2np/layers.py#L10)", "not Markdown"),
-])
+# (a broken link, what the checker must say of it)
+BROKEN_LINKS = [("[x](nowhere.md)", "no such file"), ("![picture](img/missing.png)", "no such file"),
+                ("[x](training.md#no-such-heading)", "no such heading"),
+                ("[x](#no-such-heading)", "no such heading"),
+                ("[x](../gpt2np/layers.py#L10)", "not Markdown")]
+
+
+@pytest.mark.parametrize("bad, complaint", BROKEN_LINKS)
 def test_the_link_checker_rejects_broken_links(bad, complaint):
     good = ("# Title\n\n## A heading: with `code`, and commas\n\n"
             "[a](training.md#the-first-run) [b](#a-heading-with-code-and-commas) [c](#title) "
