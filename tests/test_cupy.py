@@ -9,6 +9,8 @@ import pytest
 from gpt2np import GPT, AdamW, GPTConfig
 from gpt2np import layers as L
 from gradcheck import assert_close, assert_grads_close
+from rounding import (OPERAND_EPS, assert_matmul_close, assert_within_rounding,
+                      layer_sensitivity, model_sensitivity, sensitivity)
 
 
 def test_missing_cupy_gives_an_install_hint():
@@ -63,19 +65,24 @@ def _layer_case(name, ops, rng):
 def test_layer_cupy_fp32_matches_numpy_fp64(name):
     cp = _cp()
     be, ops = _gpu()
-    fwd64, bwd64, inputs = _layer_case(name, L.REFERENCE_OPS, np.random.default_rng(0))
-    out64, cache64 = fwd64(*inputs)
-    rng = np.random.default_rng(1)
-    dout = rng.standard_normal(out64.shape)
-    grads64 = bwd64(dout, cache64)
+    fwd64, _, inputs = _layer_case(name, L.REFERENCE_OPS, np.random.default_rng(0))
+    dout = np.random.default_rng(1).standard_normal(fwd64(*inputs)[0].shape)
+
+    def layer(r):  # float64, or moved as float32 would round it (tests/rounding.py)
+        fwd64, bwd64, _ = _layer_case(name, L.REFERENCE_OPS if r is None else r.ops(),
+                                      np.random.default_rng(0))
+        with L.matmul_precision("fp32", r):
+            out64, cache64 = fwd64(*inputs)
+            return {"out": out64, **{f"grad {i}": g for i, g in enumerate(bwd64(dout, cache64))}}
+
+    expected, spread = sensitivity(layer)
     fwd, bwd, _ = _layer_case(name, ops, np.random.default_rng(0))
     with L.matmul_precision("fp32", be):
         out32, cache32 = fwd(*[cp.asarray(a, dtype=cp.float32) for a in inputs])
         grads32 = bwd(cp.asarray(dout, dtype=cp.float32), cache32)
     assert isinstance(out32, cp.ndarray) and out32.dtype == cp.float32
-    assert_close(cp.asnumpy(out32), out64, 1e-5, f"{name} forward")
-    for i, (g32, g64) in enumerate(zip(grads32, grads64)):
-        assert_close(cp.asnumpy(g32), g64, 1e-4, f"{name} grad {i}")
+    ours = {"out": cp.asnumpy(out32), **{f"grad {i}": cp.asnumpy(g) for i, g in enumerate(grads32)}}
+    assert_within_rounding(ours, expected, spread, name)
 
 
 @pytest.mark.gpu
@@ -86,20 +93,19 @@ def test_cross_entropy_and_embedding_on_cupy():
     logits = rng.standard_normal((2, 8, 50)) * 3
     targets = rng.integers(0, 50, (2, 8))
     targets[0, 0] = -1
-    loss64, c64 = L.cross_entropy_forward(logits, targets)
+    expected, spread = layer_sensitivity("cross_entropy", [logits, targets], 1.0)
     loss32, c32 = ops.cross_entropy_forward(cp.asarray(logits, dtype=cp.float32), cp.asarray(targets))
-    assert_close(float(loss32), float(loss64), 1e-5, "loss")
-    assert_close(cp.asnumpy(ops.cross_entropy_backward(1.0, c32)), L.cross_entropy_backward(1.0, c64),
-                 1e-4, "dlogits")
+    ours = {"out": float(loss32), "grad 0": cp.asnumpy(ops.cross_entropy_backward(1.0, c32))}
+    assert_within_rounding(ours, expected, spread, "cross-entropy")
     idx = rng.integers(0, 50, (2, 8))
     wte, wpe = rng.standard_normal((50, 16)), rng.standard_normal((8, 16))
-    x64, e64 = L.embedding_forward(idx, wte, wpe)
+    dx = rng.standard_normal((2, 8, 16))
+    expected, spread = layer_sensitivity("embedding", [idx, wte, wpe], dx)
     x32, e32 = ops.embedding_forward(cp.asarray(idx), cp.asarray(wte, dtype=cp.float32),
                                      cp.asarray(wpe, dtype=cp.float32))
-    dx = rng.standard_normal(x64.shape)
-    for a, b in zip(ops.embedding_backward(cp.asarray(dx, dtype=cp.float32), e32),
-                    L.embedding_backward(dx, e64)):
-        assert_close(cp.asnumpy(a), b, 1e-5, "embedding")
+    dwte, dwpe = ops.embedding_backward(cp.asarray(dx, dtype=cp.float32), e32)
+    ours = {"out": cp.asnumpy(x32), "grad 0": cp.asnumpy(dwte), "grad 1": cp.asnumpy(dwpe)}
+    assert_within_rounding(ours, expected, spread, "embedding")
 
 
 @pytest.mark.gpu
@@ -110,14 +116,13 @@ def test_model_cupy_fp32_matches_numpy_fp64():
     gpu = GPT(cfg, backend="cupy", dtype="float32", params=ref.state_dict())
     rng = np.random.default_rng(0)
     idx, targets = rng.integers(0, 500, (4, 64)), rng.integers(0, 500, (4, 64))
-    logits64, loss64 = ref.forward(idx, targets)
-    g64 = ref.backward()
+    expected, spread = model_sensitivity(cfg, ref.state_dict(), idx, targets)
     logits32, loss32 = gpu.forward(idx, targets)  # idx may come from the host
     g32 = gpu.backward()
     assert isinstance(logits32, cp.ndarray)
-    assert_close(float(loss32), float(loss64), 1e-5, "loss")
-    assert_close(cp.asnumpy(logits32), logits64, 1e-4, "logits")
-    assert_grads_close({k: cp.asnumpy(v) for k, v in g32.items()}, g64, 1e-4, "cupy model")
+    ours = {"logits": cp.asnumpy(logits32), "loss": float(loss32),
+            **{k: cp.asnumpy(v) for k, v in g32.items()}}
+    assert_within_rounding(ours, expected, spread, "cupy model")
 
 
 @pytest.mark.gpu
@@ -172,27 +177,29 @@ def _gemm_cases(cp, rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("precision,rtol", [("fp32", 1e-5), ("tf32", 3e-3), ("bf16", 1e-5)])
-def test_cublas_matmul_in_every_layout_and_precision(precision, rtol):
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
+def test_cublas_matmul_in_every_layout_and_precision(precision):
     # bf16: exactly the float64 product of the bf16-rounded operands, up to float32
-    # accumulation; tf32: the hardware's own rounding of the operands, within 2^-11 each
+    # accumulation; tf32: the hardware's own rounding (or truncation) of the operands, within
+    # one TF32 ulp each. Bounds: tests/rounding.py::assert_matmul_close
     cp = _cp()
     from gpt2np.backends import get_backend
     from gpt2np.layers import round_mantissa
 
     be = get_backend("cupy")
     rng = np.random.default_rng(0)
+    operand_err = OPERAND_EPS["tf32"] if precision == "tf32" else 0.0
     for name, (a, b) in _gemm_cases(cp, rng).items():
         c = be.matmul(a, b, precision=precision)
         a64, b64 = cp.asnumpy(a), cp.asnumpy(b)
         if precision == "bf16":
             a64, b64 = round_mantissa(a64, 7), round_mantissa(b64, 7)
-        ref = a64.astype(np.float64) @ b64.astype(np.float64)
+        a64, b64 = a64.astype(np.float64), b64.astype(np.float64)
         assert c.dtype == cp.float32
-        assert_close(cp.asnumpy(c), ref, rtol, f"{name} {precision}")
-        out = cp.zeros(ref.shape[:-1] + (ref.shape[-1] + 3,), dtype=cp.float32)[..., 1:-2]
+        assert_matmul_close(cp.asnumpy(c), a64, b64, operand_err, name=f"{name} {precision}")
+        out = cp.zeros(c.shape[:-1] + (c.shape[-1] + 3,), dtype=cp.float32)[..., 1:-2]
         be.matmul(a, b, out=out, precision=precision)  # a strided out=
-        assert_close(cp.asnumpy(out), ref, rtol, f"{name} {precision} out=")
+        assert_matmul_close(cp.asnumpy(out), a64, b64, operand_err, name=f"{name} {precision} out=")
 
 
 @pytest.mark.gpu
@@ -206,20 +213,29 @@ def test_attention_kernels_match_their_numpy_specification():
     for n, q0 in ((1, 0), (7, 0), (300, 0), (256, 768), (5, 250), (1, 9)):
         L_ = q0 + n
         S = (3 * rng.standard_normal((2, 3, n, L_))).astype(np.float32)
-        P_ref, P = S.astype(np.float64), cp.asarray(S)
-        lse_ref, lse = ref.causal_softmax(P_ref, q0), gpu.causal_softmax(P, q0)
-        T = f"{n}x{L_}"
-        assert_close(cp.asnumpy(P), P_ref, 1e-6, f"P {T}")
-        assert_close(cp.asnumpy(lse), lse_ref, 1e-6, f"lse {T}")
-        R = cp.asarray(S)
-        gpu.softmax_recompute(R, lse, q0)
-        assert_close(cp.asnumpy(R), P_ref, 1e-5, f"recomputed P {T}")
         dP = rng.standard_normal((2, 3, n, L_)).astype(np.float32)
         D = rng.standard_normal((2, 3, n)).astype(np.float32)
-        dS_ref, dS = dP.astype(np.float64), cp.asarray(dP)
-        ref.softmax_backward(dS_ref, P_ref, D.astype(np.float64))
+
+        def rows(r):  # the specification in float64, or moved as float32 would round it
+            move = np.copy if r is None else r
+            P = move(S.astype(np.float64))
+            lse = move(ref.causal_softmax(P, q0))
+            P, R = move(P), move(S.astype(np.float64))
+            ref.softmax_recompute(R, lse, q0)  # from the rounded lse, as the kernel's
+            dS = move(dP.astype(np.float64))
+            ref.softmax_backward(dS, P, move(D.astype(np.float64)))
+            return {"P": P, "lse": lse, "recomputed P": move(R), "dS": move(dS)}
+
+        expected, spread = sensitivity(rows)
+        P = cp.asarray(S)
+        lse = gpu.causal_softmax(P, q0)
+        R = cp.asarray(S)
+        gpu.softmax_recompute(R, lse, q0)
+        dS = cp.asarray(dP)
         gpu.softmax_backward(dS, P, cp.asarray(D))
-        assert_close(cp.asnumpy(dS), dS_ref, 1e-5, f"dS {T}")
+        ours = {"P": P, "lse": lse, "recomputed P": R, "dS": dS}
+        assert_within_rounding({k: cp.asnumpy(v) for k, v in ours.items()}, expected, spread,
+                               f"{n}x{L_}")
 
 
 # ------------------------------------------------------------------ flash attention (bf16)
@@ -292,17 +308,15 @@ def test_flash_attention_in_bf16(B, NH, T, hs):
     rng = np.random.default_rng(T)
     qkv = rng.standard_normal((B, T, 3 * NH * hs))
     dout = rng.standard_normal((B, T, NH * hs))
-    y64, c64 = L.attention_forward(qkv, NH)
-    dqkv64 = L.attention_backward(dout, c64)
     with L.matmul_precision("bf16", be):
         y, cache = ops.attention_forward(cp.asarray(qkv, dtype=cp.float32), NH)
         assert isinstance(cache, FlashCache)
         dqkv = cp.asnumpy(ops.attention_backward(cp.asarray(dout, dtype=cp.float32), cache))
     y, lse = cp.asnumpy(y), cp.asnumpy(cache.lse)
     assert y.shape == (B, T, NH * hs) and dqkv.shape == qkv.shape
-    # against the float64 oracle: within bf16's tolerance
-    assert_close(y, y64, 1e-2, "y vs float64")
-    assert_close(dqkv, dqkv64, 2e-2, "dqkv vs float64")
+    # against the float64 oracle: within bf16's rounding of this example (tests/rounding.py)
+    expected, spread = layer_sensitivity("attention", [qkv, NH], dout, precision="bf16")
+    assert_within_rounding({"out": y, "grad 0": dqkv}, expected, spread, "flash vs float64")
     # against emulations of the kernels' own roundings: far closer. What differs: the order
     # of float32 sums and __expf, and through them a rare bf16 rounding of P or dS that
     # falls the other way (one bf16 ulp of one term: more of them at long T). So the max
@@ -387,9 +401,11 @@ def test_fused_and_reference_layers_give_the_same_model(unfused):
         unfused.fused = fused
         model = GPT(cfg, backend="cupy", seed=1)
         _, loss = model.forward(idx, targets)
-        results[fused] = (float(loss), {k: cp.asnumpy(v) for k, v in model.backward().items()})
-    assert_close(results[True][0], results[False][0], 1e-6, "loss")
-    assert_grads_close(results[True][1], results[False][1], 1e-5, "fused vs reference")
+        results[fused] = {"loss": float(loss), **{k: cp.asnumpy(v) for k, v in model.backward().items()}}
+    # two float32 results: each within float32's rounding of the float64 one, so within
+    # twice that of each other
+    _, spread = model_sensitivity(cfg, GPT(cfg, seed=1).state_dict(), idx, targets)
+    assert_within_rounding(results[True], results[False], spread, "fused vs reference", sides=2)
 
 
 @pytest.mark.gpu
@@ -411,9 +427,13 @@ def test_model_in_low_precision_on_gpu(precision, monkeypatch):
                 {k: m.backend.to_host(v).copy() for k, v in m.backward().items()})
 
     out = {name: run(m) for name, m in (("ref", ref), ("emu", emu), ("gpu", gpu))}
-    tol = {"tf32": (5e-3, 2e-2), "bf16": (3e-2, 1e-1)}[precision]
-    assert_close(out["gpu"][0], out["ref"][0], tol[0], "logits vs float64")
-    assert_grads_close(out["gpu"][1], out["ref"][1], tol[1], "grads vs float64")
+    # against float64 within this precision's rounding of this example (tests/rounding.py);
+    # against the emulation of the same rounding (float32 in another order: a rare bf16
+    # rounding falls the other way) the fixed bounds below
+    _, spread = model_sensitivity(cfg, ref.state_dict(), idx, targets, precision)
+    expected = {"logits": out["ref"][0], **out["ref"][1]}
+    assert_within_rounding({"logits": out["gpu"][0], **out["gpu"][1]}, expected, spread,
+                           f"{precision} vs float64")
     if precision == "bf16":
         monkeypatch.setenv("GPT2NP_FLASH", "0")
         logits, grads = run(gpu)

@@ -3,19 +3,22 @@ differences (float64, tiny shapes, independent of torch), over hypothesis-drawn 
 values and seeds.
 
 The scalar checked is L = sum(out * dout) for a random upstream gradient dout, so every
-output entry's gradient path is exercised, not just a sum.
+output entry's gradient path is exercised, not just a sum. The finite differences have no
+fixed tolerance: each probed entry gets the one its error model gives, the measured
+truncation plus the rounding of float64 at the function's scale
+(tests/gradcheck.py::assert_fd_close), so a correct gradient cannot fail however curved or
+badly scaled the layer is at the drawn point.
 """
 import numpy as np
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from gpt2np.backends import torch_reference as R
 from gpt2np import layers as L
 from gpt2np.model import block_backward, block_forward
-from gradcheck import assert_close, finite_diff, torch_grads
+from gradcheck import assert_close, assert_fd_close, torch_grads
 
 TORCH_RTOL = 1e-10  # float64, same math in another order: agreement to near machine precision
-FD_RTOL = 1e-6  # central differences, h = 1e-5: truncation ~h^2, round-off ~eps/h
 
 
 def _rng(seed):
@@ -23,13 +26,14 @@ def _rng(seed):
 
 
 def check_layer(forward, backward, ref, inputs, wrt, fd_wrt=None, seed=0, n_probe=40,
-                torch_rtol=TORCH_RTOL, fd_rtol=FD_RTOL, out_atol=0.0, grad_atol=0.0, fd_atol=0.0):
+                torch_rtol=TORCH_RTOL, out_atol=0.0, grad_atol=0.0):
     """forward(**inputs) -> (out, cache); backward(dout, cache) -> dict of grads for `wrt`.
 
-    out_atol, grad_atol, fd_atol: where the output or a gradient is a small difference of
-    large terms (the cross-entropy of a confident, correct prediction: lse - logit, and
-    p - 1 for its target), their rounding (in torch as here) and the finite differences'
-    noise, as absolute allowances on top of the relative tolerances."""
+    out_atol, grad_atol: where the output or a gradient is a small difference of large
+    terms (the cross-entropy of a confident, correct prediction: lse - logit, and p - 1 for
+    its target), their rounding in torch as here, as absolute allowances on top of the
+    relative tolerance. (The finite differences need none: their error model includes it.)
+    Returns the finite differences' closest call, error / tolerance (<= 1)."""
     out, cache = forward(**inputs)
     rng = _rng(seed + 1)
     dout = rng.standard_normal(np.shape(out))
@@ -40,13 +44,14 @@ def check_layer(forward, backward, ref, inputs, wrt, fd_wrt=None, seed=0, n_prob
     for k in wrt:
         _close(ours[k], ref_grads[k], torch_rtol, grad_atol, f"d{k} vs torch")
     # oracle 2: finite differences, no torch involved
+    closest = 0.0
     for k in (fd_wrt if fd_wrt is not None else wrt):
         def f(x, k=k):
             return forward(**{**inputs, k: x})[0]
 
-        est, probed = finite_diff(f, inputs[k], dout, n_probe=n_probe, rng=rng)
-        _close(ours[k].reshape(-1)[probed], est.reshape(-1)[probed], fd_rtol, fd_atol,
-               f"d{k} vs finite diff")
+        closest = max(closest, assert_fd_close(f, inputs[k], dout, ours[k], n_probe=n_probe,
+                                               rng=rng, name=f"d{k}"))
+    return closest
 
 
 def _close(got, want, rtol, atol, name):
@@ -88,10 +93,8 @@ def test_layernorm(s, scale):
         dx, dw, db = L.layernorm_backward(dout, cache)
         return dict(x=dx, weight=dw, bias=db)
 
-    # the variance is a sum of cancelling terms: a 1e-5 step on x is relatively coarser when
-    # the inputs are tiny, so finite differences get a slightly looser bound
     check_layer(L.layernorm_forward, backward, R.ref_layernorm, inputs, ["x", "weight", "bias"],
-                seed=s["seed"], fd_rtol=1e-5)
+                seed=s["seed"])
 
 
 @given(shapes, st.integers(1, 9))
@@ -141,9 +144,8 @@ def test_gelu(s, scale):
                     np.abs(dout * (1 + np.abs(x) * _GELU_K * (1 + 3 * 0.044715 * x * x))).max())
     assert np.abs(out - ref_out).max() <= TORCH_RTOL * fwd_scale, "forward vs torch"
     assert np.abs(dx - ref_grads["x"]).max() <= TORCH_RTOL * bwd_scale, "dx vs torch"
-    est, probed = finite_diff(lambda xx: L.gelu_forward(xx)[0], x, dout, n_probe=40, rng=rng)
-    assert np.abs(dx.reshape(-1)[probed] - est.reshape(-1)[probed]).max() <= FD_RTOL * bwd_scale, \
-        "dx vs finite diff"
+    assert_fd_close(lambda xx: L.gelu_forward(xx)[0], x, dout, dx, n_probe=40, rng=rng,
+                    name="gelu dx")
     # where nothing cancels (x > -2), the plain relative comparison must hold as for any layer
     keep = x > -2
     if keep.any():
@@ -191,12 +193,10 @@ def test_cross_entropy(s, V, scale, with_ignored):
         return dict(logits=L.cross_entropy_backward(float(dloss), cache))
 
     # the loss is lse - logit[target], terms of size ~scale: when it is tiny (a confident,
-    # correct prediction) its rounding is ~eps * scale, in torch as here, the target's
-    # p - 1 rounds by ~eps, and each finite difference carries ~eps * scale * |dout| / h
-    # (h = 1e-5): allow ~10x those
+    # correct prediction) its rounding is ~eps * scale, in torch as here, and the target's
+    # p - 1 rounds by ~eps: allow ~10x those
     check_layer(L.cross_entropy_forward, backward, R.ref_cross_entropy, inputs, ["logits"],
-                seed=s["seed"], out_atol=2e-15 * (1.0 + scale), grad_atol=2e-15,
-                fd_atol=1e-9 * (1.0 + scale))
+                seed=s["seed"], out_atol=2e-15 * (1.0 + scale), grad_atol=2e-15)
 
 
 def test_cross_entropy_ignored_rows_get_zero_gradient():
@@ -222,6 +222,7 @@ def test_lm_head(s, V):
 
 
 @given(st.integers(1, 2), st.integers(1, 5), st.integers(1, 3), st.integers(3, 4), st.integers(0, 2**31 - 1))
+@example(2, 4, 1, 3, 6250548)  # dx 1.08e-6 off its central differences: a fixed 1e-6 failed it
 def test_block(B, T, n_head, hs, seed):
     """The whole pre-norm block (LN, attention, residual, LN, MLP, residual); C >= 3 as in
     test_layernorm."""
@@ -256,5 +257,4 @@ def test_block(B, T, n_head, hs, seed):
     def f(xx):
         return block_forward(ops, xx, p, n_head)[0]
 
-    est, probed = finite_diff(f, x, dout, n_probe=20, rng=rng)
-    assert_close(dx.reshape(-1)[probed], est.reshape(-1)[probed], FD_RTOL, "block dx vs finite diff")
+    assert_fd_close(f, x, dout, dx, n_probe=20, rng=rng, name="block dx")
