@@ -16,12 +16,12 @@ gradients). tests/test_speed_paths.py checks every one against its reference.
 """
 from __future__ import annotations
 
-import contextlib
 import contextvars
+import functools
 import math
 import os
+import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -67,24 +67,26 @@ class _BlasThreads:
             return 1 if ThreadpoolController is None else (os.cpu_count() or 1)
         return max(c.get_num_threads() for c in found)
 
-    @contextlib.contextmanager
     def serial(self):
-        """The BLAS on one thread inside; the first of nested contexts (from any thread)
-        sets it, the last one out restores it."""
+        """A context with the BLAS on one thread inside; the first of nested contexts (from
+        any thread) sets it, the last one out restores it. (This object itself: a plain
+        context, cheaper than a generator's, since every small matmul enters it.)"""
+        return self
+
+    def __enter__(self):
         with self._lock:
             if self._depth == 0:
                 self._saved = [(c, c.get_num_threads()) for c in self.controllers()]
                 for c, _ in self._saved:
                     c.set_num_threads(1)
             self._depth += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._depth -= 1
-                if self._depth == 0:
-                    for c, n in self._saved:
-                        c.set_num_threads(n)
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                for c, n in self._saved:
+                    c.set_num_threads(n)
 
 
 BLAS = _BlasThreads()
@@ -95,19 +97,27 @@ BLAS = _BlasThreads()
 
 
 class _Threads:
-    """A pool of worker threads that run the pieces of a kernel with the calling thread."""
+    """Worker threads that run the pieces of a kernel with the calling thread."""
 
     def __init__(self):
-        self._pool = None
+        self._jobs = None  # the helpers' queue of jobs
         self._pid = None
         self._local = threading.local()
 
-    def _executor(self):
-        if self._pool is None or self._pid != os.getpid():  # a forked child has no threads
-            self._pool = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 1) - 1),
-                                            thread_name_prefix="gpt2np")
-            self._pid = os.getpid()
-        return self._pool
+    def _submit(self, job):
+        # a SimpleQueue and bare daemon threads: a generation step submits ~50 jobs, and an
+        # executor's futures and bookkeeping cost more than the wake-up itself
+        if self._jobs is None or self._pid != os.getpid():  # a forked child has no threads
+            self._jobs, self._pid = queue.SimpleQueue(), os.getpid()
+            for i in range(max(1, (os.cpu_count() or 1) - 1)):
+                threading.Thread(target=self._serve, args=(self._jobs,), daemon=True,
+                                 name=f"gpt2np-{i}").start()
+        self._jobs.put(job)
+
+    @staticmethod
+    def _serve(jobs):
+        while True:
+            jobs.get()()
 
     def run(self, fn, tasks):
         """fn(task) for every task, on as many threads as the BLAS may use (this one among
@@ -123,7 +133,7 @@ class _Threads:
                 for task in tasks:
                     fn(task)
             return
-        queue, errors = iter(tasks), []
+        todo, errors = iter(tasks), []
         pending = [len(tasks)]
         done = threading.Condition()
 
@@ -132,7 +142,7 @@ class _Threads:
             try:
                 while True:
                     with done:
-                        task = None if errors else next(queue, None)
+                        task = None if errors else next(todo, None)
                     if task is None:
                         return
                     fn(task)
@@ -149,7 +159,7 @@ class _Threads:
 
         with BLAS.serial():
             for _ in range(n - 1):  # each sees the caller's context: the matmul precision
-                self._executor().submit(contextvars.copy_context().run, worker)
+                self._submit(functools.partial(contextvars.copy_context().run, worker))
             worker()
             with done:
                 done.wait_for(lambda: pending[0] == 0 or errors)
@@ -242,19 +252,37 @@ def layernorm_forward(x, weight, bias, eps=1e-5, operand=False):
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     blocks = _row_blocks(x2.shape[0], x2[:1].nbytes, ROW_BLOCK_BYTES)
-    if len(blocks) == 1:  # a few rows (generation): the reference as it is
-        return L.layernorm_forward(x, weight, bias, eps, operand)
+    if len(blocks) == 1:  # a few rows (generation): here, with nothing to copy
+        out, (norm, rstd) = _layernorm_rows(x, weight, bias, eps)
+        return (L.matmul_operand(out) if operand else out), (norm, rstd, weight)
     dtype = np.result_type(x2, weight, bias)
     out, norm = np.empty(x2.shape, dtype=dtype), np.empty(x2.shape, dtype=dtype)
     rstd = np.empty((x2.shape[0], 1), dtype=dtype)
 
     def rows(r):
-        out[r], (norm[r], rstd[r], _) = L.layernorm_forward(x2[r], weight, bias, eps)
+        out[r], (norm[r], rstd[r]) = _layernorm_rows(x2[r], weight, bias, eps)
 
     THREADS.run(rows, blocks)
     out = out.reshape(shape)
     cache = (norm.reshape(shape), rstd.reshape(*shape[:-1], 1), weight)
     return (L.matmul_operand(out) if operand else out), cache
+
+
+def _layernorm_rows(x, weight, bias, eps):
+    # the reference's operations, with the ufunc reductions that x.mean() runs (in float32
+    # for float32, then divided by the count as an integer scalar) called directly: np.mean's
+    # Python wrapper costs as much as the arithmetic of a row of generation
+    n = np.intp(x.shape[-1])
+    mean = np.add.reduce(x, axis=-1, keepdims=True)
+    np.true_divide(mean, n, out=mean, casting="unsafe")
+    norm = x - mean
+    var = np.add.reduce(norm * norm, axis=-1, keepdims=True)
+    np.true_divide(var, n, out=var, casting="unsafe")
+    rstd = 1.0 / np.sqrt(var + eps)
+    norm *= rstd
+    out = norm * weight
+    out += bias
+    return out, (norm, rstd)
 
 
 def layernorm_backward(dout, cache):
