@@ -332,10 +332,11 @@ def test_profile_step_accounts_for_the_step(capsys):
     assert (L.linear_forward, AdamW.step) == before  # the timers are removed again
     out = capsys.readouterr().out
     rows = {line.split()[0]: float(line.split()[1]) for line in out.splitlines()[2:]
-            if line and not line.startswith("(")}
+            if line and not line.startswith(("(", "#"))}
     for leaf in mod.LEAVES:
         assert f"{leaf}_forward" in rows and f"{leaf}_backward" in rows, leaf
     assert "adamw" in rows and "bf16" in out.splitlines()[0]
+    assert out.splitlines()[-1].startswith("# attention") and "linears" in out.splitlines()[-1]
 
 
 # ------------------------------------------------------------------------------------------
