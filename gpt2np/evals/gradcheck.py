@@ -17,10 +17,11 @@ A table gives both errors per tensor; the exit status is 1 if any tensor is over
 tolerance, and the failing tensors are named. --json writes
 {"worst_rel_err", "tensors": {name: rel_err}, "fd": {name: err}} (and a little more).
 
-Cost: one float64 forward+backward each for gpt2np and torch, plus 2*K forwards per tensor
-for the finite differences. A perturbed entry of block i only changes blocks i.. onwards,
-so its forwards start from block i's cached input (half a model on average; wte and wpe
-need the whole). GPT-2 124M at the default B=1, T=32, K=1 (148 tensors): see docs/performance.md.
+Cost: one float64 forward+backward each for gpt2np and torch, plus 2*K perturbed forwards
+per tensor for the finite differences. A perturbed entry of block i only changes blocks i..
+onwards: its block runs from block i's cached input, and the blocks after it run once for
+all the perturbations of block i's tensors, stacked as one batch (wte and wpe need whole
+forwards). GPT-2 124M at the default B=1, T=32, K=1 (148 tensors): see docs/performance.md.
 """
 from __future__ import annotations
 
@@ -167,18 +168,25 @@ def torch_reference(config, params: dict, x, y) -> tuple[float, dict[str, np.nda
 
 
 class _SuffixLoss:
-    """The float64 loss of the model's forward, restarted where a perturbation takes effect.
+    """The float64 losses of the model's forward under perturbations of one parameter entry
+    each, restarted where a perturbation takes effect and batched after it.
 
-    The inputs of every block and of ln_f are kept from one clean forward; a perturbed
-    entry of block i is then evaluated from block i's input on (the blocks before it do not
-    read it), one of ln_f from ln_f's input, and wte (embedding and lm_head) or wpe from the
-    start. Uses the model's params in place: perturb, call, restore.
+    The inputs of every block and of ln_f are kept from one clean forward. A perturbation
+    of block i changes that block's output only through block i itself: each perturbed
+    block i runs alone on block i's input, and the blocks after it, ln_f and the lm_head run
+    once for all of them, their outputs stacked on the batch axis (so do those of ln_f).
+    wte and wpe (the embedding, and wte the lm_head too) run whole forwards, one each. Uses
+    the model's params in place: each entry is set, used and restored exactly.
     """
 
     def __init__(self, model, x, y):
         self.p, self.cfg, self.x, self.y = model.params, model.config, x, y
         self.inputs = [None] * (self.cfg.n_layer + 1)  # block inputs, then ln_f's
-        self.loss(-1, keep=True)
+        h = self._embed()
+        for i in range(self.cfg.n_layer):
+            self.inputs[i] = h
+            h = self._block(i, h)
+        self.inputs[self.cfg.n_layer] = h
 
     @staticmethod
     def start_of(name: str, n_layer: int) -> int:
@@ -187,53 +195,106 @@ class _SuffixLoss:
             return int(name.split(".")[2])
         return n_layer if name.startswith("transformer.ln_f.") else -1
 
-    def loss(self, start: int, keep: bool = False) -> float:
-        p, cfg = self.p, self.cfg
+    def _embed(self):
+        h, _ = L.embedding_forward(self.x, self.p["transformer.wte.weight"],
+                                   self.p["transformer.wpe.weight"])
+        return h
+
+    def _block(self, i, h):
+        h, _ = block_forward(L.REFERENCE_OPS, h, sub_params(self.p, f"transformer.h.{i}."),
+                             self.cfg.n_head)
+        return h
+
+    def _ln_f(self, h):
+        h, _ = L.layernorm_forward(h, self.p["transformer.ln_f.weight"],
+                                   self.p["transformer.ln_f.bias"])
+        return h
+
+    def losses(self, start: int, changes) -> list[float]:
+        """The loss with each change applied alone: changes are (flat view of a param that
+        takes effect at `start`, index, value)."""
+        n_layer = self.cfg.n_layer
+        outs = []
+        for flat, j, value in changes:  # the part each change alters, alone
+            old = flat[j]
+            flat[j] = value
+            try:
+                if start < 0:  # the embedding, and the tied lm_head: the whole forward
+                    h = self._embed()
+                    for i in range(n_layer):
+                        h = self._block(i, h)
+                    outs.append(self._head(self._ln_f(h))[0])
+                elif start < n_layer:
+                    outs.append(self._block(start, self.inputs[start]))
+                else:
+                    outs.append(self._ln_f(self.inputs[n_layer]))
+            finally:
+                flat[j] = old  # restored exactly: the same float64 value
         if start < 0:
-            h, _ = L.embedding_forward(self.x, p["transformer.wte.weight"],
-                                       p["transformer.wpe.weight"])
-            start = 0
-        else:
-            h = self.inputs[start]
-        for i in range(start, cfg.n_layer):
-            if keep:
-                self.inputs[i] = h
-            h, _ = block_forward(L.REFERENCE_OPS, h, sub_params(p, f"transformer.h.{i}."), cfg.n_head)
-        if keep:
-            self.inputs[cfg.n_layer] = h
-        h, _ = L.layernorm_forward(h, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
-        logits, _ = L.lm_head_forward(h, p["transformer.wte.weight"])
-        loss, _ = L.cross_entropy_forward(logits, self.y)
-        return float(loss)
+            return outs
+        h = np.concatenate(outs)  # (changes * B, T, C): what follows runs once for all
+        for i in range(start + 1, n_layer) if start < n_layer else ():
+            h = self._block(i, h)
+        return self._head(self._ln_f(h) if start < n_layer else h)
+
+    def _head(self, h) -> list[float]:
+        # h (G*B,T,C) after ln_f -> the mean loss of each group of B rows, in groups of
+        # rows whose float64 logits stay under 64 MB
+        B, T = self.y.shape
+        wte = self.p["transformer.wte.weight"]
+        per = max(1, (64 << 20) // (B * T * wte.shape[0] * wte.itemsize))
+        out = []
+        for g in range(0, h.shape[0] // B, per):
+            rows = h[g * B:(g + per) * B]
+            logits, _ = L.lm_head_forward(rows, wte)
+            for k in range(rows.shape[0] // B):
+                loss, _ = L.cross_entropy_forward(logits[k * B:(k + 1) * B], self.y)
+                out.append(float(loss))
+        return out
+
+
+# Perturbations evaluated together after the block they change: their stacked activations
+# stay under ~100 MB for GPT-2 small at T = 32
+FD_BATCH_ROWS = 4096
 
 
 def finite_differences(model, x, y, grads: dict, k: int, seed: int = 0,
                        h: float = FD_STEP) -> dict[str, float]:
     """Per tensor: max over k sampled entries of |central difference - grads|, divided by
     max|grads| (at least FD_SCALE_FLOOR)."""
-    # The forwards see one short batch: their GEMMs are small, so one BLAS thread runs them
-    # faster than several (handing such small products to other threads costs more)
+    # Most of these products are small (one short batch through one block): one BLAS
+    # thread runs them faster than several (handing such products to other threads costs
+    # more than they take)
     with model.backend.serial_blas():
         return _finite_differences(model, _SuffixLoss(model, x, y), grads, k, seed, h)
 
 
 def _finite_differences(model, f, grads, k, seed, h):
     rng = np.random.default_rng(seed)
+    probes = {name: rng.choice(p.size, min(k, p.size), replace=False)
+              for name, p in model.params.items()}
+    # every +h and -h of the tensors that take effect at one place, evaluated together
+    by_start = {}
+    for name in model.params:
+        by_start.setdefault(f.start_of(name, model.config.n_layer), []).append(name)
+    per = max(1, FD_BATCH_ROWS // f.x.size)  # perturbed batches per evaluation
+    worst = {}
+    for start, names in by_start.items():
+        probe = [(name, int(j)) for name in names for j in probes[name]]
+        for c in range(0, len(probe), max(1, per // 2)):
+            chunk = probe[c:c + max(1, per // 2)]
+            changes = []
+            for name, j in chunk:
+                flat = model.params[name].reshape(-1)  # a view: perturbs the param in place
+                changes += [(flat, j, flat[j] + h), (flat, j, flat[j] - h)]
+            losses = f.losses(start, changes)
+            for (name, j), plus, minus in zip(chunk, losses[0::2], losses[1::2]):
+                g = float(np.asarray(grads[name]).reshape(-1)[j])
+                worst[name] = max(worst.get(name, 0.0), abs((plus - minus) / (2 * h) - g))
     errors = {}
-    for name, p in model.params.items():
-        flat = p.reshape(-1)  # a view: perturbs the model's param in place
-        g = np.asarray(grads[name], dtype=np.float64).reshape(-1)
-        start = f.start_of(name, model.config.n_layer)
-        err = 0.0
-        for j in rng.choice(flat.size, min(k, flat.size), replace=False):
-            old = flat[j]
-            flat[j] = old + h
-            plus = f.loss(start)
-            flat[j] = old - h
-            minus = f.loss(start)
-            flat[j] = old  # restored exactly: the same float64 value
-            err = max(err, abs((plus - minus) / (2 * h) - g[j]))
-        errors[name] = err / max(float(np.max(np.abs(g))), FD_SCALE_FLOOR)
+    for name in model.params:
+        g = np.asarray(grads[name], dtype=np.float64)
+        errors[name] = worst.get(name, 0.0) / max(float(np.max(np.abs(g))), FD_SCALE_FLOOR)
     return errors
 
 
