@@ -616,3 +616,35 @@ def test_token_losses_are_the_training_loss_per_token(monkeypatch, dtype):
                                rtol=rel, atol=rel)
     with pytest.raises(ValueError, match="targets"):
         model.token_losses(idx, None)
+
+
+def test_batched_finite_differences_equal_one_perturbation_at_a_time(monkeypatch):
+    """gradcheck stacks the perturbations of a block's tensors after that block: the same
+    entries and the same losses as one whole forward per perturbation."""
+    from gpt2np.evals import gradcheck as G
+
+    cfg = GPTConfig(block_size=16, vocab_size=61, n_layer=3, n_head=2, n_embd=8)
+    model = GPT(cfg, dtype="float64", seed=7)
+    rng = np.random.default_rng(30)
+    x, y = _batch(rng, 2, 6, 61)
+    model.forward(x, y)
+    grads = {k: np.array(g) for k, g in model.backward().items()}
+    grads["transformer.h.1.attn.c_proj.weight"] *= 1.01  # one wrong gradient
+    batched = G.finite_differences(model, x, y, grads, k=3)
+    monkeypatch.setattr(G, "FD_BATCH_ROWS", 1)  # one perturbation per evaluation
+    single = G.finite_differences(model, x, y, grads, k=3)
+    f = G._SuffixLoss(model, x, y)
+    flat = model.params["transformer.h.2.mlp.c_fc.weight"].reshape(-1)
+    before = flat.copy()
+    whole = []
+    for value in (flat[5] + 1e-3, flat[5] - 1e-3):  # against the model's own forward
+        flat[5], old = value, flat[5]
+        whole.append(float(model.forward(x, y)[1]))
+        flat[5] = old
+    np.testing.assert_allclose(f.losses(2, [(flat, 5, before[5] + 1e-3),
+                                            (flat, 5, before[5] - 1e-3)]), whole, rtol=1e-13)
+    np.testing.assert_array_equal(flat, before)  # every entry restored exactly
+    assert list(batched) == list(model.params)
+    for k in batched:
+        assert abs(batched[k] - single[k]) < 1e-9, k
+    assert batched["transformer.h.1.attn.c_proj.weight"] > 1e-3
