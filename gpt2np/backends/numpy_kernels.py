@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import itertools
 import math
 import os
 import queue
@@ -133,36 +134,34 @@ class _Threads:
                 for task in tasks:
                     fn(task)
             return
-        todo, errors = iter(tasks), []
-        pending = [len(tasks)]
+        ticket, errors = itertools.count(), []  # next(): atomic under the GIL, no lock
+        finished = [0]  # tasks done, summed as each thread leaves
         done = threading.Condition()
 
         def worker():
             self._local.busy = True
+            mine = 0
             try:
-                while True:
-                    with done:
-                        task = None if errors else next(todo, None)
-                    if task is None:
-                        return
-                    fn(task)
-                    with done:
-                        pending[0] -= 1
-                        if pending[0] == 0:
-                            done.notify_all()
+                while not errors:
+                    i = next(ticket)
+                    if i >= len(tasks):
+                        break
+                    fn(tasks[i])
+                    mine += 1
             except BaseException as e:  # noqa: BLE001 - handed to the caller below
-                with done:
-                    errors.append(e)
-                    done.notify_all()
+                errors.append(e)
             finally:
                 self._local.busy = False
+                with done:
+                    finished[0] += mine
+                    done.notify_all()
 
         with BLAS.serial():
             for _ in range(n - 1):  # each sees the caller's context: the matmul precision
                 self._submit(functools.partial(contextvars.copy_context().run, worker))
             worker()
             with done:
-                done.wait_for(lambda: pending[0] == 0 or errors)
+                done.wait_for(lambda: finished[0] == len(tasks) or errors)
         if errors:
             raise errors[0]
 
@@ -184,20 +183,21 @@ ROW_BLOCK_BYTES = 64 << 10
 # --------------------------------------------------------------------------------------
 # a product of few rows with a big matrix: its columns in slices on the threads
 
-# Bytes of the matrix per slice: GPT-2 124M's matrices make 2 to 77 slices, enough for
-# two threads to share out evenly, few enough that each BLAS call streams a megabyte.
-STREAM_SLICE_BYTES = 2 << 20
+# Bytes of the matrix per slice, about: GPT-2 124M's matrices make 2 slices each (at least
+# 2, for two threads to share) and its lm_head 36; every slice is one BLAS call.
+STREAM_SLICE_BYTES = 4 << 20
 
 
 def streamed_matmul(a, b, out=None, precision="fp32"):
     """a (..., m, k) @ b (k, n) for a few rows m (generation's matrix-vector products):
-    b's columns in slices of about STREAM_SLICE_BYTES (a multiple of 64 columns), each one
-    single-threaded BLAS call, shared among the threads. Such a product reads b once and
+    b's columns in slices of about STREAM_SLICE_BYTES (at least two, each a multiple of 64
+    columns), each one single-threaded BLAS call, shared among the threads. Such a product reads b once and
     does little arithmetic per byte: two cores stream it faster than one. (OpenBLAS's own
     threads split it too, but each call waits for all of them: on cores that other jobs
     keep busy, that wait is a scheduler time slice, ~10 ms for a 0.3 ms product.)"""
     n = b.shape[-1]
-    step = max(64, STREAM_SLICE_BYTES // max(1, b.shape[0] * b.itemsize) // 64 * 64)
+    slices = max(2, b.shape[0] * n * b.itemsize // STREAM_SLICE_BYTES)
+    step = -(-n // slices // 64) * 64 or 64  # a multiple of 64 columns
     if out is None:
         out = np.empty(a.shape[:-1] + (n,), dtype=np.result_type(a, b))
 
@@ -487,9 +487,10 @@ def _attention_heads_backward(dy, qs, k, v, y, lse, dq, dk, dv):
 # --------------------------------------------------------------------------------------
 # AdamW: every tensor in blocks, the blocks shared among the threads
 
-# Elements per block: p, g, m, v and a scratch of 64K float32 each (1.25 MB) stream
-# through L2 once, instead of once for each of the update's 14 operations.
-ADAM_BLOCK = 1 << 16
+# Elements per block: p, g, m, v and a scratch of 256K float32 each (5 MB, two threads'
+# blocks in L3) stream through memory once, instead of once for each of the update's 14
+# operations; few enough blocks (~500 for GPT-2 small) that handing them out costs little.
+ADAM_BLOCK = 1 << 18
 _scratch = threading.local()
 
 
