@@ -9,6 +9,8 @@ memory. Examples:
   python examples/bench.py --backend numpy --n-layer 6 --n-head 6 --n-embd 384 --seq-len 256 -B 4
   # GPU: CuPy against torch in its best form (bf16 autocast, SDPA flash, compile, fused AdamW)
   python examples/bench.py --backend cupy --compare --preset gpt2 --seq-len 1024 -B 16 --precision bf16
+  # the backend's kernels against the reference layers (gpt2np.layers, optim's update)
+  python examples/bench.py --config all --reference --no-memory
   # evaluation beside training, same model, in turns: `gpt2np eval --task loss`'s path
   # (tokens/s, and its ratio to training's) and HellaSwag-shaped items (s/item)
   python examples/bench.py --config c --eval --no-memory
@@ -44,6 +46,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from gpt2np import GPT, AdamW, GPTConfig  # noqa: E402
+from gpt2np.layers import REFERENCE_OPS  # noqa: E402
 
 # The CPU configurations (vocab 50304): name -> (model sizes, seq_len, batch)
 CPU_CONFIGS = {
@@ -77,17 +80,20 @@ def _shapes(cfg):
 
 
 class GptRunner:
-    """gpt2np on the numpy or cupy backend."""
+    """gpt2np on the numpy or cupy backend; reference=True: with the reference layers of
+    gpt2np.layers and gpt2np.optim's own AdamW update instead of the backend's kernels."""
 
-    def __init__(self, backend, cfg, B, T, precision, seed=0):
+    def __init__(self, backend, cfg, B, T, precision, seed=0, reference=False):
         # float32 master weights always; precision is that of the matmuls (emulated on the CPU)
         self.model = GPT(cfg, backend=backend, dtype="float32", precision=precision, seed=seed)
         self.be = self.model.backend
         self.opt = AdamW(self.model.params, lr=6e-4, weight_decay=0.1)
+        if reference:
+            self.model.ops, self.opt.fused_update = REFERENCE_OPS, None
         rng = np.random.default_rng(seed)
         self.idx = self.be.asarray(rng.integers(0, cfg.vocab_size, (B, T)))
         self.targets = self.be.asarray(rng.integers(0, cfg.vocab_size, (B, T)))
-        self.label = f"gpt2np-{backend} {precision}"
+        self.label = f"gpt2np-{backend} {precision}" + (" reference layers" if reference else "")
 
     def step(self):
         _, loss = self.model.forward(self.idx, self.targets)
@@ -205,6 +211,8 @@ def make_runner(kind, cfg, args):
     B, T, prec = args.batch_size, args.seq_len, args.precision
     if kind in ("numpy", "cupy"):
         return GptRunner(kind, cfg, B, T, prec, seed=args.seed)
+    if kind in ("numpy-reference", "cupy-reference"):
+        return GptRunner(kind.split("-")[0], cfg, B, T, prec, seed=args.seed, reference=True)
     device = "cuda" if args.backend == "cupy" or args.device == "cuda" else "cpu"
     if device == "cpu" and prec != "fp32":
         raise SystemExit("on the CPU only --precision fp32 is benchmarked")
@@ -460,6 +468,9 @@ def main(argv=None):
     ap.add_argument("--no-memory", action="store_true", help="skip the CPU memory children")
     ap.add_argument("--memory-steps", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reference", action="store_true",
+                    help="also time gpt2np with the reference layers and AdamW update instead "
+                    "of the backend's kernels, in the same turns")
     ap.add_argument("--eval", action="store_true",
                     help="also time evaluation with the same model, in the same turns: the "
                     "loss over windows of T tokens and HellaSwag-shaped items, each also by "
@@ -493,6 +504,8 @@ def main(argv=None):
         jobs = [("custom", config_of(sizes), args.seq_len, args.batch_size)]
 
     kinds = [args.backend]
+    if args.reference and args.backend != "torch":
+        kinds.append(f"{args.backend}-reference")
     if args.compare and args.backend != "torch":
         kinds.append("torch")
     on_gpu = args.backend == "cupy" or args.device == "cuda"
@@ -546,8 +559,8 @@ def main(argv=None):
                       f"correct --peak-tflops")
             print(f"{name:6s} {desc:34s} {r['label']:44s} {r['ms']:9.1f} ms {r['tok_s']:9.0f} tok/s "
                   f"MFU {mfu}  peak {fmt_bytes(r['peak']):>10s}  loss {r['loss']:.4f}")
-        if len(rows) == 2:
-            a, b = rows
+        for b in rows[1:]:
+            a = rows[0]
             mem = (f"{a['peak'] / b['peak']:.2f}" if a["peak"] and b["peak"] else "-")
             print(f"{name:6s} ratio {a['backend']}/{b['backend']}: tokens/s {a['tok_s'] / b['tok_s']:.2f}, "
                   f"peak memory {mem}")

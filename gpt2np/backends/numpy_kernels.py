@@ -40,8 +40,8 @@ except ImportError:  # pragma: no cover - then the BLAS is left alone and no thr
 
 class _BlasThreads:
     """Get and set the BLAS's thread count (every BLAS threadpoolctl finds), directly
-    through its controllers: a few microseconds, where a threadpoolctl limit context costs
-    tens (too much for a matrix-vector product of generation, which takes ~100 us)."""
+    through its controllers: a threadpoolctl limit context looks the libraries up again
+    each time, which costs about as much as one of generation's small products."""
 
     def __init__(self):
         self._controllers = None
@@ -191,10 +191,11 @@ STREAM_SLICE_BYTES = 4 << 20
 def streamed_matmul(a, b, out=None, precision="fp32"):
     """a (..., m, k) @ b (k, n) for a few rows m (generation's matrix-vector products):
     b's columns in slices of about STREAM_SLICE_BYTES (at least two, each a multiple of 64
-    columns), each one single-threaded BLAS call, shared among the threads. Such a product reads b once and
-    does little arithmetic per byte: two cores stream it faster than one. (OpenBLAS's own
-    threads split it too, but each call waits for all of them: on cores that other jobs
-    keep busy, that wait is a scheduler time slice, ~10 ms for a 0.3 ms product.)"""
+    columns), each one single-threaded BLAS call, shared among the threads. Such a product
+    reads b once and does little arithmetic per byte: two cores stream it faster than one.
+    (OpenBLAS's own threads split it too, but each call waits for all of them: on cores
+    that other jobs keep busy, that wait is a scheduler time slice, many times the
+    product's own time.)"""
     n = b.shape[-1]
     slices = max(2, b.shape[0] * n * b.itemsize // STREAM_SLICE_BYTES)
     step = -(-n // slices // 64) * 64 or 64  # a multiple of 64 columns
