@@ -64,7 +64,8 @@ class NumpyBackend:
     @staticmethod
     def layer_ops(dtype):
         """float32: the kernels of gpt2np.backends.numpy_kernels (threads, cache blocks)
-        for attention, LayerNorm, GELU and the cross-entropy, the reference for the rest;
+        for attention, GELU, the cross-entropy and generation's LayerNorm, the reference
+        for the rest;
         float64: the reference layers (what the gradient checks test, and patch)."""
         return K.CPU_OPS if np.dtype(dtype) == np.float32 else L.REFERENCE_OPS
 

@@ -2,8 +2,9 @@
 
 NumPy runs each operation on one core and streams whole arrays through memory once per
 operation. The kernels here cut a layer's work into independent pieces (blocks of rows,
-groups of attention heads, blocks of an AdamW update), each small enough for the L2 cache,
-so that a chain of operations reads memory once; and they share the pieces among threads.
+groups of attention heads, blocks of an AdamW update, slices of a matrix), each small
+enough for the caches, so that a chain of operations reads memory once; and they share the
+pieces among threads.
 NumPy releases the GIL inside its ufunc loops, reductions and BLAS calls, so the threads
 run on different cores. While they run, each BLAS call keeps to one thread (its own
 threads would fight ours for the same cores).
@@ -11,8 +12,8 @@ threads would fight ours for the same cores).
 The pieces are fixed by sizes, never by the number of threads, so a result does not depend
 on how many threads computed it. Each kernel has the signature and contract of its
 reference in gpt2np.layers (or gpt2np.optim's update), and gives the same numbers bit for
-bit, except where its docstring says what differs (attention; LayerNorm's parameter
-gradients). tests/test_speed_paths.py checks every one against its reference.
+bit, except attention, whose docstring says what differs. tests/test_speed_paths.py checks
+every one against its reference.
 """
 from __future__ import annotations
 
@@ -175,9 +176,10 @@ def _row_blocks(n_rows, row_bytes, block_bytes):
     return [slice(r, min(n_rows, r + step)) for r in range(0, n_rows, step)]
 
 
-# Bytes of one input per piece of a row-wise layer: with the layer's few outputs and
-# temporaries, a piece stays in a core's L2 cache (512 KB and up on current x86 CPUs).
-ROW_BLOCK_BYTES = 64 << 10
+# Bytes of one input per piece of a row-wise layer: with the layer's outputs and temporaries
+# a piece stays in the caches (L2 and the L3 share of a core), and there are few enough
+# pieces that calling numpy for each costs little beside their arithmetic.
+ROW_BLOCK_BYTES = 256 << 10
 
 
 # --------------------------------------------------------------------------------------
@@ -210,7 +212,7 @@ def streamed_matmul(a, b, out=None, precision="fp32"):
 
 
 # --------------------------------------------------------------------------------------
-# GELU and LayerNorm: the reference on blocks of rows
+# GELU: the reference on blocks of rows; LayerNorm's few rows
 
 
 def gelu_forward(x, bias=None, operand=False):
@@ -249,24 +251,13 @@ def gelu_backward(dout, cache):
 
 
 def layernorm_forward(x, weight, bias, eps=1e-5, operand=False):
-    # gpt2np.layers.layernorm_forward on blocks of rows (each row is normalised alone)
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    blocks = _row_blocks(x2.shape[0], x2[:1].nbytes, ROW_BLOCK_BYTES)
-    if len(blocks) == 1:  # a few rows (generation): here, with nothing to copy
-        out, (norm, rstd) = _layernorm_rows(x, weight, bias, eps)
-        return (L.matmul_operand(out) if operand else out), (norm, rstd, weight)
-    dtype = np.result_type(x2, weight, bias)
-    out, norm = np.empty(x2.shape, dtype=dtype), np.empty(x2.shape, dtype=dtype)
-    rstd = np.empty((x2.shape[0], 1), dtype=dtype)
-
-    def rows(r):
-        out[r], (norm[r], rstd[r]) = _layernorm_rows(x2[r], weight, bias, eps)
-
-    THREADS.run(rows, blocks)
-    out = out.reshape(shape)
-    cache = (norm.reshape(shape), rstd.reshape(*shape[:-1], 1), weight)
-    return (L.matmul_operand(out) if operand else out), cache
+    # gpt2np.layers.layernorm_forward; a few rows (generation's) by _layernorm_rows. (Many
+    # rows stay with the reference: its arrays fit in cache, and blocks would only add
+    # copies and calls.)
+    if x.size * x.itemsize > ROW_BLOCK_BYTES:
+        return L.layernorm_forward(x, weight, bias, eps, operand)
+    out, (norm, rstd) = _layernorm_rows(x, weight, bias, eps)
+    return (L.matmul_operand(out) if operand else out), (norm, rstd, weight)
 
 
 def _layernorm_rows(x, weight, bias, eps):
@@ -284,30 +275,6 @@ def _layernorm_rows(x, weight, bias, eps):
     out = norm * weight
     out += bias
     return out, (norm, rstd)
-
-
-def layernorm_backward(dout, cache):
-    """gpt2np.layers.layernorm_backward on blocks of rows. dx is the reference's bit for bit;
-    dweight and dbias, sums over every row, are summed per block and the blocks' sums added
-    in their order (the same for any number of threads; rounded otherwise than one sum)."""
-    norm, rstd, weight = cache
-    C = norm.shape[-1]
-    n2, r2, d2 = norm.reshape(-1, C), rstd.reshape(-1, 1), dout.reshape(-1, C)
-    dx = np.empty(n2.shape, dtype=np.result_type(n2, d2))
-    blocks = _row_blocks(n2.shape[0], n2[:1].nbytes, ROW_BLOCK_BYTES)
-    partial = [None] * len(blocks)
-
-    def rows(i):
-        r = blocks[i]
-        dx[r], dw, db = L.layernorm_backward(d2[r], (n2[r], r2[r], weight))
-        partial[i] = (dw, db)
-
-    THREADS.run(rows, range(len(blocks)))
-    dweight, dbias = partial[0][0].copy(), partial[0][1].copy()
-    for dw, db in partial[1:]:
-        dweight += dw
-        dbias += db
-    return dx.reshape(dout.shape), dweight, dbias
 
 
 # --------------------------------------------------------------------------------------
@@ -539,7 +506,7 @@ def _scratch_for(p):
 
 
 CPU_OPS = L.LayerOps(
-    layernorm_forward=layernorm_forward, layernorm_backward=layernorm_backward,
+    layernorm_forward=layernorm_forward,
     attention_forward=attention_forward, attention_backward=attention_backward,
     gelu_forward=gelu_forward, gelu_backward=gelu_backward,
     cross_entropy_forward=cross_entropy_forward, cross_entropy_losses=cross_entropy_losses)
