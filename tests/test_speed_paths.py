@@ -412,8 +412,7 @@ def test_row_kernels_equal_the_reference_bit_for_bit(threads, monkeypatch):
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_attention_kernel_matches_torch(threads, monkeypatch, att_block, task_bytes, with_bias):
     """The CPU attention (heads grouped per task, whole batches of heads or single heads,
-    query blocks of any size, the output normalised after the product with v) gives torch's
-    attention and gradient in float64."""
+    query blocks of any size) gives torch's attention and gradient in float64."""
     import torch
 
     from gpt2np.backends import numpy_kernels as K

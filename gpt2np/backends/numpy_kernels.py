@@ -355,11 +355,10 @@ def _heads(a, bs, hs_):
 
 
 def attention_forward(qkv, n_head, bias=None):
-    """gpt2np.layers.attention_forward as tasks of a few heads on the threads, with
-    ATT_BLOCK queries per block, each head's q * scale, k and v copied out of qkv (bias
-    added) into contiguous arrays, and the output normalised by the softmax's row sums
-    after the product with v instead of before (a (n, hs) pass instead of an (n, T) one).
-    Equal to the reference to float rounding."""
+    """gpt2np.layers.attention_forward's math as tasks of a few heads on the threads, with
+    ATT_BLOCK queries per block (the reference's blocks are bigger: the products' sums run
+    over other lengths, so the two agree to float rounding, not bit for bit), each head's
+    q * scale, k and v copied out of qkv (bias added) into contiguous arrays."""
     B, T, C3 = qkv.shape
     C = C3 // 3
     hs = C // n_head
@@ -402,12 +401,11 @@ def _attention_heads_forward(qs, k, v, y, lse):
         att[..., r0:] += mask  # the future keys, all in the diagonal block
         m = att.max(axis=-1, keepdims=True)
         att -= m
-        np.exp(att, out=att)  # unnormalised probabilities
+        np.exp(att, out=att)
         s = att.sum(axis=-1, keepdims=True)
-        yb = y[:, :, r0:r1]
-        L.matmul(att, v[:, :, :r1], out=yb)
-        yb *= 1.0 / s
+        att *= 1.0 / s  # P itself is the operand, as in the reference (in bf16: rounded so)
         lse[:, :, r0:r1] = np.log(s) + m
+        L.matmul(att, v[:, :, :r1], out=y[:, :, r0:r1])
 
 
 def attention_backward(dout, cache):
