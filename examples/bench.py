@@ -9,6 +9,16 @@ memory. Examples:
   python examples/bench.py --backend numpy --n-layer 6 --n-head 6 --n-embd 384 --seq-len 256 -B 4
   # GPU: CuPy against torch in its best form (bf16 autocast, SDPA flash, compile, fused AdamW)
   python examples/bench.py --backend cupy --compare --preset gpt2 --seq-len 1024 -B 16 --precision bf16
+  # the backend's kernels against the reference layers (gpt2np.layers, optim's update)
+  python examples/bench.py --config all --reference --no-memory
+  # evaluation beside training, same model, in turns: `gpt2np eval --task loss`'s path
+  # (tokens/s, and its ratio to training's) and HellaSwag-shaped items (s/item)
+  python examples/bench.py --config c --eval --no-memory
+
+On the CPU, benchmark with the BLAS's own choice of kernel: OPENBLAS_CORETYPE and
+OPENBLAS_L2_SIZE force older ones, so unset them for this command alone,
+  env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python examples/bench.py ...
+(the first lines say which kernel ran, and warn when either variable is set).
 
 Timing: after --warmup steps, the backends take turns step by step (A, B, A, B, ...) so that
 machine noise (shared cores, turbo, other jobs) hits both alike; the median step is reported.
@@ -19,6 +29,7 @@ the other backend's memory does not. On a GPU: the pool's (CuPy) or the caching 
 (torch) peak. MFU counts 6*N + 12*L*T*C FLOPs per token (N = parameters without wpe),
 against --peak-tflops, else a GPU's dense peak by name, else on the CPU the fastest of
 2048^3 SGEMMs timed in turns with the steps (see CpuPeak); over 100% it prints n/a.
+--eval adds runners that score with the same model in the same turns (see EvalRunner).
 """
 from __future__ import annotations
 
@@ -35,6 +46,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from gpt2np import GPT, AdamW, GPTConfig  # noqa: E402
+from gpt2np.layers import REFERENCE_OPS  # noqa: E402
 
 # The CPU configurations (vocab 50304): name -> (model sizes, seq_len, batch)
 CPU_CONFIGS = {
@@ -68,17 +80,20 @@ def _shapes(cfg):
 
 
 class GptRunner:
-    """gpt2np on the numpy or cupy backend."""
+    """gpt2np on the numpy or cupy backend; reference=True: with the reference layers of
+    gpt2np.layers and gpt2np.optim's own AdamW update instead of the backend's kernels."""
 
-    def __init__(self, backend, cfg, B, T, precision, seed=0):
+    def __init__(self, backend, cfg, B, T, precision, seed=0, reference=False):
         # float32 master weights always; precision is that of the matmuls (emulated on the CPU)
         self.model = GPT(cfg, backend=backend, dtype="float32", precision=precision, seed=seed)
         self.be = self.model.backend
         self.opt = AdamW(self.model.params, lr=6e-4, weight_decay=0.1)
+        if reference:
+            self.model.ops, self.opt.fused_update = REFERENCE_OPS, None
         rng = np.random.default_rng(seed)
         self.idx = self.be.asarray(rng.integers(0, cfg.vocab_size, (B, T)))
         self.targets = self.be.asarray(rng.integers(0, cfg.vocab_size, (B, T)))
-        self.label = f"gpt2np-{backend} {precision}"
+        self.label = f"gpt2np-{backend} {precision}" + (" reference layers" if reference else "")
 
     def step(self):
         _, loss = self.model.forward(self.idx, self.targets)
@@ -91,6 +106,57 @@ class GptRunner:
         if self.be.name == "cupy":  # the pool keeps what it ever held: its size is the peak
             return self.be.xp.get_default_memory_pool().total_bytes()
         return None
+
+
+class EvalRunner:
+    """Scoring without a backward, by the code that `gpt2np eval` runs, on a GptRunner's
+    model. task "loss": gpt2np.evals.loss.token_loss over windows of T tokens, as many as
+    two of its batches hold; task "hellaswag": gpt2np.evals.hellaswag.ending_losses over
+    HELLASWAG_ITEMS items shaped like HellaSwag's (a context of 50 random tokens, four
+    endings of 20 to 35; shorter in a block under 85). fast=False scores as for a plain logits function (whole (B,T,V)
+    logits under the CPU logits budget, a float64 log-softmax), the path a gpt2np.GPT took
+    before GPT.token_losses: the same run gives the "before" beside the "after"."""
+
+    def __init__(self, model, task, T, fast, seed=0):
+        from gpt2np.evals import hellaswag as H
+        from gpt2np.evals import loss as E
+
+        self.model, self.task, self.fast = model, task, fast
+        rng = np.random.default_rng(seed)
+        V = model.config.vocab_size
+        fn = (lambda idx: model.forward(idx)[0])  # a plain function: the logits path
+        if task == "loss":
+            n = 2 * max(1, H.FORWARD_TOKENS // T)  # windows: two batches of the fast path
+            tokens = rng.integers(0, V, n * T + 1)
+            self.units = n * T
+            self.run = lambda: E.token_loss(model if fast else fn, tokens, block_size=T,
+                                            progress=False, backend=model.backend).sum_loss
+        else:
+            bs = model.config.block_size  # (a small block: shorter rows, of the same shape)
+            ctx, longest = min(50, bs // 2), min(35, bs - min(50, bs // 2))
+            items = [H.Rendered([rng.integers(0, V, ctx + int(rng.integers(longest * 4 // 7,
+                                                                            longest + 1)))
+                                 for _ in range(4)], [ctx] * 4, 0, False)
+                     for _ in range(HELLASWAG_ITEMS)]
+            self.units = len(items)
+            budget = H.DEFAULT_LOGITS_BUDGET // (4 * V)  # the CPU budget's tokens per forward
+            score = H.losses_function(model) if fast else None
+            max_tokens = max(budget, H.FORWARD_TOKENS) if fast else budget
+            self.run = lambda: float(H.ending_losses(H.logits_function(model), items, max_tokens,
+                                                     backend=model.backend,
+                                                     score=score)[0].sum())
+        self.label = f"eval {task}, {'token_losses' if fast else 'logits path'}"
+
+    def step(self):
+        out = self.run()
+        self.model.backend.synchronize()
+        return out
+
+    def peak_bytes(self):
+        return None
+
+
+HELLASWAG_ITEMS = 16
 
 
 class TorchRunner:
@@ -145,6 +211,8 @@ def make_runner(kind, cfg, args):
     B, T, prec = args.batch_size, args.seq_len, args.precision
     if kind in ("numpy", "cupy"):
         return GptRunner(kind, cfg, B, T, prec, seed=args.seed)
+    if kind in ("numpy-reference", "cupy-reference"):
+        return GptRunner(kind.split("-")[0], cfg, B, T, prec, seed=args.seed, reference=True)
     device = "cuda" if args.backend == "cupy" or args.device == "cuda" else "cpu"
     if device == "cpu" and prec != "fp32":
         raise SystemExit("on the CPU only --precision fp32 is benchmarked")
@@ -296,25 +364,50 @@ def fmt_bytes(n):
 
 
 def blas_info():
+    """The BLAS libraries loaded, each with its kernel (threadpoolctl's "architecture": the
+    CPU family whose kernels run) and threads."""
     try:
         from threadpoolctl import threadpool_info
 
-        return "; ".join(f"{i['internal_api']} {i.get('version')} {i.get('architecture')} "
+        return "; ".join(f"{i['internal_api']} {i.get('version')} kernels {i.get('architecture')} "
                          f"{i['num_threads']} threads" for i in threadpool_info()
                          if i["user_api"] == "blas")
     except ImportError:
         return "threadpoolctl not installed"
 
 
+# OpenBLAS reads these at start-up; either one makes it run older or smaller-cache kernels
+# than it would pick for this CPU, so a benchmark run with them set is not of this machine
+KERNEL_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def kernel_warning():
+    """A line saying which of KERNEL_VARIABLES are set, or None."""
+    set_ = [f"{k}={os.environ[k]}" for k in KERNEL_VARIABLES if k in os.environ]
+    if not set_:
+        return None
+    return (f"# WARNING: {' '.join(set_)} is set: OpenBLAS runs the kernels it names, not its "
+            f"own choice for this CPU; for figures of this machine run "
+            f"env -u {' -u '.join(KERNEL_VARIABLES)} python examples/bench.py ...")
+
+
 def run_config(name, cfg, args, kinds, peak):
-    """peak: TFLOP/s, a CpuPeak (sampled between the steps), or None."""
+    """peak: TFLOP/s, a CpuPeak (sampled between the steps), or None. Returns the training
+    rows and (with --eval) the evaluation rows."""
     runners = [make_runner(k, cfg, args) for k in kinds]
+    evals = []
+    if args.eval and isinstance(runners[0], GptRunner):
+        evals = [EvalRunner(runners[0].model, task, args.seq_len, fast, seed=args.seed)
+                 for task in ("loss", "hellaswag") for fast in (True, False)]
     between = peak.sample if isinstance(peak, CpuPeak) else None
-    med, losses, _ = time_alternately(runners, args.steps, args.warmup, between)
+    med, losses, _ = time_alternately(runners + evals, args.steps, args.warmup, between)
+    eval_rows = [dict(config=name, label=e.label, task=e.task, fast=e.fast, ms=1000 * s,
+                      per_s=e.units / s) for e, s in zip(evals, med[len(runners):])]
+    med, losses = med[:len(runners)], losses[:len(runners)]
     peak_tflops = peak.tflops if isinstance(peak, CpuPeak) else peak
     labels = [r.label for r in runners]
     peaks = [r.peak_bytes() for r in runners]
-    del runners  # free the parent's models before the memory children run
+    del runners, evals  # free the parent's models before the memory children run
     tokens = args.batch_size * args.seq_len
     fpt = flops_per_token(cfg, args.seq_len)
     rows = []
@@ -329,7 +422,20 @@ def run_config(name, cfg, args, kinds, peak):
         rows.append(dict(config=name, backend=k, label=label, ms=1000 * s, tok_s=tokens / s,
                          mfu=None if over else mfu, mfu_over_peak=over, peak_tflops=peak_tflops,
                          peak=peak, traced=traced, loss=loss))
-    return rows
+    return rows, eval_rows
+
+
+def print_eval_rows(name, train_row, eval_rows):
+    """Evaluation speed: loss tokens/s (and its ratio to the training tokens/s of the same
+    model, same run), HellaSwag-shaped s/item; each path beside the logits path."""
+    for r in eval_rows:
+        if r["task"] == "loss":
+            ratio = r["per_s"] / train_row["tok_s"]
+            print(f"{name:6s} {r['label']:44s} {r['ms']:9.1f} ms {r['per_s']:9.0f} tok/s  "
+                  f"= {ratio:.2f}x training's tok/s")
+        else:
+            print(f"{name:6s} {r['label']:44s} {r['ms']:9.1f} ms {1 / r['per_s']:9.3f} s/item "
+                  f"({HELLASWAG_ITEMS} items)")
 
 
 def main(argv=None):
@@ -362,6 +468,13 @@ def main(argv=None):
     ap.add_argument("--no-memory", action="store_true", help="skip the CPU memory children")
     ap.add_argument("--memory-steps", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reference", action="store_true",
+                    help="also time gpt2np with the reference layers and AdamW update instead "
+                    "of the backend's kernels, in the same turns")
+    ap.add_argument("--eval", action="store_true",
+                    help="also time evaluation with the same model, in the same turns: the "
+                    "loss over windows of T tokens and HellaSwag-shaped items, each also by "
+                    "the logits path (see EvalRunner)")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -391,6 +504,8 @@ def main(argv=None):
         jobs = [("custom", config_of(sizes), args.seq_len, args.batch_size)]
 
     kinds = [args.backend]
+    if args.reference and args.backend != "torch":
+        kinds.append(f"{args.backend}-reference")
     if args.compare and args.backend != "torch":
         kinds.append("torch")
     on_gpu = args.backend == "cupy" or args.device == "cuda"
@@ -407,6 +522,9 @@ def main(argv=None):
 
     print(f"# gpt2np bench  python {sys.version.split()[0]}  numpy {np.__version__}  "
           f"BLAS: {blas_info()}  cores: {os.cpu_count()}")
+    warning = kernel_warning()
+    if warning and not on_gpu:
+        print(warning)
     if "torch" in kinds:
         import torch
 
@@ -426,8 +544,8 @@ def main(argv=None):
     all_rows = []
     for name, cfg, T, B in jobs:
         args.seq_len, args.batch_size = T, B
-        rows = run_config(name, cfg, args, kinds, peak)
-        all_rows += rows
+        rows, eval_rows = run_config(name, cfg, args, kinds, peak)
+        all_rows += rows + eval_rows
         desc = f"L{cfg.n_layer} H{cfg.n_head} C{cfg.n_embd} V{cfg.vocab_size} T{T} B{B}"
         if isinstance(peak, CpuPeak):
             print(f"{name:6s} peak {peak.describe()}")
@@ -441,11 +559,13 @@ def main(argv=None):
                       f"correct --peak-tflops")
             print(f"{name:6s} {desc:34s} {r['label']:44s} {r['ms']:9.1f} ms {r['tok_s']:9.0f} tok/s "
                   f"MFU {mfu}  peak {fmt_bytes(r['peak']):>10s}  loss {r['loss']:.4f}")
-        if len(rows) == 2:
-            a, b = rows
+        for b in rows[1:]:
+            a = rows[0]
             mem = (f"{a['peak'] / b['peak']:.2f}" if a["peak"] and b["peak"] else "-")
             print(f"{name:6s} ratio {a['backend']}/{b['backend']}: tokens/s {a['tok_s'] / b['tok_s']:.2f}, "
                   f"peak memory {mem}")
+        print_eval_rows(name, rows[0], eval_rows)
+    print(f"# load average after: {os.getloadavg()[0]:.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(all_rows, f, indent=1)

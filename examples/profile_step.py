@@ -149,7 +149,21 @@ def main(argv=None):
     covered = sum(totals.values()) / n
     print(f"{'(the rest: residual adds, copies, Python)':<26s}"
           f"{step_ms - covered:10.2f}{(step_ms - covered) / step_ms:8.1%}")
+    print(attention_against_linears(flops, totals, n))
     return 0
+
+
+def attention_against_linears(flops, totals, n):
+    """One line: attention's forward+backward TFLOP/s beside the linears' (the table counts
+    attention's products over the full T x T, twice the causal half that is needed)."""
+    def tflops(leaf):
+        ms = (totals.get(f"{leaf}_forward", 0) + totals.get(f"{leaf}_backward", 0)) / n
+        return flops[leaf] / (ms * 1e-3) / 1e12 if ms else float("nan")
+
+    att, lin = tflops("attention"), tflops("linear")
+    return (f"# attention {att:.3f} TFLOP/s forward+backward over the full T x T ({att / 2:.3f} "
+            f"over the causal half), linears {lin:.3f}: the linears run {lin / att:.2f}x "
+            f"attention's rate ({2 * lin / att:.2f}x counting the causal half)")
 
 
 if __name__ == "__main__":

@@ -432,6 +432,22 @@ def cross_entropy_forward(logits, targets, ignore_index=-1, out=None):
     return loss, (probs, tsafe, weight, logits.shape)
 
 
+def cross_entropy_losses(logits, targets):
+    # logits (N,V), targets (N,) int -> the loss of each row (N,) float64. For evaluation:
+    # no backward, so nothing is kept and no (N,V) softmax is written, only a block's
+    xp = get_xp(logits)
+    N, V = logits.shape
+    lse = xp.empty(N, dtype=xp.float64)  # the losses are added up over many rows
+    step = N if xp is not np else max(1, _CE_BLOCK_BYTES // (V * logits.itemsize))
+    for r in range(0, N, step):  # blocks of rows in cache, as cross_entropy_forward's
+        rows = logits[r:r + step]
+        m = rows.max(axis=-1, keepdims=True)
+        e = rows - m  # a block's scratch, exponentiated in place
+        s = xp.exp(e, out=e).sum(axis=-1)
+        lse[r:r + step] = xp.log(s.astype(xp.float64)) + m[:, 0]
+    return lse - logits[xp.arange(N), targets]
+
+
 def cross_entropy_backward(dloss, cache, operand=False):
     # dloss scalar -> dlogits (B,T,V) = dloss * (softmax - onehot) / n_valid, zero on ignored
     # rows. Works in place on the cached (already weighted) softmax, the biggest buffer we
@@ -474,6 +490,7 @@ class LayerOps:
     lm_head_backward: Callable = lm_head_backward
     cross_entropy_forward: Callable = cross_entropy_forward
     cross_entropy_backward: Callable = cross_entropy_backward
+    cross_entropy_losses: Callable = cross_entropy_losses  # evaluation's: no backward
 
 
 REFERENCE_OPS = LayerOps()

@@ -19,6 +19,9 @@ from gpt2np.backends import get_backend
 from gpt2np.config import GPTConfig
 
 _DTYPES = ("float32", "float64")
+# token_losses: bytes of logits per block of rows: ~300 rows of GPT-2's vocabulary, enough
+# for the lm_head's GEMM to run at full speed (fewer rows make it slower)
+LOSS_LOGITS_BYTES = 64 << 20
 
 
 def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
@@ -290,6 +293,13 @@ class GPT:
         to keep them longer). Without targets (inference) nothing is kept and the logits are
         a new array.
         """
+        idx, targets = self._check_batch(idx, targets)
+        with L.matmul_precision(self.precision, self.backend):
+            return self._forward(idx, targets)
+
+    __call__ = forward
+
+    def _check_batch(self, idx, targets):
         idx = self._check_ids(idx, "idx")
         B, T = idx.shape
         if T > self.config.block_size:
@@ -299,28 +309,13 @@ class GPT:
             targets = self._check_ids(targets, "targets", allow_ignore=True)
             if tuple(targets.shape) != (B, T):
                 raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {(B, T)}")
-
-        with L.matmul_precision(self.precision, self.backend):
-            return self._forward(idx, targets)
-
-    __call__ = forward
+        return idx, targets
 
     def _forward(self, idx, targets):
         ops, p, cfg = self.ops, self.params, self.config
         B, T = idx.shape
         wte = p["transformer.wte.weight"]
-        x, emb_cache = ops.embedding_forward(idx, wte, p["transformer.wpe.weight"])  # (B,T,C)
-        block_caches = []
-        for i in range(cfg.n_layer):
-            show = self._show_for(f"transformer.h.{i}.")
-            x, c = block_forward(ops, x, self.block_params(i), cfg.n_head, show)
-            block_caches.append(c)
-        # only the lm_head's matmul reads ln_f's output: it may come as its GEMM operand
-        h, lnf_cache = ops.layernorm_forward(x, p["transformer.ln_f.weight"],
-                                             p["transformer.ln_f.bias"],
-                                             operand=self.observer is None)
-        if self.observer is not None:
-            self.observer("transformer.ln_f", x, h)
+        h, emb_cache, block_caches, lnf_cache = self._trunk(idx, keep=targets is not None)
         if targets is None:
             logits, _ = ops.lm_head_forward(h, wte)  # (B,T,V), a new array
             self._cache = None
@@ -331,6 +326,58 @@ class GPT:
                                                    out=self._buffer("probs", (B, T, V)))
         self._cache = (emb_cache, block_caches, lnf_cache, head_cache, ce_cache)
         return logits, loss
+
+    def _trunk(self, idx, keep):
+        # idx (B,T) -> ln_f's output h (B,T,C) and the caches of the embedding, the blocks and
+        # ln_f; keep=False (inference): the blocks' caches are dropped as soon as made
+        ops, p, cfg = self.ops, self.params, self.config
+        x, emb_cache = ops.embedding_forward(idx, p["transformer.wte.weight"],
+                                             p["transformer.wpe.weight"])  # (B,T,C)
+        block_caches = []
+        for i in range(cfg.n_layer):
+            show = self._show_for(f"transformer.h.{i}.")
+            x, c = block_forward(ops, x, self.block_params(i), cfg.n_head, show)
+            if keep:
+                block_caches.append(c)
+        # only the lm_head's matmul reads ln_f's output: it may come as its GEMM operand
+        h, lnf_cache = ops.layernorm_forward(x, p["transformer.ln_f.weight"],
+                                             p["transformer.ln_f.bias"],
+                                             operand=self.observer is None)
+        if self.observer is not None:
+            self.observer("transformer.ln_f", x, h)
+        return h, emb_cache, block_caches, lnf_cache
+
+    def token_losses(self, idx, targets):
+        """idx, targets (B,T) int -> the cross-entropy of every target token, (B,T) float64
+        on the host, 0 where the target is -1 (not scored). For evaluation: nothing is kept,
+        and the lm_head runs only at the positions with a target, a block of rows at a time,
+        so the (B,T,V) logits never exist (HellaSwag scores a quarter of its positions; a
+        loss over many windows would need gigabytes of them). The losses come from the
+        layer ops' cross_entropy_losses: exp and sum in the model's dtype, log-sum-exp and
+        losses in float64."""
+        idx, targets = self._check_batch(idx, targets)
+        if targets is None:
+            raise ValueError("token_losses needs targets (B, T), -1 where not scored")
+        with L.matmul_precision(self.precision, self.backend):
+            return self._token_losses(idx, targets)
+
+    def _token_losses(self, idx, targets):
+        xp, to_host = self.xp, self.backend.to_host
+        wte = self.params["transformer.wte.weight"]
+        h, _, _, _ = self._trunk(idx, keep=False)
+        V, C = wte.shape
+        h = h.reshape(-1, C)
+        t = targets.reshape(-1)
+        rows = xp.flatnonzero(t != -1)
+        losses = np.zeros(t.shape[0], dtype=np.float64)
+        step = max(1, LOSS_LOGITS_BYTES // (V * wte.itemsize))
+        buf = xp.empty((min(step, int(rows.shape[0])), V), dtype=self.dtype)  # reused
+        for r in range(0, int(rows.shape[0]), step):
+            sel = rows[r:r + step]
+            n = int(sel.shape[0])
+            logits, _ = self.ops.lm_head_forward(h[sel], wte, out=buf[:n])  # (n,V)
+            losses[to_host(sel)] = to_host(self.ops.cross_entropy_losses(logits, t[sel]))
+        return losses.reshape(targets.shape)
 
     def backward(self):
         """Gradients of the last forward's loss: a dict with the same keys as params.

@@ -332,7 +332,296 @@ def test_profile_step_accounts_for_the_step(capsys):
     assert (L.linear_forward, AdamW.step) == before  # the timers are removed again
     out = capsys.readouterr().out
     rows = {line.split()[0]: float(line.split()[1]) for line in out.splitlines()[2:]
-            if line and not line.startswith("(")}
+            if line and not line.startswith(("(", "#"))}
     for leaf in mod.LEAVES:
         assert f"{leaf}_forward" in rows and f"{leaf}_backward" in rows, leaf
     assert "adamw" in rows and "bf16" in out.splitlines()[0]
+    assert out.splitlines()[-1].startswith("# attention") and "linears" in out.splitlines()[-1]
+
+
+# ------------------------------------------------------------------------------------------
+# the numpy backend's kernels (gpt2np.backends.numpy_kernels) against the reference
+
+
+@pytest.fixture(params=[1, 3], ids=["1 thread", "3 threads"])
+def threads(request, monkeypatch):
+    """The kernels on one thread, and on three whatever the machine has (the results must
+    not depend on it)."""
+    from gpt2np.backends import numpy_kernels as K
+
+    monkeypatch.setattr(K.BLAS, "count", lambda: request.param)
+    return request.param
+
+
+def _f32(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def test_float32_runs_the_cpu_kernels_and_float64_the_reference():
+    from gpt2np.backends import get_backend
+    from gpt2np.backends import numpy_kernels as K
+
+    be = get_backend("numpy")
+    assert be.layer_ops("float32") is K.CPU_OPS and be.adamw_update("float32") is K.adamw_update
+    assert be.layer_ops("float64") is L.REFERENCE_OPS and be.adamw_update("float64") is None
+    assert GPT(CFG, dtype="float32").ops is K.CPU_OPS
+
+
+def test_row_kernels_equal_the_reference_bit_for_bit(threads, monkeypatch):
+    """GELU and the cross-entropy in many small blocks of rows (a ragged last one), and
+    LayerNorm: the reference's numbers exactly, on any number of threads."""
+    from gpt2np.backends import numpy_kernels as K
+
+    monkeypatch.setattr(K, "ROW_BLOCK_BYTES", 3 * 40 * 4)  # 3 rows of 40 floats per block
+    monkeypatch.setattr(K, "CE_BLOCK_BYTES", 2 * 50 * 4)
+    rng = np.random.default_rng(20)
+    x, b = _f32(rng, 2, 13, 40), _f32(rng, 40)
+    for bias in (None, b):
+        out, cache = K.gelu_forward(x, bias)
+        ref_out, ref_cache = L.gelu_forward(x, bias)
+        np.testing.assert_array_equal(out, ref_out)
+        for got, want in zip(cache, ref_cache):
+            np.testing.assert_array_equal(got, want)
+        d = _f32(rng, *x.shape)
+        np.testing.assert_array_equal(K.gelu_backward(d, cache), L.gelu_backward(d, ref_cache))
+    w = _f32(rng, 40)
+    for rows in (x * 3 + 1, x[:1, :2] * 3 + 1):  # many rows (the reference); generation's
+        out, cache = K.layernorm_forward(rows, w, b)
+        ref_out, ref_cache = L.layernorm_forward(rows, w, b)
+        np.testing.assert_array_equal(out, ref_out)
+        np.testing.assert_array_equal(cache[0], ref_cache[0])
+        np.testing.assert_array_equal(cache[1], ref_cache[1])
+    logits, targets = _f32(rng, 3, 7, 50, scale=4), rng.integers(0, 50, (3, 7))
+    targets[0, :2] = -1
+    loss, cache = K.cross_entropy_forward(logits, targets)
+    ref_loss, ref_cache = L.cross_entropy_forward(logits, targets)
+    assert loss == ref_loss
+    np.testing.assert_array_equal(cache[0], ref_cache[0])
+    np.testing.assert_array_equal(L.cross_entropy_backward(1.0, cache),
+                                  L.cross_entropy_backward(1.0, ref_cache))
+    rows, t = logits.reshape(-1, 50), targets.reshape(-1) % 50
+    losses = K.cross_entropy_losses(rows, t)
+    np.testing.assert_array_equal(losses, L.cross_entropy_losses(rows, t))
+    lg = rows.astype(np.float64)
+    direct = np.log(np.exp(lg).sum(-1)) - lg[np.arange(len(t)), t]
+    assert losses.dtype == np.float64
+    np.testing.assert_allclose(losses, direct, rtol=1e-6)
+
+
+@pytest.mark.parametrize("att_block, task_bytes", [(1, 1), (3, 1), (4, 10 ** 6), (128, 1 << 18)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_attention_kernel_matches_torch(threads, monkeypatch, att_block, task_bytes, with_bias):
+    """The CPU attention (heads grouped per task, whole batches of heads or single heads,
+    query blocks of any size) gives torch's attention and gradient in float64."""
+    import torch
+
+    from gpt2np.backends import numpy_kernels as K
+    from gpt2np.backends.torch_reference import ref_attention
+    from gradcheck import assert_close
+
+    monkeypatch.setattr(K, "ATT_BLOCK", att_block)
+    monkeypatch.setattr(K, "ATT_TASK_BYTES", task_bytes)
+    rng = np.random.default_rng(22)
+    B, T, NH, hs = 3, 10, 2, 4
+    qkv = rng.standard_normal((B, T, 3 * NH * hs)) * 2
+    bias = rng.standard_normal(3 * NH * hs) if with_bias else None
+    y, cache = K.attention_forward(qkv, NH, bias)
+    dy = rng.standard_normal(y.shape)
+    dqkv = K.attention_backward(dy, cache)
+    tq = torch.from_numpy(qkv + (0 if bias is None else bias)).requires_grad_(True)
+    ty = ref_attention(tq, NH)
+    (ty * torch.from_numpy(dy)).sum().backward()
+    assert_close(y, ty.detach().numpy(), 1e-12, "y")
+    assert_close(dqkv, tq.grad.numpy(), 1e-12, "dqkv")
+
+
+def test_attention_kernel_is_the_reference_to_float32_rounding_and_leaves_its_inputs(threads):
+    from gpt2np.backends import numpy_kernels as K
+
+    rng = np.random.default_rng(23)
+    qkv, bias = _f32(rng, 2, 300, 3 * 4 * 16), _f32(rng, 3 * 4 * 16)
+    dy = _f32(rng, 2, 300, 4 * 16)
+    qkv0, dy0 = qkv.copy(), dy.copy()
+    y, cache = K.attention_forward(qkv, 4, bias)
+    dqkv = K.attention_backward(dy, cache)
+    ref_y, ref_cache = L.attention_forward(qkv, 4, bias)
+    ref_dqkv = L.attention_backward(dy, ref_cache)
+    assert y.dtype == dqkv.dtype == np.float32
+    np.testing.assert_allclose(y, ref_y, rtol=0, atol=1e-5 * np.abs(ref_y).max())
+    np.testing.assert_allclose(dqkv, ref_dqkv, rtol=0, atol=1e-5 * np.abs(ref_dqkv).max())
+    np.testing.assert_array_equal(qkv, qkv0)
+    np.testing.assert_array_equal(dy, dy0)
+    # a second backward from the same cache gives the same answer
+    np.testing.assert_array_equal(K.attention_backward(dy, cache), dqkv)
+
+
+def test_kernels_do_not_depend_on_the_thread_count(monkeypatch):
+    """The pieces are fixed by sizes, so one thread and five give the same bits."""
+    from gpt2np.backends import numpy_kernels as K
+
+    rng = np.random.default_rng(24)
+    qkv, dy = _f32(rng, 2, 70, 3 * 4 * 8), _f32(rng, 2, 70, 4 * 8)
+    x, w = _f32(rng, 60, 700), _f32(rng, 700, 3000)
+    runs = []
+    for n in (1, 5):
+        monkeypatch.setattr(K.BLAS, "count", lambda n=n: n)
+        y, cache = K.attention_forward(qkv, 4)
+        runs.append((y, K.attention_backward(dy, cache), K.gelu_forward(x)[0],
+                     K.streamed_matmul(x[:3], w)))
+    for got, want in zip(*runs):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_streamed_matmul_for_few_rows_and_big_matrices(threads, monkeypatch):
+    from gpt2np.backends import numpy_backend as NB
+    from gpt2np.backends import numpy_kernels as K
+
+    rng = np.random.default_rng(25)
+    w, wte = _f32(rng, 96, 1000), _f32(rng, 777, 96)
+    x = _f32(rng, 2, 96)
+    for b in (w, wte.T):  # a weight, and the tied lm_head's transposed view
+        for precision in ("fp32", "bf16"):
+            monkeypatch.setattr(K, "STREAM_SLICE_BYTES", 96 * 4 * 64)  # 64 columns a slice
+            got = K.streamed_matmul(x, b, precision=precision)
+            want = L.reference_matmul(x, b, precision=precision)
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+            out = np.empty_like(want)
+            assert K.streamed_matmul(x, b, out=out, precision=precision) is out
+    # the backend sends few rows times a big matrix there, and nothing else
+    calls = []
+    monkeypatch.setattr(K, "streamed_matmul", lambda *a, **k: calls.append(a[0].shape))
+    monkeypatch.setattr(NB, "STREAM_BYTES", 96 * 1000 * 4)
+    NB.NumpyBackend.matmul(x, w)
+    NB.NumpyBackend.matmul(_f32(rng, NB.STREAM_ROWS + 1, 96), w)
+    NB.NumpyBackend.matmul(x, w[:, :999])
+    assert calls == [(2, 96)]
+
+
+def test_threads_carry_the_matmul_precision_and_raise_errors(monkeypatch):
+    from gpt2np.backends import get_backend
+    from gpt2np.backends import numpy_kernels as K
+
+    monkeypatch.setattr(K.BLAS, "count", lambda: 3)
+    be = get_backend("numpy")
+    rng = np.random.default_rng(26)
+    qkv = _f32(rng, 2, 40, 3 * 4 * 8)
+    with L.matmul_precision("bf16", be):  # every thread rounds the operands
+        y, _ = K.attention_forward(qkv, 4)
+        seen = []
+        K.THREADS.run(lambda i: seen.append(L.get_matmul_precision()), range(8))
+    monkeypatch.setattr(K.BLAS, "count", lambda: 1)
+    with L.matmul_precision("bf16", be):
+        y1, _ = K.attention_forward(qkv, 4)
+    np.testing.assert_array_equal(y, y1)
+    assert seen == ["bf16"] * 8
+
+    def fails(i):
+        if i == 5:
+            raise ValueError("task 5")
+    monkeypatch.setattr(K.BLAS, "count", lambda: 3)
+    with pytest.raises(ValueError, match="task 5"):
+        K.THREADS.run(fails, range(8))
+
+
+@pytest.mark.parametrize("block", [7, 1 << 16])
+def test_adamw_kernel_is_the_reference_update_bit_for_bit(threads, monkeypatch, block):
+    """numpy_kernels.adamw_update (float32: what AdamW runs on the numpy backend) against
+    gpt2np.optim's own update, several steps, decayed and not, blocks of any size."""
+    from gpt2np.backends import numpy_kernels as K
+
+    monkeypatch.setattr(K, "ADAM_BLOCK", block)
+    rng = np.random.default_rng(27)
+    params = {"w": _f32(rng, 13, 9), "b": _f32(rng, 9), "e": _f32(rng, 50, 3)}
+    ref = {k: v.copy() for k, v in params.items()}
+    opt = AdamW(params, lr=1e-2, weight_decay=0.1)
+    ref_opt = AdamW(ref, lr=1e-2, weight_decay=0.1)
+    assert opt.fused_update is K.adamw_update
+    ref_opt.fused_update = None  # gpt2np.optim's per-tensor update
+    for _ in range(4):
+        grads = {k: _f32(rng, *v.shape) for k, v in params.items()}
+        opt.step(grads, lr=3e-3)
+        ref_opt.step(grads, lr=3e-3)
+        for k in params:
+            np.testing.assert_array_equal(params[k], ref[k], err_msg=k)
+            np.testing.assert_array_equal(opt.m[k], ref_opt.m[k])
+            np.testing.assert_array_equal(opt.v[k], ref_opt.v[k])
+
+
+def test_float32_model_on_the_kernels_matches_the_reference_layers():
+    """A whole float32 step, forward and backward, on numpy's kernels and on the reference
+    layers: the same loss and gradients to float32 rounding."""
+    rng = np.random.default_rng(28)
+    cfg = GPTConfig(block_size=64, vocab_size=97, n_layer=2, n_head=4, n_embd=32)
+    model = GPT(cfg, seed=5)
+    ref = GPT(cfg, seed=5)
+    ref.ops = L.REFERENCE_OPS
+    idx, targets = _batch(rng, 3, 64, 97)
+    _, loss = model.forward(idx, targets)
+    grads = {k: v.copy() for k, v in model.backward().items()}
+    _, ref_loss = ref.forward(idx, targets)
+    ref_grads = ref.backward()
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
+    for k, g in ref_grads.items():
+        np.testing.assert_allclose(grads[k], g, rtol=0, atol=2e-5 * np.abs(g).max(), err_msg=k)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_token_losses_are_the_training_loss_per_token(monkeypatch, dtype):
+    """GPT.token_losses: the lm_head only at scored positions, in blocks of rows (7 here),
+    gives the training loss's terms; ignored positions are 0."""
+    from gpt2np import model as M
+
+    monkeypatch.setattr(M, "LOSS_LOGITS_BYTES", 7 * CFG.vocab_size * 8)
+    rng = np.random.default_rng(29)
+    model = GPT(CFG, dtype=dtype, seed=6)
+    idx, targets = _batch(rng, 3, 11)
+    targets[1, 4:] = -1
+    losses = model.token_losses(idx, targets)
+    assert losses.shape == (3, 11) and losses.dtype == np.float64
+    assert (losses[1, 4:] == 0).all() and (losses[targets != -1] > 0).all()
+    _, loss = model.forward(idx, targets)
+    rel = 1e-12 if dtype == "float64" else 1e-6
+    assert losses.sum() / (targets != -1).sum() == pytest.approx(float(loss), rel=rel)
+    # position by position: the full forward's logits, log-softmaxed in float64
+    logits, _ = model.forward(idx)
+    lg = logits.astype(np.float64)
+    lse = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
+    b, t = np.nonzero(targets != -1)
+    np.testing.assert_allclose(losses[b, t], lse[b, t] - lg[b, t, targets[b, t]],
+                               rtol=rel, atol=rel)
+    with pytest.raises(ValueError, match="targets"):
+        model.token_losses(idx, None)
+
+
+def test_batched_finite_differences_equal_one_perturbation_at_a_time(monkeypatch):
+    """gradcheck stacks the perturbations of a block's tensors after that block: the same
+    entries and the same losses as one whole forward per perturbation."""
+    from gpt2np.evals import gradcheck as G
+
+    cfg = GPTConfig(block_size=16, vocab_size=61, n_layer=3, n_head=2, n_embd=8)
+    model = GPT(cfg, dtype="float64", seed=7)
+    rng = np.random.default_rng(30)
+    x, y = _batch(rng, 2, 6, 61)
+    model.forward(x, y)
+    grads = {k: np.array(g) for k, g in model.backward().items()}
+    grads["transformer.h.1.attn.c_proj.weight"] *= 1.01  # one wrong gradient
+    batched, tol = G.finite_differences(model, x, y, grads, k=3)
+    monkeypatch.setattr(G, "FD_BATCH_ROWS", 1)  # one probed entry (its 4 steps) per evaluation
+    single, _ = G.finite_differences(model, x, y, grads, k=3)
+    f = G._SuffixLoss(model, x, y)
+    flat = model.params["transformer.h.2.mlp.c_fc.weight"].reshape(-1)
+    before = flat.copy()
+    whole = []
+    for value in (flat[5] + 1e-3, flat[5] - 1e-3):  # against the model's own forward
+        flat[5], old = value, flat[5]
+        whole.append(float(model.forward(x, y)[1]))
+        flat[5] = old
+    np.testing.assert_allclose(f.losses(2, [(flat, 5, before[5] + 1e-3),
+                                            (flat, 5, before[5] - 1e-3)]), whole, rtol=1e-13)
+    np.testing.assert_array_equal(flat, before)  # every entry restored exactly
+    assert list(batched) == list(model.params)
+    for k in batched:
+        assert abs(batched[k] - single[k]) < 1e-9, k
+    bad = "transformer.h.1.attn.c_proj.weight"
+    assert batched[bad] > 1e-3 and batched[bad] > tol[bad]
+    assert all(batched[k] <= tol[k] for k in batched if k != bad)

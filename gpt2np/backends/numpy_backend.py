@@ -1,18 +1,12 @@
-"""The NumPy backend: xp = numpy on the CPU, the reference layers, OpenBLAS's GEMMs."""
+"""The NumPy backend: xp = numpy on the CPU, OpenBLAS's GEMMs, and for float32 the threaded,
+cache-blocked kernels of gpt2np.backends.numpy_kernels (float64, the precision the
+gradients are checked in, runs the reference layers themselves)."""
 from __future__ import annotations
-
-import contextlib
 
 import numpy as np
 
 from gpt2np import layers as L
-
-try:  # the standard way to reach the BLAS's thread count at run time (scikit-learn's)
-    from threadpoolctl import ThreadpoolController
-except ImportError:  # pragma: no cover - then serial_blas() is a no-op
-    ThreadpoolController = None
-
-_controller = None
+from gpt2np.backends import numpy_kernels as K
 
 # A GEMM of up to this many multiply-adds (2^26) runs on one BLAS thread:
 # OpenBLAS wakes and joins its threads on every call, which costs more than such a GEMM
@@ -20,6 +14,11 @@ _controller = None
 # keep all threads. numpy calls the BLAS once per matrix of a stack (attention's per-head
 # products), so a stack counts by its matrices.
 SERIAL_GEMM = 1 << 26
+# A product of a few rows with a big matrix (generation's matrix-vector products) reads the
+# matrix once and does little arithmetic per byte: its speed is memory bandwidth, which two
+# cores have more of than one. Such products run as numpy_kernels.streamed_matmul.
+STREAM_ROWS = 8
+STREAM_BYTES = 1 << 20
 
 
 class NumpyBackend:
@@ -41,10 +40,15 @@ class NumpyBackend:
     @staticmethod
     def matmul(a, b, out=None, precision="fp32"):
         """a @ b in `precision` (gpt2np.layers.reference_matmul: tf32 and bf16 emulated by
-        rounding the operands); a small GEMM on one BLAS thread (SERIAL_GEMM)."""
-        if a.ndim >= 2 and b.ndim >= 2 and a.shape[-2] * a.shape[-1] * b.shape[-1] <= SERIAL_GEMM:
-            with NumpyBackend.serial_blas():
-                return L.reference_matmul(a, b, out=out, precision=precision)
+        rounding the operands); a small GEMM on one BLAS thread (SERIAL_GEMM), a product of
+        few rows with a big matrix in slices on the threads (STREAM_*)."""
+        if a.ndim >= 2 and b.ndim >= 2:
+            m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+            if m <= STREAM_ROWS and b.ndim == 2 and k * n * b.itemsize >= STREAM_BYTES:
+                return K.streamed_matmul(a, b, out=out, precision=precision)
+            if m * k * n <= SERIAL_GEMM:
+                with NumpyBackend.serial_blas():
+                    return L.reference_matmul(a, b, out=out, precision=precision)
         return L.reference_matmul(a, b, out=out, precision=precision)
 
     @staticmethod
@@ -55,20 +59,21 @@ class NumpyBackend:
     def serial_blas():
         """A context in which the BLAS runs on one thread (threadpoolctl; without it, a
         no-op)."""
-        global _controller
-        if ThreadpoolController is None:
-            return contextlib.nullcontext()
-        if _controller is None:
-            _controller = ThreadpoolController()
-        return _controller.limit(limits=1, user_api="blas")
+        return K.BLAS.serial()
 
     @staticmethod
     def layer_ops(dtype):
-        return L.REFERENCE_OPS  # the reference layers, whatever the dtype
+        """float32: the kernels of gpt2np.backends.numpy_kernels (threads, cache blocks)
+        for attention, GELU, the cross-entropy and generation's LayerNorm, the reference
+        for the rest;
+        float64: the reference layers (what the gradient checks test, and patch)."""
+        return K.CPU_OPS if np.dtype(dtype) == np.float32 else L.REFERENCE_OPS
 
     @staticmethod
     def adamw_update(dtype):
-        return None  # gpt2np.optim's reference update, walking cache-sized blocks
+        """float32: numpy_kernels.adamw_update (the reference update in blocks, on the
+        threads); float64: None, gpt2np.optim's own update."""
+        return K.adamw_update if np.dtype(dtype) == np.float32 else None
 
 
 _BACKEND = NumpyBackend()

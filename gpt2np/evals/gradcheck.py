@@ -20,10 +20,12 @@ tolerance, and the failing tensors are named. --json writes
 {"worst_rel_err", "tensors": {name: rel_err}, "fd": {name: err}, "fd_tol": {name: tol}} (and
 a little more).
 
-Cost: one float64 forward+backward each for gpt2np and torch, plus 4*K forwards per tensor
-for the finite differences (steps of h and 2h each way). A perturbed entry of block i only changes blocks i.. onwards,
-so its forwards start from block i's cached input (half a model on average; wte and wpe
-need the whole). GPT-2 124M at the default B=1, T=32, K=1 (148 tensors): see docs/performance.md.
+Cost: one float64 forward+backward each for gpt2np and torch, plus 4*K perturbed forwards
+per tensor for the finite differences (steps of h and 2h each way). A perturbed entry of
+block i only changes blocks i.. onwards: its block runs from block i's cached input, and the
+blocks after it run once for all the perturbations of block i's tensors, stacked as one batch
+(wte and wpe need whole forwards). GPT-2 124M at the default B=1, T=32, K=1 (148 tensors):
+see docs/performance.md.
 """
 from __future__ import annotations
 
@@ -171,18 +173,29 @@ def torch_reference(config, params: dict, x, y) -> tuple[float, dict[str, np.nda
 
 
 class _SuffixLoss:
-    """The float64 loss of the model's forward, restarted where a perturbation takes effect.
+    """The float64 losses of the model's forward under perturbations of one parameter entry
+    each, restarted where a perturbation takes effect and batched after it.
 
-    The inputs of every block and of ln_f are kept from one clean forward; a perturbed
-    entry of block i is then evaluated from block i's input on (the blocks before it do not
-    read it), one of ln_f from ln_f's input, and wte (embedding and lm_head) or wpe from the
-    start. Uses the model's params in place: perturb, call, restore.
+    The inputs of every block and of ln_f are kept from one clean forward. A perturbation
+    of block i changes that block's output only through block i itself: each perturbed
+    block i runs alone on block i's input, and the blocks after it, ln_f and the lm_head run
+    once for all of them, their outputs stacked on the batch axis (so do those of ln_f).
+    wte and wpe (the embedding, and wte the lm_head too) run whole forwards, one each. Uses
+    the model's params in place: each entry is set, used and restored exactly.
     """
 
     def __init__(self, model, x, y):
         self.p, self.cfg, self.x, self.y = model.params, model.config, x, y
         self.inputs = [None] * (self.cfg.n_layer + 1)  # block inputs, then ln_f's
-        self.clean = self.loss(-1, keep=True)  # the unperturbed loss
+        h = self._embed()
+        for i in range(self.cfg.n_layer):
+            self.inputs[i] = h
+            h = self._block(i, h)
+        self.inputs[self.cfg.n_layer] = h
+        logits, _ = L.lm_head_forward(self._ln_f(h), self.p["transformer.wte.weight"])
+        # the size of the log-sum-exp and the target's logit, which cancel in the loss
+        self.logit_scale = float(np.max(np.abs(logits)))
+        self.clean = float(L.cross_entropy_forward(logits, self.y)[0])  # the unperturbed loss
 
     @staticmethod
     def start_of(name: str, n_layer: int) -> int:
@@ -191,44 +204,94 @@ class _SuffixLoss:
             return int(name.split(".")[2])
         return n_layer if name.startswith("transformer.ln_f.") else -1
 
-    def loss(self, start: int, keep: bool = False) -> float:
-        p, cfg = self.p, self.cfg
+    def _embed(self):
+        h, _ = L.embedding_forward(self.x, self.p["transformer.wte.weight"],
+                                   self.p["transformer.wpe.weight"])
+        return h
+
+    def _block(self, i, h):
+        h, _ = block_forward(L.REFERENCE_OPS, h, sub_params(self.p, f"transformer.h.{i}."),
+                             self.cfg.n_head)
+        return h
+
+    def _ln_f(self, h):
+        h, _ = L.layernorm_forward(h, self.p["transformer.ln_f.weight"],
+                                   self.p["transformer.ln_f.bias"])
+        return h
+
+    def losses(self, start: int, changes) -> list[float]:
+        """The loss with each change applied alone: changes are (flat view of a param that
+        takes effect at `start`, index, value)."""
+        n_layer = self.cfg.n_layer
+        outs = []
+        for flat, j, value in changes:  # the part each change alters, alone
+            old = flat[j]
+            flat[j] = value
+            try:
+                if start < 0:  # the embedding, and the tied lm_head: the whole forward
+                    h = self._embed()
+                    for i in range(n_layer):
+                        h = self._block(i, h)
+                    outs.append(self._head(self._ln_f(h))[0])
+                elif start < n_layer:
+                    outs.append(self._block(start, self.inputs[start]))
+                else:
+                    outs.append(self._ln_f(self.inputs[n_layer]))
+            finally:
+                flat[j] = old  # restored exactly: the same float64 value
         if start < 0:
-            h, _ = L.embedding_forward(self.x, p["transformer.wte.weight"],
-                                       p["transformer.wpe.weight"])
-            start = 0
-        else:
-            h = self.inputs[start]
-        for i in range(start, cfg.n_layer):
-            if keep:
-                self.inputs[i] = h
-            h, _ = block_forward(L.REFERENCE_OPS, h, sub_params(p, f"transformer.h.{i}."), cfg.n_head)
-        if keep:
-            self.inputs[cfg.n_layer] = h
-        h, _ = L.layernorm_forward(h, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
-        logits, _ = L.lm_head_forward(h, p["transformer.wte.weight"])
-        if keep:  # the size of the log-sum-exp and the target's logit, which cancel in the loss
-            self.logit_scale = float(np.max(np.abs(logits)))
-        loss, _ = L.cross_entropy_forward(logits, self.y)
-        return float(loss)
+            return outs
+        h = np.concatenate(outs)  # (changes * B, T, C): what follows runs once for all
+        for i in range(start + 1, n_layer) if start < n_layer else ():
+            h = self._block(i, h)
+        return self._head(self._ln_f(h) if start < n_layer else h)
+
+    def _head(self, h) -> list[float]:
+        # h (G*B,T,C) after ln_f -> the mean loss of each group of B rows, in groups of
+        # rows whose float64 logits stay under 64 MB
+        B, T = self.y.shape
+        wte = self.p["transformer.wte.weight"]
+        per = max(1, (64 << 20) // (B * T * wte.shape[0] * wte.itemsize))
+        out = []
+        for g in range(0, h.shape[0] // B, per):
+            rows = h[g * B:(g + per) * B]
+            logits, _ = L.lm_head_forward(rows, wte)
+            for k in range(rows.shape[0] // B):
+                loss, _ = L.cross_entropy_forward(logits[k * B:(k + 1) * B], self.y)
+                out.append(float(loss))
+        return out
+
+
+# Perturbations evaluated together after the block they change: their stacked activations
+# stay under ~100 MB for GPT-2 small at T = 32
+FD_BATCH_ROWS = 4096
 
 
 # ------------------------------------------------------------------------ finite differences
 
 
+def fd_points(x0: float, h: float = FD_STEP) -> tuple[float, float, float, float]:
+    """The values an entry x0 takes for central_difference: x0 + h, x0 - h, x0 + 2h, x0 - 2h."""
+    return x0 + h, x0 - h, x0 + 2 * h, x0 - 2 * h
+
+
+def fd_estimate(points, losses) -> tuple[float, float]:
+    """(D(h), |D(2h) - D(h)|) from the losses at fd_points: the central difference and the
+    truncation allowance that fd_tolerance takes.
+
+    D(s) = (loss(x0 + s) - loss(x0 - s)) / ((x0 + s) - (x0 - s)): the divisor is the step as
+    stored, not 2s (an entry of size |x0| holds x0 + s only to eps * |x0|).
+    """
+    d1 = (losses[0] - losses[1]) / (points[0] - points[1])
+    d2 = (losses[2] - losses[3]) / (points[2] - points[3])
+    return d1, abs(d2 - d1)
+
+
 def central_difference(loss_at: Callable[[float], float], x0: float,
                        h: float = FD_STEP) -> tuple[float, float]:
-    """(D(h), |D(2h) - D(h)|): the central difference at x0 of loss_at(v), a float64 loss
-    with one entry set to v, and the truncation allowance that fd_tolerance takes.
-
-    D(s) = (loss_at(x0 + s) - loss_at(x0 - s)) / ((x0 + s) - (x0 - s)): the divisor is the
-    step as stored, not 2s (an entry of size |x0| holds x0 + s only to eps * |x0|).
-    """
-    d = []
-    for s in (h, 2 * h):
-        up, down = x0 + s, x0 - s
-        d.append((loss_at(up) - loss_at(down)) / (up - down))
-    return d[0], abs(d[1] - d[0])
+    """fd_estimate of loss_at(v), a float64 loss with one entry set to v, around x0."""
+    points = fd_points(x0, h)
+    return fd_estimate(points, [loss_at(v) for v in points])
 
 
 def fd_tolerance(truncation: float, scale: float, h: float = FD_STEP) -> float:
@@ -287,27 +350,32 @@ def _finite_differences(model, f, grads, k, seed, h):
     # loss, the logits it cancels from, and its sensitivity to every parameter (fd_tolerance)
     scale = abs(f.clean) + f.logit_scale + sum(float(np.sum(np.abs(p * grads[name])))
                                                for name, p in model.params.items())
+    probes = {name: rng.choice(p.size, min(k, p.size), replace=False)
+              for name, p in model.params.items()}
+    by_start = {}  # the tensors that take effect at one place: their probes run together
+    for name in model.params:
+        by_start.setdefault(f.start_of(name, model.config.n_layer), []).append(name)
+    per = max(1, FD_BATCH_ROWS // (4 * f.x.size))  # probed entries per evaluation
+    worst = {name: (-1.0, 0.0, 0.0) for name in model.params}  # (error / tol, error, tol)
+    for start, names in by_start.items():
+        probe = [(name, int(j)) for name in names for j in probes[name]]
+        for c in range(0, len(probe), per):
+            chunk, changes = probe[c:c + per], []
+            for name, j in chunk:
+                flat = model.params[name].reshape(-1)  # a view: perturbs the param in place
+                changes += [(flat, j, v) for v in fd_points(flat[j], h)]
+            losses = f.losses(start, changes)
+            for i, (name, j) in enumerate(chunk):
+                estimate, truncation = fd_estimate([v for _, _, v in changes[4 * i:4 * i + 4]],
+                                                   losses[4 * i:4 * i + 4])
+                g = float(np.asarray(grads[name]).reshape(-1)[j])
+                err, tol = abs(estimate - g), fd_tolerance(truncation, scale, h)
+                if fd_ratio(err, tol) > worst[name][0]:
+                    worst[name] = (fd_ratio(err, tol), err, tol)
     errors, tolerances = {}, {}
-    for name, p in model.params.items():
-        flat = p.reshape(-1)  # a view: perturbs the model's param in place
-        g = np.asarray(grads[name], dtype=np.float64).reshape(-1)
-        start = f.start_of(name, model.config.n_layer)
-        worst = (-1.0, 0.0, 0.0)  # (error / tolerance, error, tolerance)
-        for j in rng.choice(flat.size, min(k, flat.size), replace=False):
-            old = flat[j]
-
-            def loss_at(value, j=j):
-                flat[j] = value
-                return f.loss(start)
-
-            estimate, truncation = central_difference(loss_at, old, h)
-            flat[j] = old  # restored exactly: the same float64 value
-            err, tol = abs(estimate - g[j]), fd_tolerance(truncation, scale, h)
-            ratio = fd_ratio(err, tol)
-            if ratio > worst[0]:
-                worst = (ratio, err, tol)
-        norm = float(np.max(np.abs(g))) or 1.0
-        errors[name], tolerances[name] = worst[1] / norm, worst[2] / norm
+    for name in model.params:
+        norm = float(np.max(np.abs(np.asarray(grads[name], dtype=np.float64)))) or 1.0
+        errors[name], tolerances[name] = worst[name][1] / norm, worst[name][2] / norm
     return errors, tolerances
 
 

@@ -13,9 +13,11 @@ of the paper, it is the one small base models can be scored with, and the one th
 
 Speed: the 4 rows of an item, and several items, go through ONE padded forward without
 targets (nothing kept for a backward). Padding is on the right, where causal attention cannot
-see it, and the padded positions are never scored. Only the logits at scored positions are
-turned into losses (float64 log-softmax), so the (rows, T, V) logits are read once; the batch
-size is chosen so that those logits stay under a memory budget.
+see it, and the padded positions are never scored. A gpt2np.GPT computes the lm_head and the
+loss only at the scored positions (GPT.token_losses), so its batches are as big as
+FORWARD_TOKENS; for other models only the logits at scored positions are turned into losses
+(float64 log-softmax), and the batch is sized so that the (rows, T, V) logits stay under a
+memory budget.
 
 A context too long for the block size is cut from the left (the same cut for the 4 endings,
 so that they still share their context), and the count of cut items is reported.
@@ -52,6 +54,9 @@ VAL_ITEMS = 10042
 MAX_FILE_BYTES = 2 ** 30  # HellaSwag's splits are tens of MB: a larger file is no HellaSwag
 DEFAULT_LOGITS_BUDGET = 64 * 2 ** 20  # bytes of float32 logits per CPU forward (bigger: slower)
 GPU_LOGITS_BUDGET = 2 * 2 ** 30  # the same on a GPU, where bigger batches pay off
+# Tokens per forward of a gpt2np.GPT, which scores without (R, T, V) logits: only its
+# activations grow with the batch, and big GEMMs run faster than small ones.
+FORWARD_TOKENS = 4096
 
 
 # ------------------------------------------------------------------------------ the data
@@ -215,6 +220,24 @@ def logits_function(model) -> Callable:
                     f"a function idx (B, T) -> logits (B, T, V)")
 
 
+def losses_function(model) -> Callable | None:
+    """For a gpt2np.GPT, score(idx, rows, cols, targets) -> the float64 losses (N,) of the
+    targets at (rows, cols) of idx (R, T), by the model's token_losses: one forward with
+    nothing kept and the lm_head only at those positions, no (R, T, V) logits. None for any
+    other model (then its logits are scored by token_losses)."""
+    from gpt2np.model import GPT
+
+    if not isinstance(model, GPT):
+        return None
+
+    def score(idx, rows, cols, targets):
+        t = np.full(idx.shape, -1, dtype=np.int64)
+        t[rows, cols] = targets
+        return model.token_losses(idx, t)[rows, cols]
+
+    return score
+
+
 def token_losses(logits, rows, cols, targets, backend=None) -> np.ndarray:
     """-log softmax(logits[rows, cols])[targets] in float64, as a host array (N,).
 
@@ -267,11 +290,12 @@ def batches(rendered: list[Rendered], max_tokens: int) -> Iterable[list[int]]:
 
 
 def ending_losses(logits_fn, rendered: list[Rendered], max_tokens: int = 4096,
-                  on_batch: Callable | None = None, backend=None):
+                  on_batch: Callable | None = None, backend=None, score: Callable | None = None):
     """Summed loss and scored-token count of every ending: two (n, 4) arrays (float64, int).
 
     logits_fn: idx (R, T) -> logits (R, T, V), arrays of `backend` (see token_losses);
-    on_batch(n_items) is called after each forward.
+    on_batch(n_items) is called after each forward. score: a losses_function to use instead
+    of logits_fn (a gpt2np.GPT's: no logits at all).
     """
     n = len(rendered)
     sums, counts = np.zeros((n, 4)), np.zeros((n, 4), dtype=np.int64)
@@ -288,7 +312,8 @@ def ending_losses(logits_fn, rendered: list[Rendered], max_tokens: int = 4096,
             c_sel.append(j - 1)  # the logits at j-1 predict the token at j
             t_sel.append(row[j])
         r_sel, c_sel, t_sel = (np.concatenate(a) for a in (r_sel, c_sel, t_sel))
-        nll = token_losses(logits_fn(idx), r_sel, c_sel, t_sel, backend)
+        nll = (score(idx, r_sel, c_sel, t_sel) if score is not None else
+               token_losses(logits_fn(idx), r_sel, c_sel, t_sel, backend))
         row_sum = np.bincount(r_sel, weights=nll, minlength=len(rows))  # (R,)
         row_count = np.bincount(r_sel, minlength=len(rows))
         sums[batch] = row_sum.reshape(len(batch), 4)
@@ -356,12 +381,15 @@ class HellaSwag:
         mine = self.rendered[rank::world]
         # the logits (R, T, V) float32 are the biggest array of the forward: fit them in budget
         max_tokens = max(1, logits_budget // (4 * vocab))
+        score = losses_function(model)
+        if score is not None:  # a gpt2np.GPT makes no such logits: big forwards
+            max_tokens = max(max_tokens, FORWARD_TOKENS)
         from tqdm import tqdm
 
         with tqdm(total=len(mine), unit="item", desc="hellaswag", file=sys.stderr, leave=False,
                   disable=not progress or (ctx is not None and not ctx.is_main)) as bar:
             sums, counts = ending_losses(logits_function(model), mine, max_tokens, bar.update,
-                                         backend)
+                                         backend, score=score)
         labels = np.array([r.label for r in mine], dtype=np.int64)
         means = sums / np.maximum(counts, 1)  # (n, 4) loss per ending token
         local = [len(mine), int((sums.argmin(1) == labels).sum()) if len(mine) else 0,

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from gpt2np.config import GPT2_VOCAB_SIZE
-from gpt2np.evals.hellaswag import DEFAULT_LOGITS_BUDGET, logits_function, token_losses
+from gpt2np.evals.hellaswag import (DEFAULT_LOGITS_BUDGET, FORWARD_TOKENS, logits_function,
+                                    losses_function, token_losses)
 
 TASKS = ("hellaswag", "loss")
 BACKENDS = ("numpy", "cupy", "torch")
@@ -80,7 +81,9 @@ def token_loss(model, tokens, *, block_size: int | None = None, limit: int | Non
     """Mean cross-entropy of `tokens` (1-D ints) under the model, over non-overlapping
     block-size windows (the first `limit` of them). Rank r takes windows i % world == r.
     model: anything hellaswag.logits_function takes; backend: that of a plain function's
-    logits (default: the model's `backend`, else numpy arrays)."""
+    logits (default: the model's `backend`, else numpy arrays). logits_budget bounds a
+    plain function's logits per forward; a gpt2np.GPT makes none (GPT.token_losses) and
+    takes FORWARD_TOKENS tokens of windows per forward."""
     config = getattr(model, "config", None)
     if block_size is None and config is None:
         raise ValueError("pass block_size= when the model is a plain logits function")
@@ -94,6 +97,9 @@ def token_loss(model, tokens, *, block_size: int | None = None, limit: int | Non
     mine = wins[rank::world]
     # (B, T, V) float32 logits plus their float64 copy at every position: keep them in budget
     per_batch = max(1, logits_budget // (12 * vocab * block_size))
+    score = losses_function(model)  # a gpt2np.GPT: no logits at all, so big batches
+    if score is not None:
+        per_batch = max(per_batch, FORWARD_TOKENS // block_size)
     logits_fn = logits_function(model)
     backend = backend or getattr(model, "backend", None)
     from tqdm import tqdm
@@ -108,7 +114,8 @@ def token_loss(model, tokens, *, block_size: int | None = None, limit: int | Non
                 x = np.stack([tokens[s:s + length] for s in same])  # (B, T)
                 y = np.stack([tokens[s + 1:s + length + 1] for s in same])
                 rows, cols = np.divmod(np.arange(x.size), length)
-                nll = token_losses(logits_fn(x), rows, cols, y.reshape(-1), backend)
+                nll = (score(x, rows, cols, y.reshape(-1)) if score is not None else
+                       token_losses(logits_fn(x), rows, cols, y.reshape(-1), backend))
                 total += float(nll.sum())
                 count += x.size
             bar.update(len(group))

@@ -1,0 +1,510 @@
+"""The numpy backend's kernels: gpt2np.layers' math on every core, in cache-sized pieces.
+
+NumPy runs each operation on one core and streams whole arrays through memory once per
+operation. The kernels here cut a layer's work into independent pieces (blocks of rows,
+groups of attention heads, blocks of an AdamW update, slices of a matrix), each small
+enough for the caches, so that a chain of operations reads memory once; and they share the
+pieces among threads.
+NumPy releases the GIL inside its ufunc loops, reductions and BLAS calls, so the threads
+run on different cores. While they run, each BLAS call keeps to one thread (its own
+threads would fight ours for the same cores).
+
+The pieces are fixed by sizes, never by the number of threads, so a result does not depend
+on how many threads computed it. Each kernel has the signature and contract of its
+reference in gpt2np.layers (or gpt2np.optim's update), and gives the same numbers bit for
+bit, except attention, whose docstring says what differs. tests/test_speed_paths.py checks
+every one against its reference.
+"""
+from __future__ import annotations
+
+import contextvars
+import functools
+import itertools
+import math
+import os
+import queue
+import threading
+
+import numpy as np
+
+from gpt2np import layers as L
+
+try:  # the standard way to reach the BLAS's thread count at run time (scikit-learn's)
+    from threadpoolctl import ThreadpoolController
+except ImportError:  # pragma: no cover - then the BLAS is left alone and no threads run
+    ThreadpoolController = None
+
+
+# --------------------------------------------------------------------------------------
+# the BLAS's threads
+
+
+class _BlasThreads:
+    """Get and set the BLAS's thread count (every BLAS threadpoolctl finds), directly
+    through its controllers: a threadpoolctl limit context looks the libraries up again
+    each time, which costs about as much as one of generation's small products."""
+
+    def __init__(self):
+        self._controllers = None
+        self._lock = threading.Lock()
+        self._depth = 0  # nested serial() contexts, over all threads
+        self._saved = []
+
+    def controllers(self):
+        if self._controllers is None:
+            found = [] if ThreadpoolController is None else \
+                ThreadpoolController().select(user_api="blas").lib_controllers
+            self._controllers = found
+        return self._controllers
+
+    def count(self) -> int:
+        """The BLAS's thread setting (os.cpu_count() where no BLAS is found, 1 without
+        threadpoolctl); inside serial(), the setting serial() found. The threads of the
+        kernels below follow it: limit the BLAS (threadpoolctl) and they are limited too."""
+        with self._lock:
+            if self._depth:
+                return max([n for _, n in self._saved], default=1)
+        found = self.controllers()
+        if not found:
+            return 1 if ThreadpoolController is None else (os.cpu_count() or 1)
+        return max(c.get_num_threads() for c in found)
+
+    def serial(self):
+        """A context with the BLAS on one thread inside; the first of nested contexts (from
+        any thread) sets it, the last one out restores it. (This object itself: a plain
+        context, cheaper than a generator's, since every small matmul enters it.)"""
+        return self
+
+    def __enter__(self):
+        with self._lock:
+            if self._depth == 0:
+                self._saved = [(c, c.get_num_threads()) for c in self.controllers()]
+                for c, _ in self._saved:
+                    c.set_num_threads(1)
+            self._depth += 1
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                for c, n in self._saved:
+                    c.set_num_threads(n)
+
+
+BLAS = _BlasThreads()
+
+
+# --------------------------------------------------------------------------------------
+# the threads
+
+
+class _Threads:
+    """Worker threads that run the pieces of a kernel with the calling thread."""
+
+    def __init__(self):
+        self._jobs = None  # the helpers' queue of jobs
+        self._pid = None
+        self._local = threading.local()
+
+    def _submit(self, job):
+        # a SimpleQueue and bare daemon threads: a generation step submits ~50 jobs, and an
+        # executor's futures and bookkeeping cost more than the wake-up itself
+        if self._jobs is None or self._pid != os.getpid():  # a forked child has no threads
+            self._jobs, self._pid = queue.SimpleQueue(), os.getpid()
+            for i in range(max(1, (os.cpu_count() or 1) - 1)):
+                threading.Thread(target=self._serve, args=(self._jobs,), daemon=True,
+                                 name=f"gpt2np-{i}").start()
+        self._jobs.put(job)
+
+    @staticmethod
+    def _serve(jobs):
+        while True:
+            jobs.get()()
+
+    def run(self, fn, tasks):
+        """fn(task) for every task, on as many threads as the BLAS may use (this one among
+        them), each taking the next task when it is done: a thread that the operating
+        system holds back (other jobs on the cores) does less, and a helper that has not
+        started by the time the tasks are done is not waited for. Inside a task, nested
+        run()s are serial, and so is every BLAS call (on any number of threads: the same
+        results). The first exception of a task is raised here."""
+        tasks = list(tasks)
+        n = min(len(tasks), BLAS.count())
+        if n <= 1 or getattr(self._local, "busy", False):
+            with BLAS.serial():  # a task's products on one thread, however many run it
+                for task in tasks:
+                    fn(task)
+            return
+        ticket, errors = itertools.count(), []  # next(): atomic under the GIL, no lock
+        finished = [0]  # tasks done, summed as each thread leaves
+        done = threading.Condition()
+
+        def worker():
+            self._local.busy = True
+            mine = 0
+            try:
+                while not errors:
+                    i = next(ticket)
+                    if i >= len(tasks):
+                        break
+                    fn(tasks[i])
+                    mine += 1
+            except BaseException as e:  # noqa: BLE001 - handed to the caller below
+                errors.append(e)
+            finally:
+                self._local.busy = False
+                with done:
+                    finished[0] += mine
+                    done.notify_all()
+
+        with BLAS.serial():
+            for _ in range(n - 1):  # each sees the caller's context: the matmul precision
+                self._submit(functools.partial(contextvars.copy_context().run, worker))
+            worker()
+            with done:
+                done.wait_for(lambda: finished[0] == len(tasks) or errors)
+        if errors:
+            raise errors[0]
+
+
+THREADS = _Threads()
+
+
+def _row_blocks(n_rows, row_bytes, block_bytes):
+    # [r0, r1) blocks of about block_bytes each (at least one row)
+    step = max(1, block_bytes // max(1, row_bytes))
+    return [slice(r, min(n_rows, r + step)) for r in range(0, n_rows, step)]
+
+
+# Bytes of one input per piece of a row-wise layer: with the layer's outputs and temporaries
+# a piece stays in the caches (L2 and the L3 share of a core), and there are few enough
+# pieces that calling numpy for each costs little beside their arithmetic.
+ROW_BLOCK_BYTES = 256 << 10
+
+
+# --------------------------------------------------------------------------------------
+# a product of few rows with a big matrix: its columns in slices on the threads
+
+# Bytes of the matrix per slice, about: GPT-2 124M's matrices make 2 slices each (at least
+# 2, for two threads to share) and its lm_head 36; every slice is one BLAS call.
+STREAM_SLICE_BYTES = 4 << 20
+
+
+def streamed_matmul(a, b, out=None, precision="fp32"):
+    """a (..., m, k) @ b (k, n) for a few rows m (generation's matrix-vector products):
+    b's columns in slices of about STREAM_SLICE_BYTES (at least two, each a multiple of 64
+    columns), each one single-threaded BLAS call, shared among the threads. Such a product
+    reads b once and does little arithmetic per byte: two cores stream it faster than one.
+    (OpenBLAS's own threads split it too, but each call waits for all of them: on cores
+    that other jobs keep busy, that wait is a scheduler time slice, many times the
+    product's own time.)"""
+    n = b.shape[-1]
+    slices = max(2, b.shape[0] * n * b.itemsize // STREAM_SLICE_BYTES)
+    step = -(-n // slices // 64) * 64 or 64  # a multiple of 64 columns
+    if out is None:
+        out = np.empty(a.shape[:-1] + (n,), dtype=np.result_type(a, b))
+
+    def cols(s):
+        L.reference_matmul(a, b[:, s], out=out[..., s], precision=precision)
+
+    THREADS.run(cols, [slice(c, min(n, c + step)) for c in range(0, n, step)])
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# GELU: the reference on blocks of rows; LayerNorm's few rows
+
+
+def gelu_forward(x, bias=None, operand=False):
+    # gpt2np.layers.gelu_forward on blocks of rows, each written into the whole arrays
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    blocks = _row_blocks(x2.shape[0], x2[:1].nbytes, ROW_BLOCK_BYTES)
+    if len(blocks) == 1:  # a few rows (generation): the reference as it is
+        return L.gelu_forward(x, bias, operand)
+    out = np.empty(x2.shape, dtype=np.result_type(x2, *(() if bias is None else (bias,))))
+    xb = x2 if bias is None else np.empty_like(out)  # x + bias, kept for the backward
+    t = np.empty_like(out)
+
+    def rows(r):
+        o, (xr, tr) = L.gelu_forward(x2[r], bias)
+        out[r], t[r] = o, tr
+        if bias is not None:
+            xb[r] = xr
+
+    THREADS.run(rows, blocks)
+    out = out.reshape(shape)
+    return (L.matmul_operand(out) if operand else out), (xb.reshape(shape), t.reshape(shape))
+
+
+def gelu_backward(dout, cache):
+    x, t = cache
+    shape = x.shape
+    x2, t2, d2 = x.reshape(-1, shape[-1]), t.reshape(-1, shape[-1]), dout.reshape(-1, shape[-1])
+    dx = np.empty(x2.shape, dtype=np.result_type(x2, d2))
+
+    def rows(r):
+        dx[r] = L.gelu_backward(d2[r], (x2[r], t2[r]))
+
+    THREADS.run(rows, _row_blocks(x2.shape[0], x2[:1].nbytes, ROW_BLOCK_BYTES))
+    return dx.reshape(shape)
+
+
+def layernorm_forward(x, weight, bias, eps=1e-5, operand=False):
+    # gpt2np.layers.layernorm_forward; a few rows (generation's) by _layernorm_rows. (Many
+    # rows stay with the reference: its arrays fit in cache, and blocks would only add
+    # copies and calls.)
+    if x.size * x.itemsize > ROW_BLOCK_BYTES:
+        return L.layernorm_forward(x, weight, bias, eps, operand)
+    out, (norm, rstd) = _layernorm_rows(x, weight, bias, eps)
+    return (L.matmul_operand(out) if operand else out), (norm, rstd, weight)
+
+
+def _layernorm_rows(x, weight, bias, eps):
+    # the reference's operations, with the ufunc reductions that x.mean() runs (in float32
+    # for float32, then divided by the count as an integer scalar) called directly: np.mean's
+    # Python wrapper costs as much as the arithmetic of a row of generation
+    n = np.intp(x.shape[-1])
+    mean = np.add.reduce(x, axis=-1, keepdims=True)
+    np.true_divide(mean, n, out=mean, casting="unsafe")
+    norm = x - mean
+    var = np.add.reduce(norm * norm, axis=-1, keepdims=True)
+    np.true_divide(var, n, out=var, casting="unsafe")
+    rstd = 1.0 / np.sqrt(var + eps)
+    norm *= rstd
+    out = norm * weight
+    out += bias
+    return out, (norm, rstd)
+
+
+# --------------------------------------------------------------------------------------
+# cross-entropy: the reference's blocks of rows, shared among the threads
+
+CE_BLOCK_BYTES = 1 << 20  # logits per block, as the reference's (each row is its own anyway)
+
+
+def cross_entropy_forward(logits, targets, ignore_index=-1, out=None):
+    # gpt2np.layers.cross_entropy_forward, whose blocks of rows run on the threads
+    V = logits.shape[-1]
+    logits2 = logits.reshape(-1, V)
+    N = logits2.shape[0]
+    t = targets.reshape(-1)
+    valid = t != ignore_index
+    n_valid = int(valid.sum())
+    tsafe = np.where(valid, t, 0)
+    weight = valid.astype(logits.dtype) * (1.0 / n_valid if n_valid else 0.0)
+    probs = np.empty((N, V), dtype=logits.dtype) if out is None else out.reshape(N, V)
+    lse = np.empty((N, 1), dtype=logits.dtype)
+
+    def rows(r):  # the reference's block, line for line
+        rows, p = logits2[r], probs[r]
+        m = rows.max(axis=-1, keepdims=True)
+        np.subtract(rows, m, out=p)
+        np.exp(p, out=p)
+        s = p.sum(axis=-1, keepdims=True)
+        p *= weight[r, None] / s
+        lse[r] = np.log(s) + m
+
+    THREADS.run(rows, _row_blocks(N, V * logits.itemsize, CE_BLOCK_BYTES))
+    nll = (lse[:, 0] - logits2[np.arange(N), tsafe]) * valid
+    loss = nll.sum() / n_valid if n_valid else nll.sum() * float("nan")
+    return loss, (probs, tsafe, weight, logits.shape)
+
+
+def cross_entropy_losses(logits, targets):
+    # gpt2np.layers.cross_entropy_losses, whose blocks of rows run on the threads
+    N, V = logits.shape
+    lse = np.empty(N, dtype=np.float64)
+
+    def rows(r):  # the reference's block, line for line
+        rows = logits[r]
+        m = rows.max(axis=-1, keepdims=True)
+        e = rows - m  # a block's scratch, exponentiated in place
+        s = np.exp(e, out=e).sum(axis=-1)
+        lse[r] = np.log(s.astype(np.float64)) + m[:, 0]
+
+    THREADS.run(rows, _row_blocks(N, V * logits.itemsize, CE_BLOCK_BYTES))
+    return lse - logits[np.arange(N), targets]
+
+
+# --------------------------------------------------------------------------------------
+# causal self-attention: a few heads per task
+
+# Queries per block of a head: with hs = 64 a block's GEMMs run as fast as big ones, its
+# scores (128 x up to T floats) stay in L2, and at T = 1024 the blocks compute 56% of the
+# T x T scores (the reference's 256-row blocks: 62.5%).
+ATT_BLOCK = 128
+# Scores per task, in bytes: heads are grouped until a block of all of them fills this
+# (small tasks: a core that other jobs hold back leaves its share to the other threads).
+ATT_TASK_BYTES = 1 << 18
+
+
+def _head_tasks(B, NH, T, itemsize):
+    # (batches, heads) slices: groups of heads whose score blocks fit ATT_TASK_BYTES
+    per_head = min(T, ATT_BLOCK) * T * itemsize
+    g = max(1, ATT_TASK_BYTES // per_head)
+    if g >= NH:  # whole batch rows of heads
+        nb = g // NH
+        return [(slice(b, min(B, b + nb)), slice(0, NH)) for b in range(0, B, nb)]
+    return [(slice(b, b + 1), slice(h, min(NH, h + g))) for b in range(B) for h in range(0, NH, g)]
+
+
+def _heads(a, bs, hs_):
+    # rows (B,T,NH,hs) of a view -> the heads' (b,nh,T,hs) view
+    return a[bs, :, hs_].transpose(0, 2, 1, 3)
+
+
+def attention_forward(qkv, n_head, bias=None):
+    """gpt2np.layers.attention_forward's math as tasks of a few heads on the threads, with
+    ATT_BLOCK queries per block (the reference's blocks are bigger: the products' sums run
+    over other lengths, so the two agree to float rounding, not bit for bit), each head's
+    q * scale, k and v copied out of qkv (bias added) into contiguous arrays."""
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    hs = C // n_head
+    src = qkv.reshape(B, T, 3, n_head, hs)
+    b3 = None if bias is None else bias.reshape(3, n_head, hs)
+    dtype = qkv.dtype if bias is None else np.result_type(qkv, bias)
+    scale = 1.0 / math.sqrt(hs)
+    qs, k, v = (np.empty((B, n_head, T, hs), dtype=dtype) for _ in range(3))
+    y = np.empty((B, T, n_head, hs), dtype=dtype)  # heads merged by the layout: no copy
+    lse = np.empty((B, n_head, T, 1), dtype=dtype)
+
+    def task(bh):
+        bs, hs_ = bh
+        for slot, dst in enumerate((qs, k, v)):
+            part = _heads(src[:, :, slot], bs, hs_)
+            if b3 is None:
+                dst[bs, hs_] = part
+            else:
+                np.add(part, b3[slot, hs_, None, :], out=dst[bs, hs_])
+        qs[bs, hs_] *= scale
+        _attention_heads_forward(qs[bs, hs_], k[bs, hs_], v[bs, hs_], _heads(y, bs, hs_),
+                                 lse[bs, hs_])
+
+    THREADS.run(task, _head_tasks(B, n_head, T, np.dtype(dtype).itemsize))
+    return y.reshape(B, T, C), (qs, k, v, y, lse, scale)
+
+
+def _causal_blocks(T):
+    return [(r0, min(T, r0 + ATT_BLOCK)) for r0 in range(0, T, ATT_BLOCK)]
+
+
+def _attention_heads_forward(qs, k, v, y, lse):
+    # qs, k, v (b,nh,T,hs) -> y (b,nh,T,hs), lse (b,nh,T,1), written in place
+    mask = None
+    for r0, r1 in _causal_blocks(qs.shape[2]):
+        n = r1 - r0
+        att = L.matmul(qs[:, :, r0:r1], k[:, :, :r1].transpose(0, 1, 3, 2))  # (b,nh,n,r1)
+        if mask is None or mask.shape[0] != n:
+            mask = np.triu(np.full((n, n), -np.inf, dtype=att.dtype), k=1)
+        att[..., r0:] += mask  # the future keys, all in the diagonal block
+        m = att.max(axis=-1, keepdims=True)
+        att -= m
+        np.exp(att, out=att)
+        s = att.sum(axis=-1, keepdims=True)
+        att *= 1.0 / s  # P itself is the operand, as in the reference (in bf16: rounded so)
+        lse[:, :, r0:r1] = np.log(s) + m
+        L.matmul(att, v[:, :, :r1], out=y[:, :, r0:r1])
+
+
+def attention_backward(dout, cache):
+    """gpt2np.layers.attention_backward as tasks of a few heads on the threads, each
+    head's gradients written straight into their slots of dqkv."""
+    qs, k, v, y, lse, scale = cache
+    B, NH, T, hs = qs.shape
+    dy = dout.reshape(B, T, NH, hs)
+    dqkv = np.empty((B, T, 3, NH, hs), dtype=np.result_type(dout, qs))
+
+    def task(bh):
+        bs, hs_ = bh
+        dq, dk, dv = (_heads(dqkv[:, :, slot], bs, hs_) for slot in range(3))
+        _attention_heads_backward(_heads(dy, bs, hs_), qs[bs, hs_], k[bs, hs_], v[bs, hs_],
+                                  _heads(y, bs, hs_), lse[bs, hs_], dq, dk, dv)
+        dq *= scale  # scores = (q * scale) @ k^T
+
+    THREADS.run(task, _head_tasks(B, NH, T, qs.itemsize))
+    return dqkv.reshape(B, T, 3 * NH * hs)
+
+
+def _attention_heads_backward(dy, qs, k, v, y, lse, dq, dk, dv):
+    # dy (b,nh,T,hs) and the forward's arrays -> dq (unscaled), dk, dv written in place
+    dk[...] = 0
+    dv[...] = 0
+    D = (dy * y).sum(axis=-1, keepdims=True)  # rowsum(P * dP) = dy . y
+    mask = None
+    for r0, r1 in _causal_blocks(qs.shape[2]):
+        n = r1 - r0
+        dyb = dy[:, :, r0:r1]
+        att = L.matmul(qs[:, :, r0:r1], k[:, :, :r1].transpose(0, 1, 3, 2))
+        if mask is None or mask.shape[0] != n:
+            mask = np.triu(np.full((n, n), -np.inf, dtype=att.dtype), k=1)
+        att[..., r0:] += mask
+        att -= lse[:, :, r0:r1]
+        np.exp(att, out=att)  # P, 0 for the future keys
+        dv[:, :, :r1] += L.matmul(att.transpose(0, 1, 3, 2), dyb)
+        datt = L.matmul(dyb, v[:, :, :r1].transpose(0, 1, 3, 2))  # dP
+        datt -= D[:, :, r0:r1]
+        datt *= att  # dS
+        L.matmul(datt, k[:, :, :r1], out=dq[:, :, r0:r1])
+        dk[:, :, :r1] += L.matmul(datt.transpose(0, 1, 3, 2), qs[:, :, r0:r1])
+
+
+# --------------------------------------------------------------------------------------
+# AdamW: every tensor in blocks, the blocks shared among the threads
+
+# Elements per block: p, g, m, v and a scratch of 256K float32 each (5 MB, two threads'
+# blocks in L3) stream through memory once, instead of once for each of the update's 14
+# operations; few enough blocks (~500 for GPT-2 small) that handing them out costs little.
+ADAM_BLOCK = 1 << 18
+_scratch = threading.local()
+
+
+def adamw_update(params, grads, ms, vs, decays, beta1, beta2, eps, step_size, sqrt_bias2):
+    """gpt2np.optim.AdamW._update on every tensor, in place, bit for bit: the same
+    operations on blocks of ADAM_BLOCK elements, shared among the threads. The signature
+    of gpt2np.backends.cupy_kernels.adamw_update; C-contiguous arrays."""
+    if not (len(grads) == len(ms) == len(vs) == len(decays) == len(params)):
+        raise ValueError("params, grads, ms, vs and decays must have the same length")
+    flat = [tuple(a.reshape(-1) for a in arrays) for arrays in zip(params, grads, ms, vs)]
+    tasks = [(i, s) for i, (p, *_) in enumerate(flat) for s in range(0, p.size, ADAM_BLOCK)]
+
+    def block(task):
+        i, s = task
+        p, g, m, v = (a[s:s + ADAM_BLOCK] for a in flat[i])
+        tmp = _scratch_for(p)
+        decay = decays[i]
+        if decay != 1.0:  # gpt2np.optim.AdamW._update, line for line
+            p *= decay
+        m *= beta1
+        np.multiply(g, 1.0 - beta1, out=tmp)
+        m += tmp
+        v *= beta2
+        np.multiply(g, g, out=tmp)
+        tmp *= 1.0 - beta2
+        v += tmp
+        np.sqrt(v, out=tmp)
+        tmp /= sqrt_bias2
+        tmp += eps
+        np.divide(m, tmp, out=tmp)
+        tmp *= step_size
+        p -= tmp
+
+    THREADS.run(block, tasks)
+
+
+def _scratch_for(p):
+    # this thread's scratch block, as p's dtype and size
+    key = p.dtype.str
+    buf = getattr(_scratch, key, None)
+    if buf is None or buf.size < p.size:
+        buf = np.empty(max(p.size, ADAM_BLOCK), dtype=p.dtype)
+        setattr(_scratch, key, buf)
+    return buf[:p.size]
+
+
+CPU_OPS = L.LayerOps(
+    layernorm_forward=layernorm_forward,
+    attention_forward=attention_forward, attention_backward=attention_backward,
+    gelu_forward=gelu_forward, gelu_backward=gelu_backward,
+    cross_entropy_forward=cross_entropy_forward, cross_entropy_losses=cross_entropy_losses)
