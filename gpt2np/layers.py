@@ -398,7 +398,20 @@ def lm_head_backward(dlogits, cache, dwte=None):
 _CE_BLOCK_BYTES = 1 << 20
 
 
-def cross_entropy_forward(logits, targets, ignore_index=-1, out=None):
+def run_blocks(fn, blocks):
+    # fn(block) for each block of rows, one after another (a backend may share them among
+    # threads instead: the blocks are independent)
+    for block in blocks:
+        fn(block)
+
+
+def _row_blocks(N, V, itemsize, xp):
+    # CPU caches hold a block of rows; a GPU streams them all at once
+    step = N if xp is not np else max(1, _CE_BLOCK_BYTES // (V * itemsize))
+    return [slice(r, r + step) for r in range(0, N, step)]
+
+
+def cross_entropy_forward(logits, targets, ignore_index=-1, out=None, run=run_blocks):
     # logits (B,T,V), targets (B,T) int -> loss (scalar array), cache.
     # out: optional (B,T,V) buffer for the softmax that the backward turns into dlogits.
     xp = get_xp(logits)
@@ -413,18 +426,19 @@ def cross_entropy_forward(logits, targets, ignore_index=-1, out=None):
     weight = valid.astype(logits.dtype) * (1.0 / n_valid if n_valid else 0.0)
     probs = xp.empty((N, V), dtype=logits.dtype) if out is None else out.reshape(N, V)
     lse = xp.empty((N, 1), dtype=logits.dtype)  # log-sum-exp of each row
+
     # The cached softmax is pre-multiplied by the row's weight: the backward's
     # (softmax - onehot) / n_valid then costs no extra pass over (B*T,V).
-    # CPU caches hold a block of rows; a GPU streams them all at once.
-    step = N if xp is not np else max(1, _CE_BLOCK_BYTES // (V * logits.itemsize))
-    for r in range(0, N, step):
-        rows, p = logits2[r:r + step], probs[r:r + step]
+    def block(r):
+        rows, p = logits2[r], probs[r]
         m = rows.max(axis=-1, keepdims=True)  # shift by the row max: exp cannot overflow
         xp.subtract(rows, m, out=p)
         xp.exp(p, out=p)
         s = p.sum(axis=-1, keepdims=True)
-        p *= weight[r:r + step, None] / s
-        lse[r:r + step] = xp.log(s) + m
+        p *= weight[r, None] / s
+        lse[r] = xp.log(s) + m
+
+    run(block, _row_blocks(N, V, logits.itemsize, xp))
     # -log p[target] = logsumexp - logit[target]: a gather of N entries, not of (N,V)
     nll = (lse[:, 0] - logits2[xp.arange(N), tsafe]) * valid
     # like torch: the mean over no tokens is nan
@@ -432,19 +446,21 @@ def cross_entropy_forward(logits, targets, ignore_index=-1, out=None):
     return loss, (probs, tsafe, weight, logits.shape)
 
 
-def cross_entropy_losses(logits, targets):
+def cross_entropy_losses(logits, targets, run=run_blocks):
     # logits (N,V), targets (N,) int -> the loss of each row (N,) float64. For evaluation:
     # no backward, so nothing is kept and no (N,V) softmax is written, only a block's
     xp = get_xp(logits)
     N, V = logits.shape
     lse = xp.empty(N, dtype=xp.float64)  # the losses are added up over many rows
-    step = N if xp is not np else max(1, _CE_BLOCK_BYTES // (V * logits.itemsize))
-    for r in range(0, N, step):  # blocks of rows in cache, as cross_entropy_forward's
-        rows = logits[r:r + step]
+
+    def block(r):  # blocks of rows in cache, as cross_entropy_forward's
+        rows = logits[r]
         m = rows.max(axis=-1, keepdims=True)
         e = rows - m  # a block's scratch, exponentiated in place
         s = xp.exp(e, out=e).sum(axis=-1)
-        lse[r:r + step] = xp.log(s.astype(xp.float64)) + m[:, 0]
+        lse[r] = xp.log(s.astype(xp.float64)) + m[:, 0]
+
+    run(block, _row_blocks(N, V, logits.itemsize, xp))
     return lse - logits[xp.arange(N), targets]
 
 

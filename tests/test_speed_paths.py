@@ -373,7 +373,7 @@ def test_row_kernels_equal_the_reference_bit_for_bit(threads, monkeypatch):
     from gpt2np.backends import numpy_kernels as K
 
     monkeypatch.setattr(K, "ROW_BLOCK_BYTES", 3 * 40 * 4)  # 3 rows of 40 floats per block
-    monkeypatch.setattr(K, "CE_BLOCK_BYTES", 2 * 50 * 4)
+    monkeypatch.setattr(L, "_CE_BLOCK_BYTES", 2 * 50 * 4)
     rng = np.random.default_rng(20)
     x, b = _f32(rng, 2, 13, 40), _f32(rng, 40)
     for bias in (None, b):

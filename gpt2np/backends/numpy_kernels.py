@@ -278,53 +278,10 @@ def _layernorm_rows(x, weight, bias, eps):
 
 
 # --------------------------------------------------------------------------------------
-# cross-entropy: the reference's blocks of rows, shared among the threads
+# cross-entropy: the reference's own blocks of rows, shared among the threads
 
-CE_BLOCK_BYTES = 1 << 20  # logits per block, as the reference's (each row is its own anyway)
-
-
-def cross_entropy_forward(logits, targets, ignore_index=-1, out=None):
-    # gpt2np.layers.cross_entropy_forward, whose blocks of rows run on the threads
-    V = logits.shape[-1]
-    logits2 = logits.reshape(-1, V)
-    N = logits2.shape[0]
-    t = targets.reshape(-1)
-    valid = t != ignore_index
-    n_valid = int(valid.sum())
-    tsafe = np.where(valid, t, 0)
-    weight = valid.astype(logits.dtype) * (1.0 / n_valid if n_valid else 0.0)
-    probs = np.empty((N, V), dtype=logits.dtype) if out is None else out.reshape(N, V)
-    lse = np.empty((N, 1), dtype=logits.dtype)
-
-    def rows(r):  # the reference's block, line for line
-        rows, p = logits2[r], probs[r]
-        m = rows.max(axis=-1, keepdims=True)
-        np.subtract(rows, m, out=p)
-        np.exp(p, out=p)
-        s = p.sum(axis=-1, keepdims=True)
-        p *= weight[r, None] / s
-        lse[r] = np.log(s) + m
-
-    THREADS.run(rows, _row_blocks(N, V * logits.itemsize, CE_BLOCK_BYTES))
-    nll = (lse[:, 0] - logits2[np.arange(N), tsafe]) * valid
-    loss = nll.sum() / n_valid if n_valid else nll.sum() * float("nan")
-    return loss, (probs, tsafe, weight, logits.shape)
-
-
-def cross_entropy_losses(logits, targets):
-    # gpt2np.layers.cross_entropy_losses, whose blocks of rows run on the threads
-    N, V = logits.shape
-    lse = np.empty(N, dtype=np.float64)
-
-    def rows(r):  # the reference's block, line for line
-        rows = logits[r]
-        m = rows.max(axis=-1, keepdims=True)
-        e = rows - m  # a block's scratch, exponentiated in place
-        s = np.exp(e, out=e).sum(axis=-1)
-        lse[r] = np.log(s.astype(np.float64)) + m[:, 0]
-
-    THREADS.run(rows, _row_blocks(N, V * logits.itemsize, CE_BLOCK_BYTES))
-    return lse - logits[np.arange(N), targets]
+cross_entropy_forward = functools.partial(L.cross_entropy_forward, run=THREADS.run)
+cross_entropy_losses = functools.partial(L.cross_entropy_losses, run=THREADS.run)
 
 
 # --------------------------------------------------------------------------------------

@@ -233,7 +233,7 @@ def losses_function(model) -> Callable | None:
     def score(idx, rows, cols, targets):
         t = np.full(idx.shape, -1, dtype=np.int64)
         t[rows, cols] = targets
-        return model.token_losses(idx, t)[rows, cols]
+        return _finite(np.asarray(model.token_losses(idx, t)[rows, cols], dtype=np.float64))
 
     return score
 
