@@ -20,7 +20,8 @@ one:
     free space there, or write elsewhere").
 Only a killed process (kill -9, power loss) leaves a temporary file. Its name says which
 file it stood for (`temp_target`), so whoever holds the folder (`FolderLock`) removes such
-leftovers (`remove_temporaries`): a resumed run, prepare.
+leftovers (`remove_temporaries`): a resumed run, prepare. A folder's next build removes
+what killed builds of it left (`remove_unfinished`).
 Appending (a run's log.jsonl) is `append_text`: never through a link either. A folder is
 written the same way as a file: built in a temporary folder beside it, then renamed into
 place (`replace_folder`). Outputs named on a command line are checked before any work
@@ -236,19 +237,30 @@ def remove_temporaries(folder, is_target: Callable[[str], bool]) -> list[str]:
 # ------------------------------------------------------------------------ folders
 
 
+# a folder replace_folder is still building holds this file, and the building process
+# holds a flock on the folder: a folder with the file and no lock was left by a killed build
+UNFINISHED = ".gpt2np-unfinished"
+
+
 def replace_folder(path, build: Callable[[Path], None]) -> Path:
     """Call build(tmp) for a new temporary folder beside `path`, then rename it to `path`.
 
     A missing or empty folder at `path` is replaced by one rename; a non-empty one (the
     caller has decided that it may go) is first moved aside, then removed, so `path` never
     holds half of either. An OSError names the file under `path`, not the temporary folder.
+    What builds of `path` killed before their rename left beside it goes first
+    (`remove_unfinished`).
     """
     path = Path(os.path.abspath(path))
-    tmp = None
+    tmp = held = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_unfinished(path)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        held = _hold_unfinished(tmp)
         build(tmp)
+        if held is not None:
+            os.unlink(tmp / UNFINISHED)  # (still held: no cleaner takes it before the rename)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
         if not path.exists() or not any(path.iterdir()):
             os.replace(tmp, path)
@@ -260,7 +272,55 @@ def replace_folder(path, build: Callable[[Path], None]) -> Path:
         if isinstance(e, OSError):
             raise _in_folder(e, tmp, path) from e
         raise
+    finally:
+        if held is not None:
+            os.close(held)
     return path
+
+
+def _hold_unfinished(folder: Path) -> int | None:
+    """Lock `folder` (flock on the folder itself) for this process, then mark it unfinished;
+    the descriptor that holds the lock, or None where there are no locks."""
+    if fcntl is None:
+        return None
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(os.open(folder / UNFINISHED, _CREATE, 0o644))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def remove_unfinished(path) -> list[str]:
+    """Remove the temporary folders beside `path` that builds of it killed before their
+    rename left (kill -9, power loss): `.<name>.<8 characters>.tmp` folders, not links,
+    holding the UNFINISHED mark, that no live process holds. Anything else is left alone:
+    a swap's `.old` folder may hold the only copy of an earlier folder. Returns the names
+    removed."""
+    path = Path(os.path.abspath(path))
+    if fcntl is None or not path.parent.is_dir():
+        return []
+    pattern = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}\.tmp")
+    removed = []
+    for entry in os.scandir(path.parent):
+        if not pattern.fullmatch(entry.name) or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # refused while a build runs
+            if os.path.lexists(os.path.join(entry.path, UNFINISHED)):
+                shutil.rmtree(entry.path)
+                removed.append(entry.name)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return sorted(removed)
 
 
 def _swap(new: Path, path: Path):

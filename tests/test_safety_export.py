@@ -113,8 +113,9 @@ def test_dest_a_link_the_current_folder_or_under_a_file_is_refused_first(tmp_pat
     assert tree_of(tmp_path) == before
 
 
-def test_sigterm_during_an_export_leaves_no_temporary_folder(tmp_path, src):
-    dest = tmp_path / "hf"
+def _export_stopped_while_writing(src, dest, sig):
+    """Run `gpt2np export src dest` in a child, send it `sig` once its temporary folder holds
+    every file, and return the child's (returncode, stderr)."""
     script = (
         "import sys, time\n"
         "import gpt2np.io.export as ex\n"
@@ -129,12 +130,60 @@ def test_sigterm_during_an_export_leaves_no_temporary_folder(tmp_path, src):
     proc = subprocess.Popen([sys.executable, "-c", script], env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300  # a hang guard only
-    while not glob.glob(str(tmp_path / ".hf.*.tmp" / "ready")):
+    while not glob.glob(str(dest.parent / f".{dest.name}.*.tmp" / "ready")):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the export never started writing"
         time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+def test_sigterm_during_an_export_leaves_no_temporary_folder(tmp_path, src):
+    code, err = _export_stopped_while_writing(src, tmp_path / "hf", signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, err
     assert err.strip() == "error: terminated (SIGTERM)"
     assert os.listdir(tmp_path) == []  # no DEST, no temporary folder
+
+
+def test_the_next_export_removes_what_a_killed_one_left(tmp_path, src):
+    dest = tmp_path / "hf"
+    code, _ = _export_stopped_while_writing(src, dest, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert len(glob.glob(str(tmp_path / ".hf.*.tmp"))) == 1  # what kill -9 leaves
+    assert main([str(src), str(dest)]) == 0
+    assert os.listdir(tmp_path) == ["hf"]
+
+
+def test_only_unfinished_folders_of_dest_that_no_process_holds_are_removed(tmp_path, src):
+    import fcntl
+
+    from gpt2np.files import UNFINISHED
+
+    def folder(name, mark=True):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"part of a file")
+        if mark:
+            (tmp_path / name / UNFINISHED).touch()
+        return tmp_path / name
+
+    folder(".hf.k1ll3d00.tmp")  # a killed export's: goes
+    live = folder(".hf.l1ve0000.tmp")  # an export that is still writing: stays
+    folder(".hf.userdata.tmp", mark=False)  # named alike, not ours: stays
+    folder(".other.k1ll3d00.tmp")  # another DEST's: stays
+    (tmp_path / ".hf.xyz00000.old").mkdir()  # a swap's: may hold the only old copy
+    (tmp_path / ".hf.xyz00000.old" / "hf").mkdir()
+    outside = folder("elsewhere")
+    os.symlink(outside, tmp_path / ".hf.l1nk0000.tmp")  # a link: never followed
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        before = tree_of(tmp_path)
+        assert main([str(src), str(tmp_path / "hf")]) == 0
+    finally:
+        os.close(fd)
+    after = tree_of(tmp_path)
+    gone = {k for k in before if k.startswith(".hf.k1ll3d00.tmp")}
+    assert gone and not gone & set(after)
+    assert {k: v for k, v in before.items() if k not in gone} == \
+        {k: v for k, v in after.items() if k in before}

@@ -30,7 +30,8 @@ multiple of 128 with zero rows, as llm.c pads it, and a padded vocabulary's rows
 
 The folder is written atomically (gpt2np.files.replace_folder): it is built in a temporary
 folder beside DEST and renamed to DEST, so DEST never exists half-written, and an error,
-Ctrl-C or SIGTERM leaves no temporary folder. DEST must not exist or be empty; --overwrite
+Ctrl-C or SIGTERM leaves no temporary folder (what a kill -9 leaves, the next export to DEST
+removes). DEST must not exist or be empty; --overwrite
 replaces an earlier export of either format: a folder that holds nothing but the files above
 (a training run, a folder with anything else, SRC itself are refused, naming what is in the
 way). DEST itself may not be a link, the current folder or a mount point: all is checked
