@@ -278,15 +278,26 @@ def replace_folder(path, build: Callable[[Path], None]) -> Path:
     return path
 
 
+def _open_folder(path) -> int:
+    # a descriptor of the folder itself (never through a link), to flock it
+    return os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW)
+
+
 def _hold_unfinished(folder: Path) -> int | None:
     """Lock `folder` (flock on the folder itself) for this process, then mark it unfinished;
-    the descriptor that holds the lock, or None where there are no locks."""
+    the descriptor that holds the lock, or None where there are no locks (then it is not
+    marked, and a killed build's folder stays, as before)."""
     if fcntl is None:
         return None
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW)
+    fd = _open_folder(folder)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.close(os.open(folder / UNFINISHED, _CREATE, 0o644))
+    except OSError as e:
+        os.close(fd)
+        if e.errno in _NO_LOCKS:
+            return None
+        raise
     except BaseException:
         os.close(fd)
         raise
@@ -308,7 +319,7 @@ def remove_unfinished(path) -> list[str]:
         if not pattern.fullmatch(entry.name) or not entry.is_dir(follow_symlinks=False):
             continue
         try:
-            fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW)
+            fd = _open_folder(entry.path)
         except OSError:
             continue
         try:

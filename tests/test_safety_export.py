@@ -187,3 +187,18 @@ def test_only_unfinished_folders_of_dest_that_no_process_holds_are_removed(tmp_p
     assert gone and not gone & set(after)
     assert {k: v for k, v in before.items() if k not in gone} == \
         {k: v for k, v in after.items() if k in before}
+
+
+def test_an_export_on_a_filesystem_without_locks_is_written_unmarked(tmp_path, src,
+                                                                      monkeypatch):
+    import errno
+    import fcntl
+
+    def unsupported(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", unsupported)
+    (tmp_path / ".hf.k1ll3d00.tmp").mkdir()  # unheld or not, nothing can tell: it stays
+    assert main([str(src), str(tmp_path / "hf")]) == 0
+    assert sorted(os.listdir(tmp_path)) == [".hf.k1ll3d00.tmp", "hf"]
+    assert "model.safetensors" in os.listdir(tmp_path / "hf")
