@@ -161,15 +161,19 @@ def global_grad_norm(grads: dict) -> float:
     per step instead of one synchronising transfer per tensor (148 for GPT-2)."""
     total = 0.0
     device_total = None
-    xp = backend_of(next(iter(grads.values()), None)).xp  # every gradient on one backend
-    for g in grads.values():
-        g2 = g.reshape(-1)
-        sq = xp.dot(g2, g2)
-        if xp is np:
-            total += float(sq)
-        else:
-            sq = sq.astype(xp.float64)
-            device_total = sq if device_total is None else device_total + sq
+    backend = backend_of(next(iter(grads.values()), None))  # every gradient on one backend
+    xp = backend.xp
+    # the BLAS's own threads would then wait, busy, for more work, on the cores the
+    # backend's threads need next (the numpy backend runs every product on its own threads)
+    with backend.serial_blas():
+        for g in grads.values():
+            g2 = g.reshape(-1)
+            sq = xp.dot(g2, g2)
+            if xp is np:
+                total += float(sq)
+            else:
+                sq = sq.astype(xp.float64)
+                device_total = sq if device_total is None else device_total + sq
     if device_total is not None:
         total += float(device_total)
     return math.sqrt(total)

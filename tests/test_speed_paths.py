@@ -1,6 +1,8 @@
 """The speed paths stay correct: buffers reused across training steps, in-place work that
 never touches the caller's arrays, float32 kept float32, blocked cross-entropy. No timings
 here (benchmarks are examples/bench.py)."""
+import os
+
 import numpy as np
 import pytest
 
@@ -455,6 +457,103 @@ def test_attention_kernel_is_the_reference_to_float32_rounding_and_leaves_its_in
     np.testing.assert_array_equal(K.attention_backward(dy, cache), dqkv)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_attention_kernel_past_its_fused_stabiliser(threads, monkeypatch, dtype):
+    """A query whose score with an earlier key exceeds its own by more than exp's range
+    (the fused blocks' stabiliser is the query's own score): its block is done the exact
+    way, and the result is torch's (float64) or the reference's (float32), all finite."""
+    import torch
+
+    from gpt2np.backends import numpy_kernels as K
+    from gpt2np.backends.torch_reference import ref_attention
+    from gradcheck import assert_close
+
+    exact = []
+    monkeypatch.setattr(K, "_block_forward_exact",
+                        lambda *a, f=K._block_forward_exact: exact.append(a[-2]) or f(*a))
+    monkeypatch.setattr(K, "ATT_BLOCK", 4)
+    rng = np.random.default_rng(29)
+    B, T, NH, hs = 1, 9, 2, 4
+    qkv = rng.standard_normal((B, T, 3, NH, hs))
+    big = 60.0 if dtype == np.float64 else 12.0  # scores of +-big^2/2 apart: past 709 / 88
+    qkv[0, 5, 0, 1] = [big, 0, 0, 0]  # query 5 of head 1,
+    qkv[0, 2, 1, 1] = [big, 0, 0, 0]  # key 2 (an earlier block),
+    qkv[0, 5, 1, 1] = [-big, 0, 0, 0]  # and its own key
+    qkv = qkv.reshape(B, T, -1).astype(dtype)
+    y, cache = K.attention_forward(qkv, NH)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    dqkv = K.attention_backward(dy, cache)
+    assert exact == [4]  # the block of queries 4..7, and no other
+    assert np.isfinite(y).all() and np.isfinite(dqkv).all()
+    if dtype == np.float64:
+        tq = torch.from_numpy(qkv).requires_grad_(True)
+        ty = ref_attention(tq, NH)
+        (ty * torch.from_numpy(dy)).sum().backward()
+        assert_close(y, ty.detach().numpy(), 1e-12, "y")
+        assert_close(dqkv, tq.grad.numpy(), 1e-12, "dqkv")
+    else:
+        ref_y, ref_cache = L.attention_forward(qkv, NH)
+        ref_dqkv = L.attention_backward(dy, ref_cache)
+        np.testing.assert_allclose(y, ref_y, rtol=0, atol=1e-5 * np.abs(ref_y).max())
+        np.testing.assert_allclose(dqkv, ref_dqkv, rtol=0, atol=1e-5 * np.abs(ref_dqkv).max())
+
+
+@pytest.mark.parametrize("shapes", [((300, 70), (70, 500)), ((700, 70), (70, 90)),
+                                    ((3, 200, 70), (70, 150)), ((2, 90, 70), (2, 70, 120))],
+                         ids=["columns", "rows", "a stack", "two stacks"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_threaded_matmul_is_the_product_and_independent_of_threads(monkeypatch, shapes, dtype):
+    """A big product in pieces on the threads: within the float rounding of a K-term dot
+    product of the BLAS's own (|error| <= K eps (|a| @ |b|)), whatever the threads, also
+    for transposed views, into out=, and in emulated bf16."""
+    from gpt2np.backends import numpy_backend as NB
+    from gpt2np.backends import numpy_kernels as K
+
+    monkeypatch.setattr(K, "GEMM_PIECE", 1 << 12)  # a few dozen pieces
+    rng = np.random.default_rng(30)
+    (sa, sb) = shapes
+    a, b = rng.standard_normal(sa).astype(dtype), rng.standard_normal(sb).astype(dtype)
+    runs = []
+    for n in (1, 3):
+        monkeypatch.setattr(K.BLAS, "count", lambda n=n: n)
+        runs.append(K.threaded_matmul(a, b))
+    np.testing.assert_array_equal(runs[0], runs[1])
+    K_ = a.shape[-1]
+    bound = K_ * np.finfo(dtype).eps * (np.abs(a) @ np.abs(b))
+    assert np.all(np.abs(runs[0] - a @ b) <= bound)
+    bt = np.ascontiguousarray(np.swapaxes(b, -1, -2))
+    out = np.empty_like(runs[0])
+    assert K.threaded_matmul(a, np.swapaxes(bt, -1, -2), out=out) is out
+    assert np.all(np.abs(out - a @ b) <= bound)
+    if dtype == np.float32:
+        want = L.reference_matmul(a, b, precision="bf16")
+        got = K.threaded_matmul(a, b, precision="bf16")
+        assert np.all(np.abs(got - want) <= 2 * K_ * np.finfo(dtype).eps * (np.abs(a) @ np.abs(b)))
+    # the backend sends products over SERIAL_GEMM multiply-adds there, and no smaller ones
+    calls = []
+    monkeypatch.setattr(K, "threaded_matmul", lambda *x, **kw: calls.append(x[0].shape))
+    monkeypatch.setattr(NB, "SERIAL_GEMM", a.shape[-1] * b.shape[-1])  # m = 1's count
+    NB.NumpyBackend.matmul(a, b)
+    NB.NumpyBackend.matmul(a[..., :1, :], b)
+    assert calls == [a.shape]
+
+
+def test_the_numpy_backend_keeps_freed_memory_where_malloc_is_glibc():
+    """Its import sets glibc's malloc to keep freed memory (numpy_kernels.keep_freed_memory)
+    unless GPT2NP_DEFAULT_MALLOC=1; elsewhere it leaves the C library alone."""
+    import platform
+    import subprocess
+    import sys
+
+    code = ("import gpt2np.backends.numpy_backend as NB, gpt2np.backends.numpy_kernels as K; "
+            "print(K.keep_freed_memory())")
+    glibc = platform.libc_ver()[0] == "glibc"
+    for env, want in (({}, str(glibc)), ({"GPT2NP_DEFAULT_MALLOC": "1"}, "False")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**os.environ, **env}, check=True).stdout.strip()
+        assert out == want
+
+
 def test_kernels_do_not_depend_on_the_thread_count(monkeypatch):
     """The pieces are fixed by sizes, so one thread and five give the same bits."""
     from gpt2np.backends import numpy_kernels as K
@@ -467,7 +566,7 @@ def test_kernels_do_not_depend_on_the_thread_count(monkeypatch):
         monkeypatch.setattr(K.BLAS, "count", lambda n=n: n)
         y, cache = K.attention_forward(qkv, 4)
         runs.append((y, K.attention_backward(dy, cache), K.gelu_forward(x)[0],
-                     K.streamed_matmul(x[:3], w)))
+                     K.streamed_matmul(x[:3], w), K.threaded_matmul(x, w)))
     for got, want in zip(*runs):
         np.testing.assert_array_equal(got, want)
 

@@ -9,10 +9,12 @@ from gpt2np import layers as L
 from gpt2np.backends import numpy_kernels as K
 
 # A GEMM of up to this many multiply-adds (2^26) runs on one BLAS thread:
-# OpenBLAS wakes and joins its threads on every call, which costs more than such a GEMM
-# saves, and far more when the cores are busy. Bigger GEMMs (GPT-2's c_fc, every lm_head)
-# keep all threads. numpy calls the BLAS once per matrix of a stack (attention's per-head
-# products), so a stack counts by its matrices.
+# waking other threads costs more than such a GEMM saves, and far more when the cores are
+# busy. Bigger GEMMs (GPT-2's c_fc, every lm_head) are cut into pieces for the kernels'
+# threads (numpy_kernels.threaded_matmul), so that the BLAS's own threads never run: after
+# each call they would spin, waiting for the next, on the cores the kernels need. numpy
+# calls the BLAS once per matrix of a stack (attention's per-head products), so a stack
+# counts by its matrices.
 SERIAL_GEMM = 1 << 26
 # A product of a few rows with a big matrix (generation's matrix-vector products) reads the
 # matrix once and does little arithmetic per byte: its speed is memory bandwidth, which two
@@ -41,7 +43,8 @@ class NumpyBackend:
     def matmul(a, b, out=None, precision="fp32"):
         """a @ b in `precision` (gpt2np.layers.reference_matmul: tf32 and bf16 emulated by
         rounding the operands); a small GEMM on one BLAS thread (SERIAL_GEMM), a product of
-        few rows with a big matrix in slices on the threads (STREAM_*)."""
+        few rows with a big matrix in slices on the threads (STREAM_*), a bigger one in
+        pieces on the threads (numpy_kernels.threaded_matmul)."""
         if a.ndim >= 2 and b.ndim >= 2:
             m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
             if m <= STREAM_ROWS and b.ndim == 2 and k * n * b.itemsize >= STREAM_BYTES:
@@ -49,6 +52,7 @@ class NumpyBackend:
             if m * k * n <= SERIAL_GEMM:
                 with NumpyBackend.serial_blas():
                     return L.reference_matmul(a, b, out=out, precision=precision)
+            return K.threaded_matmul(a, b, out=out, precision=precision)
         return L.reference_matmul(a, b, out=out, precision=precision)
 
     @staticmethod
@@ -77,6 +81,7 @@ class NumpyBackend:
 
 
 _BACKEND = NumpyBackend()
+K.keep_freed_memory()
 
 
 def get():

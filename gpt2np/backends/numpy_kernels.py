@@ -95,6 +95,42 @@ BLAS = _BlasThreads()
 
 
 # --------------------------------------------------------------------------------------
+# the C heap
+
+# glibc's malloc settings (mallopt's parameter numbers) for a step's temporaries:
+# arrays up to 32 MiB (its largest mmap threshold) come from the heap, and freed memory
+# stays with the process for the next step's arrays instead of going back to the system.
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+MALLOC_SETTINGS = ((_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 1 << 30),
+                   (_M_TOP_PAD, 64 << 20))
+
+
+def keep_freed_memory() -> bool:
+    """Set MALLOC_SETTINGS, once per process, where the C library is glibc; True if set.
+    By default glibc gives memory back to the system when the top of its heap has a few
+    tens of MB free and maps big arrays afresh each time: each array of a step (tens of MB
+    of activations and temporaries) then faults in new pages, which the kernel zeroes
+    first, at a cost that grows with the model (a fifth of a GPT-2 124M step's time). The
+    process's resident memory then stays at its peak, which training reaches every step."""
+    global _MALLOC_SET
+    if _MALLOC_SET is None:
+        _MALLOC_SET = False
+        if os.environ.get("GPT2NP_DEFAULT_MALLOC") != "1":
+            try:
+                import ctypes
+
+                libc = ctypes.CDLL(None)
+                _MALLOC_SET = hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version") \
+                    and all(libc.mallopt(k, v) == 1 for k, v in MALLOC_SETTINGS)
+            except OSError:  # pragma: no cover - no C library to ask
+                pass
+    return _MALLOC_SET
+
+
+_MALLOC_SET = None
+
+
+# --------------------------------------------------------------------------------------
 # the threads
 
 
@@ -212,6 +248,41 @@ def streamed_matmul(a, b, out=None, precision="fp32"):
 
 
 # --------------------------------------------------------------------------------------
+# a big product: pieces of its output on the threads
+
+# Multiply-adds per piece, about: GPT-2 124M's c_attn forward at T = 1024 makes 14 pieces,
+# its lm_head 288; each piece is one single-threaded BLAS call, big enough to run at the
+# BLAS's full rate.
+GEMM_PIECE = 1 << 30
+
+
+def threaded_matmul(a, b, out=None, precision="fp32"):
+    """a (..., m, k) @ b (..., k, n) for a big product: the output's longer side (rows m,
+    or columns n) cut into pieces of about GEMM_PIECE multiply-adds (multiples of 64), each
+    one single-threaded BLAS call, shared among the threads. Every output element is the
+    same sum as in one call. OpenBLAS's own threads would do the same split; but after each
+    call they spin for a while waiting for the next one, on the cores that the kernels'
+    threads need for the elementwise layers that follow."""
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    if out is None:
+        shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (m, n)
+        out = np.empty(shape, dtype=np.result_type(a, b))
+    batch = math.prod(out.shape[:-2])
+    side = max(m, n)
+    pieces = max(2, batch * m * k * n // GEMM_PIECE)
+    step = min(side, -(-side // pieces // 64) * 64 or 64)
+    cuts = [slice(i, min(side, i + step)) for i in range(0, side, step)]
+    if n >= m:
+        def piece(s):
+            L.reference_matmul(a, b[..., s], out=out[..., s], precision=precision)
+    else:
+        def piece(s):
+            L.reference_matmul(a[..., s, :], b, out=out[..., s, :], precision=precision)
+    THREADS.run(piece, cuts)
+    return out
+
+
+# --------------------------------------------------------------------------------------
 # GELU: the reference on blocks of rows; LayerNorm's few rows
 
 
@@ -315,7 +386,9 @@ def attention_forward(qkv, n_head, bias=None):
     """gpt2np.layers.attention_forward's math as tasks of a few heads on the threads, with
     ATT_BLOCK queries per block (the reference's blocks are bigger: the products' sums run
     over other lengths, so the two agree to float rounding, not bit for bit), each head's
-    q * scale, k and v copied out of qkv (bias added) into contiguous arrays."""
+    q * scale, k and v copied out of qkv (bias added) into contiguous arrays with one column
+    more, which lets the products do the softmax's subtractions and sums (see
+    _block_forward)."""
     B, T, C3 = qkv.shape
     C = C3 // 3
     hs = C // n_head
@@ -323,19 +396,21 @@ def attention_forward(qkv, n_head, bias=None):
     b3 = None if bias is None else bias.reshape(3, n_head, hs)
     dtype = qkv.dtype if bias is None else np.result_type(qkv, bias)
     scale = 1.0 / math.sqrt(hs)
-    qs, k, v = (np.empty((B, n_head, T, hs), dtype=dtype) for _ in range(3))
+    qs, k, v = (np.empty((B, n_head, T, hs + 1), dtype=dtype) for _ in range(3))
     y = np.empty((B, T, n_head, hs), dtype=dtype)  # heads merged by the layout: no copy
     lse = np.empty((B, n_head, T, 1), dtype=dtype)
 
     def task(bh):
         bs, hs_ = bh
         for slot, dst in enumerate((qs, k, v)):
-            part = _heads(src[:, :, slot], bs, hs_)
+            part, out = _heads(src[:, :, slot], bs, hs_), dst[bs, hs_][..., :hs]
             if b3 is None:
-                dst[bs, hs_] = part
+                out[...] = part
             else:
-                np.add(part, b3[slot, hs_, None, :], out=dst[bs, hs_])
-        qs[bs, hs_] *= scale
+                np.add(part, b3[slot, hs_, None, :], out=out)
+        qs[bs, hs_][..., :hs] *= scale
+        k[bs, hs_][..., hs] = 1
+        v[bs, hs_][..., hs] = 1
         _attention_heads_forward(qs[bs, hs_], k[bs, hs_], v[bs, hs_], _heads(y, bs, hs_),
                                  lse[bs, hs_])
 
@@ -347,29 +422,75 @@ def _causal_blocks(T):
     return [(r0, min(T, r0 + ATT_BLOCK)) for r0 in range(0, T, ATT_BLOCK)]
 
 
+@functools.lru_cache(maxsize=16)
+def _future_mask(n, dtype):
+    # (n,n): -inf where a query of the diagonal block would see a later key; made once
+    # (read-only, shared by the threads): making it costs as much as the block's exp
+    mask = np.triu(np.full((n, n), -np.inf, dtype=dtype), k=1)
+    mask.flags.writeable = False
+    return mask
+
+
+def _fused_products() -> bool:
+    # the extra column rides through the products only where they are exact float32 (or
+    # float64) products: emulated tf32/bf16 would round the -m and -lse it carries
+    return L.get_matmul_precision() == "fp32"
+
+
 def _attention_heads_forward(qs, k, v, y, lse):
-    # qs, k, v (b,nh,T,hs) -> y (b,nh,T,hs), lse (b,nh,T,1), written in place
-    mask = None
+    # qs, k, v (b,nh,T,hs+1), k's and v's last column 1 -> y (b,nh,T,hs), lse (b,nh,T,1),
+    # written in place; qs's last column is left holding -lse, for the backward
+    hs = y.shape[-1]
+    fused = _fused_products()
+    if fused:  # the stabiliser m of each query: its score with its own key, always seen
+        qs[..., hs] = -np.einsum("bhtd,bhtd->bht", qs[..., :hs], k[..., :hs])
     for r0, r1 in _causal_blocks(qs.shape[2]):
-        n = r1 - r0
-        att = L.matmul(qs[:, :, r0:r1], k[:, :, :r1].transpose(0, 1, 3, 2))  # (b,nh,n,r1)
-        if mask is None or mask.shape[0] != n:
-            mask = np.triu(np.full((n, n), -np.inf, dtype=att.dtype), k=1)
-        att[..., r0:] += mask  # the future keys, all in the diagonal block
-        m = att.max(axis=-1, keepdims=True)
-        att -= m
+        if not (fused and _block_forward(qs, k, v, y, lse, r0, r1)):
+            _block_forward_exact(qs, k, v, y, lse, r0, r1)
+    qs[..., hs] = -lse[..., 0]
+
+
+def _block_forward(qs, k, v, y, lse, r0, r1):
+    """Queries r0..r1 with the subtraction and the row sums done by the products: the scores
+    come as q.k - m (qs's column -m times k's column 1) and P @ [v, 1] gives the output
+    before normalising and the row sums s together; then only exp runs over the (n, r1)
+    block. Any m works as long as exp(max - m) is finite: m is the query's own score, so the
+    row max is >= m (s >= 1, nothing underflows); False (nothing written) where a score
+    exceeds its own by too much (exp overflows), and the block is done the exact way."""
+    hs = y.shape[-1]
+    att = L.matmul(qs[:, :, r0:r1], k[:, :, :r1].swapaxes(-1, -2))  # (b,nh,n,r1): q.k - m
+    att[..., r0:] += _future_mask(r1 - r0, att.dtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught below
         np.exp(att, out=att)
-        s = att.sum(axis=-1, keepdims=True)
-        att *= 1.0 / s  # P itself is the operand, as in the reference (in bf16: rounded so)
-        lse[:, :, r0:r1] = np.log(s) + m
-        L.matmul(att, v[:, :, :r1], out=y[:, :, r0:r1])
+        ys = L.matmul(att, v[:, :, :r1])  # (b,nh,n,hs+1): sum_j P_j [v_j, 1]
+    s = ys[..., hs:]
+    if not np.isfinite(s).all():
+        return False
+    np.multiply(ys[..., :hs], 1.0 / s, out=y[:, :, r0:r1])
+    np.subtract(np.log(s), qs[:, :, r0:r1, hs:], out=lse[:, :, r0:r1])  # log s + m
+    return True
+
+
+def _block_forward_exact(qs, k, v, y, lse, r0, r1):
+    # the reference's softmax, with the row max as the stabiliser
+    hs = y.shape[-1]
+    att = L.matmul(qs[:, :, r0:r1, :hs], k[:, :, :r1, :hs].swapaxes(-1, -2))  # (b,nh,n,r1)
+    att[..., r0:] += _future_mask(r1 - r0, att.dtype)  # future keys: the diagonal block
+    m = att.max(axis=-1, keepdims=True)
+    att -= m
+    np.exp(att, out=att)
+    s = att.sum(axis=-1, keepdims=True)
+    att *= 1.0 / s  # P itself is the operand, as in the reference (in bf16: rounded so)
+    lse[:, :, r0:r1] = np.log(s) + m
+    L.matmul(att, v[:, :, :r1, :hs], out=y[:, :, r0:r1])
 
 
 def attention_backward(dout, cache):
     """gpt2np.layers.attention_backward as tasks of a few heads on the threads, each
     head's gradients written straight into their slots of dqkv."""
     qs, k, v, y, lse, scale = cache
-    B, NH, T, hs = qs.shape
+    B, NH, T, hs1 = qs.shape
+    hs = hs1 - 1
     dy = dout.reshape(B, T, NH, hs)
     dqkv = np.empty((B, T, 3, NH, hs), dtype=np.result_type(dout, qs))
 
@@ -385,26 +506,36 @@ def attention_backward(dout, cache):
 
 
 def _attention_heads_backward(dy, qs, k, v, y, lse, dq, dk, dv):
-    # dy (b,nh,T,hs) and the forward's arrays -> dq (unscaled), dk, dv written in place
+    # dy (b,nh,T,hs) and the forward's arrays -> dq (unscaled), dk, dv written in place.
+    # Fused (see _block_forward): qs's column -lse makes the scores q.k - lse, and dy's
+    # column -D with v's column 1 makes dP - D, each in its product
+    hs = dq.shape[-1]
+    fused = _fused_products()
     dk[...] = 0
     dv[...] = 0
     D = (dy * y).sum(axis=-1, keepdims=True)  # rowsum(P * dP) = dy . y
-    mask = None
+    if fused:
+        dya = np.empty(dy.shape[:-1] + (hs + 1,), dtype=np.result_type(dy, y))
+        dya[..., :hs] = dy
+        np.negative(D, out=dya[..., hs:])
     for r0, r1 in _causal_blocks(qs.shape[2]):
-        n = r1 - r0
         dyb = dy[:, :, r0:r1]
-        att = L.matmul(qs[:, :, r0:r1], k[:, :, :r1].transpose(0, 1, 3, 2))
-        if mask is None or mask.shape[0] != n:
-            mask = np.triu(np.full((n, n), -np.inf, dtype=att.dtype), k=1)
-        att[..., r0:] += mask
-        att -= lse[:, :, r0:r1]
+        if fused:
+            att = L.matmul(qs[:, :, r0:r1], k[:, :, :r1].swapaxes(-1, -2))  # q.k - lse
+        else:
+            att = L.matmul(qs[:, :, r0:r1, :hs], k[:, :, :r1, :hs].swapaxes(-1, -2))
+            att -= lse[:, :, r0:r1]
+        att[..., r0:] += _future_mask(r1 - r0, att.dtype)
         np.exp(att, out=att)  # P, 0 for the future keys
-        dv[:, :, :r1] += L.matmul(att.transpose(0, 1, 3, 2), dyb)
-        datt = L.matmul(dyb, v[:, :, :r1].transpose(0, 1, 3, 2))  # dP
-        datt -= D[:, :, r0:r1]
+        dv[:, :, :r1] += L.matmul(att.swapaxes(-1, -2), dyb)
+        if fused:
+            datt = L.matmul(dya[:, :, r0:r1], v[:, :, :r1].swapaxes(-1, -2))  # dP - D
+        else:
+            datt = L.matmul(dyb, v[:, :, :r1, :hs].swapaxes(-1, -2))  # dP
+            datt -= D[:, :, r0:r1]
         datt *= att  # dS
-        L.matmul(datt, k[:, :, :r1], out=dq[:, :, r0:r1])
-        dk[:, :, :r1] += L.matmul(datt.transpose(0, 1, 3, 2), qs[:, :, r0:r1])
+        L.matmul(datt, k[:, :, :r1, :hs], out=dq[:, :, r0:r1])
+        dk[:, :, :r1] += L.matmul(datt.swapaxes(-1, -2), qs[:, :, r0:r1, :hs])
 
 
 # --------------------------------------------------------------------------------------
