@@ -112,19 +112,23 @@ class EvalRunner:
     """Scoring without a backward, by the code that `gpt2np eval` runs, on a GptRunner's
     model. task "loss": gpt2np.evals.loss.token_loss over windows of T tokens, as many as
     two of its batches hold; task "hellaswag": gpt2np.evals.hellaswag.ending_losses over
-    HELLASWAG_ITEMS items shaped like HellaSwag's (a context of 50 random tokens, four
-    endings of 20 to 35; shorter in a block under 85). fast=False scores as for a plain logits function (whole (B,T,V)
-    logits under the CPU logits budget, a float64 log-softmax), the path a gpt2np.GPT took
-    before GPT.token_losses: the same run gives the "before" beside the "after"."""
+    HELLASWAG_ITEMS items shaped like HellaSwag's (a context of 50 random tokens shared by
+    four endings of 20 to 35; shorter in a block under 85). path: "model" scores as the
+    model itself does (GPT.token_losses; for HellaSwag each context once, by
+    gpt2np.evals.shared_prefix), "rows" (HellaSwag) a row per ending by token_losses, the
+    path before shared contexts; "logits" as for a plain logits function (whole (B,T,V)
+    logits under the CPU logits budget, a float64 log-softmax), the path before
+    GPT.token_losses: the same run gives each "before" beside the "after"."""
 
-    def __init__(self, model, task, T, fast, seed=0):
+    def __init__(self, model, task, T, path, seed=0):
         from gpt2np.evals import hellaswag as H
         from gpt2np.evals import loss as E
 
-        self.model, self.task, self.fast = model, task, fast
+        self.model, self.task, self.path = model, task, path
         rng = np.random.default_rng(seed)
         V = model.config.vocab_size
         fn = (lambda idx: model.forward(idx)[0])  # a plain function: the logits path
+        fast = path != "logits"
         if task == "loss":
             n = 2 * max(1, H.FORWARD_TOKENS // T)  # windows: two batches of the fast path
             tokens = rng.integers(0, V, n * T + 1)
@@ -134,18 +138,23 @@ class EvalRunner:
         else:
             bs = model.config.block_size  # (a small block: shorter rows, of the same shape)
             ctx, longest = min(50, bs // 2), min(35, bs - min(50, bs // 2))
-            items = [H.Rendered([rng.integers(0, V, ctx + int(rng.integers(longest * 4 // 7,
-                                                                            longest + 1)))
-                                 for _ in range(4)], [ctx] * 4, 0, False)
-                     for _ in range(HELLASWAG_ITEMS)]
+            items = []
+            for _ in range(HELLASWAG_ITEMS):
+                context = rng.integers(0, V, ctx)  # shared by the 4 rows, as in HellaSwag
+                rows = [np.concatenate([context, rng.integers(0, V, int(rng.integers(
+                    longest * 4 // 7, longest + 1)))]) for _ in range(4)]
+                items.append(H.Rendered(rows, [ctx] * 4, 0, False))
             self.units = len(items)
             budget = H.DEFAULT_LOGITS_BUDGET // (4 * V)  # the CPU budget's tokens per forward
             score = H.losses_function(model) if fast else None
+            shared = H.shared_function(model) if path == "model" else None
             max_tokens = max(budget, H.FORWARD_TOKENS) if fast else budget
             self.run = lambda: float(H.ending_losses(H.logits_function(model), items, max_tokens,
-                                                     backend=model.backend,
-                                                     score=score)[0].sum())
-        self.label = f"eval {task}, {'token_losses' if fast else 'logits path'}"
+                                                     backend=model.backend, score=score,
+                                                     shared=shared)[0].sum())
+        what = {"model": "token_losses" if task == "loss" else "shared contexts",
+                "rows": "a row per ending", "logits": "logits path"}[path]
+        self.label = f"eval {task}, {what}"
 
     def step(self):
         out = self.run()
@@ -397,11 +406,13 @@ def run_config(name, cfg, args, kinds, peak):
     runners = [make_runner(k, cfg, args) for k in kinds]
     evals = []
     if args.eval and isinstance(runners[0], GptRunner):
-        evals = [EvalRunner(runners[0].model, task, args.seq_len, fast, seed=args.seed)
-                 for task in ("loss", "hellaswag") for fast in (True, False)]
+        evals = [EvalRunner(runners[0].model, task, args.seq_len, path, seed=args.seed)
+                 for task, paths in (("loss", ("model", "logits")),
+                                     ("hellaswag", ("model", "rows", "logits")))
+                 for path in paths]
     between = peak.sample if isinstance(peak, CpuPeak) else None
     med, losses, _ = time_alternately(runners + evals, args.steps, args.warmup, between)
-    eval_rows = [dict(config=name, label=e.label, task=e.task, fast=e.fast, ms=1000 * s,
+    eval_rows = [dict(config=name, label=e.label, task=e.task, path=e.path, ms=1000 * s,
                       per_s=e.units / s) for e, s in zip(evals, med[len(runners):])]
     med, losses = med[:len(runners)], losses[:len(runners)]
     peak_tflops = peak.tflops if isinstance(peak, CpuPeak) else peak

@@ -362,22 +362,28 @@ class GPT:
             return self._token_losses(idx, targets)
 
     def _token_losses(self, idx, targets):
+        h, _, _, _ = self._trunk(idx, keep=False)
+        C = self.config.n_embd
+        return self.head_losses(h.reshape(-1, C), targets.reshape(-1)).reshape(targets.shape)
+
+    def head_losses(self, h, targets):
+        """h (N,C): ln_f's outputs, targets (N,) int (backend array), -1 where not scored ->
+        the cross-entropy at each row, (N,) float64 on the host, 0 where not scored: the
+        lm_head only at the scored rows, a block of rows at a time. Call it inside the
+        model's matmul precision (as token_losses does)."""
         xp, to_host = self.xp, self.backend.to_host
         wte = self.params["transformer.wte.weight"]
-        h, _, _, _ = self._trunk(idx, keep=False)
-        V, C = wte.shape
-        h = h.reshape(-1, C)
-        t = targets.reshape(-1)
-        rows = xp.flatnonzero(t != -1)
-        losses = np.zeros(t.shape[0], dtype=np.float64)
+        V = wte.shape[0]
+        rows = xp.flatnonzero(targets != -1)
+        losses = np.zeros(targets.shape[0], dtype=np.float64)
         step = max(1, LOSS_LOGITS_BYTES // (V * wte.itemsize))
         buf = xp.empty((min(step, int(rows.shape[0])), V), dtype=self.dtype)  # reused
         for r in range(0, int(rows.shape[0]), step):
             sel = rows[r:r + step]
             n = int(sel.shape[0])
             logits, _ = self.ops.lm_head_forward(h[sel], wte, out=buf[:n])  # (n,V)
-            losses[to_host(sel)] = to_host(self.ops.cross_entropy_losses(logits, t[sel]))
-        return losses.reshape(targets.shape)
+            losses[to_host(sel)] = to_host(self.ops.cross_entropy_losses(logits, targets[sel]))
+        return losses
 
     def backward(self):
         """Gradients of the last forward's loss: a dict with the same keys as params.

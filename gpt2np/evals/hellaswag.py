@@ -11,13 +11,14 @@ loss per token (which does not favour short endings). This is not the multiple-c
 of the paper, it is the one small base models can be scored with, and the one the
 "reproduce GPT-2 (124M)" video reports.
 
-Speed: the 4 rows of an item, and several items, go through ONE padded forward without
-targets (nothing kept for a backward). Padding is on the right, where causal attention cannot
-see it, and the padded positions are never scored. A gpt2np.GPT computes the lm_head and the
-loss only at the scored positions (GPT.token_losses), so its batches are as big as
-FORWARD_TOKENS; for other models only the logits at scored positions are turned into losses
-(float64 log-softmax), and the batch is sized so that the (rows, T, V) logits stay under a
-memory budget.
+Speed: a gpt2np.GPT runs each item as one packed row, its context once and its 4 endings
+after it, each ending seeing the context and itself only (gpt2np.evals.shared_prefix: the
+same losses as the rows, about half of their tokens), many items per forward of FORWARD_TOKENS,
+nothing kept for a backward, the lm_head only at the scored positions. Other models score
+the 4 rows of an item, and several items, in ONE padded forward without targets. Padding
+is on the right, where causal attention cannot see it, and the padded positions are never
+scored. Only the logits at scored positions are turned into losses (float64 log-softmax),
+and the batch is sized so that the (rows, T, V) logits stay under a memory budget.
 
 A context too long for the block size is cut from the left (the same cut for the 4 endings,
 so that they still share their context), and the count of cut items is reported.
@@ -238,6 +239,22 @@ def losses_function(model) -> Callable | None:
     return score
 
 
+def shared_function(model) -> Callable | None:
+    """For a gpt2np.GPT, gpt2np.evals.shared_prefix.continuation_losses bound to it: the
+    context of an item runs once for its 4 endings. None for any other model."""
+    from gpt2np.model import GPT
+
+    if not isinstance(model, GPT):
+        return None
+    from gpt2np.evals.shared_prefix import continuation_losses
+
+    def shared(prefixes, endings):
+        sums, counts = continuation_losses(model, prefixes, endings)
+        return _finite(sums), counts
+
+    return shared
+
+
 def token_losses(logits, rows, cols, targets, backend=None) -> np.ndarray:
     """-log softmax(logits[rows, cols])[targets] in float64, as a host array (N,).
 
@@ -289,38 +306,85 @@ def batches(rendered: list[Rendered], max_tokens: int) -> Iterable[list[int]]:
         yield batch
 
 
+def shared_context(r: Rendered) -> np.ndarray | None:
+    """The context that the 4 rows of r start with, each row being it + an ending, or
+    None (an ending cut to fit a tiny block leaves rows without a common context)."""
+    start = r.starts[0]
+    ctx = r.rows[0][:start]
+    if any(s != start or not np.array_equal(row[:start], ctx) for row, s in zip(r.rows, r.starts)):
+        return None
+    return ctx
+
+
+def context_batches(rendered: list[Rendered], indices: list[int], max_tokens: int):
+    """`indices` (items with a shared context) grouped so that the tokens that run, each
+    item packed into one row (its context and its endings but their last tokens, see
+    gpt2np.evals.shared_prefix) and padded, stay <= max_tokens; in order of length."""
+    # ctx + sum(len(ending) - 1) over the k rows = sum(len(row) - 1) - (k - 1) ctx
+    width = {i: sum(len(row) - 1 for row in r.rows) - (len(r.rows) - 1) * r.starts[0]
+             for i, r in ((i, rendered[i]) for i in indices)}
+    batch, w = [], 0
+    for i in sorted(indices, key=width.get):
+        if batch and (len(batch) + 1) * max(w, width[i]) > max_tokens:
+            yield batch
+            batch, w = [], 0
+        batch.append(i)
+        w = max(w, width[i])
+    if batch:
+        yield batch
+
+
 def ending_losses(logits_fn, rendered: list[Rendered], max_tokens: int = 4096,
-                  on_batch: Callable | None = None, backend=None, score: Callable | None = None):
+                  on_batch: Callable | None = None, backend=None, score: Callable | None = None,
+                  shared: Callable | None = None):
     """Summed loss and scored-token count of every ending: two (n, 4) arrays (float64, int).
 
     logits_fn: idx (R, T) -> logits (R, T, V), arrays of `backend` (see token_losses);
     on_batch(n_items) is called after each forward. score: a losses_function to use instead
-    of logits_fn (a gpt2np.GPT's: no logits at all).
+    of logits_fn (a gpt2np.GPT's: no logits at all). shared: a shared_function, which
+    scores the items whose rows share their context (all of them, but for endings cut to
+    fit a tiny block) running each context once; the others go by rows.
     """
     n = len(rendered)
     sums, counts = np.zeros((n, 4)), np.zeros((n, 4), dtype=np.int64)
-    for batch in batches(rendered, max_tokens):
-        rows = [r for i in batch for r in rendered[i].rows]
-        starts = [s for i in batch for s in rendered[i].starts]
-        width = max(map(len, rows))
-        idx = np.zeros((len(rows), width), dtype=np.int64)  # right padding (never scored)
-        r_sel, c_sel, t_sel = [], [], []
-        for r, (row, start) in enumerate(zip(rows, starts)):
-            idx[r, :len(row)] = row
-            j = np.arange(start, len(row))  # positions of scored targets
-            r_sel.append(np.full(len(j), r))
-            c_sel.append(j - 1)  # the logits at j-1 predict the token at j
-            t_sel.append(row[j])
-        r_sel, c_sel, t_sel = (np.concatenate(a) for a in (r_sel, c_sel, t_sel))
-        nll = (score(idx, r_sel, c_sel, t_sel) if score is not None else
-               token_losses(logits_fn(idx), r_sel, c_sel, t_sel, backend))
-        row_sum = np.bincount(r_sel, weights=nll, minlength=len(rows))  # (R,)
-        row_count = np.bincount(r_sel, minlength=len(rows))
-        sums[batch] = row_sum.reshape(len(batch), 4)
-        counts[batch] = row_count.reshape(len(batch), 4)
+    rest = list(range(n))
+    if shared is not None:
+        ctx = {i: shared_context(rendered[i]) for i in rest}
+        for batch in context_batches(rendered, [i for i in rest if ctx[i] is not None],
+                                     max_tokens):
+            ends = [[row[r.starts[0]:] for row in r.rows] for r in (rendered[i] for i in batch)]
+            sums[batch], counts[batch] = shared([ctx[i] for i in batch], ends)
+            if on_batch is not None:
+                on_batch(len(batch))
+        rest = [i for i in rest if ctx[i] is None]
+    for part in batches([rendered[i] for i in rest], max_tokens):
+        batch = [rest[j] for j in part]
+        sums[batch], counts[batch] = _row_losses(logits_fn, [rendered[i] for i in batch],
+                                                 backend, score)
         if on_batch is not None:
             on_batch(len(batch))
     return sums, counts
+
+
+def _row_losses(logits_fn, items: list[Rendered], backend, score):
+    # one padded forward of the items' 4 rows each -> sums, counts (len(items), 4)
+    rows = [r for item in items for r in item.rows]
+    starts = [s for item in items for s in item.starts]
+    width = max(map(len, rows))
+    idx = np.zeros((len(rows), width), dtype=np.int64)  # right padding (never scored)
+    r_sel, c_sel, t_sel = [], [], []
+    for r, (row, start) in enumerate(zip(rows, starts)):
+        idx[r, :len(row)] = row
+        j = np.arange(start, len(row))  # positions of scored targets
+        r_sel.append(np.full(len(j), r))
+        c_sel.append(j - 1)  # the logits at j-1 predict the token at j
+        t_sel.append(row[j])
+    r_sel, c_sel, t_sel = (np.concatenate(a) for a in (r_sel, c_sel, t_sel))
+    nll = (score(idx, r_sel, c_sel, t_sel) if score is not None else
+           token_losses(logits_fn(idx), r_sel, c_sel, t_sel, backend))
+    row_sum = np.bincount(r_sel, weights=nll, minlength=len(rows))  # (R,)
+    row_count = np.bincount(r_sel, minlength=len(rows))
+    return row_sum.reshape(len(items), 4), row_count.reshape(len(items), 4)
 
 
 @dataclass
@@ -389,7 +453,7 @@ class HellaSwag:
         with tqdm(total=len(mine), unit="item", desc="hellaswag", file=sys.stderr, leave=False,
                   disable=not progress or (ctx is not None and not ctx.is_main)) as bar:
             sums, counts = ending_losses(logits_function(model), mine, max_tokens, bar.update,
-                                         backend, score=score)
+                                         backend, score=score, shared=shared_function(model))
         labels = np.array([r.label for r in mine], dtype=np.int64)
         means = sums / np.maximum(counts, 1)  # (n, 4) loss per ending token
         local = [len(mine), int((sums.argmin(1) == labels).sum()) if len(mine) else 0,
