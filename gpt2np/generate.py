@@ -223,9 +223,9 @@ def generate(model, idx, max_new_tokens: int, *, temperature: float = 1.0, top_k
         if step == max_new_tokens - 1:
             break
         if cache.length < cache.capacity:
-            # one position: every product is small or a matrix-vector one that the backend
-            # shares out itself, so the BLAS keeps to one thread, set once per token
-            with model.backend.serial_blas():
+            # one position: every product is small or a matrix-vector one, whose threads the
+            # backend chooses (by timing such steps)
+            with model.backend.decoding():
                 logits = forward_cached(model, to_dev(nxt[:, None]), cache, _blocks=blocks)
         else:  # the window is full: crop and recompute, since every position moves by one
             ids = np.concatenate(out, axis=1)

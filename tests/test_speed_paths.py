@@ -724,3 +724,63 @@ def test_batched_finite_differences_equal_one_perturbation_at_a_time(monkeypatch
     bad = "transformer.h.1.attn.c_proj.weight"
     assert batched[bad] > 1e-3 and batched[bad] > tol[bad]
     assert all(batched[k] <= tol[k] for k in batched if k != bad)
+
+
+def test_decode_tuner_tries_both_threads_each_cycle_and_keeps_the_faster(monkeypatch):
+    """numpy_backend.DecodeTuner: TRIAL steps on the kernels' threads, TRIAL on the BLAS's
+    (the first of each not counted), then the faster by median, again every CYCLE steps."""
+    from gpt2np.backends import numpy_backend as NB
+
+    tuner = NB.DecodeTuner()
+    now = [0.0]
+    monkeypatch.setattr(tuner, "clock", lambda: now[0])
+    cost = {False: 2.0, True: 1.0}  # the BLAS's threads are faster, then slower
+
+    def run(steps):
+        modes = []
+        for _ in range(steps):
+            with tuner:
+                modes.append(tuner.on_blas)
+                now[0] += cost[tuner.on_blas]
+            assert not tuner.on_blas  # only inside a step
+        return modes
+
+    T, C = NB.DecodeTuner.TRIAL, NB.DecodeTuner.CYCLE
+    assert run(C) == [False] * T + [True] * T + [True] * (C - 2 * T)
+    assert tuner.times == {False: [2.0] * (T - 1), True: [1.0] * (T - 1)}
+    cost.update({False: 1.0, True: 3.0})
+    assert run(C) == [False] * T + [True] * T + [False] * (C - 2 * T)
+    # the first step of a trial is not counted (the threads change over there)
+    modes = []
+    for i in range(C):
+        with tuner:
+            modes.append(tuner.on_blas)
+            now[0] += 100.0 if i in (0, T) else cost[tuner.on_blas]
+    assert tuner.times == {False: [1.0] * (T - 1), True: [3.0] * (T - 1)}
+    assert modes[2 * T:] == [False] * (C - 2 * T)
+
+
+def test_generation_gives_the_same_tokens_on_either_threads(monkeypatch):
+    """Greedy generation whose steps run on the kernels' threads, then on the BLAS's, then
+    on the faster: the tokens of the full recompute, and the BLAS's thread count restored."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from gpt2np.backends import numpy_backend as NB
+
+    tuner = NB.DecodeTuner()
+    monkeypatch.setattr(NB, "DECODING", tuner)
+    seen = []
+    monkeypatch.setattr(NB.DecodeTuner, "__exit__",
+                        lambda self, *e, f=NB.DecodeTuner.__exit__: seen.append(self.on_blas)
+                        or f(self, *e))
+    cfg = GPTConfig(block_size=64, vocab_size=300, n_layer=2, n_head=4, n_embd=64)
+    model = GPT(cfg, seed=3)
+    before = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+    prompt = np.array([[1, 2, 3], [4, 5, 6]])
+    n = 2 * NB.DecodeTuner.TRIAL + 3
+    cached = model.generate(prompt, n, temperature=0)
+    full = model.generate(prompt, n, temperature=0, use_cache=False)
+    np.testing.assert_array_equal(cached, full)
+    T = NB.DecodeTuner.TRIAL
+    assert seen[:2 * T] == [False] * T + [True] * T and len(seen) == n - 1
+    after = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+    assert after == before

@@ -52,6 +52,11 @@ class Backend(Protocol):
     def serial_blas(self) -> ContextManager:
         """A context in which the host BLAS runs on one thread (a no-op without one)."""
 
+    def decoding(self) -> ContextManager:
+        """A context around one step of generation (one new position for the batch): the
+        backend may choose how that step's products run, by timing the steps (numpy: on
+        its own threads or on the BLAS's); a no-op elsewhere."""
+
     def layer_ops(self, dtype) -> LayerOps:
         """The layer functions for arrays of `dtype`: gpt2np.layers.REFERENCE_OPS, with
         fused kernels in place of some where the backend has them (each with the

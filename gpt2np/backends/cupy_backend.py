@@ -88,6 +88,9 @@ class CupyBackend:
     def serial_blas(self):
         return contextlib.nullcontext()  # no host BLAS to hold back
 
+    def decoding(self):
+        return contextlib.nullcontext()  # the GPU's products are cuBLAS's to run
+
     # ------------------------------------------------------------------ fused kernels
 
     def layer_ops(self, dtype):

@@ -3,6 +3,8 @@ cache-blocked kernels of gpt2np.backends.numpy_kernels (float64, the precision t
 gradients are checked in, runs the reference layers themselves)."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from gpt2np import layers as L
@@ -45,7 +47,7 @@ class NumpyBackend:
         rounding the operands); a small GEMM on one BLAS thread (SERIAL_GEMM), a product of
         few rows with a big matrix in slices on the threads (STREAM_*), a bigger one in
         pieces on the threads (numpy_kernels.threaded_matmul)."""
-        if a.ndim >= 2 and b.ndim >= 2:
+        if a.ndim >= 2 and b.ndim >= 2 and not DECODING.on_blas:
             m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
             if m <= STREAM_ROWS and b.ndim == 2 and k * n * b.itemsize >= STREAM_BYTES:
                 return K.streamed_matmul(a, b, out=out, precision=precision)
@@ -66,6 +68,12 @@ class NumpyBackend:
         return K.BLAS.serial()
 
     @staticmethod
+    def decoding():
+        """DECODING: a generation step's products on the threads that ran such steps
+        fastest."""
+        return DECODING
+
+    @staticmethod
     def layer_ops(dtype):
         """float32: the kernels of gpt2np.backends.numpy_kernels (threads, cache blocks)
         for attention, GELU, the cross-entropy and generation's LayerNorm, the reference
@@ -80,6 +88,55 @@ class NumpyBackend:
         return K.adamw_update if np.dtype(dtype) == np.float32 else None
 
 
+class DecodeTuner:
+    """Which threads run a generation step's products, chosen by timing the steps.
+
+    A step (one new position) is ~50 matrix-vector products, each reading a weight once.
+    On the kernels' threads (numpy_kernels.streamed_matmul, every other product on one
+    BLAS thread), a helper thread must be woken for each product; the BLAS's own threads
+    wait for the next call busy, so they take it at once, and on an idle machine a step ran
+    1.5x faster on them; but when other jobs hold a core, the BLAS's calls wait for their
+    slowest thread and a step ran 1.8x slower there. So in each cycle of CYCLE steps,
+    TRIAL steps run on each (the first of each is not counted: the threads change over),
+    and the rest on the one whose counted steps took less (median)."""
+
+    CYCLE, TRIAL = 64, 4
+    clock = staticmethod(time.perf_counter)
+
+    def __init__(self):
+        self.on_blas = False  # read by NumpyBackend.matmul
+        self.step = 0
+        self.times = {False: [], True: []}  # on_blas -> counted step times of this cycle
+        self._serial = None
+        self._t0 = 0.0
+
+    def __enter__(self):
+        i = self.step % self.CYCLE
+        if i == 0:
+            self.times = {False: [], True: []}
+        if i < 2 * self.TRIAL:
+            self.on_blas = i >= self.TRIAL
+        else:
+            self.on_blas = float(np.median(self.times[True])) < float(np.median(self.times[False]))
+        if not self.on_blas:  # the kernels' threads: the BLAS on one thread, set once a step
+            self._serial = K.BLAS.serial()
+            self._serial.__enter__()
+        self._t0 = self.clock()
+        return self
+
+    def __exit__(self, *exc):
+        dt = self.clock() - self._t0
+        if self._serial is not None:
+            self._serial.__exit__(*exc)
+            self._serial = None
+        i = self.step % self.CYCLE
+        if i < 2 * self.TRIAL and i % self.TRIAL != 0:
+            self.times[self.on_blas].append(dt)
+        self.on_blas = False
+        self.step += 1
+
+
+DECODING = DecodeTuner()
 _BACKEND = NumpyBackend()
 K.keep_freed_memory()
 
