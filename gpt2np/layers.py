@@ -319,6 +319,25 @@ def attention_backward(dy, cache):
     return dqkv
 
 
+def masked_attention_forward(qkv, n_head, mask, bias=None):
+    # qkv (B,T,3C), mask (B,1,T,T) additive (0 where a query may see a key, -inf where
+    # not; every query sees at least one key) -> y (B,T,C). Inference only (no cache): the
+    # packed rows of gpt2np.evals.shared_prefix, where causality alone is not the rule
+    if bias is not None:
+        qkv = qkv + bias
+    xp = get_xp(qkv)
+    B, T, C3 = qkv.shape
+    hs = C3 // 3 // n_head
+    q, k, v = qkv.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)  # (B,NH,T,hs)
+    att = matmul(q * (1.0 / math.sqrt(hs)), k.transpose(0, 1, 3, 2))  # (B,NH,T,T)
+    att += mask
+    att -= att.max(axis=-1, keepdims=True)  # finite: each row sees a key
+    xp.exp(att, out=att)
+    att *= 1.0 / att.sum(axis=-1, keepdims=True)
+    y = matmul(att, v)  # (B,NH,T,hs)
+    return y.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3)
+
+
 # --------------------------------------------------------------------------------------
 # GELU, tanh approximation (as GPT-2 and nanoGPT's nn.GELU(approximate="tanh"))
 
@@ -500,6 +519,7 @@ class LayerOps:
     linear_backward: Callable = linear_backward
     attention_forward: Callable = attention_forward
     attention_backward: Callable = attention_backward
+    masked_attention_forward: Callable = masked_attention_forward  # evaluation's: no backward
     gelu_forward: Callable = gelu_forward
     gelu_backward: Callable = gelu_backward
     lm_head_forward: Callable = lm_head_forward

@@ -784,3 +784,23 @@ def test_generation_gives_the_same_tokens_on_either_threads(monkeypatch):
     assert seen[:2 * T] == [False] * T + [True] * T and len(seen) == n - 1
     after = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
     assert after == before
+
+
+def test_masked_attention_kernel_is_the_reference_bit_for_bit(threads, monkeypatch):
+    """numpy_kernels.masked_attention_forward: the reference on groups of rows (one row a
+    task here), with the bias, any mask that lets each query see itself; and the reference
+    with a causal mask is the causal attention."""
+    from gpt2np.backends import numpy_kernels as K
+
+    monkeypatch.setattr(K, "ATT_TASK_BYTES", 1)
+    rng = np.random.default_rng(31)
+    B, T, NH, hs = 3, 11, 2, 8
+    qkv, bias = _f32(rng, B, T, 3 * NH * hs), _f32(rng, 3 * NH * hs)
+    allow = (rng.random((B, 1, T, T)) < 0.5) | np.eye(T, dtype=bool)
+    mask = np.where(allow, 0.0, -np.inf).astype(np.float32)
+    got = K.masked_attention_forward(qkv, NH, mask, bias)
+    np.testing.assert_array_equal(got, L.masked_attention_forward(qkv, NH, mask, bias))
+    causal = np.where(np.tril(np.ones((T, T), dtype=bool)), 0.0, -np.inf)
+    q64 = qkv.astype(np.float64)
+    np.testing.assert_allclose(L.masked_attention_forward(q64, NH, np.broadcast_to(causal, (B, 1, T, T))),
+                               L.attention_forward(q64, NH)[0], rtol=0, atol=1e-13)

@@ -538,6 +538,21 @@ def _attention_heads_backward(dy, qs, k, v, y, lse, dq, dk, dv):
         dk[:, :, :r1] += L.matmul(datt.swapaxes(-1, -2), qs[:, :, r0:r1, :hs])
 
 
+def masked_attention_forward(qkv, n_head, mask, bias=None):
+    """gpt2np.layers.masked_attention_forward on groups of rows of the batch, shared among
+    the threads (each group: the reference, bit for bit)."""
+    B, T, C3 = qkv.shape
+    out = np.empty((B, T, C3 // 3), dtype=qkv.dtype if bias is None else np.result_type(qkv, bias))
+    per_row = n_head * T * T * out.itemsize  # one row's scores
+    step = max(1, ATT_TASK_BYTES * 4 // per_row)
+
+    def rows(r):
+        out[r] = L.masked_attention_forward(qkv[r], n_head, mask[r], bias)
+
+    THREADS.run(rows, [slice(b, min(B, b + step)) for b in range(0, B, step)])
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # AdamW: every tensor in blocks, the blocks shared among the threads
 
@@ -594,5 +609,6 @@ def _scratch_for(p):
 CPU_OPS = L.LayerOps(
     layernorm_forward=layernorm_forward,
     attention_forward=attention_forward, attention_backward=attention_backward,
+    masked_attention_forward=masked_attention_forward,
     gelu_forward=gelu_forward, gelu_backward=gelu_backward,
     cross_entropy_forward=cross_entropy_forward, cross_entropy_losses=cross_entropy_losses)

@@ -17,13 +17,12 @@ positions, so an ending's last token is never an input. For HellaSwag (contexts 
 tokens, four endings of ~25) that runs about half of the tokens of the rows; the losses are those
 of the rows, to float rounding. Many items run in one forward, padded on the right.
 
-Every layer but attention is the model's own (gpt2np.model.block_forward with the model's
-ops); the attention here takes the mask, which the training attention has no use for.
+Every layer is the model's own (gpt2np.model.block_forward with the model's ops), attention
+its masked_attention_forward: the mask, not causality alone, says what a token sees.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 
@@ -117,28 +116,13 @@ def _blocks(model, idx, pos, mask):
     # ln_f's output (n,L,C)
     be, p, cfg = model.backend, model.params, model.config
     x = p["transformer.wte.weight"][be.asarray(idx)] + p["transformer.wpe.weight"][be.asarray(pos)]
-    ops = dataclasses.replace(model.ops, attention_forward=_attention(mask))
+    masked = model.ops.masked_attention_forward
+
+    def attention_forward(qkv, n_head, bias=None):  # the model's attention, with the mask
+        return masked(qkv, n_head, mask, bias), None
+
+    ops = dataclasses.replace(model.ops, attention_forward=attention_forward)
     for i in range(cfg.n_layer):
         x, _ = block_forward(ops, x, model.block_params(i), cfg.n_head)
     h, _ = model.ops.layernorm_forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
     return h
-
-
-def _attention(mask):
-    # an attention_forward (qkv (n,L,3C), n_head, bias) -> (y (n,L,C), None) with this mask
-    def attention_forward(qkv, n_head, bias=None):
-        if bias is not None:
-            qkv = qkv + bias
-        xp = L.get_xp(qkv)
-        n, T, C3 = qkv.shape
-        hs = C3 // 3 // n_head
-        q, k, v = qkv.reshape(n, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)  # (n,NH,T,hs)
-        att = L.matmul(q * (1.0 / math.sqrt(hs)), k.swapaxes(-1, -2))  # (n,NH,T,T)
-        att += mask
-        att -= att.max(axis=-1, keepdims=True)  # every token sees itself: a finite max
-        xp.exp(att, out=att)
-        att /= att.sum(axis=-1, keepdims=True)
-        y = L.matmul(att, v)  # (n,NH,T,hs)
-        return y.transpose(0, 2, 1, 3).reshape(n, T, C3 // 3), None
-
-    return attention_forward
