@@ -251,9 +251,10 @@ def test_a_model_without_gpt2_vocab_is_refused(tmp_path):
 
 class LogitsOnlyEngine:
     """A training engine as the evaluator may see it: logits(idx) and the array backend that
-    reads them (None: host numpy), nothing else."""
+    reads them (None: host numpy), no continuation_losses (as TorchEngine), nothing else."""
 
     backend = None
+    continuation_losses = None
 
     def __init__(self, model):
         self.logits = lambda idx: np.asarray(model.forward(idx)[0])
@@ -269,6 +270,36 @@ def test_training_evaluator_scores_through_the_engines_logits(model, tmp_path):
     got = evaluator.evaluate(0, LogitsOnlyEngine(model))
     _, _, ref_c, ref_cn = torch_reference(model.state_dict(), items)
     assert got == {"hellaswag_acc": ref_c / 7, "hellaswag_acc_norm": ref_cn / 7}
+
+
+def test_training_evaluator_scores_packed_items_through_the_engines_continuation_losses(
+        model, tmp_path):
+    """An array engine's continuation_losses (each item one packed row): the evaluator
+    sends every item there, in forwards of FORWARD_TOKENS, and gets the reference's counts."""
+    from gpt2np.evals.shared_prefix import continuation_losses
+
+    items = make_items(7, seed=9)
+    path = write_items(tmp_path / "hs.jsonl", items)
+    evaluator = H.HellaSwagEvaluator(path, CFG.block_size, vocab_size=CFG.vocab_size)
+    engine = LogitsOnlyEngine(model)
+    packed = []
+
+    def counting(prefixes, endings):
+        packed.extend(prefixes)
+        return continuation_losses(model, prefixes, endings)
+
+    engine.continuation_losses = counting
+    got = evaluator.evaluate(0, engine)
+    _, _, ref_c, ref_cn = torch_reference(model.state_dict(), items)
+    assert got == {"hellaswag_acc": ref_c / 7, "hellaswag_acc_norm": ref_cn / 7}
+    assert len(packed) == 7
+
+
+def test_the_array_engine_scores_packed_items_and_the_torch_engine_by_logits():
+    from gpt2np.train.engines import ArrayEngine, TorchEngine
+
+    assert TorchEngine.continuation_losses is None
+    assert callable(ArrayEngine.continuation_losses)
 
 
 @pytest.mark.gpu

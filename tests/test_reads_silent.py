@@ -159,6 +159,7 @@ def test_the_training_evaluator_logs_nan_not_an_accuracy(tmp_path):
 
     class Engine:  # what the evaluator reads of a training engine
         backend = model.backend
+        continuation_losses = None
 
         @staticmethod
         def logits(idx):

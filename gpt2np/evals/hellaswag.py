@@ -248,11 +248,7 @@ def shared_function(model) -> Callable | None:
         return None
     from gpt2np.evals.shared_prefix import continuation_losses
 
-    def shared(prefixes, endings):
-        sums, counts = continuation_losses(model, prefixes, endings)
-        return _finite(sums), counts
-
-    return shared
+    return lambda prefixes, endings: continuation_losses(model, prefixes, endings)
 
 
 def token_losses(logits, rows, cols, targets, backend=None) -> np.ndarray:
@@ -336,14 +332,15 @@ def context_batches(rendered: list[Rendered], indices: list[int], max_tokens: in
 
 def ending_losses(logits_fn, rendered: list[Rendered], max_tokens: int = 4096,
                   on_batch: Callable | None = None, backend=None, score: Callable | None = None,
-                  shared: Callable | None = None):
+                  shared: Callable | None = None, shared_tokens: int | None = None):
     """Summed loss and scored-token count of every ending: two (n, 4) arrays (float64, int).
 
     logits_fn: idx (R, T) -> logits (R, T, V), arrays of `backend` (see token_losses);
     on_batch(n_items) is called after each forward. score: a losses_function to use instead
-    of logits_fn (a gpt2np.GPT's: no logits at all). shared: a shared_function, which
-    scores the items whose rows share their context (all of them, but for endings cut to
-    fit a tiny block) running each context once; the others go by rows.
+    of logits_fn (a gpt2np.GPT's: no logits at all). shared: a shared_function (or the same
+    signature), which scores the items whose rows share their context (all of them, but
+    for endings cut to fit a tiny block) running each context once, shared_tokens tokens
+    per forward (default: max_tokens); the others go by rows.
     """
     n = len(rendered)
     sums, counts = np.zeros((n, 4)), np.zeros((n, 4), dtype=np.int64)
@@ -351,9 +348,10 @@ def ending_losses(logits_fn, rendered: list[Rendered], max_tokens: int = 4096,
     if shared is not None:
         ctx = {i: shared_context(rendered[i]) for i in rest}
         for batch in context_batches(rendered, [i for i in rest if ctx[i] is not None],
-                                     max_tokens):
+                                     shared_tokens or max_tokens):
             ends = [[row[r.starts[0]:] for row in r.rows] for r in (rendered[i] for i in batch)]
-            sums[batch], counts[batch] = shared([ctx[i] for i in batch], ends)
+            s, counts[batch] = shared([ctx[i] for i in batch], ends)
+            sums[batch] = _finite(np.asarray(s, dtype=np.float64))
             if on_batch is not None:
                 on_batch(len(batch))
         rest = [i for i in rest if ctx[i] is None]
@@ -431,12 +429,14 @@ class HellaSwag:
 
     def evaluate(self, model, *, ctx=None, progress: bool = True,
                  logits_budget: int | None = None, backend=None,
-                 vocab_size: int | None = None) -> HellaSwagResult:
+                 vocab_size: int | None = None, shared: Callable | None = None) -> HellaSwagResult:
         """Score this rank's share (items i % world == rank); counts summed over ranks.
         model: anything logits_function takes. backend, vocab_size: those of a plain
         function's model (default: the model's `backend` and `config`, else numpy arrays and
         GPT-2's vocabulary). logits_budget: bytes of float32 logits per forward (default:
-        64 MiB, 2 GiB on a GPU)."""
+        64 MiB, 2 GiB on a GPU). shared: a function (prefixes, endings) -> (sums, counts)
+        that scores items with a shared context without logits (a training engine's
+        continuation_losses); a gpt2np.GPT brings its own."""
         if logits_budget is None:
             logits_budget = GPU_LOGITS_BUDGET if _on_gpu(model) else DEFAULT_LOGITS_BUDGET
         backend = backend or getattr(model, "backend", None)
@@ -452,8 +452,10 @@ class HellaSwag:
 
         with tqdm(total=len(mine), unit="item", desc="hellaswag", file=sys.stderr, leave=False,
                   disable=not progress or (ctx is not None and not ctx.is_main)) as bar:
+            shared = shared or shared_function(model)  # no logits: big forwards too
             sums, counts = ending_losses(logits_function(model), mine, max_tokens, bar.update,
-                                         backend, score=score, shared=shared_function(model))
+                                         backend, score=score, shared=shared,
+                                         shared_tokens=max(max_tokens, FORWARD_TOKENS))
         labels = np.array([r.label for r in mine], dtype=np.int64)
         means = sums / np.maximum(counts, 1)  # (n, 4) loss per ending token
         local = [len(mine), int((sums.argmin(1) == labels).sum()) if len(mine) else 0,
@@ -514,7 +516,9 @@ class HellaSwagEvaluator:
 
     The items are tokenized once; under data parallelism every rank scores its share and
     the counts are summed (every rank returns the same fields). It scores through the
-    engine's `logits`; on_gpu: the engine computes on a GPU (bigger batches
+    engine's `continuation_losses` (each item one packed row, see
+    gpt2np.evals.shared_prefix) where it has one, else its `logits`; on_gpu: the engine
+    computes on a GPU (bigger batches
     pay off there). `references`: {name: acc_norm} lines to draw on the loss.png panel
     (gpt2np.evals.references' figures, for GPT-2-sized runs).
     """
@@ -535,7 +539,7 @@ class HellaSwagEvaluator:
         # backend reads them) or torch tensors (the torch engine, which has no array backend)
         try:
             r = self.hs.evaluate(engine.logits, ctx=self.ctx, progress=False,
-                                 backend=engine.backend,
+                                 backend=engine.backend, shared=engine.continuation_losses,
                                  logits_budget=self.logits_budget, vocab_size=self.vocab_size)
         except FloatingPointError:  # non-finite params: no accuracy; the loop stops on its
             nan = float("nan")      # non-finite val loss as on any divergence

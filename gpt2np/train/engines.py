@@ -24,6 +24,10 @@ What evaluators use to score text (gpt2np.train.evaluators; none of these keeps 
                 torch tensors (TorchEngine)
   config        the model's GPTConfig (vocab_size, block_size, ...)
   on_gpu        whether logits() computes on a GPU (to size the batches)
+  continuation_losses(prefixes, endings)
+                endings scored after their shared prefix without logits, each item one
+                packed row (gpt2np.evals.shared_prefix): (sums, counts) host arrays
+                (ArrayEngine); None where the engine has no such path (TorchEngine)
 
 For evaluators and step probes, every engine also has
   params        name -> array, names as model.params (TorchEngine: host numpy copies)
@@ -45,6 +49,7 @@ import numpy as np
 from gpt2np import distributed
 from gpt2np import layers as L
 from gpt2np.config import GPTConfig
+from gpt2np.evals import shared_prefix
 from gpt2np.io.checkpoint import CheckpointError
 from gpt2np.io.pretrained import from_pretrained
 from gpt2np.model import GPT, init_params
@@ -114,6 +119,9 @@ class ArrayEngine:
         logits, _ = self.model.forward(self.backend.asarray(idx))
         return logits
 
+    def continuation_losses(self, prefixes, endings):
+        return shared_prefix.continuation_losses(self.model, prefixes, endings)
+
     def loss(self, x, y):
         # the model's own cross-entropy, on logits that keep no activations (cheaper for evals)
         loss, _ = L.cross_entropy_forward(self.logits(x), self.backend.asarray(y, dtype=np.int64))
@@ -134,6 +142,7 @@ class TorchEngine:
     """The PyTorch reference model with torch.optim.AdamW (same decay groups), for comparison."""
 
     forward_hook = None
+    continuation_losses = None  # HellaSwag scores through logits()
 
     def __init__(self, model_cfg, params, dtype, lr, weight_decay, device="cpu"):
         import torch

@@ -23,8 +23,8 @@ probe subclasses StepProbe and overrides what it needs:
     after_update(step, engine, record)  after the AdamW step; `record` is the step's log
                                         record so far: add fields to it to log them
 
-An evaluator scores text through the engine's logits(idx), config and on_gpu (see
-gpt2np.train.engines), never through the model inside it. One behind a flag: the flag (see
+An evaluator scores text through the engine's logits(idx), continuation_losses, config and
+on_gpu (see gpt2np.train.engines), never through the model inside it. One behind a flag: the flag (see
 gpt2np.train.settings), then one line in build_evaluators or build_probes below.
 May touch: the engine's params/grads read-only (a probe may set engine.forward_hook), its
 own loaders; never the training data loader, the optimizer or the files of the run.
