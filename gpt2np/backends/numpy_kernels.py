@@ -110,7 +110,7 @@ def keep_freed_memory() -> bool:
     By default glibc gives memory back to the system when the top of its heap has a few
     tens of MB free and maps big arrays afresh each time: each array of a step (tens of MB
     of activations and temporaries) then faults in new pages, which the kernel zeroes
-    first, at a cost that grows with the model (a fifth of a GPT-2 124M step's time). The
+    first, at a cost that grows with the model (a tenth of a GPT-2 124M step's time). The
     process's resident memory then stays at its peak, which training reaches every step."""
     global _MALLOC_SET
     if _MALLOC_SET is None:
@@ -250,19 +250,20 @@ def streamed_matmul(a, b, out=None, precision="fp32"):
 # --------------------------------------------------------------------------------------
 # a big product: pieces of its output on the threads
 
-# Multiply-adds per piece, about: GPT-2 124M's c_attn forward at T = 1024 makes 14 pieces,
-# its lm_head 288; each piece is one single-threaded BLAS call, big enough to run at the
-# BLAS's full rate.
+# Multiply-adds per piece, about (at least 2 pieces): GPT-2 124M's linears at T = 1024 make
+# 2 pieces each, its lm_head 36; each piece is one single-threaded BLAS call, big enough to
+# run at the BLAS's full rate.
 GEMM_PIECE = 1 << 30
 
 
 def threaded_matmul(a, b, out=None, precision="fp32"):
     """a (..., m, k) @ b (..., k, n) for a big product: the output's longer side (rows m,
     or columns n) cut into pieces of about GEMM_PIECE multiply-adds (multiples of 64), each
-    one single-threaded BLAS call, shared among the threads. Every output element is the
-    same sum as in one call. OpenBLAS's own threads would do the same split; but after each
-    call they spin for a while waiting for the next one, on the cores that the kernels'
-    threads need for the elementwise layers that follow."""
+    one single-threaded BLAS call, shared among the threads. Every output element is a dot
+    product over all of k, as in one call (equal to float rounding: at a piece's edge the
+    BLAS may take another kernel). OpenBLAS's own threads would do the same split; but
+    after each call they spin for a while waiting for the next one, on the cores that the
+    kernels' threads need for the elementwise layers that follow."""
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
     if out is None:
         shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (m, n)
