@@ -80,6 +80,10 @@ def test_bad_items_are_refused(model64):
         continuation_losses(model64, p, [e[0], [e[1][0], e[1][1][:0]]])
     with pytest.raises(ValueError, match="same number"):
         continuation_losses(model64, p, [e[0], e[1][:1]])
+    with pytest.raises(ValueError, match="vocab_size=97"):
+        continuation_losses(model64, [p[0], np.array([97])], e)
+    with pytest.raises(ValueError, match="vocab_size=97"):
+        continuation_losses(model64, p, [e[0], [e[1][0], np.array([-1])]])
     with pytest.raises(ValueError, match="block size 40"):
         continuation_losses(model64, [np.zeros(35, int), p[1]], [[np.zeros(6, int)] * 2, e[1]])
 

@@ -51,10 +51,12 @@ def _check(model, prefixes, endings):
         raise ValueError(f"continuation_losses needs n >= 1 prefixes and n lists of the same "
                          f"number (>= 1) of endings, got {len(prefixes)} prefixes and ending "
                          f"counts {sorted({len(e) for e in endings})}")
-    bs = model.config.block_size
+    bs, V = model.config.block_size, model.config.vocab_size
     for i, (p, ends) in enumerate(zip(prefixes, endings)):
         if len(p) == 0 or any(len(e) == 0 for e in ends):
             raise ValueError(f"item {i}: a prefix or an ending is empty")
+        if any(a.min() < 0 or a.max() >= V for a in (p, *ends)):
+            raise ValueError(f"item {i}: a token id outside [0, vocab_size={V})")
         if len(p) + max(map(len, ends)) > bs:
             raise ValueError(f"item {i}: prefix + ending is {len(p) + max(map(len, ends))} "
                              f"tokens, longer than the block size {bs}")
