@@ -728,7 +728,8 @@ def test_batched_finite_differences_equal_one_perturbation_at_a_time(monkeypatch
 
 def test_decode_tuner_tries_both_threads_each_cycle_and_keeps_the_faster(monkeypatch):
     """numpy_backend.DecodeTuner: TRIAL steps on the kernels' threads, TRIAL on the BLAS's
-    (the first of each not counted), then the faster by median, again every CYCLE steps."""
+    (the first of each not counted), then the faster by median, again every cycle; a cycle
+    after a clear choice is twice as long (up to LONGEST), after a close one CYCLE again."""
     from gpt2np.backends import numpy_backend as NB
 
     tuner = NB.DecodeTuner()
@@ -736,28 +737,31 @@ def test_decode_tuner_tries_both_threads_each_cycle_and_keeps_the_faster(monkeyp
     monkeypatch.setattr(tuner, "clock", lambda: now[0])
     cost = {False: 2.0, True: 1.0}  # the BLAS's threads are faster, then slower
 
-    def run(steps):
+    def run(steps, spike=()):
         modes = []
-        for _ in range(steps):
+        for i in range(steps):
             with tuner:
                 modes.append(tuner.on_blas)
-                now[0] += cost[tuner.on_blas]
+                now[0] += 100.0 if i in spike else cost[tuner.on_blas]
             assert not tuner.on_blas  # only inside a step
         return modes
 
     T, C = NB.DecodeTuner.TRIAL, NB.DecodeTuner.CYCLE
-    assert run(C) == [False] * T + [True] * T + [True] * (C - 2 * T)
+    trials = [False] * T + [True] * T
+    assert run(C) == trials + [True] * (C - 2 * T)
     assert tuner.times == {False: [2.0] * (T - 1), True: [1.0] * (T - 1)}
-    cost.update({False: 1.0, True: 3.0})
-    assert run(C) == [False] * T + [True] * T + [False] * (C - 2 * T)
+    cost.update({False: 1.0, True: 3.0})  # 2x faster before: this cycle is 2C long
+    assert run(2 * C) == trials + [False] * (2 * C - 2 * T)
     # the first step of a trial is not counted (the threads change over there)
-    modes = []
-    for i in range(C):
-        with tuner:
-            modes.append(tuner.on_blas)
-            now[0] += 100.0 if i in (0, T) else cost[tuner.on_blas]
+    assert run(4 * C, spike=(0, T)) == trials + [False] * (4 * C - 2 * T)
     assert tuner.times == {False: [1.0] * (T - 1), True: [3.0] * (T - 1)}
-    assert modes[2 * T:] == [False] * (C - 2 * T)
+    longest = NB.DecodeTuner.LONGEST
+    assert longest == 16 * C
+    assert run(8 * C) == trials + [False] * (8 * C - 2 * T)
+    assert run(longest) == trials + [False] * (longest - 2 * T)  # 16C: the longest
+    cost.update({False: 1.1, True: 1.0})  # a close call
+    assert run(longest) == trials + [True] * (longest - 2 * T)  # the longest again
+    assert run(C + 1) == trials + [True] * (C - 2 * T) + [False]  # C, then trials again
 
 
 def test_generation_gives_the_same_tokens_on_either_threads(monkeypatch):

@@ -96,28 +96,44 @@ class DecodeTuner:
     BLAS thread), a helper thread must be woken for each product; the BLAS's own threads
     wait for the next call busy, so they take it at once, and on an idle machine a step ran
     1.5x faster on them; but when other jobs hold a core, the BLAS's calls wait for their
-    slowest thread and a step ran 1.8x slower there. So in each cycle of CYCLE steps,
-    TRIAL steps run on each (the first of each is not counted: the threads change over),
-    and the rest on the one whose counted steps took less (median)."""
+    slowest thread and a step ran 1.8x slower there. So each cycle starts with TRIAL steps
+    on each (the first of each is not counted: the threads change over) and runs the rest
+    on the one whose counted steps took less (median). The trials on the slower threads
+    are the tuner's cost: after a clear choice (CLEAR times faster) the next cycle is twice
+    as long, up to LONGEST steps; after a close one it is CYCLE steps again."""
 
-    CYCLE, TRIAL = 64, 4
+    CYCLE, TRIAL, LONGEST, CLEAR = 64, 4, 1024, 1.25
     clock = staticmethod(time.perf_counter)
 
     def __init__(self):
         self.on_blas = False  # read by NumpyBackend.matmul
         self.step = 0
+        self.start, self.cycle = 0, self.CYCLE  # the current cycle's first step and length
         self.times = {False: [], True: []}  # on_blas -> counted step times of this cycle
+        self.choice = False  # on_blas after this cycle's trials
         self._serial = None
         self._t0 = 0.0
 
+    def _median(self, on_blas):
+        return float(np.median(self.times[on_blas]))
+
+    def _next_cycle(self):
+        slower, faster = sorted((self._median(False), self._median(True)), reverse=True)
+        clear = faster * self.CLEAR <= slower
+        self.start += self.cycle
+        self.cycle = min(2 * self.cycle, self.LONGEST) if clear else self.CYCLE
+        self.times = {False: [], True: []}
+
     def __enter__(self):
-        i = self.step % self.CYCLE
-        if i == 0:
-            self.times = {False: [], True: []}
+        if self.step - self.start >= self.cycle:
+            self._next_cycle()
+        i = self.step - self.start
         if i < 2 * self.TRIAL:
             self.on_blas = i >= self.TRIAL
-        else:
-            self.on_blas = float(np.median(self.times[True])) < float(np.median(self.times[False]))
+        else:  # the trials are over: their choice, made once a cycle
+            if i == 2 * self.TRIAL:
+                self.choice = self._median(True) < self._median(False)
+            self.on_blas = self.choice
         if not self.on_blas:  # the kernels' threads: the BLAS on one thread, set once a step
             self._serial = K.BLAS.serial()
             self._serial.__enter__()
@@ -129,7 +145,7 @@ class DecodeTuner:
         if self._serial is not None:
             self._serial.__exit__(*exc)
             self._serial = None
-        i = self.step % self.CYCLE
+        i = self.step - self.start
         if i < 2 * self.TRIAL and i % self.TRIAL != 0:
             self.times[self.on_blas].append(dt)
         self.on_blas = False
