@@ -345,42 +345,43 @@ _GELU_K = math.sqrt(2.0 / math.pi)  # a Python float: keeps float32 float32
 
 
 def gelu_forward(x, bias=None, operand=False):
-    # x (...,OC) -> out (...,OC);  out = 0.5 * x * (1 + tanh(K * (x + 0.044715 * x^3)))
+    # x (...,OC) -> out (...,OC);  out = 0.5 * x * (1 + tanh(u)),  u = K * (x + 0.044715 * x^3)
+    # computed as x * s with s = 0.5 * (1 + tanh u) = 1 / (1 + exp(-2u)), the same function:
+    # an exp is cheaper than a tanh, and x * s keeps its relative precision where tanh u ~ -1.
     # bias: (OC,) added to x first (c_fc's, which a fused kernel adds on its way: no pass
     # over (B,T,4C) of its own); operand=True: out only feeds matmuls, so it comes back as
     # matmul_operand(out)
     xp = get_xp(x)
     if bias is not None:
         x = x + bias
-    t = x * x  # x*x*x, not x**3 (far slower); then the chain in place
-    t *= x
-    t *= 0.044715
-    t += x
-    t *= _GELU_K
-    xp.tanh(t, out=t)
-    out = t + 1.0
-    out *= x
-    out *= 0.5
-    return (matmul_operand(out) if operand else out), (x, t)
+    s = x * x  # x * (1 + 0.044715 * x^2), not x**3 (far slower); then the chain in place
+    s *= 0.044715
+    s += 1.0
+    s *= x
+    s *= -2.0 * _GELU_K  # -2u
+    with np.errstate(over="ignore"):  # exp(-2u) = inf for x < -10 (float32): then s = 0
+        xp.exp(s, out=s)
+    s += 1.0
+    xp.reciprocal(s, out=s)
+    out = x * s
+    return (matmul_operand(out) if operand else out), (x, s)
 
 
 def gelu_backward(dout, cache):
     # dout (...) -> dx (...)
-    x, t = cache
+    x, s = cache
     xp = get_xp(x)
-    # d tanh(u)/du = 1 - tanh(u)^2, not 1/cosh(u)^2, which overflows for large |u|
-    #   dx = 0.5 * (1 + t) + x * (1 - t^2) * 0.5 * K * (1 + 3 * 0.044715 * x^2)
+    # d/dx [x * s] with s = sigmoid(2u): ds/du = 2 * s * (1 - s), which cannot overflow
+    #   dx = s + 2 * x * s * (1 - s) * K * (1 + 3 * 0.044715 * x^2)
     du = x * x
     du *= 3 * 0.044715
     du += 1.0
-    du *= 0.5 * _GELU_K
-    dx = t * t
-    xp.subtract(1.0, dx, out=dx)  # 1 - t^2
+    du *= 2.0 * _GELU_K
+    dx = xp.subtract(1.0, s)  # 1 - s
+    dx *= s
     dx *= x
     dx *= du
-    xp.add(t, 1.0, out=du)  # du's buffer is free again: 0.5 * (1 + t) goes there
-    du *= 0.5
-    dx += du
+    dx += s
     dx *= dout
     return dx
 

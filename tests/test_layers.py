@@ -126,9 +126,10 @@ def test_attention(B, T, n_head, hs, scale, seed):
 
 @given(shapes, st.floats(0.1, 30.0))
 def test_gelu(s, scale):
-    """GELU's tanh form 0.5 * x * (1 + tanh(u)) cancels where tanh(u) ~ -1 (x < -4): one ulp of
-    (1 + tanh u) is an absolute error of ~|x| * 1e-16 in torch and here alike, so errors are
-    measured against the size of the terms before cancellation, not of the tiny result."""
+    """torch's tanh form 0.5 * x * (1 + tanh(u)) cancels where tanh(u) ~ -1 (x < -4): one ulp
+    of (1 + tanh u) is an absolute error of ~|x| * 1e-16 in its result (ours, x * sigmoid(2u),
+    does not cancel), so errors are measured against the size of the terms before
+    cancellation, not of the tiny result."""
     from gpt2np.layers import _GELU_K
 
     rng = _rng(s["seed"])
@@ -169,8 +170,29 @@ def test_gelu_with_bias_is_gelu_of_the_sum(s, OC):
     np.testing.assert_array_equal(L.gelu_backward(dout, cache), L.gelu_backward(dout, ref_cache))
 
 
+def test_gelu_float32_keeps_its_relative_precision_in_the_negative_tail():
+    """Computed as x * s, s = 1 / (1 + exp(-2u)), GELU has no cancellation: in float32 its
+    value and derivative keep a relative error within the rounding of u's chain (5 roundings,
+    magnified |2u| times by the exp, |2u| < 88 before exp(-2u) overflows) plus a few ulps of
+    exp, the reciprocal and the products: (5 |2u| + 8) eps. The tanh form's 1 + tanh(u)
+    loses every digit there (x = -5: 30% off, x = -6: 0 returned)."""
+    from gpt2np.layers import _GELU_K
+
+    x64 = -np.linspace(2.0, 10.0, 81)
+    eps = np.finfo(np.float32).eps
+    u = _GELU_K * (x64 + 0.044715 * x64 ** 3)
+    tol = (5 * np.abs(2 * u) + 8) * eps
+    out64, cache64 = L.gelu_forward(x64)  # float64: relative error ~1e-15 here (no cancellation)
+    out32, cache32 = L.gelu_forward(x64.astype(np.float32))
+    d64 = L.gelu_backward(np.ones_like(x64), cache64)
+    d32 = L.gelu_backward(np.ones(x64.shape, np.float32), cache32)
+    assert out32.dtype == d32.dtype == np.float32
+    assert np.all(np.abs(out32 - out64) <= tol * np.abs(out64)), "forward"
+    assert np.all(np.abs(d32 - d64) <= tol * np.abs(d64)), "backward"
+
+
 def test_gelu_backward_is_finite_for_huge_inputs():
-    # 1/cosh^2 would overflow here; 1 - tanh^2 must not
+    # exp(-2u) overflows to inf for x < -10 in float32 (then s = 0), and 1/cosh^2 would here
     x = np.array([-1e4, -50.0, 0.0, 50.0, 1e4], dtype=np.float32)
     out, cache = L.gelu_forward(x)
     dx = L.gelu_backward(np.ones_like(x), cache)

@@ -296,27 +296,27 @@ def gelu_forward(x, bias=None, operand=False):
         return L.gelu_forward(x, bias, operand)
     out = np.empty(x2.shape, dtype=np.result_type(x2, *(() if bias is None else (bias,))))
     xb = x2 if bias is None else np.empty_like(out)  # x + bias, kept for the backward
-    t = np.empty_like(out)
+    s = np.empty_like(out)
 
     def rows(r):
-        o, (xr, tr) = L.gelu_forward(x2[r], bias)
-        out[r], t[r] = o, tr
+        o, (xr, sr) = L.gelu_forward(x2[r], bias)
+        out[r], s[r] = o, sr
         if bias is not None:
             xb[r] = xr
 
     THREADS.run(rows, blocks)
     out = out.reshape(shape)
-    return (L.matmul_operand(out) if operand else out), (xb.reshape(shape), t.reshape(shape))
+    return (L.matmul_operand(out) if operand else out), (xb.reshape(shape), s.reshape(shape))
 
 
 def gelu_backward(dout, cache):
-    x, t = cache
+    x, s = cache
     shape = x.shape
-    x2, t2, d2 = x.reshape(-1, shape[-1]), t.reshape(-1, shape[-1]), dout.reshape(-1, shape[-1])
+    x2, s2, d2 = x.reshape(-1, shape[-1]), s.reshape(-1, shape[-1]), dout.reshape(-1, shape[-1])
     dx = np.empty(x2.shape, dtype=np.result_type(x2, d2))
 
     def rows(r):
-        dx[r] = L.gelu_backward(d2[r], (x2[r], t2[r]))
+        dx[r] = L.gelu_backward(d2[r], (x2[r], s2[r]))
 
     THREADS.run(rows, _row_blocks(x2.shape[0], x2[:1].nbytes, ROW_BLOCK_BYTES))
     return dx.reshape(shape)
