@@ -71,6 +71,34 @@ def test_an_ending_sees_neither_the_other_endings_nor_the_padding(model64):
     assert after[1, 0] != before[1, 0]
 
 
+def test_only_the_items_tokens_run_through_the_layers_but_attention(model64, monkeypatch):
+    """The items run end to end (no padding) through every layer but attention, which gets
+    them in rows padded to the longest: the linears see sum(widths) rows, not n * width."""
+    import dataclasses
+
+    rng = np.random.default_rng(8)
+    prefixes, endings = _items(rng, 4, 3, ending=(2, 7))
+    widths = [len(p) + sum(len(e) - 1 for e in ends) for p, ends in zip(prefixes, endings)]
+    seen, shapes = [], []
+    ops = model64.ops
+
+    def linear_forward(x, w, b):
+        seen.append(x.shape[:-1])
+        return ops.linear_forward(x, w, b)
+
+    def masked_attention_forward(qkv, n_head, mask, bias=None):
+        shapes.append(qkv.shape[:2])
+        return ops.masked_attention_forward(qkv, n_head, mask, bias)
+
+    want, _ = continuation_losses(model64, prefixes, endings)
+    monkeypatch.setattr(model64, "ops", dataclasses.replace(
+        ops, linear_forward=linear_forward, masked_attention_forward=masked_attention_forward))
+    got, _ = continuation_losses(model64, prefixes, endings)
+    np.testing.assert_array_equal(got, want)
+    assert set(seen) == {(1, sum(widths))} and len(seen) == 4 * CFG.n_layer
+    assert set(shapes) == {(4, max(widths))} and len(shapes) == CFG.n_layer
+
+
 def test_bad_items_are_refused(model64):
     rng = np.random.default_rng(7)
     p, e = _items(rng, 2, 2)

@@ -15,7 +15,8 @@ continuation: a mask (not causality alone) says which keys each token sees. An e
 first token is predicted at the context's last position, the others at the ending's own
 positions, so an ending's last token is never an input. For HellaSwag (contexts of ~50
 tokens, four endings of ~25) that runs about half of the tokens of the rows; the losses are those
-of the rows, to float rounding. Many items run in one forward, padded on the right.
+of the rows, to float rounding. Many items run in one forward: their tokens end to end,
+and for attention in rows padded on the right.
 
 Every layer is the model's own (gpt2np.model.block_forward with the model's ops), attention
 its masked_attention_forward: the mask, not causality alone, says what a token sees.
@@ -66,7 +67,8 @@ def _losses(model, prefixes, endings):
     n, k = len(prefixes), len(endings[0])
     lens = np.array([[len(e) for e in ends] for ends in endings], dtype=np.int64)  # (n,k)
     idx, pos, seg = _pack(prefixes, endings)
-    h = _blocks(model, idx, pos, _mask(model, seg))  # (n,L,C)
+    real = np.flatnonzero(seg.reshape(-1) >= 0)  # the tokens in the (n,L) rows, not padding
+    h = _blocks(model, idx, pos, _mask(model, seg), real)  # (N,C): one row per token of real
     # the scored positions: an ending's first token at the context's last position, its
     # token t >= 1 at its own token t-1
     rows, cols, targets, owner = [], [], [], []
@@ -79,8 +81,9 @@ def _losses(model, prefixes, endings):
             owner.append(np.full(len(e), i * k + j))
             at += len(e) - 1
     rows, cols, targets, owner = (np.concatenate(a) for a in (rows, cols, targets, owner))
+    token = np.searchsorted(real, rows * idx.shape[1] + cols)  # (row, col) -> its row in h
     asarray = model.backend.asarray
-    losses = model.head_losses(h[asarray(rows), asarray(cols)], asarray(targets))
+    losses = model.head_losses(h[asarray(token)], asarray(targets))
     sums = np.bincount(owner, weights=losses, minlength=n * k).reshape(n, k)
     return sums, lens
 
@@ -113,18 +116,29 @@ def _mask(model, seg):
     return model.backend.asarray(np.where(allow[:, None], 0.0, -np.inf).astype(model.dtype))
 
 
-def _blocks(model, idx, pos, mask):
-    # tokens idx (n,L) at positions pos (n,L), attention masked by mask (n,1,L,L) ->
-    # ln_f's output (n,L,C)
+def _blocks(model, idx, pos, mask, real):
+    # tokens idx (n,L) at positions pos (n,L), attention masked by mask (n,1,L,L) -> ln_f's
+    # output at the positions real of the flattened (n*L) rows, (N,C). Every layer but
+    # attention sees only those N tokens, end to end (padding would be ~15% more rows for
+    # a few items of mixed lengths); attention sees them in their (n,L) rows
     be, p, cfg = model.backend, model.params, model.config
-    x = p["transformer.wte.weight"][be.asarray(idx)] + p["transformer.wpe.weight"][be.asarray(pos)]
+    xp, (n, L_), keep = be.xp, idx.shape, be.asarray(real)
+    tok, at = (be.asarray(a.reshape(-1)[real]) for a in (idx, pos))  # (N,)
+    x = p["transformer.wte.weight"][tok] + p["transformer.wpe.weight"][at]
+    rows = None  # (n*L, 3C): qkv in the rows for attention; padding stays 0 in every layer
     masked = model.ops.masked_attention_forward
 
     def attention_forward(qkv, n_head, bias=None):  # the model's attention, with the mask
-        return masked(qkv, n_head, mask, bias), None
+        nonlocal rows
+        if rows is None:
+            rows = xp.zeros((n * L_, qkv.shape[-1]), dtype=qkv.dtype)
+        rows[keep] = qkv[0]
+        y = masked(rows.reshape(n, L_, -1), n_head, mask, bias)  # (n,L,C)
+        return y.reshape(n * L_, -1)[keep][None], None
 
     ops = dataclasses.replace(model.ops, attention_forward=attention_forward)
+    x = x[None]  # (1,N,C)
     for i in range(cfg.n_layer):
         x, _ = block_forward(ops, x, model.block_params(i), cfg.n_head)
     h, _ = model.ops.layernorm_forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
-    return h
+    return h[0]
