@@ -376,12 +376,13 @@ class GPT:
         V = wte.shape[0]
         rows = xp.flatnonzero(targets != -1)
         losses = np.zeros(targets.shape[0], dtype=np.float64)
+        n = int(rows.shape[0])
         step = max(1, LOSS_LOGITS_BYTES // (V * wte.itemsize))
-        buf = xp.empty((min(step, int(rows.shape[0])), V), dtype=self.dtype)  # reused
-        for r in range(0, int(rows.shape[0]), step):
+        step = -(-n // -(-n // step)) if n else 1  # blocks of equal size: no small last one
+        buf = xp.empty((min(step, n), V), dtype=self.dtype)  # reused
+        for r in range(0, n, step):
             sel = rows[r:r + step]
-            n = int(sel.shape[0])
-            logits, _ = self.ops.lm_head_forward(h[sel], wte, out=buf[:n])  # (n,V)
+            logits, _ = self.ops.lm_head_forward(h[sel], wte, out=buf[:int(sel.shape[0])])
             losses[to_host(sel)] = to_host(self.ops.cross_entropy_losses(logits, targets[sel]))
         return losses
 

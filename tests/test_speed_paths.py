@@ -666,8 +666,10 @@ def test_float32_model_on_the_kernels_matches_the_reference_layers():
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_token_losses_are_the_training_loss_per_token(monkeypatch, dtype):
-    """GPT.token_losses: the lm_head only at scored positions, in blocks of rows (7 here),
-    gives the training loss's terms; ignored positions are 0."""
+    """GPT.token_losses: the lm_head only at scored positions, in blocks of rows (as equal
+    as can be under the budget), gives the training loss's terms; ignored positions are 0."""
+    import dataclasses
+
     from gpt2np import model as M
 
     monkeypatch.setattr(M, "LOSS_LOGITS_BYTES", 7 * CFG.vocab_size * 8)
@@ -675,7 +677,16 @@ def test_token_losses_are_the_training_loss_per_token(monkeypatch, dtype):
     model = GPT(CFG, dtype=dtype, seed=6)
     idx, targets = _batch(rng, 3, 11)
     targets[1, 4:] = -1
+    blocks, lm_head = [], model.ops.lm_head_forward
+
+    def counted(x, wte, out=None):
+        blocks.append(x.shape[0])
+        return lm_head(x, wte, out=out)
+
+    model.ops = dataclasses.replace(model.ops, lm_head_forward=counted)
     losses = model.token_losses(idx, targets)
+    # 26 scored rows, at most 14 (float32) or 7 (float64) a block
+    assert blocks == ([13, 13] if dtype == "float32" else [7, 7, 7, 5])
     assert losses.shape == (3, 11) and losses.dtype == np.float64
     assert (losses[1, 4:] == 0).all() and (losses[targets != -1] > 0).all()
     _, loss = model.forward(idx, targets)
