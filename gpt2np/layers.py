@@ -354,7 +354,16 @@ def gelu_forward(x, bias=None, operand=False):
     xp = get_xp(x)
     if bias is not None:
         x = x + bias
-    s = x * x  # x * (1 + 0.044715 * x^2), not x**3 (far slower); then the chain in place
+    s, out = xp.empty_like(x), xp.empty_like(x)
+    gelu_into(x, s, out)
+    return (matmul_operand(out) if operand else out), (x, s)
+
+
+def gelu_into(x, s, out):
+    # gelu_forward's arithmetic into arrays of x's shape (a CPU kernel's blocks of rows):
+    # s = sigmoid(2u) (the backward's cache), out = x * s
+    xp = get_xp(x)
+    xp.multiply(x, x, out=s)  # x * (1 + 0.044715 * x^2), not x**3 (far slower), in place
     s *= 0.044715
     s += 1.0
     s *= x
@@ -363,12 +372,11 @@ def gelu_forward(x, bias=None, operand=False):
         xp.exp(s, out=s)
     s += 1.0
     xp.reciprocal(s, out=s)
-    out = x * s
-    return (matmul_operand(out) if operand else out), (x, s)
+    xp.multiply(x, s, out=out)
 
 
-def gelu_backward(dout, cache):
-    # dout (...) -> dx (...)
+def gelu_backward(dout, cache, out=None):
+    # dout (...) -> dx (...); out: optional array to write dx into
     x, s = cache
     xp = get_xp(x)
     # d/dx [x * s] with s = sigmoid(2u): ds/du = 2 * s * (1 - s), which cannot overflow
@@ -377,7 +385,7 @@ def gelu_backward(dout, cache):
     du *= 3 * 0.044715
     du += 1.0
     du *= 2.0 * _GELU_K
-    dx = xp.subtract(1.0, s)  # 1 - s
+    dx = xp.subtract(1.0, s, out=out)  # 1 - s
     dx *= s
     dx *= x
     dx *= du

@@ -193,7 +193,7 @@ def test_the_checker_rejects_rotten_references(bad, complaint):
 
 def test_quotes_may_drop_comments_and_indentation():
     quote = ('```python title="gpt2np/layers.py::gelu_backward"\n'
-             "dx = xp.subtract(1.0, s)\n"  # the source line has a trailing comment
+             "dx = xp.subtract(1.0, s, out=out)\n"  # the source line has a trailing comment
              "        dx *= x\n...\ndx *= dout\n```\n")
     assert doc_problems(quote) == []
 

@@ -299,10 +299,9 @@ def gelu_forward(x, bias=None, operand=False):
     s = np.empty_like(out)
 
     def rows(r):
-        o, (xr, sr) = L.gelu_forward(x2[r], bias)
-        out[r], s[r] = o, sr
         if bias is not None:
-            xb[r] = xr
+            np.add(x2[r], bias, out=xb[r])
+        L.gelu_into(xb[r], s[r], out[r])
 
     THREADS.run(rows, blocks)
     out = out.reshape(shape)
@@ -316,7 +315,7 @@ def gelu_backward(dout, cache):
     dx = np.empty(x2.shape, dtype=np.result_type(x2, d2))
 
     def rows(r):
-        dx[r] = L.gelu_backward(d2[r], (x2[r], s2[r]))
+        L.gelu_backward(d2[r], (x2[r], s2[r]), out=dx[r])
 
     THREADS.run(rows, _row_blocks(x2.shape[0], x2[:1].nbytes, ROW_BLOCK_BYTES))
     return dx.reshape(shape)
