@@ -225,7 +225,7 @@ def gelu_forward(x, bias=None, operand=False):
         if x.size:
             grid, block = _elementwise_grid(x.size)
             get_kernel("gelu_forward_kernel")(grid, block, (x, out, np.int64(x.size)))
-        return (L.matmul_operand(out) if operand else out), (x,)  # the backward recomputes tanh
+        return (L.matmul_operand(out) if operand else out), (x,)  # the backward recomputes s
     bias = _f32(bias, "bias")
     OC = x.shape[-1]
     if bias.shape != (OC,):

@@ -150,17 +150,22 @@ extern "C" __global__ void layernorm_backward_kernel(
 
 // --------------------------------------------------------------------------------------
 // GELU, tanh approximation (layers.gelu_forward / gelu_backward); x, out, dout, dx (n,)
-// Grid-stride loops: any n with any grid.
+// Grid-stride loops: any n with any grid. As the reference: x * s with
+// s = 0.5 * (1 + tanh u) = 1 / (1 + exp(-2u)), which keeps its relative precision where
+// tanh u ~ -1 (exp(-2u) = inf below x ~ -10: then s = 0, as it should be).
 
 #define GELU_K 0.7978845608028654f  // sqrt(2 / pi)
 #define GELU_A 0.044715f
+
+__device__ __forceinline__ float gelu_s(float x) {
+    return 1.f / (1.f + expf(-2.f * GELU_K * (x + GELU_A * x * x * x)));
+}
 
 extern "C" __global__ void gelu_forward_kernel(const float* x, float* out, long long n) {
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         const float xi = x[i];
-        const float t = tanhf(GELU_K * (xi + GELU_A * xi * xi * xi));
-        out[i] = 0.5f * xi * (1.f + t);
+        out[i] = xi * gelu_s(xi);
     }
 }
 
@@ -176,8 +181,7 @@ __device__ __forceinline__ void bias_gelu_forward(const float* h, const float* b
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         const float xi = h[i] + bias[i % OC];
         pre[i] = xi;
-        const float t = tanhf(GELU_K * (xi + GELU_A * xi * xi * xi));
-        store(out + i, 0.5f * xi * (1.f + t));
+        store(out + i, xi * gelu_s(xi));
     }
 }
 
@@ -193,17 +197,17 @@ extern "C" __global__ void bias_gelu_forward_bf16_kernel(
     bias_gelu_forward(h, bias, pre, out, n, OC);
 }
 
-// Only x is saved: t is recomputed (one tanhf) instead of keeping a second (n,) array.
+// Only x is saved: s is recomputed (one expf) instead of keeping a second (n,) array.
 extern "C" __global__ void gelu_backward_kernel(
     const float* x, const float* dout, float* dx, long long n)
 {
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         const float xi = x[i];
-        const float t = tanhf(GELU_K * (xi + GELU_A * xi * xi * xi));
-        // d tanh(u)/du = 1 - t^2 (not 1/cosh^2, which overflows for large |u|)
-        const float du = 0.5f * GELU_K * (1.f + 3.f * GELU_A * xi * xi);
-        dx[i] = dout[i] * (0.5f * (1.f + t) + xi * (1.f - t * t) * du);
+        const float s = gelu_s(xi);
+        // ds/du = 2 s (1 - s) (not 2 exp(-2u) / (1 + exp(-2u))^2, which overflows)
+        const float du = 2.f * GELU_K * (1.f + 3.f * GELU_A * xi * xi);
+        dx[i] = dout[i] * (s + xi * s * (1.f - s) * du);
     }
 }
 
