@@ -119,7 +119,7 @@ def _mask(model, seg):
 def _blocks(model, idx, pos, mask, real):
     # tokens idx (n,L) at positions pos (n,L), attention masked by mask (n,1,L,L) -> ln_f's
     # output at the positions real of the flattened (n*L) rows, (N,C). Every layer but
-    # attention sees only those N tokens, end to end (padding would be ~15% more rows for
+    # attention sees only those N tokens, end to end (padding would be ~12% more rows for
     # a few items of mixed lengths); attention sees them in their (n,L) rows
     be, p, cfg = model.backend, model.params, model.config
     xp, (n, L_), keep = be.xp, idx.shape, be.asarray(real)
